@@ -1,0 +1,80 @@
+//! `edgeinfer inspect`: what a model wants and gives, and how it loads.
+
+use std::io::Write;
+
+use crate::engine::{LoadOptions, Model, TensorSpec};
+
+/// Loads the model (without warm-up) and describes it, as text or JSON.
+pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
+    let info = model.info();
+    if json {
+        let v = serde_json::json!({
+            "model": info.name,
+            "path": info.path,
+            "sha256": info.sha256,
+            "size_bytes": info.size_bytes,
+            "producer": info.producer,
+            "opset": info.opset,
+            "other_opsets": info.other_opsets,
+            "quantization": info.quantization,
+            "inputs": model.inputs(),
+            "outputs": model.outputs(),
+            "op_counts": info.op_counts,
+            "rewrites": info.rewrites,
+            "value_info_ignored": info.value_info_ignored,
+            "optimized_nodes": info.optimized_nodes,
+            "optimized_ops": info.optimized_ops,
+            "timings_ms": info.timings,
+        });
+        return writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    writeln!(out, "model        {} ({} bytes, sha256 {})", info.path.display(), info.size_bytes, &info.sha256[..16])?;
+    writeln!(out, "producer     {}", if info.producer.is_empty() { "-" } else { &info.producer })?;
+    let others: Vec<String> = info.other_opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
+    writeln!(
+        out,
+        "opset        {}{}",
+        info.opset,
+        if others.is_empty() { String::new() } else { format!(" (+ {})", others.join(", ")) }
+    )?;
+    writeln!(out, "quantization {}", info.quantization)?;
+    writeln!(out, "inputs")?;
+    for s in model.inputs() {
+        writeln!(out, "  {}", describe(s))?;
+    }
+    writeln!(out, "outputs")?;
+    for s in model.outputs() {
+        writeln!(out, "  {}", describe(s))?;
+    }
+    let ops: Vec<String> = info.op_counts.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    writeln!(out, "operators    {} nodes: {}", info.op_counts.values().sum::<usize>(), ops.join(", "))?;
+    for r in &info.rewrites {
+        writeln!(out, "rewrite      {r}")?;
+    }
+    if info.value_info_ignored {
+        writeln!(out, "note         the model's value_info conflicted with its graph and was ignored")?;
+    }
+    writeln!(out, "optimized    {} nodes in tract's plan", info.optimized_nodes)?;
+    let t = info.timings;
+    writeln!(
+        out,
+        "load         {:.1} ms (read {:.1}, analyse {:.1}, optimize {:.1})",
+        t.init_ms(),
+        t.read_ms,
+        t.analyse_ms,
+        t.optimize_ms
+    )?;
+    Ok(())
+}
+
+fn describe(s: &TensorSpec) -> String {
+    let q =
+        s.quantization.map(|q| format!("  quant scale {} zero_point {}", q.scale, q.zero_point)).unwrap_or_default();
+    format!("{:<16} {} {:?}{q}", s.name, s.elem_type, s.shape)
+}
+
+/// Load options for inspection: no warm-up, since only the structure matters.
+pub fn load_options(mut opts: LoadOptions) -> LoadOptions {
+    opts.skip_warmup = true;
+    opts
+}

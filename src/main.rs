@@ -1,0 +1,211 @@
+//! The `edgeinfer` command line: parses arguments, sets up logging, calls the
+//! library and maps errors to exit codes (0 ok, 1 some inputs failed, 2 the
+//! command could not run: bad arguments, unloadable model, unreadable file).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use edgeinfer::cmd::{self, infer::InferArgs};
+use edgeinfer::engine::{LoadOptions, Model};
+use edgeinfer::postprocess::Softmax;
+use edgeinfer::preprocess::{ColorOrder, ImagePrep, Layout, ResizeMode};
+
+#[derive(Parser)]
+#[command(
+    name = "edgeinfer",
+    version,
+    about = "Run quantized ONNX models on edge devices and publish results over MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's inputs, outputs, operators, quantization and load time.
+    Inspect {
+        /// The ONNX model file.
+        model: PathBuf,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the model once per input: images, .npy, .json files, directories (batch) or JSON arrays.
+    Infer(Box<InferCli>),
+    /// Measure load time, first inference, steady-state latency percentiles and peak memory.
+    Bench {
+        /// The ONNX model file.
+        model: PathBuf,
+        #[command(flatten)]
+        shapes: ShapeArgs,
+        /// Timed runs.
+        #[arg(long, default_value_t = 100)]
+        runs: usize,
+        /// Untimed warm-up runs before the timed ones.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ShapeArgs {
+    /// Pin an input shape: NAME=D0,D1,... (or D0,D1,... for the first input). Repeatable.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+    input_shape: Vec<String>,
+    /// Size of a symbolic leading (batch) dimension.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+impl ShapeArgs {
+    fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        let input_shapes = cmd::parse_input_shapes(&self.input_shape).map_err(anyhow::Error::msg)?;
+        Ok(LoadOptions { input_shapes, batch: Some(self.batch), skip_warmup: false })
+    }
+}
+
+#[derive(Args)]
+struct InferCli {
+    /// The ONNX model file.
+    model: PathBuf,
+    /// Inputs: image (.jpg/.png), .npy or .json files, directories, or a literal JSON array.
+    inputs: Vec<String>,
+    #[command(flatten)]
+    shapes: ShapeArgs,
+    /// Raw tensor mode: feed this .npy to the next model input, in graph order. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    npy: Vec<PathBuf>,
+    /// Raw tensor mode: write every output to DIR/out0.npy, DIR/out1.npy, ...
+    #[arg(long, value_name = "DIR", requires = "npy")]
+    save_npy: Option<PathBuf>,
+    /// Image preprocessing settings from a TOML file (keys: resize, color, layout, scale, mean, std).
+    #[arg(long, value_name = "FILE")]
+    preprocess: Option<PathBuf>,
+    /// How to fit images to the input size.
+    #[arg(long, value_enum)]
+    resize: Option<ResizeMode>,
+    /// Channel order the model expects.
+    #[arg(long, value_enum)]
+    color: Option<ColorOrder>,
+    /// Input layout (guessed from the shape when not given).
+    #[arg(long, value_enum)]
+    layout: Option<Layout>,
+    /// Multiplier for 0..255 pixels (default 1/255).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Per-channel mean, subtracted after scaling: R,G,B.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation, divided by after the mean: R,G,B.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    std: Option<Vec<f32>>,
+    /// Labels file, one per line (default: <model stem>.labels.txt next to the model).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Report the K best classes.
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Print raw output tensors instead of classes.
+    #[arg(long)]
+    raw: bool,
+    /// Softmax on class scores.
+    #[arg(long, value_enum, default_value = "auto")]
+    softmax: Softmax,
+}
+
+impl InferCli {
+    fn image_prep(&self) -> anyhow::Result<ImagePrep> {
+        let mut prep = match &self.preprocess {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.to_string().trim()))?
+            }
+            None => ImagePrep::default(),
+        };
+        if let Some(v) = self.resize {
+            prep.resize = v;
+        }
+        if let Some(v) = self.color {
+            prep.color = v;
+        }
+        if self.layout.is_some() {
+            prep.layout = self.layout;
+        }
+        if let Some(v) = self.scale {
+            prep.scale = v;
+        }
+        if let Some(v) = &self.mean {
+            prep.mean = [v[0], v[1], v[2]];
+        }
+        if let Some(v) = &self.std {
+            if v.contains(&0.0) {
+                anyhow::bail!("--std: a standard deviation of 0 would divide by zero");
+            }
+            prep.std = [v[0], v[1], v[2]];
+        }
+        Ok(prep)
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match cli.command {
+        Command::Inspect { model, shapes, json } => {
+            let opts = cmd::inspect::load_options(shapes.load_options()?);
+            let model = Model::load(&model, &opts)?;
+            cmd::inspect::run(&model, json, &mut stdout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { model, shapes, runs, warmup, json } => {
+            let report = cmd::bench::measure(&model, &shapes.load_options()?, runs, warmup)?;
+            cmd::bench::print(&report, json, &mut stdout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Infer(args) => {
+            let prep = args.image_prep()?;
+            let model = Model::load(&args.model, &args.shapes.load_options()?)?;
+            let infer_args = InferArgs {
+                inputs: args.inputs.clone(),
+                npy: args.npy.clone(),
+                save_npy: args.save_npy.clone(),
+                prep,
+                labels: args.labels.clone(),
+                top_k: args.top_k,
+                raw: args.raw,
+                softmax: args.softmax,
+            };
+            let summary = if infer_args.npy.is_empty() {
+                cmd::infer::run_files(&model, &infer_args, &mut stdout, &mut std::io::stderr())?
+            } else {
+                if !infer_args.inputs.is_empty() {
+                    anyhow::bail!("give inputs either as --npy files or as positional files, not both");
+                }
+                cmd::infer::run_raw(&model, &infer_args, &mut stdout)?
+            };
+            Ok(if summary.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+    }
+}

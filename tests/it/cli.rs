@@ -1,0 +1,217 @@
+//! The real `edgeinfer` binary on the shipped models: clear one-line errors,
+//! raw tensor mode, image and batch inference, inspect and bench output.
+
+use std::process::{Command, Output};
+
+use edgeinfer::tensor::{Data, Tensor};
+
+fn edgeinfer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgeinfer")).args(args).env("RUST_LOG", "warn").output().expect("binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn unsupported_operator_is_one_clear_line() {
+    let m = crate::model("unsupported_op.onnx");
+    let out = edgeinfer(&["inspect", path(&m)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for part in ["FancyOp", "fancy_node", "unsupported_op.onnx"] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn corrupt_and_missing_files_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not protobuf \xff\xff\xff\xff").unwrap();
+    let corrupt = crate::model("corrupt.onnx");
+    let missing = dir.path().join("missing.onnx");
+    for (m, expect) in [
+        (corrupt.as_path(), "not a valid ONNX model"),
+        (empty.as_path(), "not a valid ONNX model"),
+        (garbage.as_path(), "not a valid ONNX model"),
+        (missing.as_path(), "cannot read model"),
+    ] {
+        for cmd in ["inspect", "bench", "infer"] {
+            let out = edgeinfer(&[cmd, path(m), "[1]"][..if cmd == "infer" { 3 } else { 2 }]);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {m:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{cmd} {m:?}: {err}");
+            assert!(err.contains(expect) && err.contains(m.file_name().unwrap().to_str().unwrap()), "{cmd}: {err}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn raw_mode_feeds_multiple_inputs_and_saves_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = crate::root().join("models/ref/multi_io");
+    let out = edgeinfer(&[
+        "infer",
+        path(&crate::model("multi_io.onnx")),
+        "--npy",
+        path(&refs.join("in0.npy")),
+        "--npy",
+        path(&refs.join("in1.npy")),
+        "--save-npy",
+        path(dir.path()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for ix in 0..2 {
+        let got = Tensor::read_npy(&dir.path().join(format!("out{ix}.npy"))).unwrap();
+        let want = Tensor::read_npy(&refs.join(format!("out{ix}.npy"))).unwrap();
+        assert_eq!(got.shape, want.shape);
+        let diff =
+            got.data.to_f64_vec().iter().zip(want.data.to_f64_vec()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-5, "out{ix}: {diff}");
+    }
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["outputs"][1]["name"], "ratio");
+}
+
+#[test]
+fn raw_mode_keeps_output_element_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = crate::root().join("models/ref/breast_cancer_trees");
+    let out = edgeinfer(&[
+        "infer",
+        path(&crate::model("breast_cancer_trees.onnx")),
+        "--npy",
+        path(&refs.join("in0.npy")),
+        "--save-npy",
+        path(dir.path()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let label = Tensor::read_npy(&dir.path().join("out0.npy")).unwrap();
+    assert_eq!(label, Tensor::read_npy(&refs.join("out0.npy")).unwrap());
+    assert!(matches!(label.data, Data::I64(_)));
+}
+
+#[test]
+fn raw_mode_rejects_wrong_count_type_and_shape_naming_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = crate::model("multi_io.onnx");
+    let refs = crate::root().join("models/ref/multi_io");
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&refs.join("in0.npy"))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("2 input(s)"), "{}", text(&out.stderr));
+
+    let f64_file = dir.path().join("a64.npy");
+    Tensor::new(vec![1, 4], Data::F64(vec![1.0; 4])).unwrap().write_npy(&f64_file).unwrap();
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&f64_file), "--npy", path(&refs.join("in1.npy"))]);
+    let err = text(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("`a`") && err.contains("f64"), "{err}");
+
+    let wrong_shape = dir.path().join("a5.npy");
+    Tensor::from_f32(vec![1, 5], vec![1.0; 5]).unwrap().write_npy(&wrong_shape).unwrap();
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&wrong_shape), "--npy", path(&refs.join("in1.npy"))]);
+    let err = text(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("`a`") && err.contains("[1, 4]"), "{err}");
+}
+
+#[test]
+fn png_gives_the_same_scores_as_the_reference_tensor() {
+    let m = crate::model("digits_cnn_int8.onnx");
+    let refs = crate::root().join("models/ref/digits_cnn_int8");
+    let from_png = edgeinfer(&["infer", path(&m), path(&refs.join("digit.png")), "--top-k", "3"]);
+    let from_npy = edgeinfer(&["infer", path(&m), path(&refs.join("in0.npy")), "--top-k", "3"]);
+    assert!(from_png.status.success(), "{}", text(&from_png.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&from_png.stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&from_npy.stdout).unwrap();
+    assert_eq!(a["top"], b["top"]);
+    assert_eq!(a["top"][0]["label"], "2", "{a}");
+    assert_eq!(a["top"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn batch_directory_reports_bad_files_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = crate::root().join("models/samples/digits");
+    let mut good = 0;
+    for entry in std::fs::read_dir(&samples).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        good += 1;
+    }
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+    let out = edgeinfer(&["infer", path(&crate::model("digits_cnn_f32.onnx")), path(dir.path())]);
+    assert_eq!(out.status.code(), Some(1), "some inputs failed");
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), good);
+    for line in &lines {
+        let file = line["input"].as_str().unwrap();
+        // sample files are named digit_<label>_<i>.png
+        let label = file.rsplit('/').next().unwrap().split('_').nth(1).unwrap();
+        assert_eq!(line["top"][0]["label"], label, "{line}");
+    }
+    let err = text(&out.stderr);
+    assert!(err.contains("broken.png") && err.contains("notes.txt"), "{err}");
+    assert!(err.contains(&format!("{} inputs: {good} ok, 2 failed", good + 2)), "{err}");
+}
+
+#[test]
+fn json_array_input_runs_the_tabular_model() {
+    let refs = crate::root().join("models/ref/breast_cancer_trees");
+    let x = Tensor::read_npy(&refs.join("in0.npy")).unwrap();
+    let literal = serde_json::to_string(&x.to_json()[0]).unwrap();
+    let out = edgeinfer(&["infer", path(&crate::model("breast_cancer_trees.onnx")), &literal]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["top"][0]["label"], "benign", "{v}");
+    let bad = edgeinfer(&["infer", path(&crate::model("breast_cancer_trees.onnx")), "[1, 2, 3]"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("30 values"), "{}", text(&bad.stderr));
+}
+
+#[test]
+fn inspect_json_describes_io_quantization_and_rewrites() {
+    let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_int8_qop.onnx")), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["quantization"], "QOperator");
+    assert_eq!(v["inputs"][0]["name"], "image");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!([1, 3, 32, 32]));
+    assert_eq!(v["outputs"][0]["type"], "f32");
+    assert!(v["outputs"][0]["quantization"]["scale"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["op_counts"]["com.microsoft:QLinearAdd"], 1);
+    assert!(v["rewrites"].as_array().unwrap().iter().any(|r| r.as_str().unwrap().starts_with("QLinearAdd")));
+    assert!(v["timings_ms"]["optimize_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_json_has_the_documented_figures() {
+    let out =
+        edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "init_ms",
+        "first_inference_ms",
+        "warmup_mean_ms",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "mean_ms",
+        "min_ms",
+        "peak_rss_kb",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert!(v["p50_ms"].as_f64() <= v["p99_ms"].as_f64());
+    assert_eq!(v["runs"], 20);
+}

@@ -1,0 +1,17 @@
+//! Integration tests: one test binary (cheaper to link than many), one
+//! module per area. They run against the shipped models and the real binary.
+
+mod cli;
+mod parity;
+
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A path under `models/`.
+pub fn model(name: &str) -> PathBuf {
+    root().join("models").join(name)
+}
