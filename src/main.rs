@@ -157,7 +157,7 @@ impl InferCli {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,tract_linalg=warn"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
