@@ -8,9 +8,25 @@
 //! - [`preprocess`]: pure functions turning images and arrays into model inputs.
 //! - [`postprocess`]: pure functions turning model outputs into results (top-k, scores).
 //! - [`cmd`]: the `inspect`, `infer` and `bench` subcommands, called by `main.rs`.
+//! - [`config`]: the daemon's TOML configuration, parsed and validated.
+//! - [`message`]: what flows between stages: inputs, the bounded input queue, results.
+//! - [`source`]: input sources (synthetic, files, lines, mqtt), one thread each.
+//! - [`sink`]: outputs (mqtt, stdout, file) that never block inference.
+//! - [`broker`]: the embedded MQTT broker used when no broker is configured.
+//! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
+//! - [`metrics`]: counters, latency percentiles and the health message.
+//! - [`payload`]: the versioned JSON payloads.
 
+pub mod broker;
 pub mod cmd;
+pub mod config;
 pub mod engine;
+pub mod message;
+pub mod metrics;
+pub mod payload;
+pub mod pipeline;
 pub mod postprocess;
 pub mod preprocess;
+pub mod sink;
+pub mod source;
 pub mod tensor;

@@ -26,6 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: read inputs, infer, publish results (MQTT, stdout, file) until SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file.
+        config: PathBuf,
+    },
+    /// Validate a config without running it: keys, values, files, and that each model loads and fits.
+    Check {
+        /// The TOML config file.
+        config: PathBuf,
+    },
     /// Show a model's inputs, outputs, operators, quantization and load time.
     Inspect {
         /// The ONNX model file.
@@ -157,9 +167,13 @@ impl InferCli {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,tract_linalg=warn"))
-        .format_timestamp_millis()
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,tract_linalg=warn"));
+    // The embedded broker logs every packet; its own failures reach us through broker::start.
+    for target in edgeinfer::broker::LOG_TARGETS {
+        logger.filter_module(target, log::LevelFilter::Off);
+    }
+    logger.format_timestamp_millis().init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -171,17 +185,31 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut stdout = std::io::stdout().lock();
+    // Not locked for `run`: its stdout output is written by a thread of its own.
+    let stdout = || std::io::stdout().lock();
     match cli.command {
+        Command::Run { config } => {
+            let cfg = edgeinfer::config::Config::load(&config)?;
+            edgeinfer::pipeline::run(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => {
+            let cfg = edgeinfer::config::Config::load(&config)?;
+            for line in edgeinfer::pipeline::check(&cfg)? {
+                println!("{line}");
+            }
+            println!("{}: ok", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { model, shapes, json } => {
             let opts = cmd::inspect::load_options(shapes.load_options()?);
             let model = Model::load(&model, &opts)?;
-            cmd::inspect::run(&model, json, &mut stdout)?;
+            cmd::inspect::run(&model, json, &mut stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, shapes, runs, warmup, json } => {
             let report = cmd::bench::measure(&model, &shapes.load_options()?, runs, warmup)?;
-            cmd::bench::print(&report, json, &mut stdout)?;
+            cmd::bench::print(&report, json, &mut stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Infer(args) => {
@@ -198,12 +226,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 softmax: args.softmax,
             };
             let summary = if infer_args.npy.is_empty() {
-                cmd::infer::run_files(&model, &infer_args, &mut stdout, &mut std::io::stderr())?
+                cmd::infer::run_files(&model, &infer_args, &mut stdout(), &mut std::io::stderr())?
             } else {
                 if !infer_args.inputs.is_empty() {
                     anyhow::bail!("give inputs either as --npy files or as positional files, not both");
                 }
-                cmd::infer::run_raw(&model, &infer_args, &mut stdout)?
+                cmd::infer::run_raw(&model, &infer_args, &mut stdout())?
             };
             Ok(if summary.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }

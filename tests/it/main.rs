@@ -1,8 +1,12 @@
 //! Integration tests: one test binary (cheaper to link than many), one
 //! module per area. They run against the shipped models and the real binary.
 
+mod alloc;
 mod cli;
+mod daemon;
+mod mqtt_hub;
 mod parity;
+mod support;
 
 use std::path::PathBuf;
 

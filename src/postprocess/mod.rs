@@ -1,6 +1,9 @@
 //! Pure functions that turn output tensors into results: class scores with
 //! labels and top-k, with softmax applied when the model emits logits.
 
+pub mod events;
+pub mod results;
+
 use std::path::{Path, PathBuf};
 
 use crate::tensor::Tensor;

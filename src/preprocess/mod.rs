@@ -2,6 +2,9 @@
 //! model accepts: resize, colour order, layout, normalisation and the
 //! conversion to the model's element type, quantizing where it asks for it.
 
+pub mod stage;
+pub mod window;
+
 use image::{imageops, RgbImage};
 use thiserror::Error;
 

@@ -1,0 +1,225 @@
+//! The embedded MQTT broker (rumqttd), started when no broker URL is
+//! configured: MQTT 3.1.1 on one address, no TLS, no authentication, with
+//! retained messages and Last Will. It runs on threads of its own (its
+//! router and a server thread with its own small runtime) for the life of the
+//! process; rumqttd has no way to stop it.
+//!
+//! rumqttd logs through `tracing`, and with no tracing subscriber installed
+//! its events reach the `log` facade: every packet at info, and per-message
+//! spans at *error* level. The logger should switch off [`LOG_TARGETS`].
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// The largest payload a client may publish (camera frames are published).
+pub const MAX_PAYLOAD_BYTES: usize = crate::sink::mqtt::MAX_PACKET_BYTES;
+/// `log` targets of rumqttd's records (its events and its spans). Filter
+/// them out (e.g. `env_logger::Builder::filter_module(target, LevelFilter::Off)`)
+/// unless debugging the broker: at info it logs several lines per message,
+/// some at error level.
+pub const LOG_TARGETS: [&str; 2] = ["rumqttd", "tracing::span"];
+/// How long `start` waits for the port to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The broker could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded broker on {addr}: {reason}")]
+pub struct BrokerError {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Why.
+    pub reason: String,
+}
+
+/// The broker's configuration, built in code (values after rumqttd's own
+/// `rumqttd.toml`, sized for an edge device).
+pub fn config(addr: SocketAddr) -> Config {
+    let connections = ConnectionSettings {
+        // Time a new connection has to send its CONNECT.
+        connection_timeout_ms: 60_000,
+        max_payload_size: MAX_PAYLOAD_BYTES,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server =
+        ServerSettings { name: "v4-1".into(), listen: addr, tls: None, next_connection_delay_ms: 1, connections };
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 1000,
+            max_outgoing_packet_count: 200,
+            // Each subscribed filter keeps up to count x size bytes of recent
+            // messages in memory: 20 MiB at most per filter.
+            max_segment_size: 2 << 20,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        ..Config::default()
+    }
+}
+
+/// Starts the broker on its own threads and returns once it accepts
+/// connections. Blocks for up to about 5 s.
+pub fn start(addr: SocketAddr) -> Result<(), BrokerError> {
+    let fail = |reason: String| BrokerError { addr, reason };
+    if addr.port() == 0 {
+        return Err(fail("port 0 is not supported: give the port to listen on".into()));
+    }
+    // rumqttd only logs a failed bind (on its own thread), so find out first.
+    match TcpListener::bind(addr) {
+        Ok(probe) => drop(probe),
+        Err(e) => return Err(fail(bind_reason(&e))),
+    }
+
+    let config = config(addr);
+    let thread = std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            if let Err(e) = broker.start() {
+                log::error!("embedded MQTT broker stopped: {e}");
+            }
+        })
+        .map_err(|e| fail(format!("cannot start its thread: {e}")))?;
+
+    let target = SocketAddr::new(reachable_ip(addr.ip()), addr.port());
+    let started = Instant::now();
+    loop {
+        if thread.is_finished() {
+            return Err(fail("it stopped right after starting (see the log above)".into()));
+        }
+        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(fail(format!("not accepting connections after {} s", READY_TIMEOUT.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A bind error in words a user can act on.
+fn bind_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::AddrInUse => {
+            "address already in use (is another MQTT broker running? point mqtt.url at it, or change broker.listen)"
+                .into()
+        }
+        ErrorKind::AddrNotAvailable => "address not available on this machine (check broker.listen)".into(),
+        ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".into(),
+        _ => format!("cannot listen: {e}"),
+    }
+}
+
+/// Where to check that a listener on `ip` accepts connections.
+fn reachable_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+
+    fn free_port() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        l.local_addr().expect("local addr").port()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    }
+
+    /// A client whose event loop runs until the task is aborted; received publishes go to the channel.
+    fn client(
+        id: &str,
+        port: u16,
+        will: Option<LastWill>,
+    ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>, tokio::task::JoinHandle<()>) {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES);
+        if let Some(w) = will {
+            opts.set_last_will(w);
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        (client, rx, task)
+    }
+
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>) -> rumqttc::Publish {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a message in time").expect("open")
+    }
+
+    #[test]
+    fn a_second_broker_on_the_same_address_says_address_in_use() {
+        let held = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let err = start(addr).expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("address already in use"), "{text}");
+        assert!(text.contains(&addr.to_string()), "{text}");
+    }
+
+    #[test]
+    fn retained_messages_last_will_and_large_payloads_work() {
+        let port = free_port();
+        start(SocketAddr::from(([127, 0, 0, 1], port))).expect("broker starts");
+        runtime().block_on(async {
+            let will = LastWill::new("t/status", "offline", QoS::AtLeastOnce, true);
+            let (dying, _, dying_task) = client("dying", port, Some(will));
+            dying.publish("t/status", QoS::AtLeastOnce, true, "online").await.expect("queue");
+            let big = vec![7u8; 1 << 20];
+            dying.publish("t/big", QoS::AtLeastOnce, true, big.clone()).await.expect("queue");
+
+            // A late subscriber gets the retained messages.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (late, mut rx, late_task) = client("late", port, None);
+            late.subscribe("t/#", QoS::AtLeastOnce).await.expect("queue");
+            let mut got = HashMap::new();
+            while got.len() < 2 {
+                let p = next(&mut rx).await;
+                assert!(p.retain, "retained flag on {}", p.topic);
+                got.insert(p.topic.clone(), p.payload.to_vec());
+            }
+            assert_eq!(got["t/status"], b"online");
+            assert_eq!(got["t/big"].len(), big.len());
+
+            // The connection dies without DISCONNECT: the will is published.
+            dying_task.abort();
+            drop(dying);
+            let p = next(&mut rx).await;
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("t/status", &b"offline"[..]));
+
+            // ... and retained.
+            let (later, mut rx2, later_task) = client("later", port, None);
+            later.subscribe("t/status", QoS::AtLeastOnce).await.expect("queue");
+            let p = next(&mut rx2).await;
+            assert!(p.retain);
+            assert_eq!(&p.payload[..], b"offline");
+            late_task.abort();
+            later_task.abort();
+        });
+    }
+}

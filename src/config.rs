@@ -1,0 +1,902 @@
+//! The daemon's TOML configuration: serde structs that reject unknown keys,
+//! defaults that work, and `load` which also resolves paths (relative to the
+//! config file) and validates values, naming the key at fault.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::message::Overflow;
+use crate::postprocess::Softmax;
+use crate::preprocess::{ColorOrder, Layout, ResizeMode};
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// TOML syntax, an unknown key or a wrong type (the message names key and line).
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A value that parses but makes no sense.
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Dotted key path, e.g. `pipelines[0].source.rate_hz`.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Device id used in topics and payloads (default: the host name).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The broker to publish to; absent (or without `url`): the embedded broker.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// The embedded broker, started when `mqtt.url` is absent.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// Health reports.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// The pipelines: source -> preprocess -> model -> postprocess -> outputs.
+    #[serde(default)]
+    pub pipelines: Vec<PipelineConfig>,
+    /// Directory of the config file; relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// MQTT client settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host:port`; absent: start the embedded broker and use it.
+    pub url: Option<String>,
+    /// Client id; `{device}` is replaced.
+    pub client_id: String,
+    /// Keep-alive interval.
+    pub keep_alive_s: u64,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// Results held in memory while the broker is unreachable; the oldest are dropped beyond it.
+    pub buffer: usize,
+    /// First reconnect delay.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Retained availability topic (`online` / `offline`).
+    pub status_topic: String,
+    /// Retained health topic.
+    pub health_topic: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: None,
+            client_id: "edgeinfer-{device}".into(),
+            keep_alive_s: 30,
+            username: None,
+            password_env: None,
+            password_file: None,
+            buffer: 1000,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+            status_topic: "edgeinfer/{device}/status".into(),
+            health_topic: "edgeinfer/{device}/health".into(),
+        }
+    }
+}
+
+/// The in-process broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Address to listen on.
+    pub listen: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { listen: "127.0.0.1:1883".into() }
+    }
+}
+
+/// Health reporting.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between health messages (0 disables them).
+    pub interval_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { interval_s: 30 }
+    }
+}
+
+/// Shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long to keep publishing queued results after SIGINT/SIGTERM.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { drain_timeout_ms: 3000 }
+    }
+}
+
+/// One pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Name used in topics and payloads.
+    pub name: String,
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Labels file (default: found next to the model).
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
+    /// Shape of the model's first input, when it is symbolic.
+    #[serde(default)]
+    pub input_shape: Option<Vec<usize>>,
+    /// Items queued between source and model.
+    #[serde(default)]
+    pub queue: Option<usize>,
+    /// What to do when the queue is full.
+    #[serde(default)]
+    pub overflow: Option<Overflow>,
+    /// Where inputs come from.
+    pub source: SourceConfig,
+    /// How inputs become tensors.
+    #[serde(default)]
+    pub preprocess: PreprocessConfig,
+    /// How outputs become results.
+    #[serde(default)]
+    pub postprocess: Option<PostprocessConfig>,
+    /// Where results go (default: one MQTT output with default settings).
+    #[serde(default)]
+    pub outputs: Vec<OutputConfig>,
+}
+
+/// Synthetic signal shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// A sine per channel (phase-shifted), plus noise.
+    Sine,
+    /// Gaussian noise.
+    Noise,
+    /// A square wave.
+    Steps,
+    /// Rotating-machine vibration cycling through normal, imbalance, misalignment, bearing fault.
+    Vibration,
+    /// Camera test frames: a moving pattern.
+    Frames,
+}
+
+/// Line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineFormat {
+    /// `[1.0, 2.0, 3.0]` or `{"name": 1.0, ...}`.
+    Json,
+    /// `1.0,2.0,3.0`.
+    Csv,
+}
+
+/// MQTT payload formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON array (or object of named features).
+    Json,
+    /// A CSV line.
+    Csv,
+    /// Raw little-endian f32 values.
+    F32le,
+    /// A JPEG or PNG image.
+    Image,
+}
+
+fn default_rate() -> f64 {
+    100.0
+}
+fn default_channels() -> usize {
+    3
+}
+fn one() -> f32 {
+    1.0
+}
+fn five() -> f32 {
+    5.0
+}
+fn noise_default() -> f32 {
+    0.05
+}
+fn side() -> u32 {
+    64
+}
+fn fps_default() -> f64 {
+    10.0
+}
+fn files_rate() -> f64 {
+    1.0
+}
+fn anomaly_len() -> f64 {
+    1.0
+}
+fn segment_s() -> f64 {
+    10.0
+}
+fn stdin() -> String {
+    "stdin".into()
+}
+fn json_lines() -> LineFormat {
+    LineFormat::Json
+}
+
+/// Input sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Generated signals or frames: runs with no hardware.
+    Synthetic {
+        /// Waveform or `frames`.
+        signal: Signal,
+        /// Samples per second (sensor signals).
+        #[serde(default = "default_rate")]
+        rate_hz: f64,
+        /// Channels per sample.
+        #[serde(default = "default_channels")]
+        channels: usize,
+        /// Peak amplitude.
+        #[serde(default = "one")]
+        amplitude: f32,
+        /// Sine / step frequency.
+        #[serde(default = "five")]
+        frequency_hz: f32,
+        /// Noise standard deviation.
+        #[serde(default = "noise_default")]
+        noise: f32,
+        /// Inject an anomaly (a burst of large spikes) every N seconds.
+        #[serde(default)]
+        anomaly_every_s: Option<f64>,
+        /// How long each anomaly lasts.
+        #[serde(default = "anomaly_len")]
+        anomaly_duration_s: f64,
+        /// `vibration`: seconds per machine state.
+        #[serde(default = "segment_s")]
+        segment_s: f64,
+        /// Frame width (`frames`).
+        #[serde(default = "side")]
+        width: u32,
+        /// Frame height (`frames`).
+        #[serde(default = "side")]
+        height: u32,
+        /// Frames per second (`frames`).
+        #[serde(default = "fps_default")]
+        fps: f64,
+        /// Stop after this many samples or frames (default: never).
+        #[serde(default)]
+        count: Option<u64>,
+        /// Random seed.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Images or `.npy` files replayed from a directory or glob.
+    Files {
+        /// A directory, a file or a glob such as `data/*.png`.
+        path: String,
+        /// Files per second (0: as fast as the model takes them).
+        #[serde(default = "files_rate")]
+        rate_hz: f64,
+        /// Start again after the last file.
+        #[serde(default, rename = "loop")]
+        repeat: bool,
+    },
+    /// JSON arrays or CSV lines from stdin, a file (followed) or a named pipe.
+    Lines {
+        /// `stdin` or a path.
+        #[serde(default = "stdin")]
+        from: String,
+        /// Line format.
+        #[serde(default = "json_lines")]
+        format: LineFormat,
+    },
+    /// Messages on an MQTT topic of the configured broker.
+    Mqtt {
+        /// Topic filter (wildcards allowed).
+        topic: String,
+        /// Payload format.
+        format: PayloadFormat,
+        /// Subscription QoS.
+        #[serde(default)]
+        qos: u8,
+    },
+}
+
+impl SourceConfig {
+    /// True for sources that produce camera-like frames (newest wins).
+    pub fn is_frames(&self) -> bool {
+        match self {
+            SourceConfig::Synthetic { signal, .. } => *signal == Signal::Frames,
+            SourceConfig::Mqtt { format, .. } => *format == PayloadFormat::Image,
+            _ => false,
+        }
+    }
+
+    /// The `type` key's value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Synthetic { .. } => "synthetic",
+            SourceConfig::Files { .. } => "files",
+            SourceConfig::Lines { .. } => "lines",
+            SourceConfig::Mqtt { .. } => "mqtt",
+        }
+    }
+}
+
+/// Sample order in a window tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowLayout {
+    /// `[1, channels, window]`.
+    ChannelsFirst,
+    /// `[1, window, channels]`.
+    ChannelsLast,
+}
+
+/// Preprocessing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PreprocessConfig {
+    /// Chosen from the source and the model: images for frames, windows for
+    /// sensor samples on a 3-D input, tabular rows on a 2-D input, tensors as is.
+    #[default]
+    Auto,
+    /// Decode, resize, colour order, layout, normalisation.
+    Image {
+        /// Resize mode.
+        #[serde(default)]
+        resize: ResizeMode,
+        /// Channel order.
+        #[serde(default)]
+        color: ColorOrder,
+        /// Layout (guessed from the input shape when absent).
+        #[serde(default)]
+        layout: Option<Layout>,
+        /// Pixel multiplier (default 1/255).
+        #[serde(default)]
+        scale: Option<f32>,
+        /// Per-channel mean.
+        #[serde(default)]
+        mean: Option<[f32; 3]>,
+        /// Per-channel std.
+        #[serde(default)]
+        std: Option<[f32; 3]>,
+    },
+    /// Sliding windows over sensor samples.
+    Window {
+        /// Samples per window (default: from the model input).
+        #[serde(default)]
+        window: Option<usize>,
+        /// Samples between windows (default: the window: no overlap).
+        #[serde(default)]
+        hop: Option<usize>,
+        /// Channels per sample (default: from the model input).
+        #[serde(default)]
+        channels: Option<usize>,
+        /// Tensor layout (default: guessed from the model input).
+        #[serde(default)]
+        layout: Option<WindowLayout>,
+        /// Per-channel value subtracted first.
+        #[serde(default)]
+        mean: Option<Vec<f32>>,
+        /// Per-channel divisor applied after the mean.
+        #[serde(default)]
+        std: Option<Vec<f32>>,
+    },
+    /// One row of features per input.
+    Tabular {
+        /// Feature names in model order, for JSON objects.
+        #[serde(default)]
+        features: Option<Vec<String>>,
+        /// Per-feature value subtracted first.
+        #[serde(default)]
+        mean: Option<Vec<f32>>,
+        /// Per-feature divisor applied after the mean.
+        #[serde(default)]
+        std: Option<Vec<f32>>,
+    },
+    /// The input already is the tensor (`.npy` files).
+    None,
+}
+
+fn top3() -> usize {
+    3
+}
+
+/// What the anomaly score is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyScore {
+    /// The first value of the output.
+    #[default]
+    Output,
+    /// Mean squared error between the input tensor and the output (autoencoders).
+    Reconstruction,
+    /// 1 - probability of `normal_class` (classifiers).
+    NotClass,
+}
+
+/// Postprocessing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PostprocessConfig {
+    /// Class scores with labels.
+    Classify {
+        /// Classes reported.
+        #[serde(default = "top3")]
+        top_k: usize,
+        /// Classes scoring below are left out.
+        #[serde(default)]
+        min_score: f32,
+        /// Softmax policy.
+        #[serde(default)]
+        softmax: Softmax,
+        /// Output name (default: the first class-shaped output).
+        #[serde(default)]
+        output: Option<String>,
+    },
+    /// Raw values (regression).
+    Values {
+        /// Output name (default: the first).
+        #[serde(default)]
+        output: Option<String>,
+    },
+    /// An anomaly score compared with a threshold.
+    Anomaly {
+        /// Score at or above which the input is anomalous.
+        threshold: f32,
+        /// How the score is computed.
+        #[serde(default)]
+        score: AnomalyScore,
+        /// For `not_class`: the label of the normal class.
+        #[serde(default)]
+        normal_class: Option<String>,
+        /// Output name (default: the first).
+        #[serde(default)]
+        output: Option<String>,
+    },
+}
+
+/// Output kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// Publish to the MQTT broker.
+    Mqtt,
+    /// JSON lines on stdout.
+    Stdout,
+    /// JSON lines in a file, rotated by size.
+    File,
+}
+
+/// When an output publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// Every result.
+    #[default]
+    Every,
+    /// When the top class changes (after `debounce` consecutive results agree).
+    OnChange,
+    /// When the score crosses `threshold` (with `debounce` and `hysteresis`).
+    Threshold,
+}
+
+fn default_topic() -> String {
+    "edgeinfer/{device}/{pipeline}/result".into()
+}
+fn debounce_one() -> u32 {
+    1
+}
+fn ten_mib() -> u64 {
+    10 * 1024 * 1024
+}
+fn keep_five() -> usize {
+    5
+}
+
+/// One output of a pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `mqtt`, `stdout` or `file`.
+    #[serde(rename = "type")]
+    pub kind: OutputKind,
+    /// MQTT topic template: `{device}`, `{pipeline}`, `{model}`, `{label}`.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// MQTT QoS 0, 1 or 2.
+    #[serde(default)]
+    pub qos: u8,
+    /// MQTT retain flag.
+    #[serde(default)]
+    pub retain: bool,
+    /// File path (`file` outputs).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Rotate the file when it would grow past this size.
+    #[serde(default = "ten_mib")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` newest ... `path.N`).
+    #[serde(default = "keep_five")]
+    pub keep: usize,
+    /// Publish policy.
+    #[serde(default)]
+    pub when: When,
+    /// Consecutive results needed before a change or crossing counts.
+    #[serde(default = "debounce_one")]
+    pub debounce: u32,
+    /// Threshold for `when = "threshold"` (default: the anomaly threshold).
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// A crossing back down needs score < threshold - hysteresis.
+    #[serde(default)]
+    pub hysteresis: f32,
+    /// For `threshold`: score of this class instead of the anomaly or top score.
+    #[serde(default)]
+    pub class: Option<String>,
+}
+
+impl OutputConfig {
+    /// An MQTT output with every default.
+    pub fn default_mqtt() -> Self {
+        toml::from_str("type = \"mqtt\"").expect("defaults parse")
+    }
+}
+
+/// Reads the host name for the default device id.
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "edgeinfer".into())
+}
+
+/// True for names safe inside an MQTT topic level.
+fn is_topic_safe(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: shown.clone(), reason: e.to_string() })?;
+        let mut cfg = Config::parse(&text, &shown)?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.validate(&shown)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn parse(text: &str, shown: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: shown.into(), reason: one_line(&e.to_string()) })
+    }
+
+    /// The device id.
+    pub fn device(&self) -> String {
+        self.device.clone().unwrap_or_else(host_name)
+    }
+
+    /// A path from the config, resolved against the config's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Checks values and fills defaults that depend on other keys.
+    pub fn validate(&mut self, shown: &str) -> Result<(), ConfigError> {
+        let bad = |key: String, reason: String| ConfigError::Invalid { path: shown.into(), key, reason };
+        let device = self.device();
+        if !is_topic_safe(&device) {
+            return Err(bad("device".into(), format!("`{device}` must be letters, digits, `-`, `_` or `.`")));
+        }
+        if let Some(url) = &self.mqtt.url {
+            parse_mqtt_url(url).map_err(|r| bad("mqtt.url".into(), r))?;
+        }
+        if self.mqtt.password_env.is_some() && self.mqtt.password_file.is_some() {
+            return Err(bad("mqtt.password_env".into(), "give password_env or password_file, not both".into()));
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            return Err(bad("mqtt.keep_alive_s".into(), "must be at least 5".into()));
+        }
+        if self.mqtt.buffer == 0 {
+            return Err(bad("mqtt.buffer".into(), "must be at least 1".into()));
+        }
+        if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms {
+            return Err(bad("mqtt.reconnect_max_ms".into(), "need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
+        }
+        self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
+        if self.pipelines.is_empty() {
+            return Err(bad("pipelines".into(), "at least one [[pipelines]] table is needed".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for ix in 0..self.pipelines.len() {
+            let key = |k: &str| format!("pipelines[{ix}].{k}");
+            let p = &self.pipelines[ix];
+            if !is_topic_safe(&p.name) {
+                return Err(bad(key("name"), format!("`{}` must be letters, digits, `-`, `_` or `.`", p.name)));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(bad(key("name"), format!("`{}` is used by two pipelines", p.name)));
+            }
+            let model = self.resolve(&p.model);
+            if !model.is_file() {
+                return Err(bad(key("model"), format!("{} does not exist", model.display())));
+            }
+            if let Some(l) = &p.labels {
+                let l = self.resolve(l);
+                if !l.is_file() {
+                    return Err(bad(key("labels"), format!("{} does not exist", l.display())));
+                }
+            }
+            if p.queue == Some(0) {
+                return Err(bad(key("queue"), "must be at least 1".into()));
+            }
+            validate_source(&p.source).map_err(|(k, r)| bad(key(&format!("source.{k}")), r))?;
+            if let Some(PostprocessConfig::Anomaly { score: AnomalyScore::NotClass, normal_class: None, .. }) =
+                &p.postprocess
+            {
+                return Err(bad(key("postprocess.normal_class"), "needed when score = \"not_class\"".into()));
+            }
+            if let PreprocessConfig::Window { window, hop, .. } = &p.preprocess {
+                if window.is_some_and(|w| w == 0 || w > crate::preprocess::window::MAX_WINDOW) {
+                    return Err(bad(
+                        key("preprocess.window"),
+                        format!("must be 1..={}", crate::preprocess::window::MAX_WINDOW),
+                    ));
+                }
+                if hop.is_some_and(|h| h == 0) {
+                    return Err(bad(key("preprocess.hop"), "must be at least 1".into()));
+                }
+            }
+            let p = &mut self.pipelines[ix];
+            if p.outputs.is_empty() {
+                p.outputs.push(OutputConfig::default_mqtt());
+            }
+            for (ox, o) in p.outputs.iter().enumerate() {
+                let okey = |k: &str| format!("pipelines[{ix}].outputs[{ox}].{k}");
+                if o.qos > 2 {
+                    return Err(bad(okey("qos"), format!("{} is not 0, 1 or 2", o.qos)));
+                }
+                if o.kind == OutputKind::File && o.path.is_none() {
+                    return Err(bad(okey("path"), "a file output needs a path".into()));
+                }
+                if o.kind != OutputKind::File && o.path.is_some() {
+                    return Err(bad(okey("path"), "only file outputs take a path".into()));
+                }
+                if o.debounce == 0 {
+                    return Err(bad(okey("debounce"), "must be at least 1".into()));
+                }
+                if o.hysteresis < 0.0 {
+                    return Err(bad(okey("hysteresis"), "must not be negative".into()));
+                }
+                if o.when == When::Threshold
+                    && o.threshold.is_none()
+                    && !matches!(p.postprocess, Some(PostprocessConfig::Anomaly { .. }))
+                {
+                    return Err(bad(
+                        okey("threshold"),
+                        "needed for when = \"threshold\" without an anomaly postprocess".into(),
+                    ));
+                }
+                for placeholder in o.topic.match_indices('{').map(|(i, _)| &o.topic[i..]) {
+                    let name = placeholder.split('}').next().unwrap_or("");
+                    if !matches!(name, "{device" | "{pipeline" | "{model" | "{label") {
+                        return Err(bad(
+                            okey("topic"),
+                            format!(
+                                "unknown placeholder `{name}}}` (use {{device}}, {{pipeline}}, {{model}}, {{label}})"
+                            ),
+                        ));
+                    }
+                }
+                if o.topic.contains(['+', '#']) {
+                    return Err(bad(okey("topic"), "a publish topic cannot contain `+` or `#`".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when any output or source needs the MQTT broker.
+    pub fn uses_mqtt(&self) -> bool {
+        self.pipelines.iter().any(|p| {
+            matches!(p.source, SourceConfig::Mqtt { .. }) || p.outputs.iter().any(|o| o.kind == OutputKind::Mqtt)
+        })
+    }
+}
+
+/// A finite number above zero (NaN is not).
+fn positive(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}
+
+fn validate_source(s: &SourceConfig) -> Result<(), (String, String)> {
+    let err = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
+    match s {
+        SourceConfig::Synthetic {
+            rate_hz,
+            channels,
+            fps,
+            width,
+            height,
+            segment_s,
+            anomaly_every_s,
+            anomaly_duration_s,
+            ..
+        } => {
+            if !positive(*segment_s) {
+                return err("segment_s", "must be positive");
+            }
+            if anomaly_every_s.is_some_and(|a| !positive(a)) {
+                return err("anomaly_every_s", "must be positive");
+            }
+            if !(positive(*anomaly_duration_s) || *anomaly_duration_s == 0.0) {
+                return err("anomaly_duration_s", "must not be negative");
+            }
+            if !(*rate_hz > 0.0 && *rate_hz <= 100_000.0) {
+                return err("rate_hz", "must be in (0, 100000]");
+            }
+            if *channels == 0 || *channels > crate::preprocess::window::MAX_CHANNELS {
+                return Err(("channels".into(), format!("must be 1..={}", crate::preprocess::window::MAX_CHANNELS)));
+            }
+            if !(*fps > 0.0 && *fps <= 1000.0) {
+                return err("fps", "must be in (0, 1000]");
+            }
+            if *width == 0 || *height == 0 || *width > 8192 || *height > 8192 {
+                return err("width", "width and height must be 1..=8192");
+            }
+        }
+        SourceConfig::Files { rate_hz, path, .. } => {
+            if *rate_hz < 0.0 {
+                return err("rate_hz", "must not be negative");
+            }
+            if path.is_empty() {
+                return err("path", "must not be empty");
+            }
+        }
+        SourceConfig::Lines { from, .. } => {
+            if from.is_empty() {
+                return err("from", "`stdin` or a path");
+            }
+        }
+        SourceConfig::Mqtt { topic, qos, .. } => {
+            if topic.is_empty() {
+                return err("topic", "must not be empty");
+            }
+            if *qos > 2 {
+                return err("qos", "must be 0, 1 or 2");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits `mqtt://host[:port]` into host and port (default 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
+        if url.starts_with("mqtts://") {
+            "TLS (mqtts://) is not supported yet; use mqtt://host:port".to_string()
+        } else {
+            format!("`{url}` is not an mqtt://host:port URL")
+        }
+    })?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h.to_string(), p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?)
+        }
+        _ => (rest.to_string(), 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("`{url}` has no valid host"));
+    }
+    Ok((host, port))
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "|").collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+device = "pi-1"
+[[pipelines]]
+name = "vib"
+model = "m.onnx"
+source = { type = "synthetic", signal = "sine" }
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "c.toml").unwrap();
+        assert_eq!(c.mqtt.keep_alive_s, 30);
+        assert!(c.mqtt.url.is_none());
+        assert_eq!(c.broker.listen, "127.0.0.1:1883");
+        assert!(matches!(c.pipelines[0].source, SourceConfig::Synthetic { rate_hz, .. } if rate_hz == 100.0));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let text = MINIMAL.replace("device = \"pi-1\"", "device = \"pi-1\"\ncolour = 3");
+        let e = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("colour") && e.contains("line 3"), "{e}");
+        let text = MINIMAL.replace("signal = \"sine\"", "signal = \"sine\", rate = 5");
+        let e = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("rate"), "{e}");
+    }
+
+    #[test]
+    fn wrong_values_are_named() {
+        let text = MINIMAL.replace("signal = \"sine\"", "signal = \"square\"");
+        let e = Config::parse(&text, "c.toml").unwrap_err().to_string();
+        assert!(e.contains("square"), "{e}");
+        let mut c = Config::parse(&MINIMAL.replace("\"pi-1\"", "\"pi 1\""), "c.toml").unwrap();
+        let e = c.validate("c.toml").unwrap_err().to_string();
+        assert!(e.contains("`device`"), "{e}");
+    }
+
+    #[test]
+    fn mqtt_urls_parse() {
+        assert_eq!(parse_mqtt_url("mqtt://broker.local:1884").unwrap(), ("broker.local".into(), 1884));
+        assert_eq!(parse_mqtt_url("mqtt://10.0.0.2").unwrap(), ("10.0.0.2".into(), 1883));
+        assert!(parse_mqtt_url("http://x").is_err());
+        assert!(parse_mqtt_url("mqtt://h:notaport").is_err());
+        assert!(parse_mqtt_url("mqtts://h:8883").unwrap_err().contains("TLS"));
+    }
+}

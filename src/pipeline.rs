@@ -1,0 +1,547 @@
+//! Wires each pipeline (source -> preprocess -> model -> postprocess ->
+//! outputs) and runs the daemon: inference on one thread per pipeline, never
+//! on the async reactor; sources on threads of their own; MQTT, health and
+//! signals on a small tokio runtime. Owns start-up checks and shutdown.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, Context};
+
+use crate::config::{Config, OutputKind, PipelineConfig, When};
+use crate::engine::{LoadOptions, Model};
+use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
+use crate::metrics::{MqttMetrics, PipelineMetrics};
+use crate::postprocess::events::{Decision, EventFilter};
+use crate::postprocess::results::Postprocessor;
+use crate::preprocess::stage::Preprocessor;
+use crate::sink::mqtt::{Body, MqttHandle, MqttSettings, MqttSink, OutMessage};
+use crate::sink::Sink;
+
+/// A pipeline whose model is loaded and whose stages fit it.
+pub struct Prepared {
+    /// Its configuration.
+    pub cfg: PipelineConfig,
+    /// The loaded model.
+    pub model: Arc<Model>,
+    /// Preprocessing, checked against the model input.
+    pub pre: Preprocessor,
+    /// Postprocessing, checked against the model outputs.
+    pub post: Postprocessor,
+    /// Labels in use.
+    pub labels: Vec<String>,
+}
+
+/// Loads a pipeline's model and builds its stages; errors name the pipeline.
+pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
+    let ctx = |what: &str| format!("pipeline `{}`: {what}", p.name);
+    let model_path = cfg.resolve(&p.model);
+    let mut opts = LoadOptions::default();
+    if let Some(shape) = &p.input_shape {
+        opts.input_shapes.insert(String::new(), shape.clone());
+    }
+    let model = Model::load(&model_path, &opts).with_context(|| ctx("model"))?;
+    if model.inputs().len() != 1 {
+        return Err(anyhow!(
+            "{}: the daemon feeds single-input models; this one has {}",
+            ctx("model"),
+            model.inputs().len()
+        ));
+    }
+    let labels_path =
+        p.labels.as_ref().map(|l| cfg.resolve(l)).or_else(|| crate::postprocess::find_labels(&model_path));
+    let labels = match &labels_path {
+        Some(path) => {
+            crate::postprocess::read_labels(path).with_context(|| ctx(&format!("labels {}", path.display())))?
+        }
+        None => Vec::new(),
+    };
+    let pre = Preprocessor::new(&p.preprocess, &model.inputs()[0], &p.source)
+        .map_err(|e| anyhow!("{}: {e}", ctx("preprocess")))?;
+    let post = Postprocessor::new(p.postprocess.as_ref(), model.outputs(), labels.clone())
+        .map_err(|e| anyhow!("{}: {e}", ctx("postprocess")))?;
+    for (ix, o) in p.outputs.iter().enumerate() {
+        if let Some(class) = &o.class {
+            if post.label_index(class).is_none() {
+                return Err(anyhow!(
+                    "{}: class `{class}` is not among the labels {labels:?}",
+                    ctx(&format!("outputs[{ix}]"))
+                ));
+            }
+        }
+        if o.when == When::OnChange
+            && labels.is_empty()
+            && !matches!(p.postprocess, Some(crate::config::PostprocessConfig::Classify { .. }))
+        {
+            return Err(anyhow!(
+                "{}: when = \"on_change\" needs a classifier (labels or a classify postprocess)",
+                ctx(&format!("outputs[{ix}]"))
+            ));
+        }
+    }
+    Ok(Prepared { cfg: p.clone(), model: Arc::new(model), pre, post, labels })
+}
+
+/// `edgeinfer check`: validates the config and loads every model; one line per pipeline.
+pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for p in &cfg.pipelines {
+        let prepared = prepare(cfg, p)?;
+        let input = &prepared.model.inputs()[0];
+        let outputs: Vec<String> = p.outputs.iter().map(|o| format!("{:?}", o.kind).to_lowercase()).collect();
+        lines.push(format!(
+            "pipeline `{}`: {} source -> {} {:?} ({}, {:.0} ms to load) -> {}",
+            p.name,
+            p.source.kind(),
+            input.name,
+            input.shape,
+            prepared.model.info().quantization,
+            prepared.model.info().timings.init_ms() + prepared.model.info().timings.warmup_ms,
+            outputs.join(", ")
+        ));
+    }
+    match &cfg.mqtt.url {
+        Some(url) => lines.push(format!("mqtt: {url}")),
+        None => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
+    }
+    Ok(lines)
+}
+
+fn read_password(cfg: &Config) -> anyhow::Result<Option<String>> {
+    if let Some(var) = &cfg.mqtt.password_env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| anyhow!("mqtt.password_env: environment variable `{var}` is not set"));
+    }
+    if let Some(file) = &cfg.mqtt.password_file {
+        let path = cfg.resolve(file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| anyhow!("mqtt.password_file: {}: {e}", path.display()))?;
+        return Ok(Some(text.lines().next().unwrap_or("").to_string()));
+    }
+    Ok(None)
+}
+
+/// Resident memory now, in KiB.
+pub fn rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+struct Output {
+    sink: Box<dyn Sink>,
+    filter: EventFilter,
+    class: Option<usize>,
+}
+
+struct Worker {
+    prepared: Prepared,
+    queue: Arc<InputQueue>,
+    outputs: Vec<Output>,
+    metrics: Arc<PipelineMetrics>,
+    stop: Arc<AtomicBool>,
+    device: Arc<str>,
+}
+
+fn warn_limited(count: u64, pipeline: &str, what: &str) {
+    if count.is_power_of_two() {
+        log::warn!("pipeline `{pipeline}`: {what} ({count} so far)");
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let Worker { prepared, queue, outputs, metrics, stop, device } = &mut self;
+        let mut session = match prepared.model.session() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("pipeline `{}`: {e}", prepared.cfg.name);
+                return;
+            }
+        };
+        let pipeline: Arc<str> = prepared.cfg.name.as_str().into();
+        let model_name: Arc<str> = prepared.model.info().name.as_str().into();
+        let sha: Arc<str> = prepared.model.info().sha256.as_str().into();
+        let mut buf = prepared.pre.buffer();
+        let mut results = Vec::new();
+        let mut seq: u64 = 0;
+        while let Some(input) = queue.pop() {
+            if stop.load(Relaxed) {
+                break;
+            }
+            let captured = input.captured();
+            let origin = input.origin().map(str::to_string);
+            let mut mark = Instant::now();
+            let post = &prepared.post;
+            let fed = prepared.pre.feed(&input, &mut buf, |tensor| {
+                let pre_ms = mark.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
+                if let Err(e) = session.run_into(std::slice::from_ref(tensor), &mut results) {
+                    let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                    warn_limited(n, &pipeline, &format!("inference failed: {e}"));
+                    mark = Instant::now();
+                    return;
+                }
+                let infer_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
+                let processed = match post.apply(&results, Some(tensor)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                        warn_limited(n, &pipeline, &format!("postprocess failed: {e}"));
+                        mark = Instant::now();
+                        return;
+                    }
+                };
+                let post_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let total_ms =
+                    SystemTime::now().duration_since(captured).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
+                seq += 1;
+                metrics.inferences.fetch_add(1, Relaxed);
+                if let Ok(mut l) = metrics.latency.lock() {
+                    l.preprocess.record(pre_ms);
+                    l.inference.record(infer_ms);
+                    l.postprocess.record(post_ms);
+                    l.total.record(total_ms);
+                }
+                let msg = Arc::new(ResultMsg {
+                    device: device.clone(),
+                    pipeline: pipeline.clone(),
+                    model: model_name.clone(),
+                    model_sha256: sha.clone(),
+                    seq,
+                    captured,
+                    origin: origin.clone(),
+                    latency: Latency { preprocess: pre_ms, inference: infer_ms, postprocess: post_ms, total: total_ms },
+                    result: processed.body,
+                });
+                for out in outputs.iter_mut() {
+                    let score = match out.class {
+                        Some(ix) => processed.scores.get(ix).copied(),
+                        None => msg
+                            .result
+                            .anomaly
+                            .map(|a| a.score)
+                            .or_else(|| msg.result.classes.as_ref().and_then(|c| c.first()).map(|c| c.score)),
+                    };
+                    if let Decision::Publish(event) = out.filter.decide(&msg.result, score) {
+                        if !out.sink.offer(&msg, event.as_ref()) {
+                            metrics.dropped_output.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+                mark = Instant::now();
+            });
+            if let Err(e) = fed {
+                let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                let from = origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default();
+                warn_limited(n, &pipeline, &format!("input{from} skipped: {e}"));
+            }
+        }
+    }
+}
+
+fn health_json(
+    device: &str,
+    started: Instant,
+    mqtt: &MqttMetrics,
+    pipelines: &[Arc<PipelineMetrics>],
+) -> serde_json::Value {
+    let now = SystemTime::now();
+    let mut per = serde_json::Map::new();
+    for p in pipelines {
+        per.insert(p.name.clone(), p.health());
+    }
+    serde_json::json!({
+        "schema": crate::payload::HEALTH_SCHEMA,
+        "device": device,
+        "time": crate::payload::rfc3339(now),
+        "time_ms": crate::payload::epoch_ms(now),
+        "uptime_s": started.elapsed().as_secs_f64(),
+        "rss_kb": rss_kb(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "mqtt": mqtt.health(),
+        "pipelines": per,
+    })
+}
+
+fn health_log_line(h: &serde_json::Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(ps) = h["pipelines"].as_object() {
+        for (name, p) in ps {
+            parts.push(format!(
+                "{name}: {} inferences ({:.1}/s), inference p50 {} ms, errors {}, dropped {}/{}/{}",
+                p["inferences"],
+                p["rate_per_s"].as_f64().unwrap_or(0.0),
+                p["latency_ms"]["inference"]["p50"].as_f64().map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
+                p["errors"],
+                p["dropped"]["queue_full"],
+                p["dropped"]["stale_frames"],
+                p["dropped"]["output_full"],
+            ));
+        }
+    }
+    let m = &h["mqtt"];
+    format!(
+        "health: {}; mqtt connected={} queue={} dropped={} reconnects={}; rss {} kB",
+        parts.join("; "),
+        m["connected"],
+        m["queue_depth"],
+        m["dropped"],
+        m["reconnects"],
+        h["rss_kb"]
+    )
+}
+
+/// `edgeinfer run`: runs the daemon until SIGINT/SIGTERM or until every
+/// source has finished, then drains and exits.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let device: Arc<str> = cfg.device().into();
+    let prepared: Vec<Prepared> = cfg.pipelines.iter().map(|p| prepare(&cfg, p)).collect::<anyhow::Result<_>>()?;
+    let password = read_password(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edgeinfer-io")
+        .build()?;
+    let result = rt.block_on(run_async(cfg, device, prepared, password));
+    // A blocking read (stdin) may never return; do not wait for it.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
+}
+
+async fn run_async(
+    cfg: Config,
+    device: Arc<str>,
+    prepared: Vec<Prepared>,
+    password: Option<String>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (host, port) = match &cfg.mqtt.url {
+        Some(url) => crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?,
+        None => {
+            let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
+            match crate::broker::start(addr) {
+                Ok(()) => log::info!(
+                    "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
+                    addr.ip(),
+                    addr.port()
+                ),
+                // Another broker (often a system mosquitto) already serves that address:
+                // subscribers there expect our results, so publish to it rather than fail.
+                Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
+                    log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            (addr.ip().to_string(), addr.port())
+        }
+    };
+    let fill = |t: &str| t.replace("{device}", &device);
+    let settings = MqttSettings {
+        host,
+        port,
+        client_id: fill(&cfg.mqtt.client_id),
+        keep_alive: Duration::from_secs(cfg.mqtt.keep_alive_s),
+        username: cfg.mqtt.username.clone(),
+        password,
+        buffer: cfg.mqtt.buffer,
+        reconnect_min: Duration::from_millis(cfg.mqtt.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
+        status_topic: fill(&cfg.mqtt.status_topic),
+    };
+    let mqtt_metrics = Arc::new(MqttMetrics::default());
+    let (hub, hub_task) = crate::sink::mqtt::start(settings, mqtt_metrics.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut all_metrics = Vec::new();
+    let mut queues = Vec::new();
+    let mut line_threads = Vec::new();
+    let mut workers = Vec::new();
+    let mut stdout_sink: Option<Arc<crate::sink::stdout::LineSink>> = None;
+    for prep in prepared {
+        let p = prep.cfg.clone();
+        let info = prep.model.info();
+        let metrics =
+            Arc::new(PipelineMetrics::new(&p.name, &info.name, info.timings.init_ms() + info.timings.warmup_ms));
+        log::info!(
+            "pipeline `{}`: model {} ({}, loaded in {:.0} ms), {} source",
+            p.name,
+            info.path.display(),
+            info.quantization,
+            metrics.model_load_ms,
+            p.source.kind()
+        );
+        let frames = p.source.is_frames();
+        let (default_cap, default_policy) = match (&p.source, frames) {
+            (_, true) => (1, Overflow::DropOldest),
+            (crate::config::SourceConfig::Files { .. }, _) => (16, Overflow::Block),
+            _ => (256, Overflow::DropOldest),
+        };
+        let queue = InputQueue::new(p.queue.unwrap_or(default_cap), p.overflow.unwrap_or(default_policy));
+        let mut outputs = Vec::new();
+        for o in &p.outputs {
+            let sink: Box<dyn Sink> = match o.kind {
+                OutputKind::Mqtt => {
+                    Box::new(MqttSink { hub: hub.clone(), topic: o.topic.clone(), qos: o.qos, retain: o.retain })
+                }
+                OutputKind::Stdout => {
+                    let shared = match &stdout_sink {
+                        Some(s) => s.clone(),
+                        None => {
+                            let (s, h) = crate::sink::stdout::LineSink::stdout()?;
+                            line_threads.push(h);
+                            let s = Arc::new(s);
+                            stdout_sink = Some(s.clone());
+                            s
+                        }
+                    };
+                    Box::new(SharedSink(shared))
+                }
+                OutputKind::File => {
+                    let path: PathBuf = cfg.resolve(o.path.as_deref().unwrap_or(std::path::Path::new("results.jsonl")));
+                    let (s, h) = crate::sink::file::file_sink(&path, o.max_bytes, o.keep)
+                        .with_context(|| format!("pipeline `{}`: output file {}", p.name, path.display()))?;
+                    line_threads.push(h);
+                    Box::new(s)
+                }
+            };
+            let threshold = o.threshold.or(prep.post.anomaly_threshold()).unwrap_or(0.5);
+            let class = o.class.as_deref().and_then(|c| prep.post.label_index(c));
+            outputs.push(Output { sink, filter: EventFilter::new(o.when, o.debounce, threshold, o.hysteresis), class });
+        }
+        let source_ctx = crate::source::SourceCtx {
+            pipeline: p.name.clone(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            base_dir: cfg.base_dir.clone(),
+        };
+        crate::source::spawn(p.source.clone(), source_ctx, Some(hub.clone()))?;
+        let worker = Worker {
+            prepared: prep,
+            queue: queue.clone(),
+            outputs,
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            device: device.clone(),
+        };
+        let done = done_tx.clone();
+        let name = p.name.clone();
+        // Big enough for the window ring buffer's construction.
+        workers.push(std::thread::Builder::new().name(format!("infer-{name}")).stack_size(8 << 20).spawn(
+            move || {
+                worker.run();
+                log::debug!("pipeline `{name}`: worker stopped");
+                let _ = done.send(name);
+            },
+        )?);
+        all_metrics.push(metrics);
+        queues.push(queue);
+    }
+    drop(done_tx);
+    drop(stdout_sink);
+
+    let health_task =
+        spawn_health(&cfg, device.clone(), started, hub.clone(), mqtt_metrics.clone(), all_metrics.clone());
+
+    let mut remaining = workers.len();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            finished = done_rx.recv() => match finished {
+                Some(name) => {
+                    log::info!("pipeline `{name}` finished");
+                    remaining -= 1;
+                    if remaining == 0 { log::info!("every pipeline finished: shutting down"); break; }
+                }
+                None => break,
+            },
+        }
+    }
+    stop.store(true, Relaxed);
+    for q in &queues {
+        q.close();
+    }
+    let deadline = Duration::from_millis(cfg.shutdown.drain_timeout_ms);
+    let joined = tokio::task::spawn_blocking(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+    });
+    if tokio::time::timeout(deadline, joined).await.is_err() {
+        log::warn!("an inference worker did not finish within {} ms", deadline.as_millis());
+    }
+    if let Some(t) = health_task {
+        t.abort();
+    }
+    // Final health, so subscribers see the last figures.
+    publish_health(&device, started, &hub, &mqtt_metrics, &all_metrics, &cfg);
+    hub_task.shutdown(deadline).await;
+    // Stdout/file sinks end once every worker (holding the senders) is gone.
+    let flushed = tokio::task::spawn_blocking(move || {
+        for t in line_threads {
+            let _ = t.join();
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+    log::info!("stopped");
+    Ok(())
+}
+
+struct SharedSink(Arc<crate::sink::stdout::LineSink>);
+
+impl Sink for SharedSink {
+    fn offer(&self, msg: &Arc<ResultMsg>, event: Option<&crate::message::Event>) -> bool {
+        self.0.offer(msg, event)
+    }
+}
+
+fn publish_health(
+    device: &str,
+    started: Instant,
+    hub: &MqttHandle,
+    mqtt: &MqttMetrics,
+    pipelines: &[Arc<PipelineMetrics>],
+    cfg: &Config,
+) {
+    let h = health_json(device, started, mqtt, pipelines);
+    log::info!("{}", health_log_line(&h));
+    let topic = cfg.mqtt.health_topic.replace("{device}", device);
+    hub.enqueue(OutMessage {
+        topic,
+        body: Body::Raw(serde_json::to_vec(&h).unwrap_or_default()),
+        qos: 1,
+        retain: true,
+    });
+}
+
+fn spawn_health(
+    cfg: &Config,
+    device: Arc<str>,
+    started: Instant,
+    hub: MqttHandle,
+    mqtt: Arc<MqttMetrics>,
+    pipelines: Vec<Arc<PipelineMetrics>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if cfg.health.interval_s == 0 {
+        return None;
+    }
+    let cfg = cfg.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(cfg.health.interval_s));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            publish_health(&device, started, &hub, &mqtt, &pipelines, &cfg);
+        }
+    }))
+}

@@ -1,0 +1,332 @@
+//! The preprocessing stage of a pipeline: picks image, window, tabular or
+//! pass-through handling for each input and writes the model input tensor,
+//! reusing one buffer.
+
+use crate::config::{PayloadFormat, PreprocessConfig, Signal, SourceConfig, WindowLayout};
+use crate::engine::TensorSpec;
+use crate::message::{Input, Values};
+use crate::tensor::{Data, ElemType, Tensor};
+
+use super::window::{Windower, MAX_CHANNELS};
+use super::{array_to_tensor, image_geometry, image_to_tensor, to_elem_type, ImagePrep};
+
+struct Tabular {
+    features: Option<Vec<String>>,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+/// One pipeline's preprocessing.
+pub struct Preprocessor {
+    spec: TensorSpec,
+    image: ImagePrep,
+    window: Option<Windower>,
+    tabular: Option<Tabular>,
+    scratch: Vec<f32>,
+}
+
+/// What a source produces, as far as the config tells.
+#[derive(PartialEq)]
+enum Produces {
+    Frames,
+    Values,
+    Unknown,
+}
+
+fn produces(source: &SourceConfig) -> Produces {
+    match source {
+        SourceConfig::Synthetic { signal: Signal::Frames, .. } => Produces::Frames,
+        SourceConfig::Mqtt { format: PayloadFormat::Image, .. } => Produces::Frames,
+        SourceConfig::Synthetic { .. } | SourceConfig::Lines { .. } | SourceConfig::Mqtt { .. } => Produces::Values,
+        SourceConfig::Files { .. } => Produces::Unknown,
+    }
+}
+
+/// Window geometry from the model's `[1, a, b]` input: (channels, window, layout).
+fn window_geometry(
+    spec: &TensorSpec,
+    channels: Option<usize>,
+    layout: Option<WindowLayout>,
+) -> Result<(usize, usize, WindowLayout), String> {
+    let s = &spec.shape;
+    if s.len() != 3 || s[0] != 1 {
+        return Err(format!(
+            "input `{}` has shape {s:?}; a window needs a [1, channels, window] or [1, window, channels] input",
+            spec.name
+        ));
+    }
+    let layout = match (layout, channels) {
+        (Some(l), _) => l,
+        (None, Some(c)) if s[1] == c => WindowLayout::ChannelsFirst,
+        (None, Some(c)) if s[2] == c => WindowLayout::ChannelsLast,
+        (None, Some(c)) => {
+            return Err(format!("input `{}` has shape {s:?}, which has no dimension of {c} channels", spec.name))
+        }
+        (None, None) if s[1] <= MAX_CHANNELS && s[1] <= s[2] => WindowLayout::ChannelsFirst,
+        (None, None) => WindowLayout::ChannelsLast,
+    };
+    let (c, w) = match layout {
+        WindowLayout::ChannelsFirst => (s[1], s[2]),
+        WindowLayout::ChannelsLast => (s[2], s[1]),
+    };
+    if let Some(want) = channels {
+        if want != c {
+            return Err(format!("input `{}` has shape {s:?}: {c} channels, the config says {want}", spec.name));
+        }
+    }
+    Ok((c, w, layout))
+}
+
+impl Preprocessor {
+    /// Builds the stage and checks that the model input fits what the source gives.
+    pub fn new(cfg: &PreprocessConfig, spec: &TensorSpec, source: &SourceConfig) -> Result<Self, String> {
+        let mut p = Preprocessor {
+            spec: spec.clone(),
+            image: ImagePrep::default(),
+            window: None,
+            tabular: None,
+            scratch: Vec::new(),
+        };
+        let rank = spec.shape.len();
+        match cfg {
+            PreprocessConfig::Auto => match produces(source) {
+                Produces::Frames => {
+                    image_geometry(spec, None).map_err(|e| e.to_string())?;
+                }
+                Produces::Values if rank == 3 => p.window = Some(p.make_window(None, None, None, None, None, None)?),
+                Produces::Values if rank == 2 => p.tabular = Some(p.make_tabular(None, None, None)?),
+                Produces::Values => {
+                    return Err(format!(
+                        "input `{}` has shape {:?}: numeric sources feed [1, features] or [1, channels, window] inputs",
+                        spec.name, spec.shape
+                    ))
+                }
+                Produces::Unknown => {
+                    if rank == 3 {
+                        p.window = p.make_window(None, None, None, None, None, None).ok();
+                    } else if rank == 2 {
+                        p.tabular = p.make_tabular(None, None, None).ok();
+                    }
+                }
+            },
+            PreprocessConfig::Image { resize, color, layout, scale, mean, std } => {
+                if produces(source) == Produces::Values {
+                    return Err("image preprocessing needs a source of images".into());
+                }
+                p.image = ImagePrep {
+                    resize: *resize,
+                    color: *color,
+                    layout: *layout,
+                    scale: scale.unwrap_or(1.0 / 255.0),
+                    mean: mean.unwrap_or([0.0; 3]),
+                    std: std.unwrap_or([1.0; 3]),
+                };
+                if p.image.std.contains(&0.0) {
+                    return Err("std must not contain 0".into());
+                }
+                image_geometry(spec, *layout).map_err(|e| e.to_string())?;
+            }
+            PreprocessConfig::Window { window, hop, channels, layout, mean, std } => {
+                p.window = Some(p.make_window(*window, *hop, *channels, *layout, mean.as_deref(), std.as_deref())?);
+            }
+            PreprocessConfig::Tabular { features, mean, std } => {
+                if rank != 2 || spec.shape[0] != 1 {
+                    return Err(format!(
+                        "input `{}` has shape {:?}; tabular rows need a [1, features] input",
+                        spec.name, spec.shape
+                    ));
+                }
+                p.tabular = Some(p.make_tabular(features.clone(), mean.as_deref(), std.as_deref())?);
+            }
+            PreprocessConfig::None => {}
+        }
+        Ok(p)
+    }
+
+    fn make_window(
+        &self,
+        window: Option<usize>,
+        hop: Option<usize>,
+        channels: Option<usize>,
+        layout: Option<WindowLayout>,
+        mean: Option<&[f32]>,
+        std: Option<&[f32]>,
+    ) -> Result<Windower, String> {
+        let (c, w, layout) = window_geometry(&self.spec, channels, layout)?;
+        if let Some(want) = window {
+            if want != w {
+                return Err(format!(
+                    "input `{}` has shape {:?}: windows of {w} samples, the config says {want}",
+                    self.spec.name, self.spec.shape
+                ));
+            }
+        }
+        Windower::new(w, hop.unwrap_or(w), c, layout, mean, std).map_err(|e| e.0)
+    }
+
+    fn make_tabular(
+        &self,
+        features: Option<Vec<String>>,
+        mean: Option<&[f32]>,
+        std: Option<&[f32]>,
+    ) -> Result<Tabular, String> {
+        let n = *self.spec.shape.last().unwrap_or(&0);
+        let check = |what: &str, len: usize| {
+            if len != n {
+                Err(format!("{what} has {len} entries, input `{}` takes {n} features", self.spec.name))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(f) = &features {
+            check("features", f.len())?;
+        }
+        let mean = mean.map(|m| m.to_vec()).unwrap_or_else(|| vec![0.0; n]);
+        check("mean", mean.len())?;
+        let std = std.map(|s| s.to_vec()).unwrap_or_else(|| vec![1.0; n]);
+        check("std", std.len())?;
+        if std.contains(&0.0) {
+            return Err("std must not contain 0".into());
+        }
+        Ok(Tabular { features, mean, inv_std: std.iter().map(|s| 1.0 / s).collect() })
+    }
+
+    /// Turns one input into zero or more model inputs (a message of several
+    /// sensor samples may complete several windows); `ready` runs on each.
+    pub fn feed(&mut self, input: &Input, buf: &mut Tensor, mut ready: impl FnMut(&Tensor)) -> Result<(), String> {
+        match input {
+            Input::Frame(f) => {
+                let (t, _) = image_to_tensor(&f.image, &self.spec, &self.image).map_err(|e| e.to_string())?;
+                ready(&t);
+            }
+            Input::Tensor { tensor, .. } => {
+                let t = array_to_tensor(tensor, &self.spec).map_err(|e| e.to_string())?;
+                ready(&t);
+            }
+            Input::Values(v) => {
+                if let Some(w) = self.window.as_mut() {
+                    let c = w.channels();
+                    if v.values.is_empty() || v.values.len() % c != 0 {
+                        return Err(format!("{} values do not make whole samples of {c} channels", v.values.len()));
+                    }
+                    for sample in v.values.chunks_exact(c) {
+                        if w.push(sample) {
+                            if self.spec.elem_type == ElemType::F32 {
+                                if let Data::F32(dst) = &mut buf.data {
+                                    w.fill(dst);
+                                }
+                                ready(buf);
+                            } else {
+                                self.scratch.resize(self.spec.shape.iter().product(), 0.0);
+                                w.fill(&mut self.scratch);
+                                let t =
+                                    to_elem_type(self.scratch.clone(), &self.spec, None).map_err(|e| e.to_string())?;
+                                ready(&t);
+                            }
+                        }
+                    }
+                } else if let Some(tab) = &self.tabular {
+                    let row = tabular_row(tab, v)?;
+                    let t = to_elem_type(row, &self.spec, None).map_err(|e| e.to_string())?;
+                    ready(&t);
+                } else {
+                    let t = Tensor::from_f32(vec![v.values.len()], v.values.clone()).map_err(|e| e.to_string())?;
+                    let t = array_to_tensor(&t, &self.spec).map_err(|e| e.to_string())?;
+                    ready(&t);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A zeroed tensor shaped like the model input, to pass to `feed` as `buf`.
+    pub fn buffer(&self) -> Tensor {
+        let n: usize = self.spec.shape.iter().product();
+        Tensor { shape: self.spec.shape.clone(), data: Data::F32(vec![0.0; n]) }
+    }
+}
+
+fn tabular_row(tab: &Tabular, v: &Values) -> Result<Vec<f32>, String> {
+    let n = tab.mean.len();
+    let raw: Vec<f32> = match (&tab.features, &v.names) {
+        (Some(features), Some(names)) => features
+            .iter()
+            .map(|f| {
+                names
+                    .iter()
+                    .position(|n| n == f)
+                    .map(|i| v.values[i])
+                    .ok_or_else(|| format!("feature `{f}` missing from the input"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => v.values.clone(),
+    };
+    if raw.len() != n {
+        return Err(format!("{} values given, the model takes {n} features", raw.len()));
+    }
+    Ok(raw.iter().enumerate().map(|(i, x)| (x - tab.mean[i]) * tab.inv_std[i]).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn spec(shape: &[usize]) -> TensorSpec {
+        TensorSpec { name: "x".into(), shape: shape.to_vec(), elem_type: ElemType::F32, quantization: None }
+    }
+
+    fn lines() -> SourceConfig {
+        toml::from_str("type = \"lines\"").unwrap()
+    }
+
+    fn values(v: Vec<f32>, names: Option<Vec<&str>>) -> Input {
+        Input::Values(Values {
+            values: v,
+            names: names.map(|n| n.into_iter().map(String::from).collect()),
+            captured: SystemTime::now(),
+            origin: None,
+        })
+    }
+
+    #[test]
+    fn auto_windows_a_channels_first_input() {
+        let mut p = Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 2, 3]), &lines()).unwrap();
+        let mut buf = p.buffer();
+        let mut got = Vec::new();
+        // one message with 4 samples of 2 channels: the first window is ready at the 3rd sample
+        p.feed(&values(vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0], None), &mut buf, |t| got.push(t.clone()))
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data, Data::F32(vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0]));
+        assert!(
+            p.feed(&values(vec![1.0, 2.0, 3.0], None), &mut buf, |_| {}).is_err(),
+            "3 values are not whole samples"
+        );
+    }
+
+    #[test]
+    fn tabular_orders_named_features_and_scales() {
+        let cfg: PreprocessConfig =
+            toml::from_str("type = \"tabular\"\nfeatures = [\"b\", \"a\"]\nmean = [1.0, 0.0]\nstd = [2.0, 1.0]")
+                .unwrap();
+        let mut p = Preprocessor::new(&cfg, &spec(&[1, 2]), &lines()).unwrap();
+        let mut buf = p.buffer();
+        let mut got = Vec::new();
+        p.feed(&values(vec![5.0, 3.0], Some(vec!["a", "b"])), &mut buf, |t| got.push(t.clone())).unwrap();
+        assert_eq!(got[0].data, Data::F32(vec![1.0, 5.0]));
+        let e = p.feed(&values(vec![5.0], Some(vec!["a"])), &mut buf, |_| {}).unwrap_err();
+        assert!(e.contains("`b`"), "{e}");
+    }
+
+    #[test]
+    fn mismatched_model_inputs_are_explained() {
+        let e = Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 3, 32, 32]), &lines()).err().unwrap();
+        assert!(e.contains("[1, 3, 32, 32]"), "{e}");
+        let frames: SourceConfig = toml::from_str("type = \"synthetic\"\nsignal = \"frames\"").unwrap();
+        assert!(Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 30]), &frames).is_err());
+        let cfg: PreprocessConfig = toml::from_str("type = \"window\"\nwindow = 64").unwrap();
+        let e = Preprocessor::new(&cfg, &spec(&[1, 3, 128]), &lines()).err().unwrap();
+        assert!(e.contains("128") && e.contains("64"), "{e}");
+    }
+}

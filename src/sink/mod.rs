@@ -1,0 +1,16 @@
+//! Outputs: where results go. Every sink takes results without blocking the
+//! inference worker; what it cannot take is dropped and counted.
+
+pub mod file;
+pub mod mqtt;
+pub mod stdout;
+
+use std::sync::Arc;
+
+use crate::message::{Event, ResultMsg};
+
+/// A destination for results.
+pub trait Sink: Send + Sync {
+    /// Hands over a result without blocking; false when it had to be dropped.
+    fn offer(&self, msg: &Arc<ResultMsg>, event: Option<&Event>) -> bool;
+}

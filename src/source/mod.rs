@@ -1,0 +1,147 @@
+//! Input sources. Each runs on its own thread, pushes [`Input`]s into the
+//! pipeline's bounded queue and stops when asked; a source that fails is
+//! restarted with backoff and reported in health, never fatal to the daemon.
+
+pub mod files;
+pub mod lines;
+pub mod mqtt;
+pub mod synthetic;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::SourceConfig;
+use crate::message::{Input, InputQueue, Pushed};
+use crate::metrics::PipelineMetrics;
+use crate::sink::mqtt::MqttHandle;
+
+/// A source failure; the source is restarted after a backoff.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+/// How a source run ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceEnd {
+    /// It has nothing more to give (files played once, stdin closed, `count` reached).
+    Finished,
+    /// Shutdown was requested.
+    Stopped,
+}
+
+/// What a source needs from its pipeline.
+#[derive(Clone)]
+pub struct SourceCtx {
+    /// Pipeline name, for logs.
+    pub pipeline: String,
+    /// Where inputs go.
+    pub queue: Arc<InputQueue>,
+    /// Where drops and failures are counted.
+    pub metrics: Arc<PipelineMetrics>,
+    /// Set on shutdown.
+    pub stop: Arc<AtomicBool>,
+    /// Directory relative paths resolve against (the config file's).
+    pub base_dir: PathBuf,
+}
+
+impl SourceCtx {
+    /// Queues an input, counting what the overflow policy drops. False once the queue is closed.
+    pub fn push(&self, input: Input) -> bool {
+        let frame = matches!(input, Input::Frame(_));
+        self.metrics.inputs.fetch_add(1, Relaxed);
+        match self.queue.push(input) {
+            Pushed::Queued => true,
+            Pushed::DroppedOldest if frame => {
+                self.metrics.dropped_stale.fetch_add(1, Relaxed);
+                true
+            }
+            Pushed::DroppedOldest | Pushed::DroppedNewest => {
+                let n = self.metrics.dropped_queue_full.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!("pipeline `{}`: input queue full, {n} inputs dropped so far", self.pipeline);
+                }
+                true
+            }
+            Pushed::Closed => false,
+        }
+    }
+
+    /// True once shutdown was requested.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+
+    /// Sleeps until `deadline`, waking early on shutdown. False if stopped.
+    pub fn sleep_until(&self, deadline: Instant) -> bool {
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+fn run_once(cfg: &SourceConfig, ctx: &SourceCtx, mqtt: Option<&MqttHandle>) -> Result<SourceEnd, SourceError> {
+    match cfg {
+        SourceConfig::Synthetic { .. } => synthetic::run(cfg, ctx),
+        SourceConfig::Files { .. } => files::run(cfg, ctx),
+        SourceConfig::Lines { .. } => lines::run(cfg, ctx),
+        SourceConfig::Mqtt { .. } => match mqtt {
+            Some(hub) => mqtt::run(cfg, ctx, hub),
+            None => Err(SourceError("the mqtt source needs an MQTT connection".into())),
+        },
+    }
+}
+
+/// Starts the source on its own thread. It is retried with exponential
+/// backoff (1 s doubling to 30 s) when it fails; the queue is closed when it
+/// finishes or is stopped, which ends the pipeline's worker.
+pub fn spawn(
+    cfg: SourceConfig,
+    ctx: SourceCtx,
+    mqtt: Option<MqttHandle>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name(format!("src-{}", ctx.pipeline)).spawn(move || {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            ctx.metrics.source_running.store(true, Relaxed);
+            let started = Instant::now();
+            match run_once(&cfg, &ctx, mqtt.as_ref()) {
+                Ok(end) => {
+                    if end == SourceEnd::Finished {
+                        log::info!("pipeline `{}`: {} source finished", ctx.pipeline, cfg.kind());
+                    }
+                    break;
+                }
+                Err(e) => {
+                    ctx.metrics.source_failed(&e.0);
+                    ctx.metrics.source_restarts.fetch_add(1, Relaxed);
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                    log::warn!(
+                        "pipeline `{}`: {} source failed: {e}; retrying in {:.0} s",
+                        ctx.pipeline,
+                        cfg.kind(),
+                        backoff.as_secs_f64()
+                    );
+                    if !ctx.sleep_until(Instant::now() + backoff) {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        ctx.metrics.source_running.store(false, Relaxed);
+        ctx.queue.close();
+    })
+}

@@ -1,0 +1,411 @@
+//! The shared MQTT connection (the library's hub) against real brokers: the
+//! embedded one and mosquitto, observed by real subscribers. Results arrive in
+//! order with the documented payload; the status topic says `online` while
+//! connected and keeps a retained `offline` afterwards (shutdown or Last
+//! Will); with no broker, callers are never blocked, reconnection backs off,
+//! and the bounded buffer is delivered once a broker appears.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use edgeinfer::message::{Latency, ResultBody, ResultMsg};
+use edgeinfer::metrics::MqttMetrics;
+use edgeinfer::sink::mqtt::{self, Body, MqttHandle, MqttSettings, MqttTask, OutMessage};
+
+use crate::support::{free_port, Mosquitto, Subscriber};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn runtime() -> tokio::runtime::Runtime {
+    // Shown only for a failing test; rumqttd's tracing spans would drown the rest.
+    let mut logger = env_logger::builder();
+    logger.is_test(true);
+    for target in edgeinfer::broker::LOG_TARGETS {
+        logger.filter_module(target, log::LevelFilter::Off);
+    }
+    let _ = logger.try_init();
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+fn settings(port: u16, name: &str, buffer: usize, reconnect_max_ms: u64) -> MqttSettings {
+    MqttSettings {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: format!("hub-{name}"),
+        keep_alive: Duration::from_secs(5),
+        username: None,
+        password: None,
+        buffer,
+        reconnect_min: Duration::from_millis(200),
+        reconnect_max: Duration::from_millis(reconnect_max_ms),
+        status_topic: format!("test/{name}/status"),
+    }
+}
+
+/// Starts the hub on `rt`.
+fn start_hub(rt: &tokio::runtime::Runtime, settings: MqttSettings) -> (MqttHandle, MqttTask, Arc<MqttMetrics>) {
+    let metrics = Arc::new(MqttMetrics::default());
+    let _inside = rt.enter();
+    let (hub, task) = mqtt::start(settings, metrics.clone());
+    (hub, task, metrics)
+}
+
+fn start_embedded_broker(port: u16) {
+    edgeinfer::broker::start(SocketAddr::from(([127, 0, 0, 1], port))).expect("embedded broker starts");
+}
+
+fn result(seq: u64) -> OutMessage {
+    let msg = ResultMsg {
+        device: "testdev".into(),
+        pipeline: "p".into(),
+        model: "m".into(),
+        model_sha256: "00".into(),
+        seq,
+        captured: SystemTime::now(),
+        origin: None,
+        latency: Latency::default(),
+        result: ResultBody { values: Some(vec![seq as f32]), ..Default::default() },
+    };
+    OutMessage { topic: String::new(), body: Body::Result(Arc::new(msg), None), qos: 1, retain: false }
+}
+
+fn result_on(topic: &str, seq: u64) -> OutMessage {
+    OutMessage { topic: topic.into(), ..result(seq) }
+}
+
+fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Enqueues from a plain thread, as inference workers do; panics if that blocks.
+fn enqueue_from_thread(hub: &MqttHandle, msgs: Vec<OutMessage>) -> Vec<bool> {
+    let hub = hub.clone();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let accepted: Vec<bool> = msgs.into_iter().map(|m| hub.enqueue(m)).collect();
+        let _ = tx.send(accepted);
+    });
+    rx.recv_timeout(PATIENCE).expect("enqueue returned (it must never block)")
+}
+
+/// Checks the payloads are results with these sequence numbers, in order.
+fn assert_results(payloads: &[serde_json::Value], seqs: impl IntoIterator<Item = u64>) {
+    let got: Vec<u64> = payloads.iter().map(|v| v["seq"].as_u64().expect("seq")).collect();
+    let want: Vec<u64> = seqs.into_iter().collect();
+    assert_eq!(got, want, "results out of order or missing");
+    for v in payloads {
+        assert_eq!(v["schema"], edgeinfer::payload::RESULT_SCHEMA);
+        assert_eq!(v["device"], "testdev");
+        assert_eq!(v["model"]["name"], "m");
+        assert!(v["published_ms"].as_u64() >= v["captured_ms"].as_u64(), "{v}");
+        assert_eq!(v["result"]["values"][0].as_f64(), v["seq"].as_f64());
+    }
+}
+
+/// A subscription of the hub itself, collected into a channel.
+fn hub_subscription(hub: &MqttHandle, filter: &str) -> Receiver<(String, Vec<u8>)> {
+    let (tx, rx) = channel();
+    let tx = std::sync::Mutex::new(tx);
+    hub.subscribe(
+        filter,
+        1,
+        Arc::new(move |topic: &str, payload: &[u8]| {
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send((topic.to_string(), payload.to_vec()));
+            }
+        }),
+    );
+    rx
+}
+
+fn json(payload: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(payload).expect("JSON payload")
+}
+
+/// The retained status as a new subscriber sees it.
+fn retained_status(port: u16, topic: &str) -> (String, bool) {
+    let mut late = Subscriber::connect(port, topic);
+    let m = late.wait_for(PATIENCE, |m| m.topic == topic).expect("a retained status");
+    (m.payload, m.retain)
+}
+
+/// Publishes results in order, checks the status before and after shutdown.
+fn publish_in_order_with_status(port: u16, name: &str) {
+    let rt = runtime();
+    let status = format!("test/{name}/status");
+    let results = format!("test/{name}/results");
+    let mut sub = Subscriber::connect(port, &format!("test/{name}/#"));
+    let (hub, task, metrics) = start_hub(&rt, settings(port, name, 1000, 2000));
+
+    assert!(sub.wait_for(PATIENCE, |m| m.topic == status && m.payload == "online").is_some(), "online status");
+    assert_eq!(retained_status(port, &status), ("online".to_string(), true));
+    assert!(metrics.connected.load(Relaxed));
+
+    let n = 50;
+    let accepted = enqueue_from_thread(&hub, (0..n).map(|seq| result_on(&results, seq)).collect());
+    assert!(accepted.iter().all(|a| *a));
+    let got = sub.collect(n as usize, PATIENCE, |m| m.topic == results);
+    let payloads: Vec<serde_json::Value> = got.iter().map(|m| m.json()).collect();
+    assert_results(&payloads, 0..n);
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == n), "published = {:?}", metrics.published);
+
+    // Raw bytes go out as they are; QoS 0 is delivered too.
+    let raw =
+        OutMessage { topic: format!("test/{name}/raw"), body: Body::Raw(b"{\"x\":1}".to_vec()), qos: 0, retain: false };
+    assert!(hub.enqueue(raw));
+    let m = sub.wait_for(PATIENCE, |m| m.topic.ends_with("/raw")).expect("raw message");
+    assert_eq!(m.payload, "{\"x\":1}");
+
+    rt.block_on(task.shutdown(Duration::from_secs(2)));
+    assert!(sub.wait_for(PATIENCE, |m| m.topic == status && m.payload == "offline").is_some(), "offline status");
+    assert_eq!(retained_status(port, &status), ("offline".to_string(), true));
+    assert!(!metrics.connected.load(Relaxed));
+    assert!(!hub.enqueue(result_on(&results, 99)), "enqueue after shutdown must refuse");
+    assert_eq!(metrics.dropped.load(Relaxed), 1);
+    assert_eq!(metrics.connection_attempts.load(Relaxed), 1);
+    assert_eq!(metrics.reconnects.load(Relaxed), 0);
+}
+
+#[test]
+fn results_arrive_in_order_and_status_goes_online_then_offline_on_the_embedded_broker() {
+    let port = free_port();
+    start_embedded_broker(port);
+    publish_in_order_with_status(port, "embedded");
+}
+
+#[test]
+fn results_arrive_in_order_and_status_goes_online_then_offline_on_mosquitto() {
+    let broker = Mosquitto::start();
+    publish_in_order_with_status(broker.port, "mosquitto");
+}
+
+#[test]
+fn without_a_broker_enqueue_never_blocks_backoff_is_slow_and_the_buffer_is_delivered_later() {
+    let port = free_port();
+    let rt = runtime();
+    let buffer = 5;
+    // Steps 200, 400, 800, 1600, 1600 ms, each jittered to 50-100 %: at most 6 attempts in 3 s.
+    let (hub, task, metrics) = start_hub(&rt, settings(port, "late", buffer, 1600));
+    let echoed = hub_subscription(&hub, "test/late/results");
+
+    let queued = 8u64;
+    let accepted = enqueue_from_thread(&hub, (0..queued).map(|seq| result_on("test/late/results", seq)).collect());
+    assert!(accepted.iter().all(|a| *a));
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = metrics.connection_attempts.load(Relaxed);
+    assert!((2..=6).contains(&attempts), "{attempts} connection attempts in 3 s");
+    assert_eq!(metrics.dropped.load(Relaxed), queued - buffer as u64, "oldest dropped beyond the buffer");
+    assert_eq!(metrics.queue_depth.load(Relaxed), buffer as u64);
+    assert_eq!(metrics.queue_capacity.load(Relaxed), buffer as u64);
+    assert!(!metrics.connected.load(Relaxed));
+    assert_eq!(metrics.published.load(Relaxed), 0);
+
+    // A broker appears: the newest `buffer` results arrive, in order, through it.
+    start_embedded_broker(port);
+    let mut payloads = Vec::new();
+    while payloads.len() < buffer {
+        let (topic, payload) = echoed.recv_timeout(PATIENCE).expect("buffered results delivered");
+        assert_eq!(topic, "test/late/results");
+        payloads.push(json(&payload));
+    }
+    assert_results(&payloads, queued - buffer as u64..queued);
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == buffer as u64));
+    assert!(metrics.connected.load(Relaxed));
+    assert_eq!(metrics.reconnects.load(Relaxed), 0, "the first connection is not a reconnect");
+    assert!(metrics.received.load(Relaxed) >= buffer as u64);
+    assert_eq!(metrics.queue_depth.load(Relaxed), 0);
+    assert_eq!(retained_status(port, "test/late/status"), ("online".to_string(), true));
+    rt.block_on(task.shutdown(Duration::from_secs(1)));
+}
+
+#[test]
+fn a_hub_that_dies_without_disconnecting_leaves_its_last_will() {
+    let port = free_port();
+    start_embedded_broker(port);
+    let rt = runtime();
+    let (_hub, _task, metrics) = start_hub(&rt, settings(port, "will", 10, 1000));
+    assert!(wait_until(PATIENCE, || metrics.connected.load(Relaxed)));
+    assert_eq!(retained_status(port, "test/will/status"), ("online".to_string(), true));
+    // The process "crashes": its tasks and socket vanish without a DISCONNECT.
+    rt.shutdown_background();
+    let mut sub = Subscriber::connect(port, "test/will/status");
+    let will = sub.wait_for(PATIENCE, |m| m.payload == "offline");
+    assert!(will.is_some(), "Last Will published; saw {:?}", sub.seen);
+    assert_eq!(retained_status(port, "test/will/status"), ("offline".to_string(), true));
+}
+
+#[test]
+fn the_buffer_survives_a_broker_restart() {
+    let port = free_port();
+    let broker = Mosquitto::start_on(port);
+    let rt = runtime();
+    let (hub, task, metrics) = start_hub(&rt, settings(port, "restart", 100, 1000));
+    let echoed = hub_subscription(&hub, "test/restart/results");
+    assert!(wait_until(PATIENCE, || metrics.connected.load(Relaxed)));
+    assert!(hub.enqueue(result_on("test/restart/results", 0)));
+    let (_, first) = echoed.recv_timeout(PATIENCE).expect("first result");
+    assert_eq!(json(&first)["seq"], 0);
+    // Acknowledged, so it is not sent again after the restart (at least once: it could be).
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == 1));
+
+    drop(broker);
+    assert!(wait_until(PATIENCE, || !metrics.connected.load(Relaxed)), "connection loss noticed");
+    let accepted = enqueue_from_thread(&hub, (1..=10).map(|seq| result_on("test/restart/results", seq)).collect());
+    assert!(accepted.iter().all(|a| *a));
+
+    let _broker = Mosquitto::start_on(port);
+    let mut payloads = Vec::new();
+    while payloads.len() < 10 {
+        let (_, payload) = echoed.recv_timeout(PATIENCE).expect("results after the restart");
+        payloads.push(json(&payload));
+    }
+    assert_results(&payloads, 1..=10);
+    assert!(wait_until(PATIENCE, || metrics.reconnects.load(Relaxed) == 1));
+    assert_eq!(metrics.dropped.load(Relaxed), 0);
+    rt.block_on(task.shutdown(Duration::from_secs(1)));
+}
+
+#[test]
+fn shutdown_without_a_broker_returns_soon_after_its_deadline() {
+    let rt = runtime();
+    let (hub, task, metrics) = start_hub(&rt, settings(free_port(), "gone", 10, 1000));
+    assert!(hub.enqueue(result_on("test/gone/results", 0)));
+    let started = Instant::now();
+    rt.block_on(task.shutdown(Duration::from_millis(500)));
+    // Generous: the contract is deadline + about 2 s.
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+    assert_eq!(metrics.dropped.load(Relaxed), 1, "the unsent message is counted");
+}
+
+#[test]
+fn the_mqtt_source_parses_payloads_arriving_through_the_broker() {
+    use edgeinfer::config::{PayloadFormat, SourceConfig};
+    use edgeinfer::message::{Input, InputQueue, Overflow};
+    use edgeinfer::metrics::PipelineMetrics;
+    use edgeinfer::source::{SourceCtx, SourceEnd};
+    use std::sync::atomic::AtomicBool;
+
+    let port = free_port();
+    start_embedded_broker(port);
+    let rt = runtime();
+    let (hub, task, metrics) = start_hub(&rt, settings(port, "source", 10, 1000));
+    // Retained, so the source gets them whenever its subscription lands.
+    for (topic, payload) in [("a", &b"[1, 2.5]"[..]), ("b", br#"{"z": 3, "a": 4}"#), ("c", b"[1, \"x\"]")] {
+        let raw = OutMessage {
+            topic: format!("test/src/{topic}/in"),
+            body: Body::Raw(payload.to_vec()),
+            qos: 1,
+            retain: true,
+        };
+        assert!(hub.enqueue(raw));
+    }
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == 3));
+
+    let pipeline = Arc::new(PipelineMetrics::new("src", "m", 0.0));
+    let ctx = SourceCtx {
+        pipeline: "src".into(),
+        queue: InputQueue::new(16, Overflow::DropOldest),
+        metrics: pipeline.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        base_dir: std::env::temp_dir(),
+    };
+    let cfg = SourceConfig::Mqtt { topic: "test/src/+/in".into(), format: PayloadFormat::Json, qos: 1 };
+    let source = {
+        let (ctx, hub) = (ctx.clone(), hub.clone());
+        std::thread::spawn(move || edgeinfer::source::mqtt::run(&cfg, &ctx, &hub))
+    };
+    assert!(wait_until(PATIENCE, || ctx.queue.len() == 2 && pipeline.errors.load(Relaxed) == 1));
+    let mut inputs: Vec<(String, Vec<f32>, Option<Vec<String>>)> = (0..2)
+        .map(|_| match ctx.queue.pop() {
+            Some(Input::Values(v)) => (v.origin.unwrap_or_default(), v.values, v.names),
+            other => panic!("expected values, got {other:?}"),
+        })
+        .collect();
+    inputs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(inputs[0], ("test/src/a/in".into(), vec![1.0, 2.5], None));
+    assert_eq!(inputs[1], ("test/src/b/in".into(), vec![3.0, 4.0], Some(vec!["z".into(), "a".into()])));
+    assert_eq!(pipeline.inputs.load(Relaxed), 2);
+
+    ctx.stop.store(true, Relaxed);
+    let end = source.join().expect("source thread");
+    assert_eq!(end.expect("source ends cleanly"), SourceEnd::Stopped);
+    assert!(metrics.received.load(Relaxed) >= 3);
+    rt.block_on(task.shutdown(Duration::from_secs(1)));
+}
+
+/// mosquitto with a password file, killed on drop.
+struct AuthMosquitto {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for AuthMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto_with_password(port: u16, user: &str, password: &str) -> AuthMosquitto {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .arg("-c")
+        .arg("-b")
+        .arg(&passwords)
+        .args([user, password])
+        .status()
+        .expect("mosquitto_passwd runs");
+    assert!(made.success());
+    let conf = dir.path().join("mosquitto.conf");
+    let text = format!(
+        "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n",
+        passwords.display()
+    );
+    std::fs::write(&conf, text).expect("write config");
+    let child = std::process::Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto runs");
+    assert!(crate::support::wait_port(port, PATIENCE), "mosquitto listens on {port}");
+    AuthMosquitto { child, _dir: dir }
+}
+
+#[test]
+fn username_and_password_are_sent_and_a_refusal_is_retried_with_backoff() {
+    let port = free_port();
+    let _broker = mosquitto_with_password(port, "edge", "s3cret");
+    let rt = runtime();
+
+    let mut wrong = settings(port, "auth-wrong", 10, 1000);
+    wrong.username = Some("edge".into());
+    wrong.password = Some("nope".into());
+    let (_, wrong_task, wrong_metrics) = start_hub(&rt, wrong);
+
+    let mut right = settings(port, "auth-right", 10, 1000);
+    right.username = Some("edge".into());
+    right.password = Some("s3cret".into());
+    let (hub, task, metrics) = start_hub(&rt, right);
+    assert!(wait_until(PATIENCE, || metrics.connected.load(Relaxed)), "connects with the right password");
+    assert!(hub.enqueue(result_on("test/auth/results", 1)));
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == 1));
+
+    assert!(wait_until(PATIENCE, || wrong_metrics.connection_attempts.load(Relaxed) >= 3), "refusals are retried");
+    assert!(!wrong_metrics.connected.load(Relaxed));
+    rt.block_on(async {
+        tokio::join!(task.shutdown(Duration::from_secs(1)), wrong_task.shutdown(Duration::from_millis(200)));
+    });
+}

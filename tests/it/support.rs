@@ -1,0 +1,241 @@
+//! Real parts for the daemon tests: a mosquitto broker on a free port, a
+//! subscriber (rumqttc's blocking client) that collects messages, and the
+//! `edgeinfer` binary running a config written into a temp dir.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Waits until something accepts TCP connections on the port.
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A mosquitto process, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto on `port` (anonymous access, loopback only).
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (apt-get install -y mosquitto)");
+        assert!(wait_port(port, Duration::from_secs(10)), "mosquitto did not start on {port}");
+        Mosquitto { child, port, _dir: dir }
+    }
+
+    /// Starts mosquitto on a free port.
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+/// One received message.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    /// Topic.
+    pub topic: String,
+    /// Payload as text.
+    pub payload: String,
+    /// Retain flag as delivered.
+    pub retain: bool,
+}
+
+impl Msg {
+    /// The payload parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.topic, self.payload))
+    }
+}
+
+/// A real MQTT subscriber collecting messages in a background thread.
+pub struct Subscriber {
+    rx: Receiver<Msg>,
+    /// Everything received so far, in order.
+    pub seen: Vec<Msg>,
+    client: rumqttc::Client,
+}
+
+impl Subscriber {
+    /// Connects to `port` and subscribes to `filter` (QoS 1), waiting for the SUBACK.
+    pub fn connect(port: u16, filter: &str) -> Subscriber {
+        let id = format!("test-sub-{}", fastrand::u64(..));
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(4 << 20, 4 << 20);
+        let (client, mut connection) = rumqttc::Client::new(opts, 256);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let (tx, rx) = channel();
+        let (ready_tx, ready_rx) = channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let msg = Msg {
+                            topic: p.topic.clone(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            retain: p.retain,
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
+        Subscriber { rx, seen: Vec::new(), client }
+    }
+
+    /// Waits until `pred` holds for a message received after the call (or any seen before), returning it.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
+        if let Some(m) = self.seen.iter().find(|m| pred(m)) {
+            return Some(m.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(m) => {
+                    self.seen.push(m.clone());
+                    if pred(&m) {
+                        return Some(m);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        None
+    }
+
+    /// Collects messages on topics matching `pred` until `n` arrived or the timeout passed.
+    pub fn collect(&mut self, n: usize, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Vec<Msg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<Msg> = self.seen.iter().filter(|m| pred(m)).cloned().collect();
+            if got.len() >= n {
+                return got;
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return got };
+            match self.rx.recv_timeout(left) {
+                Ok(m) => self.seen.push(m),
+                Err(_) => return self.seen.iter().filter(|m| pred(m)).cloned().collect(),
+            }
+        }
+    }
+
+    /// Publishes a message (as a test publisher).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).unwrap();
+    }
+}
+
+/// A running `edgeinfer run`, killed on drop.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its temp dir (config, outputs).
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Writes `config` (with `{models}` replaced by the models directory) and starts the daemon.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgeinfer.toml");
+        let text = config.replace("{models}", crate::root().join("models").to_str().unwrap());
+        std::fs::File::create(&path).and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+            .arg("run")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, dir }
+    }
+
+    /// Sends a signal (via the `kill` command).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code (None: still running or killed by a signal).
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
