@@ -589,6 +589,9 @@ impl OutputConfig {
     }
 }
 
+/// Most inputs a pipeline queue may hold.
+pub const MAX_QUEUE: usize = 1_000_000;
+
 /// Reads the host name for the default device id.
 fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -661,6 +664,18 @@ impl Config {
             return Err(bad("pipelines".into(), "at least one [[pipelines]] table is needed".into()));
         }
         let mut names = std::collections::HashSet::new();
+        let mut file_paths = std::collections::HashSet::new();
+        for (key, topic) in
+            [("mqtt.status_topic", &self.mqtt.status_topic), ("mqtt.health_topic", &self.mqtt.health_topic)]
+        {
+            let rendered = topic.replace("{device}", &device);
+            if rendered.contains(['{', '}']) || !crate::sink::mqtt::valid_topic(&rendered) {
+                return Err(bad(
+                    key.into(),
+                    format!("`{topic}` is not a valid topic (placeholder: {{device}}; no `+` or `#`)"),
+                ));
+            }
+        }
         for ix in 0..self.pipelines.len() {
             let key = |k: &str| format!("pipelines[{ix}].{k}");
             let p = &self.pipelines[ix];
@@ -680,10 +695,15 @@ impl Config {
                     return Err(bad(key("labels"), format!("{} does not exist", l.display())));
                 }
             }
-            if p.queue == Some(0) {
-                return Err(bad(key("queue"), "must be at least 1".into()));
+            if p.queue.is_some_and(|q| q == 0 || q > MAX_QUEUE) {
+                return Err(bad(key("queue"), format!("must be 1..={MAX_QUEUE}")));
             }
             validate_source(&p.source).map_err(|(k, r)| bad(key(&format!("source.{k}")), r))?;
+            if let Some(PostprocessConfig::Anomaly { threshold, .. }) = &p.postprocess {
+                if !threshold.is_finite() {
+                    return Err(bad(key("postprocess.threshold"), "must be a finite number".into()));
+                }
+            }
             if let Some(PostprocessConfig::Anomaly { score: AnomalyScore::NotClass, normal_class: None, .. }) =
                 &p.postprocess
             {
@@ -718,8 +738,20 @@ impl Config {
                 if o.debounce == 0 {
                     return Err(bad(okey("debounce"), "must be at least 1".into()));
                 }
-                if o.hysteresis < 0.0 {
-                    return Err(bad(okey("hysteresis"), "must not be negative".into()));
+                if !(o.hysteresis >= 0.0 && o.hysteresis.is_finite()) {
+                    return Err(bad(okey("hysteresis"), "must be a finite number >= 0".into()));
+                }
+                if o.threshold.is_some_and(|t| !t.is_finite()) {
+                    return Err(bad(okey("threshold"), "must be a finite number".into()));
+                }
+                if o.kind == OutputKind::File {
+                    let path = self.base_dir.join(o.path.as_deref().unwrap_or(Path::new("")));
+                    if !file_paths.insert(path.clone()) {
+                        return Err(bad(
+                            okey("path"),
+                            format!("{} is already written by another file output", path.display()),
+                        ));
+                    }
                 }
                 if o.when == When::Threshold
                     && o.threshold.is_none()
@@ -799,8 +831,8 @@ fn validate_source(s: &SourceConfig) -> Result<(), (String, String)> {
             }
         }
         SourceConfig::Files { rate_hz, path, .. } => {
-            if *rate_hz < 0.0 {
-                return err("rate_hz", "must not be negative");
+            if !(*rate_hz == 0.0 || positive(*rate_hz)) {
+                return err("rate_hz", "must be a finite number >= 0");
             }
             if path.is_empty() {
                 return err("path", "must not be empty");
@@ -812,8 +844,11 @@ fn validate_source(s: &SourceConfig) -> Result<(), (String, String)> {
             }
         }
         SourceConfig::Mqtt { topic, qos, .. } => {
-            if topic.is_empty() {
-                return err("topic", "must not be empty");
+            if !crate::sink::mqtt::valid_filter(topic) {
+                return err(
+                    "topic",
+                    "not a valid MQTT topic filter (`+` and `#` must fill a whole level; `#` only last)",
+                );
             }
             if *qos > 2 {
                 return err("qos", "must be 0, 1 or 2");
@@ -833,13 +868,24 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
         }
     })?;
     let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.to_string(), p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?)
+    if rest.contains('@') {
+        return Err("credentials do not belong in the URL: use mqtt.username and password_env / password_file".into());
+    }
+    let port_of = |p: &str| p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"));
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        // [::1] or [::1]:1884
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h.to_string(), port_of(p)?),
+            None if after.is_empty() => (h.to_string(), 1883),
+            None => return Err(format!("`{url}` is not an mqtt://host:port URL")),
         }
-        _ => (rest.to_string(), 1883),
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), port_of(p)?),
+            None => (rest.to_string(), 1883),
+        }
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
     if host.is_empty() || host.contains('/') {
         return Err(format!("`{url}` has no valid host"));
     }
@@ -898,5 +944,8 @@ source = { type = "synthetic", signal = "sine" }
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://h:notaport").is_err());
         assert!(parse_mqtt_url("mqtts://h:8883").unwrap_err().contains("TLS"));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]").unwrap(), ("::1".into(), 1883));
+        assert_eq!(parse_mqtt_url("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
+        assert!(parse_mqtt_url("mqtt://user:pw@host:1883").unwrap_err().contains("credentials"));
     }
 }

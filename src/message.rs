@@ -114,7 +114,7 @@ impl InputQueue {
     pub fn new(capacity: usize, overflow: Overflow) -> Arc<Self> {
         let capacity = capacity.max(1);
         Arc::new(InputQueue {
-            state: Mutex::new(QueueState { items: VecDeque::with_capacity(capacity), closed: false }),
+            state: Mutex::new(QueueState { items: VecDeque::new(), closed: false }),
             changed: Condvar::new(),
             capacity,
             overflow,

@@ -18,7 +18,8 @@ pub fn epoch_ms(t: SystemTime) -> u64 {
 
 /// RFC 3339 with microseconds, UTC (precise enough to measure latency on one host).
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
+    // humantime refuses times before 1970 (a board whose clock was never set).
+    humantime::format_rfc3339_micros(t.max(UNIX_EPOCH)).to_string()
 }
 
 /// The result payload, stamped with the time it is published.

@@ -62,25 +62,36 @@ pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
         .map_err(|e| anyhow!("{}: {e}", ctx("preprocess")))?;
     let post = Postprocessor::new(p.postprocess.as_ref(), model.outputs(), labels.clone())
         .map_err(|e| anyhow!("{}: {e}", ctx("postprocess")))?;
+    let classify = matches!(post.kind_name(), "classify");
+    let scored = classify || post.anomaly_threshold().is_some();
     for (ix, o) in p.outputs.iter().enumerate() {
+        let key = ctx(&format!("outputs[{ix}]"));
         if let Some(class) = &o.class {
+            if o.when != When::Threshold {
+                return Err(anyhow!("{key}: `class` only applies to when = \"threshold\""));
+            }
+            if !classify {
+                return Err(anyhow!("{key}: `class` needs a classify postprocess (this one is {})", post.kind_name()));
+            }
             if post.label_index(class).is_none() {
-                return Err(anyhow!(
-                    "{}: class `{class}` is not among the labels {labels:?}",
-                    ctx(&format!("outputs[{ix}]"))
-                ));
+                return Err(anyhow!("{key}: class `{class}` is not among the labels {labels:?}"));
             }
         }
-        if o.when == When::OnChange
-            && labels.is_empty()
-            && !matches!(p.postprocess, Some(crate::config::PostprocessConfig::Classify { .. }))
-        {
+        if o.when == When::OnChange && !classify {
             return Err(anyhow!(
-                "{}: when = \"on_change\" needs a classifier (labels or a classify postprocess)",
-                ctx(&format!("outputs[{ix}]"))
+                "{key}: when = \"on_change\" needs a classify postprocess (this one is {})",
+                post.kind_name()
+            ));
+        }
+        if o.when == When::Threshold && !scored {
+            return Err(anyhow!(
+                "{key}: when = \"threshold\" needs a classify or anomaly postprocess (this one is {})",
+                post.kind_name()
             ));
         }
     }
+    // A session is what each worker makes first; fail at start-up, not in the worker.
+    model.session().with_context(|| ctx("model"))?;
     Ok(Prepared { cfg: p.clone(), model: Arc::new(model), pre, post, labels })
 }
 
@@ -144,7 +155,6 @@ struct Worker {
     queue: Arc<InputQueue>,
     outputs: Vec<Output>,
     metrics: Arc<PipelineMetrics>,
-    stop: Arc<AtomicBool>,
     device: Arc<str>,
 }
 
@@ -156,7 +166,7 @@ fn warn_limited(count: u64, pipeline: &str, what: &str) {
 
 impl Worker {
     fn run(mut self) {
-        let Worker { prepared, queue, outputs, metrics, stop, device } = &mut self;
+        let Worker { prepared, queue, outputs, metrics, device } = &mut self;
         let mut session = match prepared.model.session() {
             Ok(s) => s,
             Err(e) => {
@@ -170,10 +180,9 @@ impl Worker {
         let mut buf = prepared.pre.buffer();
         let mut results = Vec::new();
         let mut seq: u64 = 0;
+        // After shutdown closes the queue, what it still holds is processed (bounded
+        // by the drain deadline): inputs already accepted are not silently lost.
         while let Some(input) = queue.pop() {
-            if stop.load(Relaxed) {
-                break;
-            }
             let captured = input.captured();
             let origin = input.origin().map(str::to_string);
             let mut mark = Instant::now();
@@ -322,41 +331,12 @@ async fn run_async(
     password: Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (host, port) = match &cfg.mqtt.url {
-        Some(url) => crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?,
-        None => {
-            let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
-            match crate::broker::start(addr) {
-                Ok(()) => log::info!(
-                    "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
-                    addr.ip(),
-                    addr.port()
-                ),
-                // Another broker (often a system mosquitto) already serves that address:
-                // subscribers there expect our results, so publish to it rather than fail.
-                Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
-                    log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
-                }
-                Err(e) => return Err(e.into()),
-            }
-            (addr.ip().to_string(), addr.port())
-        }
-    };
-    let fill = |t: &str| t.replace("{device}", &device);
-    let settings = MqttSettings {
-        host,
-        port,
-        client_id: fill(&cfg.mqtt.client_id),
-        keep_alive: Duration::from_secs(cfg.mqtt.keep_alive_s),
-        username: cfg.mqtt.username.clone(),
-        password,
-        buffer: cfg.mqtt.buffer,
-        reconnect_min: Duration::from_millis(cfg.mqtt.reconnect_min_ms),
-        reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
-        status_topic: fill(&cfg.mqtt.status_topic),
-    };
+    // No broker URL and nothing that publishes or subscribes: no broker, no client
+    // (health then goes to the log only).
+    let wants_mqtt = cfg.mqtt.url.is_some() || cfg.uses_mqtt();
     let mqtt_metrics = Arc::new(MqttMetrics::default());
-    let (hub, hub_task) = crate::sink::mqtt::start(settings, mqtt_metrics.clone());
+    let mqtt = if wants_mqtt { Some(connect_mqtt(&cfg, &device, password, mqtt_metrics.clone()).await?) } else { None };
+    let hub = mqtt.as_ref().map(|(h, _)| h.clone());
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -388,9 +368,12 @@ async fn run_async(
         let mut outputs = Vec::new();
         for o in &p.outputs {
             let sink: Box<dyn Sink> = match o.kind {
-                OutputKind::Mqtt => {
-                    Box::new(MqttSink { hub: hub.clone(), topic: o.topic.clone(), qos: o.qos, retain: o.retain })
-                }
+                OutputKind::Mqtt => Box::new(MqttSink {
+                    hub: hub.clone().context("no MQTT connection")?,
+                    topic: o.topic.clone(),
+                    qos: o.qos,
+                    retain: o.retain,
+                }),
                 OutputKind::Stdout => {
                     let shared = match &stdout_sink {
                         Some(s) => s.clone(),
@@ -423,15 +406,9 @@ async fn run_async(
             stop: stop.clone(),
             base_dir: cfg.base_dir.clone(),
         };
-        crate::source::spawn(p.source.clone(), source_ctx, Some(hub.clone()))?;
-        let worker = Worker {
-            prepared: prep,
-            queue: queue.clone(),
-            outputs,
-            metrics: metrics.clone(),
-            stop: stop.clone(),
-            device: device.clone(),
-        };
+        crate::source::spawn(p.source.clone(), source_ctx, hub.clone())?;
+        let worker =
+            Worker { prepared: prep, queue: queue.clone(), outputs, metrics: metrics.clone(), device: device.clone() };
         let done = done_tx.clone();
         let name = p.name.clone();
         // Big enough for the window ring buffer's construction.
@@ -484,8 +461,10 @@ async fn run_async(
         t.abort();
     }
     // Final health, so subscribers see the last figures.
-    publish_health(&device, started, &hub, &mqtt_metrics, &all_metrics, &cfg);
-    hub_task.shutdown(deadline).await;
+    publish_health(&device, started, hub.as_ref(), &mqtt_metrics, &all_metrics, &cfg);
+    if let Some((_, task)) = mqtt {
+        task.shutdown(deadline).await;
+    }
     // Stdout/file sinks end once every worker (holding the senders) is gone.
     let flushed = tokio::task::spawn_blocking(move || {
         for t in line_threads {
@@ -495,6 +474,51 @@ async fn run_async(
     let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
     log::info!("stopped");
     Ok(())
+}
+
+/// Starts the embedded broker when no URL is configured, then the MQTT client.
+async fn connect_mqtt(
+    cfg: &Config,
+    device: &str,
+    password: Option<String>,
+    metrics: Arc<MqttMetrics>,
+) -> anyhow::Result<(MqttHandle, crate::sink::mqtt::MqttTask)> {
+    let (host, port) = match &cfg.mqtt.url {
+        Some(url) => crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?,
+        None => {
+            let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
+            // Waits for the port: keep it off the async workers.
+            let started = tokio::task::spawn_blocking(move || crate::broker::start(addr)).await?;
+            match started {
+                Ok(()) => log::info!(
+                    "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
+                    addr.ip(),
+                    addr.port()
+                ),
+                // Another broker (often a system mosquitto) already serves that address:
+                // subscribers there expect our results, so publish to it rather than fail.
+                Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
+                    log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            (addr.ip().to_string(), addr.port())
+        }
+    };
+    let fill = |t: &str| t.replace("{device}", device);
+    let settings = MqttSettings {
+        host,
+        port,
+        client_id: fill(&cfg.mqtt.client_id),
+        keep_alive: Duration::from_secs(cfg.mqtt.keep_alive_s),
+        username: cfg.mqtt.username.clone(),
+        password,
+        buffer: cfg.mqtt.buffer,
+        reconnect_min: Duration::from_millis(cfg.mqtt.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
+        status_topic: fill(&cfg.mqtt.status_topic),
+    };
+    Ok(crate::sink::mqtt::start(settings, metrics))
 }
 
 struct SharedSink(Arc<crate::sink::stdout::LineSink>);
@@ -508,7 +532,7 @@ impl Sink for SharedSink {
 fn publish_health(
     device: &str,
     started: Instant,
-    hub: &MqttHandle,
+    hub: Option<&MqttHandle>,
     mqtt: &MqttMetrics,
     pipelines: &[Arc<PipelineMetrics>],
     cfg: &Config,
@@ -516,6 +540,7 @@ fn publish_health(
     let h = health_json(device, started, mqtt, pipelines);
     log::info!("{}", health_log_line(&h));
     let topic = cfg.mqtt.health_topic.replace("{device}", device);
+    let Some(hub) = hub else { return };
     hub.enqueue(OutMessage {
         topic,
         body: Body::Raw(serde_json::to_vec(&h).unwrap_or_default()),
@@ -528,7 +553,7 @@ fn spawn_health(
     cfg: &Config,
     device: Arc<str>,
     started: Instant,
-    hub: MqttHandle,
+    hub: Option<MqttHandle>,
     mqtt: Arc<MqttMetrics>,
     pipelines: Vec<Arc<PipelineMetrics>>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -541,7 +566,7 @@ fn spawn_health(
         tick.tick().await;
         loop {
             tick.tick().await;
-            publish_health(&device, started, &hub, &mqtt, &pipelines, &cfg);
+            publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg);
         }
     }))
 }

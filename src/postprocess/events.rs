@@ -48,6 +48,9 @@ impl EventFilter {
             When::Every => Decision::Publish(None),
             When::OnChange => {
                 let Some(top) = body.classes.as_ref().and_then(|c| c.first()).map(|c| c.label.clone()) else {
+                    // No class (all below min_score) breaks a run of agreeing results.
+                    self.candidate = None;
+                    self.streak = 0;
                     return Decision::Skip;
                 };
                 if self.current.as_deref() == Some(top.as_str()) {
@@ -70,7 +73,10 @@ impl EventFilter {
                 Decision::Publish(Some(Event::Change { from, to: top }))
             }
             When::Threshold => {
-                let Some(score) = score else { return Decision::Skip };
+                let Some(score) = score else {
+                    self.streak = 0;
+                    return Decision::Skip;
+                };
                 let crossing =
                     if self.active { score < self.threshold - self.hysteresis } else { score >= self.threshold };
                 if !crossing {

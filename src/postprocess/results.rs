@@ -97,6 +97,15 @@ impl Postprocessor {
         Ok(Postprocessor { kind, output, labels })
     }
 
+    /// `classify`, `values` or `anomaly`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Classify { .. } => "classify",
+            Kind::Values => "values",
+            Kind::Anomaly { .. } => "anomaly",
+        }
+    }
+
     /// Index of a label, for per-class thresholds.
     pub fn label_index(&self, label: &str) -> Option<usize> {
         self.labels.iter().position(|l| l == label)

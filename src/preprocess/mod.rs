@@ -157,8 +157,23 @@ pub fn fit_image(img: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> (RgbImage,
 
 /// Decodes image bytes (JPEG or PNG) into RGB.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, PreprocessError> {
-    image::load_from_memory(bytes).map(|i| i.to_rgb8()).map_err(|e| PreprocessError::Decode(e.to_string()))
+    // Inputs come from outside (files, MQTT): bound what one image may cost, so a
+    // crafted header cannot make a small board allocate gigabytes.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Decode(e.to_string()))?;
+    reader.limits(limits);
+    reader.decode().map(|i| i.to_rgb8()).map_err(|e| PreprocessError::Decode(e.to_string()))
 }
+
+/// Largest accepted image width or height.
+pub const MAX_IMAGE_SIDE: u32 = 8192;
+/// Most memory one decoded image may take.
+pub const MAX_IMAGE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// Turns an RGB image into the tensor `spec` describes.
 pub fn image_to_tensor(

@@ -10,6 +10,9 @@ use crate::tensor::{Data, ElemType, Tensor};
 use super::window::{Windower, MAX_CHANNELS};
 use super::{array_to_tensor, image_geometry, image_to_tensor, to_elem_type, ImagePrep};
 
+/// Most distinct publishers (topics) one windowed pipeline keeps apart.
+pub const MAX_ORIGINS: usize = 32;
+
 struct Tabular {
     features: Option<Vec<String>>,
     mean: Vec<f32>,
@@ -21,6 +24,9 @@ pub struct Preprocessor {
     spec: TensorSpec,
     image: ImagePrep,
     window: Option<Windower>,
+    /// MQTT sources with wildcards mix publishers: one window per origin topic.
+    per_origin: bool,
+    origin_windows: Vec<(String, Windower)>,
     tabular: Option<Tabular>,
     scratch: Vec<f32>,
 }
@@ -84,6 +90,8 @@ impl Preprocessor {
             spec: spec.clone(),
             image: ImagePrep::default(),
             window: None,
+            per_origin: matches!(source, SourceConfig::Mqtt { .. }),
+            origin_windows: Vec::new(),
             tabular: None,
             scratch: Vec::new(),
         };
@@ -204,7 +212,26 @@ impl Preprocessor {
                 ready(&t);
             }
             Input::Values(v) => {
-                if let Some(w) = self.window.as_mut() {
+                let window = match (self.per_origin, self.window.as_mut()) {
+                    (true, Some(template)) => {
+                        let key = v.origin.as_deref().unwrap_or("");
+                        let ix = match self.origin_windows.iter().position(|(k, _)| k == key) {
+                            Some(ix) => ix,
+                            None if self.origin_windows.len() < MAX_ORIGINS => {
+                                self.origin_windows.push((key.to_string(), template.fresh()));
+                                self.origin_windows.len() - 1
+                            }
+                            None => {
+                                return Err(format!(
+                                    "more than {MAX_ORIGINS} topics feed this pipeline's windows; `{key}` ignored"
+                                ))
+                            }
+                        };
+                        Some(&mut self.origin_windows[ix].1)
+                    }
+                    (_, w) => w,
+                };
+                if let Some(w) = window {
                     let c = w.channels();
                     if v.values.is_empty() || v.values.len() % c != 0 {
                         return Err(format!("{} values do not make whole samples of {c} channels", v.values.len()));
@@ -302,6 +329,29 @@ mod tests {
         assert!(
             p.feed(&values(vec![1.0, 2.0, 3.0], None), &mut buf, |_| {}).is_err(),
             "3 values are not whole samples"
+        );
+    }
+
+    #[test]
+    fn mqtt_publishers_get_windows_of_their_own() {
+        let mqtt: SourceConfig = toml::from_str("type = \"mqtt\"\ntopic = \"s/+/a\"\nformat = \"json\"").unwrap();
+        let mut p = Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 1, 2]), &mqtt).unwrap();
+        let mut buf = p.buffer();
+        let from = |topic: &str, x: f32| {
+            Input::Values(Values {
+                values: vec![x],
+                names: None,
+                captured: SystemTime::now(),
+                origin: Some(topic.into()),
+            })
+        };
+        let mut got = Vec::new();
+        for input in [from("s/a/a", 1.0), from("s/b/a", 100.0), from("s/a/a", 2.0), from("s/b/a", 200.0)] {
+            p.feed(&input, &mut buf, |t| got.push(t.clone())).unwrap();
+        }
+        assert_eq!(
+            got.iter().map(|t| t.data.clone()).collect::<Vec<_>>(),
+            [Data::F32(vec![1.0, 2.0]), Data::F32(vec![100.0, 200.0])]
         );
     }
 

@@ -80,6 +80,11 @@ impl Windower {
         })
     }
 
+    /// An empty windower with the same settings (for another sample stream).
+    pub fn fresh(&self) -> Windower {
+        Windower { ring: Box::new(HistoryBuf::new()), since_last: 0, samples: 0, ..*self }
+    }
+
     /// Values per sample.
     pub fn channels(&self) -> usize {
         self.channels

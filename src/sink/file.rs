@@ -35,7 +35,9 @@ impl RotatingFile {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.file = None;
+        if let Some(f) = self.file.as_mut() {
+            f.flush()?;
+        }
         if self.keep == 0 {
             std::fs::remove_file(&self.path).ok();
         } else {
@@ -48,6 +50,7 @@ impl RotatingFile {
             }
             std::fs::rename(&self.path, self.rotated(1))?;
         }
+        // Until this succeeds the old handle (now the rotated file) keeps taking lines.
         self.file = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
         self.size = 0;
         Ok(())

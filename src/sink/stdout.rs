@@ -30,14 +30,19 @@ impl LineSink {
         open: impl FnOnce() -> Box<dyn Write + Send> + Send + 'static,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = sync_channel::<Item>(1024);
+        let thread_name = name.to_string();
         let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
             let mut out = open();
+            let mut failures: u64 = 0;
             for (msg, event) in rx {
                 let mut line = crate::payload::result_bytes(&msg, event.as_ref(), SystemTime::now());
                 line.push(b'\n');
-                if out.write_all(&line).and_then(|_| out.flush()).is_err() {
-                    // stdout closed (e.g. `| head`): nothing more can be written; keep draining.
-                    continue;
+                if let Err(e) = out.write_all(&line).and_then(|_| out.flush()) {
+                    // Disk full, stdout closed: the result is lost; say so, rate-limited, and go on.
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        log::warn!("{thread_name}: cannot write a result ({e}); {failures} lost so far");
+                    }
                 }
             }
             log::debug!("output thread ended");

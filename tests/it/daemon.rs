@@ -58,8 +58,10 @@ postprocess = {{ type = "classify", top_k = 3 }}
         .args(&files)
         .output()
         .unwrap();
+    assert!(infer.status.success(), "{}", String::from_utf8_lossy(&infer.stderr));
     let expected: Vec<serde_json::Value> =
         String::from_utf8_lossy(&infer.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(expected.len(), 4);
     for (i, (msg, want)) in results.iter().zip(&expected).enumerate() {
         let v = msg.json();
         assert_eq!(v["schema"], "edgeinfer/result/v1");
@@ -396,6 +398,15 @@ fn bad_config_exits_non_zero_naming_the_key() {
             "mqtt.url",
         ),
         ("[[pipelines]]\nname = \"p\"\nmodel = \"missing.onnx\"\nsource = { type = \"lines\" }\n", "pipelines[0].model"),
+        (
+            &format!("[[pipelines]]\nname = \"p\"\nmodel = \"{}/vibration_int8.onnx\"\nsource = {{ type = \"mqtt\", topic = \"a/#/b\", format = \"json\" }}\n", models.display()),
+            "pipelines[0].source.topic",
+        ),
+        (
+            // an on_change output can never fire without class scores: refused, naming the output
+            &format!("[[pipelines]]\nname = \"p\"\nmodel = \"{}/vibration_int8.onnx\"\nsource = {{ type = \"lines\" }}\npostprocess = {{ type = \"values\" }}\n[[pipelines.outputs]]\ntype = \"stdout\"\nwhen = \"on_change\"\n", models.display()),
+            "outputs[0]",
+        ),
     ] {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
