@@ -135,15 +135,6 @@ fn read_password(cfg: &Config) -> anyhow::Result<Option<String>> {
     Ok(None)
 }
 
-/// Resident memory now, in KiB.
-pub fn rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 struct Output {
     sink: Box<dyn Sink>,
     filter: EventFilter,
@@ -272,7 +263,7 @@ fn health_json(
         "time": crate::payload::rfc3339(now),
         "time_ms": crate::payload::epoch_ms(now),
         "uptime_s": started.elapsed().as_secs_f64(),
-        "rss_kb": rss_kb(),
+        "rss_kb": crate::cmd::rss_kb(),
         "version": env!("CARGO_PKG_VERSION"),
         "mqtt": mqtt.health(),
         "pipelines": per,

@@ -190,21 +190,11 @@ fn load(path: &Path) -> Result<Input, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     use super::*;
-    use crate::message::{InputQueue, Overflow};
-    use crate::metrics::PipelineMetrics;
 
     fn ctx(base: &Path) -> SourceCtx {
-        SourceCtx {
-            pipeline: "t".into(),
-            queue: InputQueue::new(1000, Overflow::Block),
-            metrics: Arc::new(PipelineMetrics::new("t", "m", 0.0)),
-            stop: Arc::new(AtomicBool::new(false)),
-            base_dir: base.to_path_buf(),
-        }
+        crate::source::test_ctx(base)
     }
 
     fn files(path: &str, rate_hz: f64, repeat: bool) -> SourceConfig {

@@ -594,13 +594,9 @@ fn follow_file(path: &Path, ctx: &SourceCtx, sink: &mut LineSink) -> Result<Sour
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     use std::thread::JoinHandle;
 
     use super::*;
-    use crate::message::{InputQueue, Overflow};
-    use crate::metrics::PipelineMetrics;
 
     fn parsed(values: &[f32], names: Option<&[&str]>) -> Option<ParsedValues> {
         Some(ParsedValues { values: values.to_vec(), names: names.map(|n| n.iter().map(|s| s.to_string()).collect()) })
@@ -663,13 +659,7 @@ mod tests {
     }
 
     fn ctx(base: &Path) -> SourceCtx {
-        SourceCtx {
-            pipeline: "t".into(),
-            queue: InputQueue::new(1000, Overflow::Block),
-            metrics: Arc::new(PipelineMetrics::new("t", "m", 0.0)),
-            stop: Arc::new(AtomicBool::new(false)),
-            base_dir: base.to_path_buf(),
-        }
+        crate::source::test_ctx(base)
     }
 
     fn start(from: &str, format: LineFormat, ctx: &SourceCtx) -> JoinHandle<Result<SourceEnd, SourceError>> {

@@ -90,6 +90,18 @@ impl SourceCtx {
     }
 }
 
+/// A context for source tests: a blocking queue of 1000 and fresh metrics.
+#[cfg(test)]
+pub(crate) fn test_ctx(base: &std::path::Path) -> SourceCtx {
+    SourceCtx {
+        pipeline: "t".into(),
+        queue: InputQueue::new(1000, crate::message::Overflow::Block),
+        metrics: Arc::new(PipelineMetrics::new("t", "m", 0.0)),
+        stop: Arc::new(AtomicBool::new(false)),
+        base_dir: base.to_path_buf(),
+    }
+}
+
 fn run_once(cfg: &SourceConfig, ctx: &SourceCtx, mqtt: Option<&MqttHandle>) -> Result<SourceEnd, SourceError> {
     match cfg {
         SourceConfig::Synthetic { .. } => synthetic::run(cfg, ctx),
