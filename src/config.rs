@@ -171,6 +171,9 @@ pub struct PipelineConfig {
     /// Shape of the model's first input, when it is symbolic.
     #[serde(default)]
     pub input_shape: Option<Vec<usize>>,
+    /// Run a QDQ int8 model on float kernels (faster in tract today; activation rounding is lost).
+    #[serde(default)]
+    pub qdq_as_float: bool,
     /// Items queued between source and model.
     #[serde(default)]
     pub queue: Option<usize>,

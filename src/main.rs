@@ -74,12 +74,15 @@ struct ShapeArgs {
     /// Size of a symbolic leading (batch) dimension.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Run a QDQ int8 model on float kernels: fold activation quantize/dequantize pairs into Clips.
+    #[arg(long)]
+    qdq_as_float: bool,
 }
 
 impl ShapeArgs {
     fn load_options(&self) -> anyhow::Result<LoadOptions> {
         let input_shapes = cmd::parse_input_shapes(&self.input_shape).map_err(anyhow::Error::msg)?;
-        Ok(LoadOptions { input_shapes, batch: Some(self.batch), skip_warmup: false })
+        Ok(LoadOptions { input_shapes, batch: Some(self.batch), skip_warmup: false, qdq_as_float: self.qdq_as_float })
     }
 }
 

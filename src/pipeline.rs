@@ -38,7 +38,7 @@ pub struct Prepared {
 pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
     let ctx = |what: &str| format!("pipeline `{}`: {what}", p.name);
     let model_path = cfg.resolve(&p.model);
-    let mut opts = LoadOptions::default();
+    let mut opts = LoadOptions { qdq_as_float: p.qdq_as_float, ..Default::default() };
     if let Some(shape) = &p.input_shape {
         opts.input_shapes.insert(String::new(), shape.clone());
     }

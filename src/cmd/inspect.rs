@@ -17,6 +17,7 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
             "opset": info.opset,
             "other_opsets": info.other_opsets,
             "quantization": info.quantization,
+            "int8_path": info.int8_path,
             "inputs": model.inputs(),
             "outputs": model.outputs(),
             "op_counts": info.op_counts,
@@ -38,6 +39,7 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
         if others.is_empty() { String::new() } else { format!(" (+ {})", others.join(", ")) }
     )?;
     writeln!(out, "quantization {}", info.quantization)?;
+    writeln!(out, "kernels      {}", info.int8_path)?;
     writeln!(out, "inputs")?;
     for s in model.inputs() {
         writeln!(out, "  {}", describe(s))?;

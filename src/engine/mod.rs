@@ -126,6 +126,8 @@ pub struct LoadOptions {
     pub batch: Option<usize>,
     /// Skip the warm-up inference (for `inspect`).
     pub skip_warmup: bool,
+    /// Run QDQ models on the float path (activation Q/DQ pairs folded into Clips).
+    pub qdq_as_float: bool,
 }
 
 /// Durations of the load stages.
@@ -169,6 +171,8 @@ pub struct ModelInfo {
     pub op_counts: BTreeMap<String, usize>,
     /// "float (not quantized)", "QDQ", "QOperator", "dynamic" or a mix.
     pub quantization: String,
+    /// Which kernels run the model: "float", "integer (as quantized)" or the QDQ float path.
+    pub int8_path: String,
     /// Rewrites applied before tract saw the graph.
     pub rewrites: Vec<String>,
     /// True when the file's `value_info` had to be ignored to load it.
@@ -278,6 +282,24 @@ impl Model {
         let mut report =
             rewrite::expand_qoperators(graph).map_err(|reason| EngineError::Load { path: shown.clone(), reason })?;
         report.tree_labels_fixed = rewrite::fix_binary_tree_labels(graph);
+        // Read before the float path folds the Q/DQ nodes they come from.
+        let in_q: HashMap<String, (f32, i64)> = proto::declared_inputs(graph)
+            .iter()
+            .filter_map(|d| proto::input_qparams(graph, &d.name).map(|q| (d.name.clone(), q)))
+            .collect();
+        let out_q: HashMap<String, (f32, i64)> = graph
+            .output
+            .iter()
+            .filter_map(|o| proto::output_qparams(graph, &o.name).map(|q| (o.name.clone(), q)))
+            .collect();
+        let int8_path = if quantization == "QDQ" && opts.qdq_as_float {
+            let folded = rewrite::fold_qdq_activations(graph).folded;
+            format!("float (QDQ: {folded} activation quantize/dequantize pairs folded into Clip)")
+        } else if quantization == "float (not quantized)" {
+            "float".to_string()
+        } else {
+            "integer (as quantized)".to_string()
+        };
         check_ops(&onnx, graph, &shown)?;
         let pinned = pin_inputs(graph, opts, &shown)?;
         let graph = model_proto.graph.as_ref().expect("checked above");
@@ -287,8 +309,7 @@ impl Model {
                 name: name.clone(),
                 shape: shape.clone(),
                 elem_type: *elem_type,
-                quantization: proto::input_qparams(graph, name)
-                    .map(|(scale, zero_point)| QuantParams { scale, zero_point }),
+                quantization: in_q.get(name).copied().map(|(scale, zero_point)| QuantParams { scale, zero_point }),
             })
             .collect();
         let output_names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
@@ -356,7 +377,7 @@ impl Model {
                     let (zero_point, scale) = q.zp_scale();
                     Some(QuantParams { scale, zero_point: zero_point as i64 })
                 }
-                None => proto::output_qparams(graph, name).map(|(scale, zero_point)| QuantParams { scale, zero_point }),
+                None => out_q.get(name).map(|&(scale, zero_point)| QuantParams { scale, zero_point }),
             };
             outputs.push(TensorSpec { name: name.clone(), shape, elem_type, quantization });
         }
@@ -378,6 +399,7 @@ impl Model {
             other_opsets,
             op_counts,
             quantization,
+            int8_path,
             rewrites: report.lines(),
             value_info_ignored,
             optimized_nodes,

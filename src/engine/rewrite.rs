@@ -267,3 +267,107 @@ pub fn fix_binary_tree_labels(graph: &mut pb::GraphProto) -> usize {
 fn input_or_none(names: &[String], ix: usize) -> Option<String> {
     names.get(ix).filter(|s| !s.is_empty()).cloned()
 }
+
+/// How many QuantizeLinear -> DequantizeLinear activation pairs were folded.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FoldReport {
+    /// Pairs replaced by a Clip.
+    pub folded: usize,
+}
+
+/// The float path for QDQ models: replaces each activation's
+/// QuantizeLinear -> DequantizeLinear pair by the Clip to the quantized range
+/// it implies (the quantizer relies on that saturation for Relu/Relu6), so
+/// tract runs float kernels without re-quantizing every activation. Weights
+/// keep their int8 values (their DequantizeLinear folds to constants at load);
+/// only activation rounding is lost, which the parity tests bound.
+pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> FoldReport {
+    use std::collections::HashMap;
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (ix, n) in graph.node.iter().enumerate() {
+        for i in &n.input {
+            consumers.entry(i.as_str()).or_default().push(ix);
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let zp_type = |name: &str| graph.initializer.iter().find(|t| t.name == name).map(|t| t.data_type);
+    let mut plans: Vec<(usize, Vec<usize>, f32, f32)> = Vec::new();
+    for (qix, q) in graph.node.iter().enumerate() {
+        if q.op_type != "QuantizeLinear" || q.input.len() < 2 || q.output.len() != 1 {
+            continue;
+        }
+        let Some(scale) = super::proto::initializer_f32s(graph, &q.input[1]).filter(|s| s.len() == 1).map(|s| s[0])
+        else {
+            continue;
+        };
+        let zp_name = q.input.get(2).filter(|s| !s.is_empty());
+        let (zp, signed) = match zp_name {
+            Some(name) => match (super::proto::initializer_ints(graph, name), zp_type(name)) {
+                (Some(v), Some(t)) if v.len() == 1 => (v[0], t == pb::tensor_proto::DataType::Int8 as i32),
+                _ => continue,
+            },
+            None => (0, false),
+        };
+        let out = q.output[0].as_str();
+        if outputs.contains(out) {
+            continue;
+        }
+        let Some(users) = consumers.get(out) else { continue };
+        let same_params = users.iter().all(|&u| {
+            let d = &graph.node[u];
+            d.op_type == "DequantizeLinear"
+                && d.input.first().map(|s| s.as_str()) == Some(out)
+                && d.input.get(1) == q.input.get(1)
+                && d.input.get(2).filter(|s| !s.is_empty()) == zp_name
+        });
+        if !same_params || users.is_empty() {
+            continue;
+        }
+        let (qmin, qmax) = if signed { (-128.0, 127.0) } else { (0.0, 255.0) };
+        plans.push((qix, users.clone(), (qmin - zp as f32) * scale, (qmax - zp as f32) * scale));
+    }
+    let mut remove = std::collections::HashSet::new();
+    let mut added_nodes = Vec::new();
+    let mut added_inits = Vec::new();
+    for (qix, users, lo, hi) in &plans {
+        let x = graph.node[*qix].input[0].clone();
+        let base = graph.node[*qix].output[0].clone();
+        let (lo_name, hi_name) = (format!("{base}__clip_lo"), format!("{base}__clip_hi"));
+        for (name, v) in [(&lo_name, *lo), (&hi_name, *hi)] {
+            added_inits.push(pb::TensorProto {
+                name: name.clone(),
+                data_type: pb::tensor_proto::DataType::Float as i32,
+                float_data: vec![v],
+                ..Default::default()
+            });
+        }
+        remove.insert(*qix);
+        for &u in users {
+            remove.insert(u);
+            added_nodes.push((
+                u,
+                NodeProto {
+                    input: vec![x.clone(), lo_name.clone(), hi_name.clone()],
+                    output: vec![graph.node[u].output[0].clone()],
+                    name: format!("{}__clip", graph.node[u].name),
+                    op_type: "Clip".into(),
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    // Keep topological order: each Clip takes the place of the DequantizeLinear it replaces.
+    let replacements: HashMap<usize, NodeProto> = added_nodes.into_iter().collect();
+    let old = std::mem::take(&mut graph.node);
+    graph.node = old
+        .into_iter()
+        .enumerate()
+        .filter_map(|(ix, n)| match replacements.get(&ix) {
+            Some(clip) => Some(clip.clone()),
+            None if remove.contains(&ix) => None,
+            None => Some(n),
+        })
+        .collect();
+    graph.initializer.extend(added_inits);
+    FoldReport { folded: plans.len() }
+}
