@@ -376,7 +376,7 @@ async fn run_async(
                             s
                         }
                     };
-                    Box::new(SharedSink(shared))
+                    Box::new(shared)
                 }
                 OutputKind::File => {
                     let path: PathBuf = cfg.resolve(o.path.as_deref().unwrap_or(std::path::Path::new("results.jsonl")));
@@ -512,14 +512,6 @@ async fn connect_mqtt(
     Ok(crate::sink::mqtt::start(settings, metrics))
 }
 
-struct SharedSink(Arc<crate::sink::stdout::LineSink>);
-
-impl Sink for SharedSink {
-    fn offer(&self, msg: &Arc<ResultMsg>, event: Option<&crate::message::Event>) -> bool {
-        self.0.offer(msg, event)
-    }
-}
-
 fn publish_health(
     device: &str,
     started: Instant,
@@ -560,4 +552,38 @@ fn spawn_health(
             publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg);
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mqtt: &str, dir: &std::path::Path) -> Config {
+        let mut c = Config::parse(
+            &format!("{mqtt}\n[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\nsource = {{ type = \"lines\" }}\n"),
+            "c.toml",
+        )
+        .unwrap();
+        c.base_dir = dir.to_path_buf();
+        c
+    }
+
+    #[test]
+    fn password_comes_from_a_file_or_the_environment_and_is_named_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let c = config("[mqtt]\nusername = \"u\"\npassword_file = \"pw\"", dir.path());
+        assert_eq!(read_password(&c).unwrap().as_deref(), Some("s3cret"));
+
+        std::env::set_var("EDGEINFER_TEST_PW_PRESENT", "from-env");
+        let c = config("[mqtt]\npassword_env = \"EDGEINFER_TEST_PW_PRESENT\"", dir.path());
+        assert_eq!(read_password(&c).unwrap().as_deref(), Some("from-env"));
+
+        let c = config("[mqtt]\npassword_env = \"EDGEINFER_TEST_PW_ABSENT\"", dir.path());
+        let e = read_password(&c).unwrap_err().to_string();
+        assert!(e.contains("mqtt.password_env") && e.contains("EDGEINFER_TEST_PW_ABSENT"), "{e}");
+        let c = config("[mqtt]\npassword_file = \"nope\"", dir.path());
+        assert!(read_password(&c).unwrap_err().to_string().contains("mqtt.password_file"));
+        assert_eq!(read_password(&config("", dir.path())).unwrap(), None);
+    }
 }

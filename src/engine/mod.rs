@@ -293,7 +293,7 @@ impl Model {
             .filter_map(|o| proto::output_qparams(graph, &o.name).map(|q| (o.name.clone(), q)))
             .collect();
         let int8_path = if quantization == "QDQ" && opts.qdq_as_float {
-            let folded = rewrite::fold_qdq_activations(graph).folded;
+            let folded = rewrite::fold_qdq_activations(graph);
             format!("float (QDQ: {folded} activation quantize/dequantize pairs folded into Clip)")
         } else if quantization == "float (not quantized)" {
             "float".to_string()

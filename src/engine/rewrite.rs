@@ -268,20 +268,14 @@ fn input_or_none(names: &[String], ix: usize) -> Option<String> {
     names.get(ix).filter(|s| !s.is_empty()).cloned()
 }
 
-/// How many QuantizeLinear -> DequantizeLinear activation pairs were folded.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FoldReport {
-    /// Pairs replaced by a Clip.
-    pub folded: usize,
-}
-
 /// The float path for QDQ models: replaces each activation's
 /// QuantizeLinear -> DequantizeLinear pair by the Clip to the quantized range
 /// it implies (the quantizer relies on that saturation for Relu/Relu6), so
 /// tract runs float kernels without re-quantizing every activation. Weights
 /// keep their int8 values (their DequantizeLinear folds to constants at load);
-/// only activation rounding is lost, which the parity tests bound.
-pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> FoldReport {
+/// only activation rounding is lost, which the parity tests bound. Returns how
+/// many pairs were folded.
+pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     use std::collections::HashMap;
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (ix, n) in graph.node.iter().enumerate() {
@@ -369,5 +363,5 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> FoldReport {
         })
         .collect();
     graph.initializer.extend(added_inits);
-    FoldReport { folded: plans.len() }
+    plans.len()
 }

@@ -122,7 +122,10 @@ impl Postprocessor {
     /// Computes the result. `input` is the model input (for reconstruction scores).
     pub fn apply(&self, outputs: &[Tensor], input: Option<&Tensor>) -> Result<Processed, String> {
         let out = outputs.get(self.output).ok_or("missing output")?;
-        let values: Vec<f32> = out.data.to_f64_vec().into_iter().map(|v| v as f32).collect();
+        let values: Vec<f32> = match &out.data {
+            crate::tensor::Data::F32(v) => v.clone(),
+            other => other.to_f64_vec().into_iter().map(|v| v as f32).collect(),
+        };
         Ok(match &self.kind {
             Kind::Classify { top_k: k, min_score, softmax } => {
                 let mut scores = values;

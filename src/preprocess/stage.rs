@@ -2,7 +2,7 @@
 //! pass-through handling for each input and writes the model input tensor,
 //! reusing one buffer.
 
-use crate::config::{PayloadFormat, PreprocessConfig, Signal, SourceConfig, WindowLayout};
+use crate::config::{PreprocessConfig, SourceConfig, WindowLayout};
 use crate::engine::TensorSpec;
 use crate::message::{Input, Values};
 use crate::tensor::{Data, ElemType, Tensor};
@@ -41,10 +41,9 @@ enum Produces {
 
 fn produces(source: &SourceConfig) -> Produces {
     match source {
-        SourceConfig::Synthetic { signal: Signal::Frames, .. } => Produces::Frames,
-        SourceConfig::Mqtt { format: PayloadFormat::Image, .. } => Produces::Frames,
-        SourceConfig::Synthetic { .. } | SourceConfig::Lines { .. } | SourceConfig::Mqtt { .. } => Produces::Values,
+        s if s.is_frames() => Produces::Frames,
         SourceConfig::Files { .. } => Produces::Unknown,
+        _ => Produces::Values,
     }
 }
 

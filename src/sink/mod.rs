@@ -14,3 +14,10 @@ pub trait Sink: Send + Sync {
     /// Hands over a result without blocking; false when it had to be dropped.
     fn offer(&self, msg: &Arc<ResultMsg>, event: Option<&Event>) -> bool;
 }
+
+/// A sink shared by several pipelines (the one stdout).
+impl<S: Sink + ?Sized> Sink for Arc<S> {
+    fn offer(&self, msg: &Arc<ResultMsg>, event: Option<&Event>) -> bool {
+        (**self).offer(msg, event)
+    }
+}
