@@ -191,6 +191,57 @@ pub struct PipelineConfig {
     /// Where results go (default: one MQTT output with default settings).
     #[serde(default)]
     pub outputs: Vec<OutputConfig>,
+    /// JPEG snapshots of frames with their detections drawn (camera pipelines).
+    #[serde(default)]
+    pub snapshot: Option<SnapshotConfig>,
+}
+
+/// When a snapshot is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotWhen {
+    /// When something was detected.
+    #[default]
+    Detection,
+    /// For any result (still bounded by `min_interval_s`).
+    Every,
+}
+
+/// Snapshot settings (`[pipelines.snapshot]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// MQTT topic; `{device}` and `{pipeline}` are filled in.
+    pub topic: String,
+    /// `detection` or `every`.
+    pub when: SnapshotWhen,
+    /// At most one snapshot per this many seconds.
+    pub min_interval_s: f64,
+    /// JPEG quality, 1 to 100.
+    pub quality: u8,
+    /// Frames wider than this are scaled down first.
+    pub max_width: u32,
+    /// MQTT retain flag (the latest snapshot is what a new subscriber gets).
+    pub retain: bool,
+    /// MQTT QoS.
+    pub qos: u8,
+    /// Also write the latest snapshot to this file (replaced atomically).
+    pub path: Option<PathBuf>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            topic: "edgeinfer/{device}/{pipeline}/snapshot".into(),
+            when: SnapshotWhen::Detection,
+            min_interval_s: 5.0,
+            quality: 80,
+            max_width: 640,
+            retain: true,
+            qos: 0,
+            path: None,
+        }
+    }
 }
 
 /// Synthetic signal shapes.
@@ -348,6 +399,189 @@ pub enum SourceConfig {
         #[serde(default)]
         qos: u8,
     },
+    /// Frames or audio read from a command's stdout (ffmpeg, rpicam-vid, gst-launch, arecord).
+    Pipe {
+        /// Program and arguments, e.g. `["ffmpeg", "-i", "rtsp://cam/1", "-f", "mjpeg", "-"]`.
+        command: Vec<String>,
+        /// What the command writes on stdout.
+        format: StreamFormat,
+        /// Frame width (`rgb24`, `gray8`).
+        #[serde(default)]
+        width: Option<u32>,
+        /// Frame height (`rgb24`, `gray8`).
+        #[serde(default)]
+        height: Option<u32>,
+        /// Samples per second per channel (`s16le`, `f32le`).
+        #[serde(default = "sample_rate_default")]
+        sample_rate: u32,
+        /// Interleaved audio channels (`s16le`, `f32le`).
+        #[serde(default = "one_usize")]
+        channels: usize,
+        /// Audio handed on per push (`s16le`, `f32le`).
+        #[serde(default = "chunk_ms_default")]
+        chunk_ms: u32,
+        /// Frames per second passed on at most (others are dropped and counted).
+        #[serde(default)]
+        max_fps: Option<f64>,
+        /// Start the command again when it exits (false: a clean exit ends the source).
+        #[serde(default = "yes")]
+        restart: bool,
+        /// Kill and restart the command when it writes nothing for this long (0: never).
+        #[serde(default = "stall_default")]
+        stall_timeout_s: f64,
+    },
+    /// A V4L2 camera (`/dev/videoN`).
+    V4l2 {
+        /// Device path.
+        #[serde(default = "video0")]
+        device: String,
+        /// Requested width.
+        #[serde(default = "width_default")]
+        width: u32,
+        /// Requested height.
+        #[serde(default = "height_default")]
+        height: u32,
+        /// Requested capture rate (default: the driver's).
+        #[serde(default)]
+        fps: Option<u32>,
+        /// Pixel format (default: MJPEG if offered, else YUYV).
+        #[serde(default)]
+        pixel_format: Option<PixelFormat>,
+        /// Frames per second passed on at most.
+        #[serde(default)]
+        max_fps: Option<f64>,
+    },
+    /// An HTTP camera: an MJPEG stream or JPEG snapshots.
+    Http {
+        /// `http://host[:port]/path`.
+        url: String,
+        /// `stream` (multipart/x-mixed-replace) or `snapshot` (poll a JPEG).
+        #[serde(default)]
+        mode: HttpMode,
+        /// Time between snapshots.
+        #[serde(default = "interval_ms_default")]
+        interval_ms: u64,
+        /// Connect and read timeout.
+        #[serde(default = "timeout_ms_default")]
+        timeout_ms: u64,
+        /// Frames per second passed on at most.
+        #[serde(default)]
+        max_fps: Option<f64>,
+        /// Basic-auth user name (instead of `user:password@` in the URL).
+        #[serde(default)]
+        username: Option<String>,
+        /// Environment variable holding the basic-auth password.
+        #[serde(default)]
+        password_env: Option<String>,
+        /// File holding the basic-auth password (first line).
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+    },
+    /// A Linux IIO sensor read through sysfs.
+    Iio {
+        /// `iio:device0`, the device's `name` (e.g. `lis3dh`), or a path.
+        device: String,
+        /// Channel names, e.g. `["in_accel_x", "in_accel_y", "in_accel_z"]`.
+        channels: Vec<String>,
+        /// Samples per second.
+        #[serde(default = "default_rate")]
+        rate_hz: f64,
+        /// Where IIO devices are listed.
+        #[serde(default = "iio_root")]
+        root: PathBuf,
+    },
+    /// Lines from a serial port (UART, USB serial: an Arduino printing CSV).
+    Serial {
+        /// Device path, e.g. `/dev/ttyUSB0`.
+        port: String,
+        /// Baud rate.
+        #[serde(default = "baud_default")]
+        baud: u32,
+        /// Line format.
+        #[serde(default = "json_lines")]
+        format: LineFormat,
+    },
+}
+
+/// What a pipe source's command writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamFormat {
+    /// Concatenated JPEG images (`-f mjpeg`, `--codec mjpeg`).
+    Mjpeg,
+    /// Raw RGB frames of `width` x `height`.
+    Rgb24,
+    /// Raw 8-bit grey frames of `width` x `height`.
+    Gray8,
+    /// Signed 16-bit little-endian PCM.
+    S16le,
+    /// 32-bit float little-endian PCM.
+    F32le,
+}
+
+impl StreamFormat {
+    /// True for audio formats.
+    pub fn is_audio(self) -> bool {
+        matches!(self, StreamFormat::S16le | StreamFormat::F32le)
+    }
+}
+
+/// V4L2 pixel formats edgeinfer decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelFormat {
+    /// Motion JPEG.
+    Mjpeg,
+    /// YUV 4:2:2 packed.
+    Yuyv,
+}
+
+/// HTTP camera modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpMode {
+    /// `multipart/x-mixed-replace` MJPEG stream.
+    #[default]
+    Stream,
+    /// Poll a JPEG URL.
+    Snapshot,
+}
+
+fn yes() -> bool {
+    true
+}
+fn stall_default() -> f64 {
+    10.0
+}
+fn sample_rate_default() -> u32 {
+    16_000
+}
+fn one_usize() -> usize {
+    1
+}
+fn chunk_ms_default() -> u32 {
+    100
+}
+fn video0() -> String {
+    "/dev/video0".into()
+}
+fn width_default() -> u32 {
+    640
+}
+fn height_default() -> u32 {
+    480
+}
+fn interval_ms_default() -> u64 {
+    1000
+}
+fn timeout_ms_default() -> u64 {
+    5000
+}
+fn iio_root() -> PathBuf {
+    PathBuf::from("/sys/bus/iio/devices")
+}
+fn baud_default() -> u32 {
+    115_200
 }
 
 impl SourceConfig {
@@ -356,7 +590,19 @@ impl SourceConfig {
         match self {
             SourceConfig::Synthetic { signal, .. } => *signal == Signal::Frames,
             SourceConfig::Mqtt { format, .. } => *format == PayloadFormat::Image,
+            SourceConfig::Pipe { format, .. } => !format.is_audio(),
+            SourceConfig::V4l2 { .. } | SourceConfig::Http { .. } => true,
             _ => false,
+        }
+    }
+
+    /// The `max_fps` limit of a camera source, if set.
+    pub fn max_fps(&self) -> Option<f64> {
+        match self {
+            SourceConfig::Pipe { max_fps, .. }
+            | SourceConfig::V4l2 { max_fps, .. }
+            | SourceConfig::Http { max_fps, .. } => *max_fps,
+            _ => None,
         }
     }
 
@@ -367,6 +613,11 @@ impl SourceConfig {
             SourceConfig::Files { .. } => "files",
             SourceConfig::Lines { .. } => "lines",
             SourceConfig::Mqtt { .. } => "mqtt",
+            SourceConfig::Pipe { .. } => "pipe",
+            SourceConfig::V4l2 { .. } => "v4l2",
+            SourceConfig::Http { .. } => "http",
+            SourceConfig::Iio { .. } => "iio",
+            SourceConfig::Serial { .. } => "serial",
         }
     }
 }
@@ -443,6 +694,8 @@ pub enum PreprocessConfig {
         #[serde(default)]
         std: Option<Vec<f32>>,
     },
+    /// Sliding windows over PCM audio, raw or as log-mel features.
+    Audio(crate::preprocess::audio::AudioConfig),
     /// The input already is the tensor (`.npy` files).
     None,
 }
@@ -503,6 +756,122 @@ pub enum PostprocessConfig {
         #[serde(default)]
         output: Option<String>,
     },
+    /// Object detection: boxes with labels and scores.
+    Detect(DetectConfig),
+}
+
+/// Output layouts of object detectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectFormat {
+    /// One output [1, N, 5+C]: cx, cy, w, h, objectness, class scores.
+    Yolov5,
+    /// One output [1, 4+C, N] (YOLOv8, YOLO11): cx, cy, w, h, class scores.
+    Yolov8,
+    /// Separate boxes [1, N, 4], classes [1, N], scores [1, N] and optional count [1] (TF OD API).
+    Ssd,
+}
+
+/// Order of the four coordinates of an SSD-style box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BoxOrder {
+    /// y1, x1, y2, x2 (TensorFlow).
+    Yxyx,
+    /// x1, y1, x2, y2.
+    Xyxy,
+}
+
+/// Units of box coordinates in the model output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BoxUnits {
+    /// Model-input pixels.
+    Pixels,
+    /// Fractions 0..1 of the model input's width and height.
+    Normalized,
+}
+
+fn quarter() -> f32 {
+    0.25
+}
+fn hundred() -> usize {
+    100
+}
+
+/// Object-detection postprocessing (`type = "detect"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Output layout; guessed from the output shapes (and label count) when absent.
+    #[serde(default)]
+    pub format: Option<DetectFormat>,
+    /// YOLO output in the other axis order: [1, N, 4+C] for yolov8, [1, 5+C, N] for yolov5.
+    #[serde(default)]
+    pub transposed: Option<bool>,
+    /// Confidence below which a detection is dropped.
+    #[serde(default = "quarter")]
+    pub min_score: f32,
+    /// Per-label confidence thresholds that replace `min_score`, e.g. `{ person = 0.6 }`.
+    #[serde(default)]
+    pub class_thresholds: std::collections::BTreeMap<String, f32>,
+    /// Report only these labels (default: every label).
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
+    /// Class-wise non-maximum suppression: a box overlapping a better one of its class by more
+    /// than this IoU is dropped (default 0.45 for YOLO; SSD outputs are suppressed by the model).
+    #[serde(default)]
+    pub iou_threshold: Option<f32>,
+    /// Most detections reported per result, best first.
+    #[serde(default = "hundred")]
+    pub max_detections: usize,
+    /// Box units in the output (default: pixels for YOLO, normalized for SSD).
+    #[serde(default)]
+    pub box_units: Option<BoxUnits>,
+    /// SSD box coordinate order (default yxyx).
+    #[serde(default)]
+    pub box_order: Option<BoxOrder>,
+    /// SSD: added to the class id to index the labels (-1 when ids start at 1 and line 1 is class 1).
+    #[serde(default)]
+    pub class_offset: i64,
+    /// YOLO: the output to decode (default: the only 3-D output).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// SSD: name of the boxes output (default: found by name or shape).
+    #[serde(default)]
+    pub boxes_output: Option<String>,
+    /// SSD: name of the classes output.
+    #[serde(default)]
+    pub classes_output: Option<String>,
+    /// SSD: name of the scores output.
+    #[serde(default)]
+    pub scores_output: Option<String>,
+    /// SSD: name of the detection count output (optional).
+    #[serde(default)]
+    pub count_output: Option<String>,
+}
+
+impl DetectConfig {
+    /// Checks value ranges; the error is (key, reason).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let unit = |x: f32| (0.0..=1.0).contains(&x);
+        if !unit(self.min_score) {
+            return Err(("min_score".into(), format!("{} is not in 0..=1", self.min_score)));
+        }
+        if let Some((label, t)) = self.class_thresholds.iter().find(|(_, t)| !unit(**t)) {
+            return Err((format!("class_thresholds.{label}"), format!("{t} is not in 0..=1")));
+        }
+        if self.iou_threshold.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+            return Err(("iou_threshold".into(), "must be in (0, 1] (1 keeps every box)".into()));
+        }
+        if self.max_detections == 0 {
+            return Err(("max_detections".into(), "must be at least 1".into()));
+        }
+        if self.classes.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(("classes".into(), "an empty list would report nothing; leave it out for every label".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Output kinds.
@@ -616,7 +985,11 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Read { path: shown.clone(), reason: e.to_string() })?;
         let mut cfg = Config::parse(&text, &shown)?;
-        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // `edgeinfer run app.toml` has an empty parent: that is the current directory.
+        cfg.base_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         cfg.validate(&shown)?;
         Ok(cfg)
     }
@@ -712,6 +1085,13 @@ impl Config {
             {
                 return Err(bad(key("postprocess.normal_class"), "needed when score = \"not_class\"".into()));
             }
+            if let Some(PostprocessConfig::Detect(d)) = &p.postprocess {
+                d.validate().map_err(|(k, r)| bad(key(&format!("postprocess.{k}")), r))?;
+            }
+            if let PreprocessConfig::Audio(a) = &p.preprocess {
+                crate::preprocess::audio::AudioPlan::resolve(a, &p.source)
+                    .map_err(|e| bad(key(&format!("preprocess.{}", e.key)), e.reason))?;
+            }
             if let PreprocessConfig::Window { window, hop, .. } = &p.preprocess {
                 if window.is_some_and(|w| w == 0 || w > crate::preprocess::window::MAX_WINDOW) {
                     return Err(bad(
@@ -721,6 +1101,31 @@ impl Config {
                 }
                 if hop.is_some_and(|h| h == 0) {
                     return Err(bad(key("preprocess.hop"), "must be at least 1".into()));
+                }
+            }
+            if let Some(snap) = &p.snapshot {
+                let skey = |k: &str| key(&format!("snapshot.{k}"));
+                if !(p.source.is_frames() || matches!(p.source, SourceConfig::Files { .. })) {
+                    return Err(bad(
+                        key("snapshot"),
+                        format!("needs a camera source (this one is {})", p.source.kind()),
+                    ));
+                }
+                if !(snap.min_interval_s >= 0.0 && snap.min_interval_s.is_finite()) {
+                    return Err(bad(skey("min_interval_s"), "must be a finite number >= 0".into()));
+                }
+                if !(1..=100).contains(&snap.quality) {
+                    return Err(bad(skey("quality"), "must be 1..=100".into()));
+                }
+                if !(16..=8192).contains(&snap.max_width) {
+                    return Err(bad(skey("max_width"), "must be 16..=8192".into()));
+                }
+                if snap.qos > 2 {
+                    return Err(bad(skey("qos"), format!("{} is not 0, 1 or 2", snap.qos)));
+                }
+                let topic = snap.topic.replace("{device}", "d").replace("{pipeline}", "p");
+                if !crate::sink::mqtt::valid_topic(&topic) {
+                    return Err(bad(skey("topic"), "not a valid MQTT topic (no wildcards, not empty)".into()));
                 }
             }
             let p = &mut self.pipelines[ix];
@@ -857,8 +1262,112 @@ fn validate_source(s: &SourceConfig) -> Result<(), (String, String)> {
                 return err("qos", "must be 0, 1 or 2");
             }
         }
+        SourceConfig::Pipe {
+            command,
+            format,
+            width,
+            height,
+            sample_rate,
+            channels,
+            chunk_ms,
+            max_fps,
+            stall_timeout_s,
+            ..
+        } => {
+            if !(*stall_timeout_s == 0.0 || positive(*stall_timeout_s)) {
+                return err("stall_timeout_s", "must be a finite number >= 0");
+            }
+            if command.first().is_none_or(|c| c.trim().is_empty()) {
+                return err("command", "needs a program, e.g. [\"ffmpeg\", \"-i\", \"...\", \"-\"]");
+            }
+            if matches!(format, StreamFormat::Rgb24 | StreamFormat::Gray8) {
+                match (width, height) {
+                    (Some(w), Some(h)) if (1..=8192).contains(w) && (1..=8192).contains(h) => {}
+                    (Some(_), Some(_)) => return err("width", "width and height must be 1..=8192"),
+                    _ => return err("width", "raw frames need `width` and `height`"),
+                }
+            }
+            if format.is_audio() {
+                if !(1..=384_000).contains(sample_rate) {
+                    return err("sample_rate", "must be 1..=384000");
+                }
+                if *channels == 0 || *channels > crate::preprocess::window::MAX_CHANNELS {
+                    return Err((
+                        "channels".into(),
+                        format!("must be 1..={}", crate::preprocess::window::MAX_CHANNELS),
+                    ));
+                }
+                if !(1..=10_000).contains(chunk_ms) {
+                    return err("chunk_ms", "must be 1..=10000");
+                }
+            }
+            check_max_fps(*max_fps)?;
+        }
+        SourceConfig::V4l2 { device, width, height, fps, max_fps, .. } => {
+            if device.is_empty() {
+                return err("device", "a path such as /dev/video0");
+            }
+            if *width == 0 || *height == 0 || *width > 8192 || *height > 8192 {
+                return err("width", "width and height must be 1..=8192");
+            }
+            if fps.is_some_and(|f| f == 0 || f > 1000) {
+                return err("fps", "must be 1..=1000");
+            }
+            check_max_fps(*max_fps)?;
+        }
+        SourceConfig::Http { url, interval_ms, timeout_ms, max_fps, username, password_env, password_file, .. } => {
+            if !url.starts_with("http://") {
+                return err("url", "must be an http://host[:port]/path URL (HTTPS is not supported yet)");
+            }
+            let target = crate::source::http::Target::parse(url).map_err(|e| ("url".to_string(), e))?;
+            if password_env.is_some() && password_file.is_some() {
+                return err("password_env", "give password_env or password_file, not both");
+            }
+            if username.is_some() && target.has_credentials() {
+                return err("username", "give the credentials in the URL or as username/password_*, not both");
+            }
+            if username.is_none() && (password_env.is_some() || password_file.is_some()) {
+                return err("username", "password_env / password_file need a username");
+            }
+            if *interval_ms == 0 {
+                return err("interval_ms", "must be positive");
+            }
+            if *timeout_ms == 0 {
+                return err("timeout_ms", "must be positive");
+            }
+            check_max_fps(*max_fps)?;
+        }
+        SourceConfig::Iio { device, channels, rate_hz, .. } => {
+            if device.is_empty() {
+                return err("device", "`iio:deviceN`, a device name or a path");
+            }
+            if channels.is_empty() || channels.len() > crate::preprocess::window::MAX_CHANNELS {
+                return Err((
+                    "channels".into(),
+                    format!("list 1 to {} channel names", crate::preprocess::window::MAX_CHANNELS),
+                ));
+            }
+            if !(*rate_hz > 0.0 && *rate_hz <= 10_000.0) {
+                return err("rate_hz", "must be in (0, 10000]");
+            }
+        }
+        SourceConfig::Serial { port, baud, .. } => {
+            if port.is_empty() {
+                return err("port", "a device path such as /dev/ttyUSB0");
+            }
+            if *baud == 0 {
+                return err("baud", "must be positive");
+            }
+        }
     }
     Ok(())
+}
+
+fn check_max_fps(max_fps: Option<f64>) -> Result<(), (String, String)> {
+    match max_fps {
+        Some(f) if !(f > 0.0 && f <= 1000.0) => Err(("max_fps".into(), "must be in (0, 1000]".into())),
+        _ => Ok(()),
+    }
 }
 
 /// Splits `mqtt://host[:port]` into host and port (default 1883).

@@ -7,7 +7,7 @@
 //! - [`tensor`]: plain tensors shared by every module, with `.npy` and JSON conversions.
 //! - [`preprocess`]: pure functions turning images and arrays into model inputs.
 //! - [`postprocess`]: pure functions turning model outputs into results (top-k, scores).
-//! - [`cmd`]: the `inspect`, `infer` and `bench` subcommands, called by `main.rs`.
+//! - [`cmd`]: the `inspect`, `infer`, `bench` and `devices` subcommands, called by `main.rs`.
 //! - [`config`]: the daemon's TOML configuration, parsed and validated.
 //! - [`message`]: what flows between stages: inputs, the bounded input queue, results.
 //! - [`source`]: input sources (synthetic, files, lines, mqtt), one thread each.
@@ -16,6 +16,7 @@
 //! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
 //! - [`metrics`]: counters, latency percentiles and the health message.
 //! - [`payload`]: the versioned JSON payloads.
+//! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 
 pub mod broker;
 pub mod cmd;
@@ -27,6 +28,7 @@ pub mod payload;
 pub mod pipeline;
 pub mod postprocess;
 pub mod preprocess;
+pub mod sdnotify;
 pub mod sink;
 pub mod source;
 pub mod tensor;

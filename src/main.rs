@@ -64,6 +64,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List cameras (V4L2), serial ports and IIO sensors a config could use.
+    Devices {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -213,6 +219,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { model, shapes, runs, warmup, json } => {
             let report = cmd::bench::measure(&model, &shapes.load_options()?, runs, warmup)?;
             cmd::bench::print(&report, json, &mut stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Devices { json } => {
+            cmd::devices::print(&cmd::devices::list(), json, &mut stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Infer(args) => {

@@ -222,6 +222,49 @@ pub struct ResultBody {
     /// Anomaly score and flag.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub anomaly: Option<Anomaly>,
+    /// Detected objects, best first, boxes in source-image pixels (detection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Vec<Detection>>,
+    /// Size of the source image the boxes refer to (detection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSize>,
+}
+
+/// A box corner to corner, in source-image pixels (x right, y down, origin top left), rounded
+/// to 0.01 px (f64, so that JSON shows the rounded value and not its nearest f32).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BoundingBox {
+    /// Left edge.
+    pub x1: f64,
+    /// Top edge.
+    pub y1: f64,
+    /// Right edge.
+    pub x2: f64,
+    /// Bottom edge.
+    pub y2: f64,
+}
+
+/// One detected object.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Detection {
+    /// Label from the labels file, or the class index as text.
+    pub label: String,
+    /// Class index in the model's output.
+    pub index: usize,
+    /// Confidence (YOLOv5: objectness x class score).
+    pub score: f32,
+    /// Where, in source-image pixels.
+    #[serde(rename = "box")]
+    pub bbox: BoundingBox,
+}
+
+/// Width and height of an image in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ImageSize {
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
 }
 
 /// Why a result was published, when an output publishes on events only.
@@ -248,6 +291,15 @@ pub enum Event {
         score: f32,
         /// The threshold.
         threshold: f32,
+    },
+    /// The set of detected labels changed (after debounce).
+    LabelsChanged {
+        /// Labels now present that were not.
+        appeared: Vec<String>,
+        /// Labels no longer present.
+        left: Vec<String>,
+        /// Every label present now.
+        present: Vec<String>,
     },
 }
 

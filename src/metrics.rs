@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use heapless::HistoryBuf;
 
@@ -70,6 +70,16 @@ pub struct PipelineMetrics {
     pub dropped_queue_full: AtomicU64,
     /// Frames replaced by a newer one before the model got to them.
     pub dropped_stale: AtomicU64,
+    /// Frames a camera source skipped to stay under `max_fps`.
+    pub dropped_max_fps: AtomicU64,
+    /// Frames a source could not decode (corrupt JPEG, short read).
+    pub bad_frames: AtomicU64,
+    /// Snapshots taken.
+    pub snapshots: AtomicU64,
+    /// When the last snapshot was taken and its size in bytes.
+    pub last_snapshot: Mutex<Option<(SystemTime, usize)>>,
+    /// Samples a paced sensor source skipped because it fell more than a period behind.
+    pub dropped_late: AtomicU64,
     /// Results an output could not take (its buffer was full).
     pub dropped_output: AtomicU64,
     /// Times the source was restarted after failing.
@@ -95,6 +105,11 @@ impl PipelineMetrics {
             errors: AtomicU64::new(0),
             dropped_queue_full: AtomicU64::new(0),
             dropped_stale: AtomicU64::new(0),
+            dropped_max_fps: AtomicU64::new(0),
+            bad_frames: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            last_snapshot: Mutex::new(None),
+            dropped_late: AtomicU64::new(0),
             dropped_output: AtomicU64::new(0),
             source_restarts: AtomicU64::new(0),
             source_running: AtomicBool::new(false),
@@ -117,6 +132,7 @@ impl PipelineMetrics {
         let inferences = self.inferences.load(Relaxed);
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
         let lat = self.latency.lock().ok();
+        let last_snapshot = self.last_snapshot.lock().ok().and_then(|l| *l);
         let stage = |f: fn(&Latencies) -> &StageLatency| {
             lat.as_ref()
                 .and_then(|l| f(l).percentiles())
@@ -133,7 +149,15 @@ impl PipelineMetrics {
             "dropped": {
                 "queue_full": self.dropped_queue_full.load(Relaxed),
                 "stale_frames": self.dropped_stale.load(Relaxed),
+                "max_fps": self.dropped_max_fps.load(Relaxed),
+                "bad_frames": self.bad_frames.load(Relaxed),
+                "late_samples": self.dropped_late.load(Relaxed),
                 "output_full": self.dropped_output.load(Relaxed),
+            },
+            "snapshots": {
+                "taken": self.snapshots.load(Relaxed),
+                "last_at": last_snapshot.map(|(t, _)| crate::payload::rfc3339(t)),
+                "last_bytes": last_snapshot.map(|(_, b)| b),
             },
             "source": {
                 "running": self.source_running.load(Relaxed),

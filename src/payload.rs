@@ -51,7 +51,8 @@ pub fn result_bytes(msg: &ResultMsg, event: Option<&Event>, published: SystemTim
     serde_json::to_vec(&result_json(msg, event, published)).unwrap_or_default()
 }
 
-/// Fills `{device}`, `{pipeline}`, `{model}` and `{label}` in a topic template.
+/// Fills `{device}`, `{pipeline}`, `{model}` and `{label}` (top class, best detection, or
+/// anomaly verdict) in a topic template.
 pub fn render_topic(template: &str, msg: &ResultMsg) -> String {
     let label = msg
         .result
@@ -59,6 +60,11 @@ pub fn render_topic(template: &str, msg: &ResultMsg) -> String {
         .as_ref()
         .and_then(|c| c.first())
         .map(|c| c.label.as_str())
+        .or_else(|| {
+            // Detections are best first, but pick the best explicitly so the order is no contract.
+            let best = msg.result.detections.as_ref()?.iter().max_by(|a, b| a.score.total_cmp(&b.score))?;
+            Some(best.label.as_str())
+        })
         .or_else(|| msg.result.anomaly.map(|a| if a.anomalous { "anomaly" } else { "normal" }))
         .unwrap_or("none");
     template
@@ -111,5 +117,28 @@ mod tests {
     #[test]
     fn topic_placeholders_are_filled_and_labels_sanitised() {
         assert_eq!(render_topic("x/{device}/{pipeline}/{model}/{label}", &msg()), "x/pi/cam/digits/a_b");
+    }
+
+    #[test]
+    fn topic_label_of_detections_is_the_best_one() {
+        use crate::message::{BoundingBox, Detection, ImageSize};
+        let det = |label: &str, score: f32| Detection {
+            label: label.into(),
+            index: 0,
+            score,
+            bbox: BoundingBox { x1: 1.0, y1: 2.0, x2: 3.0, y2: 4.0 },
+        };
+        let mut m = msg();
+        m.result = ResultBody {
+            detections: Some(vec![det("car", 0.5), det("person", 0.8)]),
+            image: Some(ImageSize { width: 640, height: 480 }),
+            ..Default::default()
+        };
+        assert_eq!(render_topic("d/{label}", &m), "d/person");
+        let v = result_json(&m, None, UNIX_EPOCH);
+        assert_eq!(v["result"]["detections"][1]["box"]["x2"], 3.0);
+        assert_eq!(v["result"]["image"]["width"], 640);
+        m.result.detections = Some(vec![]);
+        assert_eq!(render_topic("d/{label}", &m), "d/none");
     }
 }

@@ -16,6 +16,7 @@ use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
 use crate::metrics::{MqttMetrics, PipelineMetrics};
 use crate::postprocess::events::{Decision, EventFilter};
 use crate::postprocess::results::Postprocessor;
+use crate::postprocess::snapshot::Snapshotter;
 use crate::preprocess::stage::Preprocessor;
 use crate::sink::mqtt::{Body, MqttHandle, MqttSettings, MqttSink, OutMessage};
 use crate::sink::Sink;
@@ -77,9 +78,9 @@ pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
                 return Err(anyhow!("{key}: class `{class}` is not among the labels {labels:?}"));
             }
         }
-        if o.when == When::OnChange && !classify {
+        if o.when == When::OnChange && !(classify || post.kind_name() == "detect") {
             return Err(anyhow!(
-                "{key}: when = \"on_change\" needs a classify postprocess (this one is {})",
+                "{key}: when = \"on_change\" needs a classify or detect postprocess (this one is {})",
                 post.kind_name()
             ));
         }
@@ -147,6 +148,48 @@ struct Worker {
     outputs: Vec<Output>,
     metrics: Arc<PipelineMetrics>,
     device: Arc<str>,
+    snapshot: Option<SnapshotOut>,
+}
+
+/// Where a pipeline's snapshots go.
+struct SnapshotOut {
+    snap: Snapshotter,
+    topic: String,
+    hub: Option<MqttHandle>,
+    path: Option<PathBuf>,
+}
+
+impl SnapshotOut {
+    /// Renders and sends one snapshot; failures are logged and counted, never fatal.
+    fn take(&self, frame: &image::RgbImage, detections: &[crate::message::Detection], metrics: &PipelineMetrics) {
+        let jpeg = match self.snap.render(frame, detections) {
+            Ok(j) => j,
+            Err(e) => {
+                let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                warn_limited(n, &metrics.name, &e);
+                return;
+            }
+        };
+        if let Some(path) = &self.path {
+            // Write then rename, so a reader never sees half a JPEG.
+            let tmp = path.with_extension("jpg.tmp");
+            if let Err(e) = std::fs::write(&tmp, &jpeg).and_then(|_| std::fs::rename(&tmp, path)) {
+                let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                warn_limited(n, &metrics.name, &format!("snapshot {}: {e}", path.display()));
+            }
+        }
+        metrics.snapshots.fetch_add(1, Relaxed);
+        if let Ok(mut last) = metrics.last_snapshot.lock() {
+            *last = Some((SystemTime::now(), jpeg.len()));
+        }
+        if let Some(hub) = &self.hub {
+            let cfg = self.snap.config();
+            let msg = OutMessage { topic: self.topic.clone(), body: Body::Raw(jpeg), qos: cfg.qos, retain: cfg.retain };
+            if !hub.enqueue(msg) {
+                metrics.dropped_output.fetch_add(1, Relaxed);
+            }
+        }
+    }
 }
 
 fn warn_limited(count: u64, pipeline: &str, what: &str) {
@@ -157,7 +200,7 @@ fn warn_limited(count: u64, pipeline: &str, what: &str) {
 
 impl Worker {
     fn run(mut self) {
-        let Worker { prepared, queue, outputs, metrics, device } = &mut self;
+        let Worker { prepared, queue, outputs, metrics, device, snapshot } = &mut self;
         let mut session = match prepared.model.session() {
             Ok(s) => s,
             Err(e) => {
@@ -177,8 +220,8 @@ impl Worker {
             let captured = input.captured();
             let origin = input.origin().map(str::to_string);
             let mut mark = Instant::now();
-            let post = &prepared.post;
-            let fed = prepared.pre.feed(&input, &mut buf, |tensor| {
+            let post = &mut prepared.post;
+            let fed = prepared.pre.feed(&input, &mut buf, |tensor, geometry| {
                 let pre_ms = mark.elapsed().as_secs_f64() * 1000.0;
                 let t = Instant::now();
                 if let Err(e) = session.run_into(std::slice::from_ref(tensor), &mut results) {
@@ -189,7 +232,7 @@ impl Worker {
                 }
                 let infer_ms = t.elapsed().as_secs_f64() * 1000.0;
                 let t = Instant::now();
-                let processed = match post.apply(&results, Some(tensor)) {
+                let processed = match post.apply(&results, Some(tensor), geometry) {
                     Ok(p) => p,
                     Err(e) => {
                         let n = metrics.errors.fetch_add(1, Relaxed) + 1;
@@ -233,6 +276,12 @@ impl Worker {
                         if !out.sink.offer(&msg, event.as_ref()) {
                             metrics.dropped_output.fetch_add(1, Relaxed);
                         }
+                    }
+                }
+                if let (Some(snap), crate::message::Input::Frame(frame)) = (snapshot.as_mut(), &input) {
+                    let detections = msg.result.detections.as_deref().unwrap_or(&[]);
+                    if snap.snap.due(detections, Instant::now()) {
+                        snap.take(&frame.image, detections, metrics);
                     }
                 }
                 mark = Instant::now();
@@ -398,8 +447,20 @@ async fn run_async(
             base_dir: cfg.base_dir.clone(),
         };
         crate::source::spawn(p.source.clone(), source_ctx, hub.clone())?;
-        let worker =
-            Worker { prepared: prep, queue: queue.clone(), outputs, metrics: metrics.clone(), device: device.clone() };
+        let snapshot = p.snapshot.as_ref().map(|sc| SnapshotOut {
+            snap: Snapshotter::new(sc.clone()),
+            topic: sc.topic.replace("{device}", &device).replace("{pipeline}", &p.name),
+            hub: hub.clone(),
+            path: sc.path.as_ref().map(|path| cfg.resolve(path)),
+        });
+        let worker = Worker {
+            prepared: prep,
+            queue: queue.clone(),
+            outputs,
+            metrics: metrics.clone(),
+            device: device.clone(),
+            snapshot,
+        };
         let done = done_tx.clone();
         let name = p.name.clone();
         // Big enough for the window ring buffer's construction.
@@ -418,6 +479,7 @@ async fn run_async(
 
     let health_task =
         spawn_health(&cfg, device.clone(), started, hub.clone(), mqtt_metrics.clone(), all_metrics.clone());
+    let watchdog = crate::sdnotify::ready();
 
     let mut remaining = workers.len();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -435,6 +497,7 @@ async fn run_async(
             },
         }
     }
+    crate::sdnotify::stopping(watchdog);
     stop.store(true, Relaxed);
     for q in &queues {
         q.close();

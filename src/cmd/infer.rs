@@ -1,5 +1,6 @@
 //! `edgeinfer infer`: one-shot and batch inference on files, and the raw
-//! tensor mode (`--npy` in, `--save-npy` out) for parity checks.
+//! tensor mode (`--npy` in, `--save-npy` out) for parity checks. Classifiers
+//! print top-k classes; detectors (found from their output shapes) print boxes.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -8,8 +9,9 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::engine::{EngineError, Model, Session};
+use crate::postprocess::detect::Detector;
 use crate::postprocess::{self, Softmax};
-use crate::preprocess::{self, ImagePrep};
+use crate::preprocess::{self, ImageGeometry, ImagePrep};
 use crate::tensor::Tensor;
 
 /// Errors that stop `infer` as a whole (one bad file in a batch does not).
@@ -142,13 +144,13 @@ fn expand_inputs(inputs: &[String]) -> Result<Vec<Item>, InferError> {
     Ok(items)
 }
 
-/// Turns one file or literal into the model's input tensor.
-pub fn load_input(model: &Model, item: &str, prep: &ImagePrep) -> Result<Tensor, String> {
+/// Turns one file or literal into the model's input tensor, with the image geometry for images.
+pub fn load_input(model: &Model, item: &str, prep: &ImagePrep) -> Result<(Tensor, Option<ImageGeometry>), String> {
     let spec = &model.inputs()[0];
     if item.trim_start().starts_with('[') {
         let v: serde_json::Value = serde_json::from_str(item).map_err(|e| format!("invalid JSON: {e}"))?;
         let t = Tensor::from_json(&v).map_err(|e| e.to_string())?;
-        return preprocess::array_to_tensor(&t, spec).map_err(|e| e.to_string());
+        return preprocess::array_to_tensor(&t, spec).map(|t| (t, None)).map_err(|e| e.to_string());
     }
     let path = Path::new(item);
     let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
@@ -156,17 +158,19 @@ pub fn load_input(model: &Model, item: &str, prep: &ImagePrep) -> Result<Tensor,
         "jpg" | "jpeg" | "png" => {
             let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
             let img = preprocess::decode_image(&bytes).map_err(|e| e.to_string())?;
-            preprocess::image_to_tensor(&img, spec, prep).map(|(t, _)| t).map_err(|e| e.to_string())
+            preprocess::image_to_tensor_with_geometry(&img, spec, prep)
+                .map(|(t, g)| (t, Some(g)))
+                .map_err(|e| e.to_string())
         }
         "npy" => {
             let t = Tensor::read_npy(path).map_err(|e| e.to_string())?;
-            preprocess::array_to_tensor(&t, spec).map_err(|e| e.to_string())
+            preprocess::array_to_tensor(&t, spec).map(|t| (t, None)).map_err(|e| e.to_string())
         }
         "json" => {
             let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("invalid JSON: {e}"))?;
             let t = Tensor::from_json(&v).map_err(|e| e.to_string())?;
-            preprocess::array_to_tensor(&t, spec).map_err(|e| e.to_string())
+            preprocess::array_to_tensor(&t, spec).map(|t| (t, None)).map_err(|e| e.to_string())
         }
         _ => Err("unsupported input (use .jpg, .png, .npy, .json or a JSON array)".into()),
     }
@@ -176,6 +180,8 @@ struct Presenter {
     labels: Vec<String>,
     top_k: Option<usize>,
     softmax: Softmax,
+    /// Set when the outputs look like a detector's and none like class scores.
+    detector: Option<Detector>,
 }
 
 impl Presenter {
@@ -188,10 +194,31 @@ impl Presenter {
         };
         let classify = !args.raw && (args.top_k.is_some() || labels_path.is_some());
         let top_k = classify.then(|| args.top_k.unwrap_or(5));
-        Ok(Presenter { labels, top_k, softmax: args.softmax })
+        let class_shaped = model.outputs().iter().any(|o| o.shape.len() == 2 && o.shape[0] == 1 && o.shape[1] >= 2);
+        // A labels file whose length fits a detector layout is what tells a detector from, say,
+        // an autoencoder with a 3-D output.
+        let detector = if args.raw || class_shaped || labels.is_empty() {
+            None
+        } else {
+            // Default settings (min_score 0.25, IoU 0.45); the daemon's config takes the rest.
+            let defaults: crate::config::DetectConfig = toml::from_str("").expect("defaults parse");
+            Detector::new(&defaults, model.outputs(), &labels).ok()
+        };
+        Ok(Presenter { labels, top_k, softmax: args.softmax, detector })
     }
 
-    fn result(&self, model: &Model, outputs: &[Tensor]) -> serde_json::Value {
+    fn result(&mut self, model: &Model, outputs: &[Tensor], geometry: Option<&ImageGeometry>) -> serde_json::Value {
+        if let (Some(det), Some(g)) = (self.detector.as_mut(), geometry) {
+            match det.decode(outputs, g) {
+                Ok(found) => {
+                    return serde_json::json!({
+                        "detections": found,
+                        "image": {"width": g.source.0, "height": g.source.1},
+                    })
+                }
+                Err(e) => log::warn!("detections: {e}; printing the raw outputs"),
+            }
+        }
         if let Some(k) = self.top_k {
             if let Some((_, scores)) = postprocess::class_scores(outputs, self.softmax) {
                 return serde_json::json!({"top": postprocess::top_k(&scores, k, &self.labels)});
@@ -225,7 +252,7 @@ pub fn run_files(
             "no input given: name image, .npy or .json files, a directory, or use --npy".into(),
         ));
     }
-    let presenter = Presenter::new(model, args)?;
+    let mut presenter = Presenter::new(model, args)?;
     let items = expand_inputs(&args.inputs)?;
     let show_progress = items.len() > 1 && std::io::stderr().is_terminal();
     let mut session: Session = model.session()?;
@@ -238,15 +265,15 @@ pub fn run_files(
             Item::File(p) => p.display().to_string(),
             Item::Literal(s) => s.clone(),
         };
-        let result = load_input(model, &name, &args.prep).and_then(|input| {
+        let result = load_input(model, &name, &args.prep).and_then(|(input, geometry)| {
             let t = Instant::now();
             session.run_into(std::slice::from_ref(&input), &mut outputs).map_err(|e| e.to_string())?;
-            Ok(t.elapsed().as_secs_f64() * 1000.0)
+            Ok((t.elapsed().as_secs_f64() * 1000.0, geometry))
         });
         match result {
-            Ok(ms) => {
+            Ok((ms, geometry)) => {
                 times.push(ms);
-                let mut line = presenter.result(model, &outputs);
+                let mut line = presenter.result(model, &outputs, geometry.as_ref());
                 line["input"] = serde_json::Value::from(name);
                 line["inference_ms"] = crate::tensor::json_number(ms);
                 writeln!(out, "{line}").map_err(io)?;

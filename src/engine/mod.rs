@@ -443,7 +443,15 @@ impl Model {
             .map(|s| TTensor::zero_dt(datum_of(s.elem_type), &s.shape).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| EngineError::Run(tract_err(e)))?;
-        Ok(Session { state, buffers, specs: self.inputs.clone() })
+        // Ops with per-session state (Scan bodies from LSTM/GRU) keep it across runs in
+        // tract; an ONNX model promises independent runs, so such state is restored
+        // before each run. Plans without stateful ops pay nothing.
+        let stateful = state.op_states.iter().filter(|s| s.is_some()).count();
+        if stateful > 0 {
+            log::debug!("{stateful} stateful op(s): their state is reset before each run");
+        }
+        let pristine = (stateful > 0).then(|| state.op_states.clone());
+        Ok(Session { state, buffers, specs: self.inputs.clone(), pristine })
     }
 }
 
@@ -554,6 +562,7 @@ pub struct Session {
     state: TypedSimpleState,
     buffers: Vec<Arc<TTensor>>,
     specs: Vec<TensorSpec>,
+    pristine: Option<Vec<Option<Box<dyn tract_core::ops::OpState>>>>,
 }
 
 macro_rules! fill {
@@ -622,6 +631,9 @@ impl Session {
             };
             filled.map_err(|e| EngineError::Run(tract_err(e)))?;
             values.push(buf.clone().into_tvalue());
+        }
+        if let Some(pristine) = &self.pristine {
+            self.state.op_states.clone_from(pristine);
         }
         let results = std::panic::catch_unwind(AssertUnwindSafe(|| self.state.run(values)))
             .map_err(|p| EngineError::Run(format!("internal error in the engine: {}", panic_text(p))))?

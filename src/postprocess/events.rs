@@ -1,9 +1,10 @@
 //! Event semantics of an output: publish every result, only when the top
-//! class changes, or only when a score crosses a threshold, with debounce
-//! (N consecutive results) and hysteresis. Pure state machines.
+//! class (or, for detections, the set of labels present) changes, or only
+//! when a score crosses a threshold, with debounce (N consecutive results)
+//! and hysteresis. Pure state machines.
 
 use crate::config::When;
-use crate::message::{Event, ResultBody};
+use crate::message::{Detection, Event, ResultBody};
 
 /// What an output should do with one result.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +26,16 @@ pub struct EventFilter {
     candidate: Option<String>,
     streak: u32,
     active: bool,
+    /// Detections: every label seen so far, with its debounced presence.
+    labels: Vec<LabelState>,
+}
+
+/// Whether a label counts as present, and for how many results in a row it has said otherwise.
+#[derive(Debug, Clone)]
+struct LabelState {
+    label: String,
+    present: bool,
+    streak: u32,
 }
 
 impl EventFilter {
@@ -39,6 +50,7 @@ impl EventFilter {
             candidate: None,
             streak: 0,
             active: false,
+            labels: Vec::new(),
         }
     }
 
@@ -46,6 +58,9 @@ impl EventFilter {
     pub fn decide(&mut self, body: &ResultBody, score: Option<f32>) -> Decision {
         match self.when {
             When::Every => Decision::Publish(None),
+            When::OnChange if body.detections.is_some() => {
+                self.on_labels_change(body.detections.as_deref().unwrap_or_default())
+            }
             When::OnChange => {
                 let Some(top) = body.classes.as_ref().and_then(|c| c.first()).map(|c| c.label.clone()) else {
                     // No class (all below min_score) breaks a run of agreeing results.
@@ -97,6 +112,38 @@ impl EventFilter {
                 }))
             }
         }
+    }
+
+    /// A label appears once it is detected in `debounce` results in a row, and leaves once it is
+    /// missing from `debounce` results in a row; a result where any label did either is published.
+    fn on_labels_change(&mut self, detections: &[Detection]) -> Decision {
+        for d in detections {
+            if !self.labels.iter().any(|s| s.label == d.label) {
+                self.labels.push(LabelState { label: d.label.clone(), present: false, streak: 0 });
+            }
+        }
+        let (mut appeared, mut left) = (Vec::new(), Vec::new());
+        for s in &mut self.labels {
+            let seen = detections.iter().any(|d| d.label == s.label);
+            if seen == s.present {
+                s.streak = 0;
+                continue;
+            }
+            s.streak += 1;
+            if s.streak >= self.debounce {
+                s.present = seen;
+                s.streak = 0;
+                if seen { &mut appeared } else { &mut left }.push(s.label.clone());
+            }
+        }
+        if appeared.is_empty() && left.is_empty() {
+            return Decision::Skip;
+        }
+        let mut present: Vec<String> = self.labels.iter().filter(|s| s.present).map(|s| s.label.clone()).collect();
+        for list in [&mut appeared, &mut left, &mut present] {
+            list.sort();
+        }
+        Decision::Publish(Some(Event::LabelsChanged { appeared, left, present }))
     }
 }
 
@@ -156,6 +203,61 @@ mod tests {
                 (7, Decision::Publish(Some(Event::Fall { score: 0.35, threshold: 0.5 }))),
             ]
         );
+    }
+
+    fn seen(labels: &[&str]) -> ResultBody {
+        let detections = labels
+            .iter()
+            .map(|l| Detection {
+                label: l.to_string(),
+                index: 0,
+                score: 0.9,
+                bbox: crate::message::BoundingBox { x1: 0.0, y1: 0.0, x2: 1.0, y2: 1.0 },
+            })
+            .collect();
+        ResultBody { detections: Some(detections), ..Default::default() }
+    }
+
+    fn change(appeared: &[&str], left: &[&str], present: &[&str]) -> Decision {
+        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Decision::Publish(Some(Event::LabelsChanged { appeared: v(appeared), left: v(left), present: v(present) }))
+    }
+
+    #[test]
+    fn detections_publish_when_the_set_of_labels_changes_after_debounce() {
+        let mut f = EventFilter::new(When::OnChange, 2, 0.0, 0.0);
+        let frames: [&[&str]; 10] = [
+            &[],                   // 0 nothing yet
+            &["person"],           // 1 person 1/2
+            &["person", "person"], // 2 person 2/2: appears (two boxes count once)
+            &["person", "car"],    // 3 car 1/2
+            &["person"],           // 4 car blip gone: no change
+            &["car", "person"],    // 5 car 1/2
+            &["car", "person"],    // 6 car 2/2: appears
+            &["car"],              // 7 person missing 1/2
+            &[],                   // 8 person 2/2 leaves; car missing 1/2
+            &[],                   // 9 car 2/2 leaves
+        ];
+        let out: Vec<(usize, Decision)> = frames
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, f.decide(&seen(l), None)))
+            .filter(|(_, d)| *d != Decision::Skip)
+            .collect();
+        assert_eq!(
+            out,
+            vec![
+                (2, change(&["person"], &[], &["person"])),
+                (6, change(&["car"], &[], &["car", "person"])),
+                (8, change(&[], &["person"], &["car"])),
+                (9, change(&[], &["car"], &[])),
+            ]
+        );
+        // debounce 1: the first frame with labels publishes them, a frame with another set swaps them.
+        let mut f = EventFilter::new(When::OnChange, 1, 0.0, 0.0);
+        assert_eq!(f.decide(&seen(&["dog", "cat"]), None), change(&["cat", "dog"], &[], &["cat", "dog"]));
+        assert_eq!(f.decide(&seen(&["cat", "dog"]), None), Decision::Skip);
+        assert_eq!(f.decide(&seen(&["bird", "cat"]), None), change(&["bird"], &["dog"], &["bird", "cat"]));
     }
 
     #[test]

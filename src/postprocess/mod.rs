@@ -1,8 +1,11 @@
 //! Pure functions that turn output tensors into results: class scores with
-//! labels and top-k, with softmax applied when the model emits logits.
+//! labels and top-k, with softmax applied when the model emits logits; object
+//! detections in `detect`.
 
+pub mod detect;
 pub mod events;
 pub mod results;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 

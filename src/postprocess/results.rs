@@ -1,11 +1,13 @@
 //! Turning a pipeline's model outputs into a result body: classes with
-//! labels, raw values, or an anomaly score against a threshold.
+//! labels, raw values, an anomaly score against a threshold, or detections.
 
 use crate::config::{AnomalyScore, PostprocessConfig};
 use crate::engine::TensorSpec;
-use crate::message::{Anomaly, ResultBody};
+use crate::message::{Anomaly, ImageSize, ResultBody};
+use crate::preprocess::ImageGeometry;
 use crate::tensor::Tensor;
 
+use super::detect::Detector;
 use super::{softmax_in_place, top_k, ClassScore, Softmax};
 
 #[derive(Debug, Clone)]
@@ -13,6 +15,7 @@ enum Kind {
     Classify { top_k: usize, min_score: f32, softmax: Softmax },
     Values,
     Anomaly { threshold: f32, score: AnomalyScore, normal_class: Option<usize> },
+    Detect(Box<Detector>),
 }
 
 /// A configured postprocessor for one model.
@@ -93,16 +96,18 @@ impl Postprocessor {
                 };
                 (Kind::Anomaly { threshold: *threshold, score: *score, normal_class: normal }, ix)
             }
+            PostprocessConfig::Detect(d) => (Kind::Detect(Box::new(Detector::new(d, outputs, &labels)?)), 0),
         };
         Ok(Postprocessor { kind, output, labels })
     }
 
-    /// `classify`, `values` or `anomaly`.
+    /// `classify`, `values`, `anomaly` or `detect`.
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
             Kind::Classify { .. } => "classify",
             Kind::Values => "values",
             Kind::Anomaly { .. } => "anomaly",
+            Kind::Detect(_) => "detect",
         }
     }
 
@@ -119,8 +124,23 @@ impl Postprocessor {
         }
     }
 
-    /// Computes the result. `input` is the model input (for reconstruction scores).
-    pub fn apply(&self, outputs: &[Tensor], input: Option<&Tensor>) -> Result<Processed, String> {
+    /// Computes the result. `input` is the model input (for reconstruction scores); `geometry`
+    /// says how an image input was fitted (detection maps boxes back through it).
+    pub fn apply(
+        &mut self,
+        outputs: &[Tensor],
+        input: Option<&Tensor>,
+        geometry: Option<&ImageGeometry>,
+    ) -> Result<Processed, String> {
+        if let Kind::Detect(det) = &mut self.kind {
+            let geometry = geometry.ok_or(
+                "detection needs an image input (boxes are mapped back through the image preprocessing); got a tensor",
+            )?;
+            let detections = det.decode(outputs, geometry)?;
+            let image = ImageSize { width: geometry.source.0, height: geometry.source.1 };
+            let body = ResultBody { detections: Some(detections), image: Some(image), ..Default::default() };
+            return Ok(Processed { body, scores: vec![] });
+        }
         let out = outputs.get(self.output).ok_or("missing output")?;
         let values: Vec<f32> = match &out.data {
             crate::tensor::Data::F32(v) => v.clone(),
@@ -166,6 +186,7 @@ impl Postprocessor {
                 let anomaly = Anomaly { score: s, threshold: *threshold, anomalous: s >= *threshold };
                 Processed { body: ResultBody { anomaly: Some(anomaly), ..Default::default() }, scores: vec![] }
             }
+            Kind::Detect(_) => unreachable!("handled above"),
         })
     }
 }
@@ -183,8 +204,8 @@ mod tests {
     fn classify_with_labels_and_min_score() {
         let labels = vec!["a".to_string(), "b".into(), "c".into()];
         let cfg = PostprocessConfig::Classify { top_k: 3, min_score: 0.2, softmax: Softmax::Never, output: None };
-        let p = Postprocessor::new(Some(&cfg), &[spec(&[1, 3])], labels).unwrap();
-        let out = p.apply(&[Tensor::from_f32(vec![1, 3], vec![0.1, 0.7, 0.2]).unwrap()], None).unwrap();
+        let mut p = Postprocessor::new(Some(&cfg), &[spec(&[1, 3])], labels).unwrap();
+        let out = p.apply(&[Tensor::from_f32(vec![1, 3], vec![0.1, 0.7, 0.2]).unwrap()], None, None).unwrap();
         let classes = out.body.classes.unwrap();
         assert_eq!(classes.iter().map(|c| c.label.as_str()).collect::<Vec<_>>(), ["b", "c"]);
     }
@@ -205,8 +226,13 @@ mod tests {
             normal_class: Some("normal".into()),
             output: None,
         };
-        let p = Postprocessor::new(Some(&cfg), &[spec(&[1, 2])], labels).unwrap();
-        let a = p.apply(&[Tensor::from_f32(vec![1, 2], vec![0.3, 0.7]).unwrap()], None).unwrap().body.anomaly.unwrap();
+        let mut p = Postprocessor::new(Some(&cfg), &[spec(&[1, 2])], labels).unwrap();
+        let a = p
+            .apply(&[Tensor::from_f32(vec![1, 2], vec![0.3, 0.7]).unwrap()], None, None)
+            .unwrap()
+            .body
+            .anomaly
+            .unwrap();
         assert!((a.score - 0.7).abs() < 1e-6 && a.anomalous);
 
         let cfg = PostprocessConfig::Anomaly {
@@ -215,11 +241,37 @@ mod tests {
             normal_class: None,
             output: None,
         };
-        let p = Postprocessor::new(Some(&cfg), &[spec(&[1, 2])], vec![]).unwrap();
+        let mut p = Postprocessor::new(Some(&cfg), &[spec(&[1, 2])], vec![]).unwrap();
         let x = Tensor::from_f32(vec![1, 2], vec![1.0, 3.0]).unwrap();
         let y = Tensor::from_f32(vec![1, 2], vec![1.0, 1.0]).unwrap();
-        let a = p.apply(&[y], Some(&x)).unwrap().body.anomaly.unwrap();
+        let a = p.apply(&[y], Some(&x), None).unwrap().body.anomaly.unwrap();
         assert_eq!((a.score, a.anomalous), (2.0, true));
+    }
+
+    #[test]
+    fn detect_maps_boxes_through_the_geometry_and_needs_it() {
+        let cfg: PostprocessConfig = toml::from_str("type = \"detect\"").unwrap();
+        let mut p = Postprocessor::new(Some(&cfg), &[spec(&[1, 5, 8])], vec!["thing".into()]).unwrap();
+        assert_eq!(p.kind_name(), "detect");
+        // One box at model (10..30, 10..30) scoring 0.9; the other seven score 0.
+        let mut v = vec![0.0; 5 * 8];
+        v[0] = 20.0; // cx
+        v[8] = 20.0; // cy
+        v[16] = 20.0; // w
+        v[24] = 20.0; // h
+        v[32] = 0.9; // class 0
+        let out = Tensor::from_f32(vec![1, 5, 8], v).unwrap();
+        let e = p.apply(std::slice::from_ref(&out), None, None).err().unwrap();
+        assert!(e.contains("image input"), "{e}");
+        let geometry = ImageGeometry {
+            placement: crate::preprocess::Placement { scale: (0.5, 0.5), pad: (0, 0) },
+            source: (128, 128),
+            input: (64, 64),
+        };
+        let body = p.apply(&[out], None, Some(&geometry)).unwrap().body;
+        let d = &body.detections.unwrap()[0];
+        assert_eq!((d.label.as_str(), d.score, d.bbox.x1, d.bbox.y2), ("thing", 0.9, 20.0, 60.0));
+        assert_eq!(body.image, Some(ImageSize { width: 128, height: 128 }));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! model accepts: resize, colour order, layout, normalisation and the
 //! conversion to the model's element type, quantizing where it asks for it.
 
+pub mod audio;
 pub mod stage;
 pub mod window;
 
@@ -107,6 +108,28 @@ pub struct Placement {
     pub scale: (f32, f32),
     /// Padding added on the left and top, in model pixels.
     pub pad: (u32, u32),
+}
+
+/// How one image became the model input: what box decoders need to map back to source pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageGeometry {
+    /// Where the image landed inside the model input.
+    pub placement: Placement,
+    /// Source image width and height.
+    pub source: (u32, u32),
+    /// Model input width and height.
+    pub input: (u32, u32),
+}
+
+/// [`image_to_tensor`], plus the geometry that maps model-input pixels back to the image.
+pub fn image_to_tensor_with_geometry(
+    img: &RgbImage,
+    spec: &TensorSpec,
+    prep: &ImagePrep,
+) -> Result<(Tensor, ImageGeometry), PreprocessError> {
+    let (h, w, _, _) = image_geometry(spec, prep.layout)?;
+    let (t, placement) = image_to_tensor(img, spec, prep)?;
+    Ok((t, ImageGeometry { placement, source: (img.width(), img.height()), input: (w, h) }))
 }
 
 /// Height, width, channels and layout of an image-shaped input.

@@ -1,4 +1,4 @@
-//! The preprocessing stage of a pipeline: picks image, window, tabular or
+//! The preprocessing stage of a pipeline: picks image, window, audio, tabular or
 //! pass-through handling for each input and writes the model input tensor,
 //! reusing one buffer.
 
@@ -7,8 +7,9 @@ use crate::engine::TensorSpec;
 use crate::message::{Input, Values};
 use crate::tensor::{Data, ElemType, Tensor};
 
+use super::audio::AudioStage;
 use super::window::{Windower, MAX_CHANNELS};
-use super::{array_to_tensor, image_geometry, image_to_tensor, to_elem_type, ImagePrep};
+use super::{array_to_tensor, image_geometry, image_to_tensor_with_geometry, to_elem_type, ImageGeometry, ImagePrep};
 
 /// Most distinct publishers (topics) one windowed pipeline keeps apart.
 pub const MAX_ORIGINS: usize = 32;
@@ -28,6 +29,7 @@ pub struct Preprocessor {
     per_origin: bool,
     origin_windows: Vec<(String, Windower)>,
     tabular: Option<Tabular>,
+    audio: Option<AudioStage>,
     scratch: Vec<f32>,
 }
 
@@ -92,6 +94,7 @@ impl Preprocessor {
             per_origin: matches!(source, SourceConfig::Mqtt { .. }),
             origin_windows: Vec::new(),
             tabular: None,
+            audio: None,
             scratch: Vec::new(),
         };
         let rank = spec.shape.len();
@@ -145,6 +148,7 @@ impl Preprocessor {
                 }
                 p.tabular = Some(p.make_tabular(features.clone(), mean.as_deref(), std.as_deref())?);
             }
+            PreprocessConfig::Audio(a) => p.audio = Some(AudioStage::new(a, spec, source)?),
             PreprocessConfig::None => {}
         }
         Ok(p)
@@ -199,16 +203,28 @@ impl Preprocessor {
     }
 
     /// Turns one input into zero or more model inputs (a message of several
-    /// sensor samples may complete several windows); `ready` runs on each.
-    pub fn feed(&mut self, input: &Input, buf: &mut Tensor, mut ready: impl FnMut(&Tensor)) -> Result<(), String> {
+    /// sensor samples may complete several windows); `ready` runs on each, with the
+    /// image geometry when the input was an image (detection maps boxes back through it).
+    pub fn feed(
+        &mut self,
+        input: &Input,
+        buf: &mut Tensor,
+        mut ready: impl FnMut(&Tensor, Option<&ImageGeometry>),
+    ) -> Result<(), String> {
         match input {
             Input::Frame(f) => {
-                let (t, _) = image_to_tensor(&f.image, &self.spec, &self.image).map_err(|e| e.to_string())?;
-                ready(&t);
+                let (t, geometry) =
+                    image_to_tensor_with_geometry(&f.image, &self.spec, &self.image).map_err(|e| e.to_string())?;
+                ready(&t, Some(&geometry));
             }
             Input::Tensor { tensor, .. } => {
                 let t = array_to_tensor(tensor, &self.spec).map_err(|e| e.to_string())?;
-                ready(&t);
+                ready(&t, None);
+            }
+            Input::Values(v) if self.audio.is_some() => {
+                if let Some(audio) = self.audio.as_mut() {
+                    audio.feed(&v.values, buf, |t| ready(t, None))?;
+                }
             }
             Input::Values(v) => {
                 let window = match (self.per_origin, self.window.as_mut()) {
@@ -241,24 +257,24 @@ impl Preprocessor {
                                 if let Data::F32(dst) = &mut buf.data {
                                     w.fill(dst);
                                 }
-                                ready(buf);
+                                ready(buf, None);
                             } else {
                                 self.scratch.resize(self.spec.shape.iter().product(), 0.0);
                                 w.fill(&mut self.scratch);
                                 let t =
                                     to_elem_type(self.scratch.clone(), &self.spec, None).map_err(|e| e.to_string())?;
-                                ready(&t);
+                                ready(&t, None);
                             }
                         }
                     }
                 } else if let Some(tab) = &self.tabular {
                     let row = tabular_row(tab, v)?;
                     let t = to_elem_type(row, &self.spec, None).map_err(|e| e.to_string())?;
-                    ready(&t);
+                    ready(&t, None);
                 } else {
                     let t = Tensor::from_f32(vec![v.values.len()], v.values.clone()).map_err(|e| e.to_string())?;
                     let t = array_to_tensor(&t, &self.spec).map_err(|e| e.to_string())?;
-                    ready(&t);
+                    ready(&t, None);
                 }
             }
         }
@@ -321,12 +337,12 @@ mod tests {
         let mut buf = p.buffer();
         let mut got = Vec::new();
         // one message with 4 samples of 2 channels: the first window is ready at the 3rd sample
-        p.feed(&values(vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0], None), &mut buf, |t| got.push(t.clone()))
+        p.feed(&values(vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0], None), &mut buf, |t, _| got.push(t.clone()))
             .unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].data, Data::F32(vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0]));
         assert!(
-            p.feed(&values(vec![1.0, 2.0, 3.0], None), &mut buf, |_| {}).is_err(),
+            p.feed(&values(vec![1.0, 2.0, 3.0], None), &mut buf, |_, _| {}).is_err(),
             "3 values are not whole samples"
         );
     }
@@ -346,7 +362,7 @@ mod tests {
         };
         let mut got = Vec::new();
         for input in [from("s/a/a", 1.0), from("s/b/a", 100.0), from("s/a/a", 2.0), from("s/b/a", 200.0)] {
-            p.feed(&input, &mut buf, |t| got.push(t.clone())).unwrap();
+            p.feed(&input, &mut buf, |t, _| got.push(t.clone())).unwrap();
         }
         assert_eq!(
             got.iter().map(|t| t.data.clone()).collect::<Vec<_>>(),
@@ -362,9 +378,9 @@ mod tests {
         let mut p = Preprocessor::new(&cfg, &spec(&[1, 2]), &lines()).unwrap();
         let mut buf = p.buffer();
         let mut got = Vec::new();
-        p.feed(&values(vec![5.0, 3.0], Some(vec!["a", "b"])), &mut buf, |t| got.push(t.clone())).unwrap();
+        p.feed(&values(vec![5.0, 3.0], Some(vec!["a", "b"])), &mut buf, |t, _| got.push(t.clone())).unwrap();
         assert_eq!(got[0].data, Data::F32(vec![1.0, 5.0]));
-        let e = p.feed(&values(vec![5.0], Some(vec!["a"])), &mut buf, |_| {}).unwrap_err();
+        let e = p.feed(&values(vec![5.0], Some(vec!["a"])), &mut buf, |_, _| {}).unwrap_err();
         assert!(e.contains("`b`"), "{e}");
     }
 

@@ -3,19 +3,24 @@
 //! restarted with backoff and reported in health, never fatal to the daemon.
 
 pub mod files;
+pub mod http;
+pub mod iio;
 pub mod lines;
 pub mod mqtt;
+pub mod pipe;
+pub mod serial;
 pub mod synthetic;
+pub mod v4l2;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
 
 use crate::config::SourceConfig;
-use crate::message::{Input, InputQueue, Pushed};
+use crate::message::{Frame, Input, InputQueue, Pushed};
 use crate::metrics::PipelineMetrics;
 use crate::sink::mqtt::MqttHandle;
 
@@ -90,6 +95,61 @@ impl SourceCtx {
     }
 }
 
+impl SourceCtx {
+    /// Queues a camera frame captured at `captured`, unless `gate` says it comes too soon.
+    /// False once the queue is closed.
+    pub fn push_frame(&self, gate: &mut FrameGate, image: image::RgbImage, captured: SystemTime) -> bool {
+        if !gate.admit(Instant::now()) {
+            self.metrics.dropped_max_fps.fetch_add(1, Relaxed);
+            return true;
+        }
+        self.push(Input::Frame(Frame { image, captured, origin: None }))
+    }
+
+    /// Counts a frame that could not be decoded and logs the first of each power of two.
+    pub fn bad_frame(&self, why: &str) {
+        let n = self.metrics.bad_frames.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            log::warn!("pipeline `{}`: bad frame skipped: {why} ({n} so far)", self.pipeline);
+        }
+    }
+}
+
+/// `max_fps` for camera sources: admits a frame when at least 1/max_fps has
+/// passed since the last admitted one. Checked before decoding, so frames it
+/// refuses cost no decode.
+#[derive(Debug, Clone)]
+pub struct FrameGate {
+    period: Option<Duration>,
+    next: Option<Instant>,
+}
+
+impl FrameGate {
+    /// A gate for at most `max_fps` frames per second (None: no limit).
+    pub fn new(max_fps: Option<f64>) -> Self {
+        FrameGate { period: max_fps.filter(|f| *f > 0.0).map(|f| Duration::from_secs_f64(1.0 / f)), next: None }
+    }
+
+    /// True if a frame arriving at `now` may pass.
+    pub fn admit(&mut self, now: Instant) -> bool {
+        let Some(period) = self.period else { return true };
+        match self.next {
+            Some(next) if now < next => false,
+            // Schedule from the ideal time, not `now`, so jitter does not lower the
+            // rate; but never from the past, or a stall would release a burst.
+            Some(next) => {
+                let ideal = next + period;
+                self.next = Some(if ideal < now { now + period } else { ideal });
+                true
+            }
+            None => {
+                self.next = Some(now + period);
+                true
+            }
+        }
+    }
+}
+
 /// A context for source tests: a blocking queue of 1000 and fresh metrics.
 #[cfg(test)]
 pub(crate) fn test_ctx(base: &std::path::Path) -> SourceCtx {
@@ -111,6 +171,11 @@ fn run_once(cfg: &SourceConfig, ctx: &SourceCtx, mqtt: Option<&MqttHandle>) -> R
             Some(hub) => mqtt::run(cfg, ctx, hub),
             None => Err(SourceError("the mqtt source needs an MQTT connection".into())),
         },
+        SourceConfig::Pipe { .. } => pipe::run(cfg, ctx),
+        SourceConfig::V4l2 { .. } => v4l2::run(cfg, ctx),
+        SourceConfig::Http { .. } => http::run(cfg, ctx),
+        SourceConfig::Iio { .. } => iio::run(cfg, ctx),
+        SourceConfig::Serial { .. } => serial::run(cfg, ctx),
     }
 }
 
@@ -156,4 +221,30 @@ pub fn spawn(
         ctx.metrics.source_running.store(false, Relaxed);
         ctx.queue.close();
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_gate_keeps_the_rate_under_max_fps() {
+        let mut g = FrameGate::new(Some(10.0));
+        let t0 = Instant::now();
+        // 30 fps for one second: about 10 pass.
+        let passed = (0..30).filter(|i| g.admit(t0 + Duration::from_millis(i * 33))).count();
+        assert!((9..=11).contains(&passed), "{passed}");
+        let mut open = FrameGate::new(None);
+        assert!((0..5).all(|_| open.admit(t0)));
+    }
+
+    #[test]
+    fn frame_gate_does_not_burst_after_a_stall() {
+        let mut g = FrameGate::new(Some(10.0));
+        let t0 = Instant::now();
+        assert!(g.admit(t0));
+        let late = t0 + Duration::from_secs(5);
+        assert!(g.admit(late));
+        assert!(!g.admit(late + Duration::from_millis(10)));
+    }
 }

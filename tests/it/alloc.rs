@@ -34,7 +34,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn allocs() -> u64 {
+/// Allocations made by this thread so far.
+pub(crate) fn allocs() -> u64 {
     ALLOCS.with(|c| c.get())
 }
 
@@ -55,12 +56,12 @@ fn window_path_does_not_allocate_per_sample() {
     });
     // Fill the first window and warm up the session and output vectors.
     for _ in 0..4 {
-        pre.feed(&message, &mut buf, |t| session.run_into(std::slice::from_ref(t), &mut outputs).unwrap()).unwrap();
+        pre.feed(&message, &mut buf, |t, _| session.run_into(std::slice::from_ref(t), &mut outputs).unwrap()).unwrap();
     }
     let mut windows = 0;
     let before = allocs();
     for _ in 0..16 {
-        pre.feed(&message, &mut buf, |_| windows += 1).unwrap();
+        pre.feed(&message, &mut buf, |_, _| windows += 1).unwrap();
     }
     let per_sample = allocs() - before;
     // 16 messages of 64 samples, a window of 128 every 128 samples.

@@ -53,7 +53,7 @@ postprocess = {{ type = "classify", top_k = 3 }}
         f.sort();
         f
     };
-    let infer = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+    let infer = crate::support::edgeinfer()
         .args(["infer", crate::model("digits_cnn_int8.onnx").to_str().unwrap(), "--top-k", "3"])
         .args(&files)
         .output()

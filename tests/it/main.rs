@@ -2,11 +2,17 @@
 //! module per area. They run against the shipped models and the real binary.
 
 mod alloc;
+mod audio;
+mod cameras;
 mod cli;
 mod daemon;
+mod detect;
 mod mqtt_hub;
 mod parity;
+mod pipe;
+mod sensors;
 mod support;
+mod systemd;
 
 use std::path::PathBuf;
 

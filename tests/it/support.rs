@@ -80,6 +80,8 @@ pub struct Msg {
     pub topic: String,
     /// Payload as text.
     pub payload: String,
+    /// Payload as sent.
+    pub bytes: Vec<u8>,
     /// Retain flag as delivered.
     pub retain: bool,
 }
@@ -121,6 +123,7 @@ impl Subscriber {
                         let msg = Msg {
                             topic: p.topic.clone(),
                             payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            bytes: p.payload.to_vec(),
                             retain: p.retain,
                         };
                         if tx.send(msg).is_err() {
@@ -178,6 +181,24 @@ impl Subscriber {
     }
 }
 
+/// A `Command` for the `edgeinfer` binary under test. `EDGEINFER_RUNNER` (for
+/// example `qemu-aarch64 -cpu cortex-a72 -L /usr/aarch64-linux-gnu`) prefixes it,
+/// so an ARM test binary under qemu-user can start the ARM daemon where binfmt_misc
+/// is not set up.
+pub fn edgeinfer() -> Command {
+    let bin = env!("CARGO_BIN_EXE_edgeinfer");
+    let runner = std::env::var("EDGEINFER_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// A running `edgeinfer run`, killed on drop.
 pub struct Daemon {
     /// The process.
@@ -189,14 +210,20 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `config` (with `{models}` replaced by the models directory) and starts the daemon.
     pub fn start(config: &str) -> Daemon {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the daemon.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edgeinfer.toml");
         let text = config.replace("{models}", crate::root().join("models").to_str().unwrap());
         std::fs::File::create(&path).and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        let child = edgeinfer()
             .arg("run")
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
