@@ -61,6 +61,9 @@ pub struct Config {
     /// Shutdown behaviour.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Home Assistant MQTT discovery (off unless `enabled = true`).
+    #[serde(default)]
+    pub homeassistant: crate::homeassistant::HomeAssistantConfig,
     /// The pipelines: source -> preprocess -> model -> postprocess -> outputs.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -95,6 +98,28 @@ pub struct MqttConfig {
     pub status_topic: String,
     /// Retained health topic.
     pub health_topic: String,
+    /// TLS for an `mqtts://` URL (`[mqtt.tls]`); absent: the system CA certificates, no client certificate.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+/// `[mqtt.tls]`: how to talk TLS to an `mqtts://` broker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttTlsConfig {
+    /// CA certificates (PEM) that sign the broker's certificate; absent: the system CA certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM file, unencrypted).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the client private key as PEM text (instead of key_file).
+    pub key_env: Option<String>,
+    /// ALPN protocols to offer, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443.
+    pub alpn: Vec<String>,
+    /// Name the broker's certificate must be valid for, instead of the URL host.
+    pub server_name: Option<String>,
+    /// Accept any broker certificate: encrypted but not authenticated (tests only; logged as an error).
+    pub insecure_skip_verify: bool,
 }
 
 impl Default for MqttConfig {
@@ -111,6 +136,7 @@ impl Default for MqttConfig {
             reconnect_max_ms: 30_000,
             status_topic: "edgeinfer/{device}/status".into(),
             health_topic: "edgeinfer/{device}/health".into(),
+            tls: None,
         }
     }
 }
@@ -1023,6 +1049,10 @@ impl Config {
         if let Some(url) = &self.mqtt.url {
             parse_mqtt_url(url).map_err(|r| bad("mqtt.url".into(), r))?;
         }
+        if let Some(tls) = &self.mqtt.tls {
+            validate_tls(tls, self.mqtt.url.as_deref())
+                .map_err(|(k, r)| bad(if k.is_empty() { "mqtt.tls".into() } else { format!("mqtt.tls.{k}") }, r))?;
+        }
         if self.mqtt.password_env.is_some() && self.mqtt.password_file.is_some() {
             return Err(bad("mqtt.password_env".into(), "give password_env or password_file, not both".into()));
         }
@@ -1036,6 +1066,7 @@ impl Config {
             return Err(bad("mqtt.reconnect_max_ms".into(), "need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
         }
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
+        self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         if self.pipelines.is_empty() {
             return Err(bad("pipelines".into(), "at least one [[pipelines]] table is needed".into()));
         }
@@ -1370,15 +1401,45 @@ fn check_max_fps(max_fps: Option<f64>) -> Result<(), (String, String)> {
     }
 }
 
-/// Splits `mqtt://host[:port]` into host and port (default 1883).
+/// `[mqtt.tls]` without reading files: it needs an `mqtts://` URL, a certificate goes with a key.
+fn validate_tls(tls: &MqttTlsConfig, url: Option<&str>) -> Result<(), (String, String)> {
+    let err = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
+    match url {
+        Some(u) if is_tls_url(u) => {}
+        Some(_) => return err("", "TLS settings are given but mqtt.url is mqtt:// (plaintext): use mqtts://host:port"),
+        None => return err("", "needs mqtt.url = \"mqtts://host:port\" (the embedded broker speaks plaintext)"),
+    }
+    if tls.key_file.is_some() && tls.key_env.is_some() {
+        return err("key_env", "give key_file or key_env, not both");
+    }
+    if tls.cert_file.is_some() && tls.key_file.is_none() && tls.key_env.is_none() {
+        return err("key_file", "cert_file needs key_file or key_env");
+    }
+    if tls.cert_file.is_none() && (tls.key_file.is_some() || tls.key_env.is_some()) {
+        return err("cert_file", "a client key is set but no cert_file");
+    }
+    if let Some(p) = tls.alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+        return err("alpn", &format!("`{p}`: each protocol must be 1 to 255 bytes"));
+    }
+    if tls.server_name.as_deref().is_some_and(str::is_empty) {
+        return err("server_name", "must not be empty");
+    }
+    Ok(())
+}
+
+/// True for an `mqtts://` URL.
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("mqtts://")
+}
+
+/// Splits `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]`
+/// (TLS, default 8883) into host and port; [`is_tls_url`] tells which.
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-        if url.starts_with("mqtts://") {
-            "TLS (mqtts://) is not supported yet; use mqtt://host:port".to_string()
-        } else {
-            format!("`{url}` is not an mqtt://host:port URL")
-        }
-    })?;
+    let (rest, default_port) = match (url.strip_prefix("mqtt://"), url.strip_prefix("mqtts://")) {
+        (Some(rest), _) => (rest, 1883),
+        (None, Some(rest)) => (rest, 8883),
+        (None, None) => return Err(format!("`{url}` is not an mqtt://host:port or mqtts://host:port URL")),
+    };
     let rest = rest.trim_end_matches('/');
     if rest.contains('@') {
         return Err("credentials do not belong in the URL: use mqtt.username and password_env / password_file".into());
@@ -1389,13 +1450,13 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
         let (h, after) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
         match after.strip_prefix(':') {
             Some(p) => (h.to_string(), port_of(p)?),
-            None if after.is_empty() => (h.to_string(), 1883),
+            None if after.is_empty() => (h.to_string(), default_port),
             None => return Err(format!("`{url}` is not an mqtt://host:port URL")),
         }
     } else {
         match rest.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), port_of(p)?),
-            None => (rest.to_string(), 1883),
+            None => (rest.to_string(), default_port),
         }
     };
     if host.is_empty() || host.contains('/') {
@@ -1455,9 +1516,42 @@ source = { type = "synthetic", signal = "sine" }
         assert_eq!(parse_mqtt_url("mqtt://10.0.0.2").unwrap(), ("10.0.0.2".into(), 1883));
         assert!(parse_mqtt_url("http://x").is_err());
         assert!(parse_mqtt_url("mqtt://h:notaport").is_err());
-        assert!(parse_mqtt_url("mqtts://h:8883").unwrap_err().contains("TLS"));
+        assert_eq!(parse_mqtt_url("mqtts://h").unwrap(), ("h".into(), 8883));
+        assert_eq!(parse_mqtt_url("mqtts://h:443").unwrap(), ("h".into(), 443));
+        assert_eq!(parse_mqtt_url("mqtts://[::1]").unwrap(), ("::1".into(), 8883));
+        assert!(is_tls_url("mqtts://h") && !is_tls_url("mqtt://h"));
         assert_eq!(parse_mqtt_url("mqtt://[::1]").unwrap(), ("::1".into(), 1883));
         assert_eq!(parse_mqtt_url("mqtt://[::1]:1884").unwrap(), ("::1".into(), 1884));
         assert!(parse_mqtt_url("mqtt://user:pw@host:1883").unwrap_err().contains("credentials"));
+    }
+
+    #[test]
+    fn mqtt_tls_table_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.onnx"), b"").unwrap();
+        let with = |mqtt: &str| {
+            let mut c = Config::parse(&format!("{MINIMAL}\n[mqtt]\n{mqtt}\n"), "c.toml")?;
+            c.base_dir = dir.path().to_path_buf();
+            c.validate("c.toml").map(|_| c)
+        };
+        let c = with("url = \"mqtts://b\"\ntls = { ca_file = \"ca.pem\", cert_file = \"c.pem\", key_env = \"K\", alpn = [\"x-amzn-mqtt-ca\"], server_name = \"b.example\" }").unwrap();
+        assert_eq!(c.mqtt.tls.unwrap().alpn, vec!["x-amzn-mqtt-ca".to_string()]);
+        let e = with("url = \"mqtts://b\"\ntls = { ca_flie = \"x\" }").unwrap_err().to_string();
+        assert!(e.contains("ca_flie"), "{e}");
+        let e = with("url = \"mqtt://b\"\ntls = { ca_file = \"x\" }").unwrap_err().to_string();
+        assert!(e.contains("`mqtt.tls`") && e.contains("plaintext"), "{e}");
+        let e = with("tls = { ca_file = \"x\" }").unwrap_err().to_string();
+        assert!(e.contains("`mqtt.tls`") && e.contains("mqtts://"), "{e}");
+        let e = with("url = \"mqtts://b\"\ntls = { cert_file = \"c.pem\" }").unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls.key_file"), "{e}");
+        let e = with("url = \"mqtts://b\"\ntls = { key_file = \"k.pem\" }").unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls.cert_file"), "{e}");
+        let e = with("url = \"mqtts://b\"\ntls = { cert_file = \"c\", key_file = \"k\", key_env = \"K\" }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.tls.key_env"), "{e}");
+        let e = with("url = \"mqtts://b\"\ntls = { alpn = [\"\"] }").unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls.alpn"), "{e}");
+        assert!(with("url = \"mqtts://b:443\"").is_ok());
     }
 }

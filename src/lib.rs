@@ -17,11 +17,13 @@
 //! - [`metrics`]: counters, latency percentiles and the health message.
 //! - [`payload`]: the versioned JSON payloads.
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
 
 pub mod broker;
 pub mod cmd;
 pub mod config;
 pub mod engine;
+pub mod homeassistant;
 pub mod message;
 pub mod metrics;
 pub mod payload;

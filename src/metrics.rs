@@ -193,6 +193,8 @@ pub struct MqttMetrics {
     pub queue_capacity: AtomicU64,
     /// Messages received on subscribed topics.
     pub received: AtomicU64,
+    /// Why the last connection attempt failed or the connection dropped (None once connected again).
+    pub last_error: Mutex<Option<String>>,
 }
 
 impl MqttMetrics {
@@ -207,6 +209,7 @@ impl MqttMetrics {
             "queue_depth": self.queue_depth.load(Relaxed),
             "queue_capacity": self.queue_capacity.load(Relaxed),
             "received": self.received.load(Relaxed),
+            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
         })
     }
 }

@@ -118,7 +118,22 @@ pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
         Some(url) => lines.push(format!("mqtt: {url}")),
         None => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
     }
+    // Reads and parses the CA, certificate and key files (no connection).
+    if let Some(tls) = load_tls(cfg)? {
+        lines.push(format!("mqtt tls: {}", tls.summary));
+    }
     Ok(lines)
+}
+
+/// The TLS client configuration for an `mqtts://` URL (None for `mqtt://` and the embedded broker).
+fn load_tls(cfg: &Config) -> anyhow::Result<Option<crate::sink::mqtt_tls::Tls>> {
+    match &cfg.mqtt.url {
+        Some(url) if crate::config::is_tls_url(url) => {
+            let settings = cfg.mqtt.tls.clone().unwrap_or_default();
+            Ok(Some(crate::sink::mqtt_tls::load(&settings, &|p| cfg.resolve(p))?))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn read_password(cfg: &Config) -> anyhow::Result<Option<String>> {
@@ -336,8 +351,9 @@ fn health_log_line(h: &serde_json::Value) -> String {
         }
     }
     let m = &h["mqtt"];
+    let last_error = m["last_error"].as_str().map(|e| format!(" last_error=\"{e}\"")).unwrap_or_default();
     format!(
-        "health: {}; mqtt connected={} queue={} dropped={} reconnects={}; rss {} kB",
+        "health: {}; mqtt connected={} queue={} dropped={} reconnects={}{last_error}; rss {} kB",
         parts.join("; "),
         m["connected"],
         m["queue_depth"],
@@ -377,6 +393,7 @@ async fn run_async(
     let mqtt_metrics = Arc::new(MqttMetrics::default());
     let mqtt = if wants_mqtt { Some(connect_mqtt(&cfg, &device, password, mqtt_metrics.clone()).await?) } else { None };
     let hub = mqtt.as_ref().map(|(h, _)| h.clone());
+    crate::homeassistant::start(&cfg, &device, &prepared, hub.as_ref());
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -560,6 +577,16 @@ async fn connect_mqtt(
         }
     };
     let fill = |t: &str| t.replace("{device}", device);
+    let tls = load_tls(cfg)?;
+    if let Some(tls) = &tls {
+        if tls.insecure {
+            log::error!(
+                "MQTT: mqtt.tls.insecure_skip_verify is on: the broker's certificate is NOT verified; \
+                 anyone on the network path can read and forge this traffic"
+            );
+        }
+        log::info!("MQTT: TLS with {}", tls.summary);
+    }
     let settings = MqttSettings {
         host,
         port,
@@ -571,6 +598,7 @@ async fn connect_mqtt(
         reconnect_min: Duration::from_millis(cfg.mqtt.reconnect_min_ms),
         reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
         status_topic: fill(&cfg.mqtt.status_topic),
+        tls,
     };
     Ok(crate::sink::mqtt::start(settings, metrics))
 }

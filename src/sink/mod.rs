@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod mqtt;
+pub mod mqtt_tls;
 pub mod stdout;
 
 use std::sync::Arc;

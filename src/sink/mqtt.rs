@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, LastWill, MqttOptions, MqttState, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, MqttState, Outgoing, Packet,
+    QoS, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -86,6 +86,8 @@ pub struct MqttSettings {
     pub reconnect_max: Duration,
     /// Retained `online`/`offline` topic; also the Last Will.
     pub status_topic: String,
+    /// TLS (`mqtts://`); None: plain TCP.
+    pub tls: Option<super::mqtt_tls::Tls>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -96,6 +98,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -134,6 +137,10 @@ impl OutMessage {
 /// payload to a thread of your own for anything heavy.
 pub type MessageHandler = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 
+/// Called after every ConnAck (once the status and subscriptions are sent).
+/// Like a [`MessageHandler`] it runs on the connection task: quick, never blocking.
+pub type ConnectHook = Arc<dyn Fn() + Send + Sync>;
+
 struct Subscription {
     filter: String,
     qos: u8,
@@ -146,6 +153,8 @@ struct Shared {
     accepting: AtomicBool,
     /// Every registered subscription, re-sent on each ConnAck.
     subscriptions: Mutex<Vec<Subscription>>,
+    /// Called on each ConnAck.
+    connect_hooks: Mutex<Vec<ConnectHook>>,
 }
 
 enum Command {
@@ -199,6 +208,17 @@ impl MqttHandle {
         // The task is gone only after shutdown; nothing to subscribe then.
         let _ = self.commands.send(Command::Subscribe { filter: filter.to_string(), qos });
     }
+
+    /// Calls `hook` after every (re)connection, and once now if already connected
+    /// (so a hook registered around the first ConnAck may run twice).
+    pub fn on_connect(&self, hook: ConnectHook) {
+        if let Ok(mut hooks) = self.shared.connect_hooks.lock() {
+            hooks.push(hook.clone());
+        }
+        if self.metrics.connected.load(Relaxed) {
+            hook();
+        }
+    }
 }
 
 /// The running connection task, to shut down cleanly.
@@ -228,10 +248,17 @@ impl MqttTask {
 pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, MqttTask) {
     let capacity = settings.buffer.max(1);
     metrics.queue_capacity.store(capacity as u64, Relaxed);
-    let label = format!("{}:{}", settings.host, settings.port);
+    let label = match &settings.tls {
+        Some(_) => format!("mqtts://{}:{}", settings.host, settings.port),
+        None => format!("{}:{}", settings.host, settings.port),
+    };
 
     let (client, eventloop) = AsyncClient::new(client_options(&settings), REQUEST_CAPACITY);
-    let shared = Arc::new(Shared { accepting: AtomicBool::new(true), subscriptions: Mutex::new(Vec::new()) });
+    let shared = Arc::new(Shared {
+        accepting: AtomicBool::new(true),
+        subscriptions: Mutex::new(Vec::new()),
+        connect_hooks: Mutex::new(Vec::new()),
+    });
     let (msg_tx, msg_rx) = mpsc::channel(capacity.clamp(16, 1024));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (link_tx, link_rx) = mpsc::channel(LINK_CAPACITY);
@@ -289,7 +316,20 @@ fn client_options(settings: &MqttSettings) -> MqttOptions {
     if !valid_topic(&settings.status_topic) {
         log::error!("MQTT: status topic `{}` is not a valid topic name; brokers will refuse it", settings.status_topic);
     }
+    // With TLS configured, every connection is TLS: there is no plaintext fallback.
+    if let Some(tls) = &settings.tls {
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
+    }
     opts
+}
+
+/// A connection error as the log and health show it, with what it means when it is a TLS failure.
+fn describe(e: &ConnectionError, connecting: bool) -> String {
+    let handshake = connecting && matches!(e, ConnectionError::Tls(_));
+    match super::mqtt_tls::explain(e, handshake) {
+        Some(hint) => format!("TLS error: {hint} ({e})"),
+        None => e.to_string(),
+    }
 }
 
 /// `+ # $ /` replaced: the embedded broker (rumqttd) silently refuses ids with them.
@@ -375,6 +415,9 @@ async fn drive(
                 ever_connected = true;
                 failures = 0;
                 backoff.reset();
+                if let Ok(mut last) = metrics.last_error.lock() {
+                    *last = None;
+                }
                 if links.send(Link::Connected).await.is_err() {
                     return;
                 }
@@ -390,8 +433,14 @@ async fn drive(
             }
             Err(e) => {
                 failures += 1;
+                let why = describe(&e, connecting);
+                if let Ok(mut last) = metrics.last_error.lock() {
+                    *last = Some(why.clone());
+                }
+                // A TLS failure is a setup problem (wrong CA, refused certificate): say it loudly.
+                let tls_failure = why.starts_with("TLS error");
                 if !connecting {
-                    log::warn!("MQTT: connection to {label} lost: {e}; reconnecting");
+                    log::warn!("MQTT: connection to {label} lost: {why}; reconnecting");
                     // Messages received before the error are real; the rest
                     // (acks, writes) belongs to the dead connection.
                     let stale: Vec<MqttEvent> = eventloop.state.events.drain(..).collect();
@@ -412,10 +461,12 @@ async fn drive(
                     eventloop.clean();
                     eventloop.pending.clear();
                     eventloop.state = MqttState::new(CLIENT_INFLIGHT, false);
+                } else if (failures == 1 || failures.is_power_of_two()) && tls_failure {
+                    log::error!("MQTT: cannot connect to {label}: {why}; retrying with backoff (attempt {failures})");
                 } else if failures == 1 || failures.is_power_of_two() {
-                    log::warn!("MQTT: cannot connect to {label}: {e}; retrying with backoff (attempt {failures})");
+                    log::warn!("MQTT: cannot connect to {label}: {why}; retrying with backoff (attempt {failures})");
                 } else {
-                    log::debug!("MQTT: cannot connect to {label}: {e}");
+                    log::debug!("MQTT: cannot connect to {label}: {why}");
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
@@ -697,6 +748,12 @@ impl Manager {
                 log::warn!("MQTT: subscribing to {n} filters failed: {e}; retried on reconnect");
             }
         }
+        let hooks: Vec<ConnectHook> = self.shared.connect_hooks.lock().map(|h| h.clone()).unwrap_or_default();
+        for hook in hooks {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| hook())).is_err() {
+                log::error!("MQTT: a connect hook panicked");
+            }
+        }
     }
 
     /// Every registered filter once, with the highest QoS asked for it.
@@ -949,6 +1006,7 @@ mod tests {
             reconnect_min: Duration::from_millis(1),
             reconnect_max: Duration::from_millis(2),
             status_topic: "s".into(),
+            tls: None,
         };
         assert!(!format!("{s:?}").contains("hunter2"));
     }

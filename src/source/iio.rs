@@ -400,6 +400,7 @@ mod tests {
     use std::thread::JoinHandle;
 
     use super::*;
+    use crate::source::testing::{failure, next, stop};
 
     /// Writes a sysfs-shaped device directory `root/dir` with `files` (name, content).
     fn device(root: &Path, dir: &str, files: &[(&str, &str)]) -> PathBuf {
@@ -445,37 +446,6 @@ mod tests {
     fn start(cfg: SourceConfig, ctx: &SourceCtx) -> JoinHandle<Result<SourceEnd, SourceError>> {
         let ctx = ctx.clone();
         std::thread::spawn(move || run(&cfg, &ctx))
-    }
-
-    /// The next input's values, waiting up to 5 s.
-    fn next(ctx: &SourceCtx) -> Values {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ctx.queue.is_empty() {
-            assert!(Instant::now() < deadline, "no input within 5 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // `pop` blocks while the queue is empty; it is not now.
-        match ctx.queue.pop() {
-            Some(Input::Values(v)) => v,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    /// The run's error, waiting at most 5 s for the run to end.
-    fn failure(handle: JoinHandle<Result<SourceEnd, SourceError>>) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !handle.is_finished() {
-            assert!(Instant::now() < deadline, "the source did not fail within 5 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        handle.join().unwrap().unwrap_err().0
-    }
-
-    fn stop(ctx: &SourceCtx, handle: JoinHandle<Result<SourceEnd, SourceError>>) {
-        ctx.stop.store(true, Relaxed);
-        let t = Instant::now();
-        assert_eq!(handle.join().unwrap().unwrap(), SourceEnd::Stopped);
-        assert!(t.elapsed() < Duration::from_secs(2), "took {:?} to stop", t.elapsed());
     }
 
     #[test]

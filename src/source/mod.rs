@@ -223,6 +223,49 @@ pub fn spawn(
     })
 }
 
+/// Helpers for source tests that run a source on a thread.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use super::{SourceCtx, SourceEnd, SourceError};
+    use crate::message::{Input, Values};
+
+    /// The next input's values, waiting up to 5 s.
+    pub fn next(ctx: &SourceCtx) -> Values {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ctx.queue.is_empty() {
+            assert!(Instant::now() < deadline, "no input within 5 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // `pop` blocks while the queue is empty; it is not now.
+        match ctx.queue.pop() {
+            Some(Input::Values(v)) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The run's error, waiting at most 5 s for the run to end.
+    pub fn failure(handle: JoinHandle<Result<SourceEnd, SourceError>>) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() {
+            assert!(Instant::now() < deadline, "the source did not fail within 5 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        handle.join().unwrap().unwrap_err().0
+    }
+
+    /// Asks the source to stop and checks that it does, promptly.
+    pub fn stop(ctx: &SourceCtx, handle: JoinHandle<Result<SourceEnd, SourceError>>) {
+        ctx.stop.store(true, Relaxed);
+        let t = Instant::now();
+        assert_eq!(handle.join().unwrap().unwrap(), SourceEnd::Stopped);
+        assert!(t.elapsed() < Duration::from_secs(2), "took {:?} to stop", t.elapsed());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

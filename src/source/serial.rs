@@ -200,7 +200,7 @@ mod tests {
     use serialport::TTYPort;
 
     use super::*;
-    use crate::message::{Input, Values};
+    use crate::source::testing::{failure, next, stop};
 
     fn cfg(port: &Path, format: LineFormat) -> SourceConfig {
         SourceConfig::Serial { port: port.to_str().unwrap().into(), baud: 115_200, format }
@@ -235,19 +235,6 @@ mod tests {
         owned.try_clone().expect("F_DUPFD_CLOEXEC")
     }
 
-    fn next(ctx: &SourceCtx) -> Values {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ctx.queue.is_empty() {
-            assert!(Instant::now() < deadline, "no input within 5 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // `pop` blocks while the queue is empty; it is not now.
-        match ctx.queue.pop() {
-            Some(Input::Values(v)) => v,
-            other => panic!("{other:?}"),
-        }
-    }
-
     /// Writes `0` lines until the source passes one on: it is then open and in step.
     fn sync(master: &mut File, ctx: &SourceCtx) {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -261,23 +248,6 @@ mod tests {
         while !ctx.queue.is_empty() {
             assert_eq!(next(ctx).values, [0.0]);
         }
-    }
-
-    /// The run's error, waiting at most 5 s for the run to end.
-    fn failure(handle: JoinHandle<Result<SourceEnd, SourceError>>) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !handle.is_finished() {
-            assert!(Instant::now() < deadline, "the source did not fail within 5 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        handle.join().unwrap().unwrap_err().0
-    }
-
-    fn stop(ctx: &SourceCtx, handle: JoinHandle<Result<SourceEnd, SourceError>>) {
-        ctx.stop.store(true, Relaxed);
-        let t = Instant::now();
-        assert_eq!(handle.join().unwrap().unwrap(), SourceEnd::Stopped);
-        assert!(t.elapsed() < Duration::from_secs(2), "took {:?} to stop", t.elapsed());
     }
 
     #[test]

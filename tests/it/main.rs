@@ -7,12 +7,14 @@ mod cameras;
 mod cli;
 mod daemon;
 mod detect;
+mod homeassistant;
 mod mqtt_hub;
 mod parity;
 mod pipe;
 mod sensors;
 mod support;
 mod systemd;
+mod tls;
 
 use std::path::PathBuf;
 

@@ -39,7 +39,9 @@ fn check_with(stem: &str, tol: Tolerance, opts: &LoadOptions) {
         let (a, b) = (out.data.to_f64_vec(), want.data.to_f64_vec());
         let max_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
         let bound = match (tol.max_steps, spec.quantization) {
-            (Some(steps), Some(q)) => steps * q.scale as f64,
+            // A slack of 1/1000 step: outputs are dequantized in f32, so a diff of exactly
+            // N steps can exceed N * scale by rounding (seen on armv7: 2 steps + 5e-7).
+            (Some(steps), Some(q)) => (steps + 1e-3) * q.scale as f64,
             (Some(_), None) => panic!("{stem}: int8 tolerance needs the output's quantization scale"),
             (None, _) => tol.float_abs * b.iter().fold(1.0f64, |m, x| m.max(x.abs())),
         };

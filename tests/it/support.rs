@@ -37,9 +37,16 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts mosquitto on `port` (anonymous access, loopback only).
     pub fn start_on(port: u16) -> Mosquitto {
+        Self::start_with_config(port, "")
+    }
+
+    /// Starts mosquitto with a plaintext listener on `port` and `extra` lines
+    /// appended to its config (more listeners, TLS files). Waits for `port` only.
+    pub fn start_with_config(port: u16, extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}\n"))
+            .unwrap();
         let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&conf)
