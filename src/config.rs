@@ -64,6 +64,9 @@ pub struct Config {
     /// Home Assistant MQTT discovery (off unless `enabled = true`).
     #[serde(default)]
     pub homeassistant: crate::homeassistant::HomeAssistantConfig,
+    /// Remote commands over MQTT (off unless `enabled = true`).
+    #[serde(default)]
+    pub commands: crate::commands::CommandsConfig,
     /// The pipelines: source -> preprocess -> model -> postprocess -> outputs.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -100,6 +103,14 @@ pub struct MqttConfig {
     pub health_topic: String,
     /// TLS for an `mqtts://` URL (`[mqtt.tls]`); absent: the system CA certificates, no client certificate.
     pub tls: Option<MqttTlsConfig>,
+    /// Store-and-forward directory for QoS 1/2 results (relative: to the config file); absent: memory only.
+    pub queue_dir: Option<PathBuf>,
+    /// The disk queue's segment files never exceed this; the oldest are dropped beyond it.
+    pub queue_max_bytes: u64,
+    /// Queued results older than this are dropped.
+    pub queue_max_age_s: u64,
+    /// When queued results are forced to disk: `always`, `never` or an interval like `100ms`.
+    pub queue_fsync: String,
 }
 
 /// `[mqtt.tls]`: how to talk TLS to an `mqtts://` broker.
@@ -137,6 +148,10 @@ impl Default for MqttConfig {
             status_topic: "edgeinfer/{device}/status".into(),
             health_topic: "edgeinfer/{device}/health".into(),
             tls: None,
+            queue_dir: None,
+            queue_max_bytes: 64 << 20,
+            queue_max_age_s: 7 * 24 * 3600,
+            queue_fsync: "100ms".into(),
         }
     }
 }
@@ -1062,11 +1077,20 @@ impl Config {
         if self.mqtt.buffer == 0 {
             return Err(bad("mqtt.buffer".into(), "must be at least 1".into()));
         }
+        crate::sink::disk_queue::FsyncPolicy::parse(&self.mqtt.queue_fsync)
+            .map_err(|r| bad("mqtt.queue_fsync".into(), r))?;
+        if self.mqtt.queue_max_bytes < 4096 {
+            return Err(bad("mqtt.queue_max_bytes".into(), "must be at least 4096".into()));
+        }
+        if self.mqtt.queue_max_age_s == 0 {
+            return Err(bad("mqtt.queue_max_age_s".into(), "must be at least 1".into()));
+        }
         if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms {
             return Err(bad("mqtt.reconnect_max_ms".into(), "need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
         }
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
+        self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
         if self.pipelines.is_empty() {
             return Err(bad("pipelines".into(), "at least one [[pipelines]] table is needed".into()));
         }

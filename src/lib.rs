@@ -18,9 +18,11 @@
 //! - [`payload`]: the versioned JSON payloads.
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
+//! - [`commands`]: remote commands over MQTT (pause, thresholds, health, model reload), optional HMAC.
 
 pub mod broker;
 pub mod cmd;
+pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod homeassistant;

@@ -195,6 +195,8 @@ pub struct MqttMetrics {
     pub received: AtomicU64,
     /// Why the last connection attempt failed or the connection dropped (None once connected again).
     pub last_error: Mutex<Option<String>>,
+    /// The store-and-forward queue, when `mqtt.queue_dir` is set.
+    pub disk_queue: std::sync::OnceLock<std::sync::Arc<crate::sink::disk_queue::DiskQueue>>,
 }
 
 impl MqttMetrics {
@@ -210,6 +212,7 @@ impl MqttMetrics {
             "queue_capacity": self.queue_capacity.load(Relaxed),
             "received": self.received.load(Relaxed),
             "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+            "disk_queue": self.disk_queue.get().map(|q| q.health()),
         })
     }
 }

@@ -164,6 +164,7 @@ struct Worker {
     metrics: Arc<PipelineMetrics>,
     device: Arc<str>,
     snapshot: Option<SnapshotOut>,
+    control: Arc<crate::commands::PipelineControl>,
 }
 
 /// Where a pipeline's snapshots go.
@@ -215,7 +216,7 @@ fn warn_limited(count: u64, pipeline: &str, what: &str) {
 
 impl Worker {
     fn run(mut self) {
-        let Worker { prepared, queue, outputs, metrics, device, snapshot } = &mut self;
+        let Worker { prepared, queue, outputs, metrics, device, snapshot, control } = &mut self;
         let mut session = match prepared.model.session() {
             Ok(s) => s,
             Err(e) => {
@@ -224,14 +225,50 @@ impl Worker {
             }
         };
         let pipeline: Arc<str> = prepared.cfg.name.as_str().into();
-        let model_name: Arc<str> = prepared.model.info().name.as_str().into();
-        let sha: Arc<str> = prepared.model.info().sha256.as_str().into();
+        let mut model_name: Arc<str> = prepared.model.info().name.as_str().into();
+        let mut sha: Arc<str> = prepared.model.info().sha256.as_str().into();
         let mut buf = prepared.pre.buffer();
         let mut results = Vec::new();
         let mut seq: u64 = 0;
         // After shutdown closes the queue, what it still holds is processed (bounded
         // by the drain deadline): inputs already accepted are not silently lost.
         while let Some(input) = queue.pop() {
+            // Remote commands: changes are applied between two inputs, never during one.
+            if control.dirty.load(Relaxed) {
+                let pending = control.take_pending();
+                if let Some(swap) = pending.swap {
+                    for (out, o) in outputs.iter_mut().zip(&swap.prepared.cfg.outputs) {
+                        out.class = o.class.as_deref().and_then(|c| swap.prepared.post.label_index(c));
+                    }
+                    *prepared = swap.prepared;
+                    session = swap.session;
+                    model_name = prepared.model.info().name.as_str().into();
+                    sha = prepared.model.info().sha256.as_str().into();
+                    buf = prepared.pre.buffer();
+                    log::info!("pipeline `{pipeline}`: now running model {model_name}");
+                    let _ = swap.done.send(());
+                }
+                for (which, t) in pending.thresholds {
+                    for (ix, (out, o)) in outputs.iter_mut().zip(&prepared.cfg.outputs).enumerate() {
+                        if o.when == When::Threshold && which.is_none_or(|w| w == ix) {
+                            out.filter = EventFilter::new(o.when, o.debounce, t, o.hysteresis);
+                        }
+                    }
+                    if let (None, Some(c)) = (which, control.anomaly_config(t)) {
+                        match Postprocessor::new(Some(&c), prepared.model.outputs(), prepared.labels.clone()) {
+                            Ok(post) => prepared.post = post,
+                            Err(e) => log::warn!("pipeline `{pipeline}`: anomaly threshold {t} not applied: {e}"),
+                        }
+                    }
+                }
+            }
+            if control.paused.load(Relaxed) {
+                match &input {
+                    crate::message::Input::Frame(_) => metrics.dropped_stale.fetch_add(1, Relaxed),
+                    _ => control.skipped_paused.fetch_add(1, Relaxed),
+                };
+                continue;
+            }
             let captured = input.captured();
             let origin = input.origin().map(str::to_string);
             let mut mark = Instant::now();
@@ -315,13 +352,14 @@ fn health_json(
     started: Instant,
     mqtt: &MqttMetrics,
     pipelines: &[Arc<PipelineMetrics>],
+    registry: &crate::commands::Registry,
 ) -> serde_json::Value {
     let now = SystemTime::now();
     let mut per = serde_json::Map::new();
     for p in pipelines {
         per.insert(p.name.clone(), p.health());
     }
-    serde_json::json!({
+    let mut health = serde_json::json!({
         "schema": crate::payload::HEALTH_SCHEMA,
         "device": device,
         "time": crate::payload::rfc3339(now),
@@ -331,7 +369,9 @@ fn health_json(
         "version": env!("CARGO_PKG_VERSION"),
         "mqtt": mqtt.health(),
         "pipelines": per,
-    })
+    });
+    registry.augment(&mut health);
+    health
 }
 
 fn health_log_line(h: &serde_json::Value) -> String {
@@ -389,7 +429,7 @@ async fn run_async(
     let started = Instant::now();
     // No broker URL and nothing that publishes or subscribes: no broker, no client
     // (health then goes to the log only).
-    let wants_mqtt = cfg.mqtt.url.is_some() || cfg.uses_mqtt();
+    let wants_mqtt = cfg.mqtt.url.is_some() || cfg.uses_mqtt() || cfg.commands.enabled;
     let mqtt_metrics = Arc::new(MqttMetrics::default());
     let mqtt = if wants_mqtt { Some(connect_mqtt(&cfg, &device, password, mqtt_metrics.clone()).await?) } else { None };
     let hub = mqtt.as_ref().map(|(h, _)| h.clone());
@@ -401,6 +441,7 @@ async fn run_async(
     let mut queues = Vec::new();
     let mut line_threads = Vec::new();
     let mut workers = Vec::new();
+    let mut controls = Vec::new();
     let mut stdout_sink: Option<Arc<crate::sink::stdout::LineSink>> = None;
     for prep in prepared {
         let p = prep.cfg.clone();
@@ -470,7 +511,10 @@ async fn run_async(
             hub: hub.clone(),
             path: sc.path.as_ref().map(|path| cfg.resolve(path)),
         });
+        let control = crate::commands::PipelineControl::new(&prep, cfg.resolve(&p.model));
+        controls.push(control.clone());
         let worker = Worker {
+            control,
             prepared: prep,
             queue: queue.clone(),
             outputs,
@@ -494,8 +538,22 @@ async fn run_async(
     drop(done_tx);
     drop(stdout_sink);
 
-    let health_task =
-        spawn_health(&cfg, device.clone(), started, hub.clone(), mqtt_metrics.clone(), all_metrics.clone());
+    let registry = crate::commands::Registry::new(controls);
+    let health_task = spawn_health(
+        &cfg,
+        device.clone(),
+        started,
+        hub.clone(),
+        mqtt_metrics.clone(),
+        all_metrics.clone(),
+        registry.clone(),
+    );
+    let health_now: crate::commands::HealthNow = {
+        let (cfg, device, hub, mqtt, pipelines, registry) =
+            (cfg.clone(), device.clone(), hub.clone(), mqtt_metrics.clone(), all_metrics.clone(), registry.clone());
+        Arc::new(move || publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg, &registry))
+    };
+    crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_now)?;
     let watchdog = crate::sdnotify::ready();
 
     let mut remaining = workers.len();
@@ -532,7 +590,7 @@ async fn run_async(
         t.abort();
     }
     // Final health, so subscribers see the last figures.
-    publish_health(&device, started, hub.as_ref(), &mqtt_metrics, &all_metrics, &cfg);
+    publish_health(&device, started, hub.as_ref(), &mqtt_metrics, &all_metrics, &cfg, &registry);
     if let Some((_, task)) = mqtt {
         task.shutdown(deadline).await;
     }
@@ -599,6 +657,7 @@ async fn connect_mqtt(
         reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
         status_topic: fill(&cfg.mqtt.status_topic),
         tls,
+        disk_queue: crate::sink::disk_queue::from_config(cfg)?,
     };
     Ok(crate::sink::mqtt::start(settings, metrics))
 }
@@ -610,17 +669,20 @@ fn publish_health(
     mqtt: &MqttMetrics,
     pipelines: &[Arc<PipelineMetrics>],
     cfg: &Config,
-) {
-    let h = health_json(device, started, mqtt, pipelines);
+    registry: &crate::commands::Registry,
+) -> serde_json::Value {
+    let h = health_json(device, started, mqtt, pipelines, registry);
     log::info!("{}", health_log_line(&h));
     let topic = cfg.mqtt.health_topic.replace("{device}", device);
-    let Some(hub) = hub else { return };
-    hub.enqueue(OutMessage {
-        topic,
-        body: Body::Raw(serde_json::to_vec(&h).unwrap_or_default()),
-        qos: 1,
-        retain: true,
-    });
+    if let Some(hub) = hub {
+        hub.enqueue(OutMessage {
+            topic,
+            body: Body::Raw(serde_json::to_vec(&h).unwrap_or_default()),
+            qos: 1,
+            retain: true,
+        });
+    }
+    h
 }
 
 fn spawn_health(
@@ -630,6 +692,7 @@ fn spawn_health(
     hub: Option<MqttHandle>,
     mqtt: Arc<MqttMetrics>,
     pipelines: Vec<Arc<PipelineMetrics>>,
+    registry: Arc<crate::commands::Registry>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if cfg.health.interval_s == 0 {
         return None;
@@ -640,7 +703,7 @@ fn spawn_health(
         tick.tick().await;
         loop {
             tick.tick().await;
-            publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg);
+            publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg, &registry);
         }
     }))
 }

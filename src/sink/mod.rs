@@ -1,6 +1,7 @@
 //! Outputs: where results go. Every sink takes results without blocking the
 //! inference worker; what it cannot take is dropped and counted.
 
+pub mod disk_queue;
 pub mod file;
 pub mod mqtt;
 pub mod mqtt_tls;

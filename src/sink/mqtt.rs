@@ -18,6 +18,14 @@
 //!   the front of the buffer, so nothing is lost to rumqttc's internal queues
 //!   (a clean session discards them), at the price of an occasional duplicate.
 //!
+//! Store and forward: with a disk queue configured (`mqtt.queue_dir`), a
+//! QoS 1/2 *result* is rendered and appended to the [`DiskQueue`] inside
+//! [`MqttHandle::enqueue`] (it counts as accepted only once stored) and leaves
+//! the queue only when the broker acknowledged it (PUBACK/PUBCOMP). The
+//! manager reads the queue in order; after a connection loss (or a restart)
+//! it starts again from the oldest unacknowledged record. QoS 0 messages and
+//! raw messages (health, discovery, command replies) keep the memory buffer.
+//!
 //! Status: the Last Will is a retained `offline` on the status topic; every
 //! ConnAck publishes a retained `online` and re-subscribes every registered
 //! filter (the session is clean, so the broker remembers nothing).
@@ -36,6 +44,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
+use super::disk_queue::{DiskQueue, Record, Stored};
 use crate::message::{Event, ResultMsg};
 use crate::metrics::MqttMetrics;
 
@@ -88,6 +97,8 @@ pub struct MqttSettings {
     pub status_topic: String,
     /// TLS (`mqtts://`); None: plain TCP.
     pub tls: Option<super::mqtt_tls::Tls>,
+    /// Store-and-forward queue for QoS 1/2 results; None: the memory buffer only.
+    pub disk_queue: Option<Arc<DiskQueue>>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -105,7 +116,8 @@ impl std::fmt::Debug for MqttSettings {
 
 /// What a message carries.
 pub enum Body {
-    /// A result, rendered to JSON when it is published (so `published_at` is true).
+    /// A result, rendered to JSON when it is published (so `published_at` is
+    /// true); with a disk queue, QoS 1/2 results are rendered when accepted.
     Result(Arc<ResultMsg>, Option<Event>),
     /// Bytes ready to send (health).
     Raw(Vec<u8>),
@@ -155,6 +167,10 @@ struct Shared {
     subscriptions: Mutex<Vec<Subscription>>,
     /// Called on each ConnAck.
     connect_hooks: Mutex<Vec<ConnectHook>>,
+    /// Store-and-forward queue for QoS 1/2 results.
+    disk: Option<Arc<DiskQueue>>,
+    /// Wakes the manager when a record was stored.
+    stored: tokio::sync::Notify,
 }
 
 enum Command {
@@ -182,6 +198,10 @@ impl MqttHandle {
             log::debug!("MQTT: shutting down, message for `{}` dropped", msg.topic);
             return false;
         }
+        let msg = match self.store(msg) {
+            Ok(stored) => return stored,
+            Err(msg) => msg,
+        };
         let why = match self.messages.try_send(msg) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => "publish hand-over full",
@@ -192,6 +212,35 @@ impl MqttHandle {
             log::warn!("MQTT: {why}, message dropped ({n} dropped so far)");
         }
         false
+    }
+
+    /// Appends a QoS 1/2 result to the disk queue (Ok: whether it was stored);
+    /// hands back any other message for the memory buffer.
+    fn store(&self, msg: OutMessage) -> Result<bool, OutMessage> {
+        let Some(disk) = &self.shared.disk else { return Err(msg) };
+        if msg.qos == 0 || !matches!(msg.body, Body::Result(..)) || !valid_topic(&msg.topic) {
+            return Err(msg);
+        }
+        let payload = msg.payload();
+        if payload.len() + msg.topic.len() + 16 > MAX_PACKET_BYTES {
+            self.metrics.dropped.fetch_add(1, Relaxed);
+            log::warn!("MQTT: result for `{}` dropped: payload too large", msg.topic);
+            return Ok(false);
+        }
+        let record = Record { topic: msg.topic, qos: msg.qos.min(2), retain: msg.retain, payload };
+        match disk.append(&record) {
+            Ok(_) => {
+                self.shared.stored.notify_one();
+                Ok(true)
+            }
+            Err(e) => {
+                let n = self.metrics.dropped.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!("MQTT: result for `{}` not stored: {e} ({n} dropped so far)", record.topic);
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// Subscribes (now and after every reconnect); `handler` gets each message.
@@ -254,10 +303,19 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
     };
 
     let (client, eventloop) = AsyncClient::new(client_options(&settings), REQUEST_CAPACITY);
+    if let Some(disk) = &settings.disk_queue {
+        let _ = metrics.disk_queue.set(disk.clone());
+        let pending = disk.pending();
+        if pending > 0 {
+            log::info!("MQTT: {pending} results waiting in the disk queue from before; replaying them");
+        }
+    }
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
         subscriptions: Mutex::new(Vec::new()),
         connect_hooks: Mutex::new(Vec::new()),
+        disk: settings.disk_queue.clone(),
+        stored: tokio::sync::Notify::new(),
     });
     let (msg_tx, msg_rx) = mpsc::channel(capacity.clamp(16, 1024));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -272,6 +330,9 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
         status_topic: settings.status_topic,
         capacity,
         buffer: VecDeque::new(),
+        disk: settings.disk_queue,
+        disk_cursor: 0,
+        disk_ready: VecDeque::new(),
         sent: VecDeque::new(),
         collided: None,
         unacked: HashMap::new(),
@@ -496,8 +557,10 @@ struct Queued {
 
 /// A publish handed to the client and not yet confirmed.
 struct Handed {
-    /// The message (None: the online/offline status).
+    /// The message (None: the online/offline status, or a disk record).
     item: Option<Queued>,
+    /// The disk queue record it is (acknowledged there once confirmed).
+    disk_id: Option<u64>,
     /// The offline status (shutdown waits for it).
     offline: bool,
     /// QoS it was sent with.
@@ -514,6 +577,12 @@ struct Manager {
     capacity: usize,
     /// Waiting to be handed to the client.
     buffer: VecDeque<Queued>,
+    /// Store-and-forward queue for QoS 1/2 results.
+    disk: Option<Arc<DiskQueue>>,
+    /// The last disk record handed on this connection (0: none yet).
+    disk_cursor: u64,
+    /// Disk records read and not yet handed.
+    disk_ready: VecDeque<Stored>,
     /// Handed, not yet written (rumqttc reports writes in hand-over order).
     sent: VecDeque<Handed>,
     /// Handed, waiting for a free packet id (the broker acked out of order).
@@ -538,11 +607,15 @@ impl Manager {
         let mut commands_open = true;
         let mut links_open = true;
         let mut deadline: Option<Instant> = None;
+        let shared = self.shared.clone();
+        let has_disk = self.disk.is_some();
+        let mut maintenance = tokio::time::interval(Duration::from_millis(100));
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.pump();
             self.update_depth();
             if let Some(d) = deadline {
-                if self.buffer.is_empty() && self.in_flight() == 0 {
+                if self.buffer.is_empty() && self.in_flight() == 0 && self.disk_pending() == 0 {
                     break;
                 }
                 if Instant::now() >= d || !links_open {
@@ -590,6 +663,12 @@ impl Manager {
                     }
                 },
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+                _ = shared.stored.notified(), if has_disk => {}
+                _ = maintenance.tick(), if has_disk => {
+                    if let Some(disk) = &self.disk {
+                        disk.maintain();
+                    }
+                }
             }
         }
         self.finish(&mut messages, &mut links, links_open).await;
@@ -605,7 +684,7 @@ impl Manager {
         self.shared.accepting.store(false, Relaxed);
         let was_connected = self.connected;
         if self.connected && open {
-            let offline = Handed { item: None, offline: true, qos: 1, order: self.order() };
+            let offline = Handed { item: None, disk_id: None, offline: true, qos: 1, order: self.order() };
             if self.client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "offline").is_ok() {
                 self.sent.push_back(offline);
                 let until = Instant::now() + OFFLINE_ACK_TIMEOUT;
@@ -638,6 +717,13 @@ impl Manager {
             log::warn!("MQTT: {unsent} messages not published before the shutdown deadline");
         }
         self.buffer.clear();
+        if let Some(disk) = &self.disk {
+            disk.close();
+            let left = disk.pending();
+            if left > 0 {
+                log::info!("MQTT: {left} results stay in the disk queue for the next start");
+            }
+        }
         self.metrics.queue_depth.store(0, Relaxed);
         self.metrics.connected.store(false, Relaxed);
         if was_connected {
@@ -656,6 +742,11 @@ impl Manager {
         self.sent.iter().map(data).sum::<usize>()
             + self.collided.as_ref().map(data).unwrap_or(0)
             + self.unacked.values().map(data).sum::<usize>()
+    }
+
+    /// Disk records not yet acknowledged (handed or not).
+    fn disk_pending(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.pending()).unwrap_or(0)
     }
 
     fn handed(&self) -> usize {
@@ -699,6 +790,7 @@ impl Manager {
 
     /// Hands buffered messages to the client while connected and the window has room.
     fn pump(&mut self) {
+        self.pump_disk();
         while self.connected && self.handed() < WINDOW {
             let Some(queued) = self.buffer.pop_front() else { break };
             let payload = queued.msg.payload();
@@ -711,11 +803,35 @@ impl Manager {
             match self.client.try_publish(queued.msg.topic.clone(), to_qos(q), retain, payload) {
                 Ok(()) => {
                     let order = self.order();
-                    self.sent.push_back(Handed { item: Some(queued), offline: false, qos: q, order });
+                    self.sent.push_back(Handed { item: Some(queued), disk_id: None, offline: false, qos: q, order });
                 }
                 Err(_) => {
                     // The topic is valid, so the request channel is full: later.
                     self.buffer.push_front(queued);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands disk records in order, first refilling from the queue.
+    fn pump_disk(&mut self) {
+        let Some(disk) = self.disk.clone() else { return };
+        while self.connected && self.handed() < WINDOW {
+            if self.disk_ready.is_empty() {
+                self.disk_ready.extend(disk.read_after(self.disk_cursor, WINDOW));
+            }
+            let Some(stored) = self.disk_ready.pop_front() else { break };
+            let r = &stored.record;
+            match self.client.try_publish(r.topic.clone(), to_qos(r.qos), r.retain, r.payload.clone()) {
+                Ok(()) => {
+                    self.disk_cursor = stored.id;
+                    let order = self.order();
+                    let qos = r.qos.min(2);
+                    self.sent.push_back(Handed { item: None, disk_id: Some(stored.id), offline: false, qos, order });
+                }
+                Err(_) => {
+                    self.disk_ready.push_front(stored);
                     break;
                 }
             }
@@ -736,7 +852,7 @@ impl Manager {
     fn connected(&mut self) {
         self.connected = true;
         self.metrics.connected.store(true, Relaxed);
-        let status = Handed { item: None, offline: false, qos: 1, order: self.order() };
+        let status = Handed { item: None, disk_id: None, offline: false, qos: 1, order: self.order() };
         match self.client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "online") {
             Ok(()) => self.sent.push_back(status),
             Err(e) => log::warn!("MQTT: publishing the online status failed: {e}"),
@@ -778,6 +894,9 @@ impl Manager {
         back.extend(self.collided.take());
         back.extend(self.unacked.drain().map(|(_, h)| h));
         back.sort_by_key(|h| h.order);
+        // Disk records stay in the queue until acknowledged: read them again from the oldest.
+        self.disk_cursor = 0;
+        self.disk_ready.clear();
         for handed in back.into_iter().rev() {
             let Some(mut queued) = handed.item else { continue };
             queued.attempts += 1;
@@ -829,6 +948,10 @@ impl Manager {
 
     fn confirm(&mut self, handed: Handed) {
         if handed.item.is_some() {
+            self.metrics.published.fetch_add(1, Relaxed);
+        }
+        if let (Some(id), Some(disk)) = (handed.disk_id, &self.disk) {
+            disk.ack(id);
             self.metrics.published.fetch_add(1, Relaxed);
         }
         if handed.offline {
@@ -1007,6 +1130,7 @@ mod tests {
             reconnect_max: Duration::from_millis(2),
             status_topic: "s".into(),
             tls: None,
+            disk_queue: None,
         };
         assert!(!format!("{s:?}").contains("hunter2"));
     }

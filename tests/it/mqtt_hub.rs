@@ -43,6 +43,7 @@ fn settings(port: u16, name: &str, buffer: usize, reconnect_max_ms: u64) -> Mqtt
         reconnect_max: Duration::from_millis(reconnect_max_ms),
         status_topic: format!("test/{name}/status"),
         tls: None,
+        disk_queue: None,
     }
 }
 

@@ -62,6 +62,27 @@ impl Mosquitto {
     pub fn start() -> Mosquitto {
         Self::start_on(free_port())
     }
+
+    /// Starts mosquitto on `port` keeping sessions and their queued messages in
+    /// `dir`, so a persistent-session subscriber misses nothing across a [`Mosquitto::stop`].
+    pub fn start_persistent(port: u16, dir: &Path) -> Mosquitto {
+        // mosquitto started as root drops to its own user, which must be able to write there.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
+        Self::start_with_config(port, &format!("persistence true\npersistence_location {}/", dir.display()))
+    }
+
+    /// Stops it with SIGTERM (it saves its persistence file first) and waits for the exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Mosquitto {
@@ -112,9 +133,19 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects to `port` and subscribes to `filter` (QoS 1), waiting for the SUBACK.
     pub fn connect(port: u16, filter: &str) -> Subscriber {
-        let id = format!("test-sub-{}", fastrand::u64(..));
+        Self::connect_with(port, filter, &format!("test-sub-{}", fastrand::u64(..)), true)
+    }
+
+    /// Like `connect` with a persistent session (clean_session false, fixed
+    /// `client_id`): the broker keeps QoS 1 messages for it while it is away.
+    pub fn connect_persistent(port: u16, filter: &str, client_id: &str) -> Subscriber {
+        Self::connect_with(port, filter, client_id, false)
+    }
+
+    fn connect_with(port: u16, filter: &str, id: &str, clean: bool) -> Subscriber {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_session(clean);
         opts.set_max_packet_size(4 << 20, 4 << 20);
         let (client, mut connection) = rumqttc::Client::new(opts, 256);
         client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();

@@ -1,0 +1,738 @@
+//! Remote commands over MQTT: `edgeinfer/{device}/cmd/<name>` with JSON payloads, JSON replies on
+//! `.../cmd/<name>/reply`. Pause/resume a pipeline, change a threshold, publish health now, and
+//! reload a model (loaded and checked off the reactor; swapped into the worker between inputs).
+//! Optionally every command carries an HMAC-SHA256 over its canonical JSON and a timestamp.
+//!
+//! Access control belongs to the broker (ACLs); the HMAC is for brokers without them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
+use crate::engine::Session;
+use crate::pipeline::Prepared;
+use crate::sink::mqtt::{Body, MqttHandle, OutMessage};
+use crate::tensor::{Data, ElemType, Tensor};
+
+/// The `[commands]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Subscribe to `edgeinfer/{device}/cmd/+` (opt-in).
+    pub enabled: bool,
+    /// Environment variable holding the HMAC secret.
+    pub hmac_secret_env: Option<String>,
+    /// File holding the HMAC secret (first line).
+    pub hmac_secret_file: Option<PathBuf>,
+    /// How far a command's `ts` may be from the device clock.
+    pub max_skew_s: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig { enabled: false, hmac_secret_env: None, hmac_secret_file: None, max_skew_s: 300 }
+    }
+}
+
+impl CommandsConfig {
+    /// Checks the values; the error names the key (without the `commands.` prefix).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.hmac_secret_env.is_some() && self.hmac_secret_file.is_some() {
+            return Err(("hmac_secret_env".into(), "give hmac_secret_env or hmac_secret_file, not both".into()));
+        }
+        if self.max_skew_s == 0 {
+            return Err(("max_skew_s".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The HMAC secret, if one is configured; `resolve` makes a relative path absolute.
+    pub fn secret(&self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<Option<Vec<u8>>, String> {
+        if let Some(var) = &self.hmac_secret_env {
+            let v = std::env::var(var)
+                .map_err(|_| format!("commands.hmac_secret_env: environment variable `{var}` is not set"))?;
+            return non_empty(v.into_bytes(), "commands.hmac_secret_env").map(Some);
+        }
+        if let Some(file) = &self.hmac_secret_file {
+            let path = resolve(file);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("commands.hmac_secret_file: {}: {e}", path.display()))?;
+            let line = text.lines().next().unwrap_or("").trim_end().to_string();
+            return non_empty(line.into_bytes(), "commands.hmac_secret_file").map(Some);
+        }
+        Ok(None)
+    }
+}
+
+fn non_empty(secret: Vec<u8>, key: &str) -> Result<Vec<u8>, String> {
+    if secret.is_empty() {
+        return Err(format!("{key}: the secret is empty"));
+    }
+    Ok(secret)
+}
+
+/// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| k.map(|b| b ^ byte);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The signed text: the payload without `hmac`, keys sorted at every level, no whitespace
+/// (Python: `json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`).
+pub fn canonical(obj: &Map<String, Value>) -> String {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut m = obj.clone();
+    m.remove("hmac");
+    sorted(&Value::Object(m)).to_string()
+}
+
+/// Checks `hmac` and `ts` of a command; `seen` remembers signatures inside the window so a
+/// captured command cannot be replayed while its `ts` is still fresh.
+pub fn verify(
+    secret: &[u8],
+    obj: &Map<String, Value>,
+    now_s: f64,
+    max_skew_s: u64,
+    seen: &mut HashMap<String, f64>,
+) -> Result<(), String> {
+    let given = obj.get("hmac").ok_or("`hmac` is missing (this device requires signed commands)")?;
+    let given = given.as_str().ok_or("`hmac` must be a hex string")?.to_ascii_lowercase();
+    let ts = obj.get("ts").ok_or("`ts` is missing (unix seconds; signed commands need it)")?;
+    let ts = ts.as_f64().ok_or("`ts` must be a number (unix seconds)")?;
+    let want = hex(&hmac_sha256(secret, canonical(obj).as_bytes()));
+    if !constant_time_eq(given.as_bytes(), want.as_bytes()) {
+        return Err("`hmac` does not match the payload".into());
+    }
+    let skew = (now_s - ts).abs();
+    if skew > max_skew_s as f64 {
+        return Err(format!("`ts` is {skew:.0} s from the device clock (at most {max_skew_s} s allowed)"));
+    }
+    seen.retain(|_, t| (now_s - *t).abs() <= max_skew_s as f64);
+    if seen.insert(want, ts).is_some() {
+        return Err("replayed command (this signature was already used)".into());
+    }
+    Ok(())
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Skip inference on a pipeline.
+    Pause { pipeline: String },
+    /// Undo `Pause`.
+    Resume { pipeline: String },
+    /// A new threshold for one output (or every threshold output and the anomaly postprocess).
+    SetThreshold { pipeline: String, output: Option<usize>, threshold: f32 },
+    /// Publish health now.
+    Health,
+    /// Load a model (None: the current file again) and swap it in.
+    ReloadModel { pipeline: String, model: Option<PathBuf> },
+}
+
+/// Reads a command named `name` from its JSON object; errors name the field.
+pub fn parse(name: &str, obj: &Map<String, Value>) -> Result<Command, String> {
+    let string = |key: &str| -> Result<String, String> {
+        match obj.get(key) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(other) => Err(format!("`{key}` must be a non-empty string, got {other}")),
+            None => Err(format!("`{key}` is missing")),
+        }
+    };
+    Ok(match name {
+        "pause" => Command::Pause { pipeline: string("pipeline")? },
+        "resume" => Command::Resume { pipeline: string("pipeline")? },
+        "health" => Command::Health,
+        "set_threshold" => {
+            let threshold = match obj.get("threshold") {
+                Some(v) => {
+                    v.as_f64().filter(|t| t.is_finite()).ok_or(format!("`threshold` must be a number, got {v}"))?
+                }
+                None => return Err("`threshold` is missing".into()),
+            };
+            let output = match obj.get("output") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .and_then(|u| usize::try_from(u).ok())
+                        .ok_or(format!("`output` must be an output index (0, 1, ...), got {v}"))?,
+                ),
+            };
+            Command::SetThreshold { pipeline: string("pipeline")?, output, threshold: threshold as f32 }
+        }
+        "reload_model" => {
+            let model = match obj.get("model") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
+                Some(v) => return Err(format!("`model` must be a path string, got {v}")),
+            };
+            Command::ReloadModel { pipeline: string("pipeline")?, model }
+        }
+        other => {
+            return Err(format!(
+                "unknown command `{other}` (known: pause, resume, set_threshold, health, reload_model)"
+            ))
+        }
+    })
+}
+
+/// A model checked and ready to replace a pipeline's current one.
+pub struct Swap {
+    /// Model and stages built for it.
+    pub prepared: Prepared,
+    /// A session made off the worker thread.
+    pub session: Session,
+    /// Told once the worker has switched.
+    pub done: std::sync::mpsc::Sender<()>,
+}
+
+/// Changes waiting for the worker, applied between two inputs.
+#[derive(Default)]
+pub struct Pending {
+    /// A model to switch to.
+    pub swap: Option<Swap>,
+    /// New thresholds: (output index or None for all threshold outputs, value).
+    pub thresholds: Vec<(Option<usize>, f32)>,
+}
+
+/// What the command handler and one pipeline's worker share.
+pub struct PipelineControl {
+    /// Pipeline name.
+    pub name: String,
+    /// Inference is skipped while set (inputs are still drained).
+    pub paused: AtomicBool,
+    /// Inputs skipped while paused.
+    pub skipped_paused: AtomicU64,
+    /// Set when `pending` holds something; the worker checks it before each input.
+    pub dirty: AtomicBool,
+    /// Changes for the worker.
+    pub pending: Mutex<Pending>,
+    /// Model file in use (after the last swap).
+    pub model_path: Mutex<PathBuf>,
+    /// Model name in use.
+    pub model_name: Mutex<String>,
+    /// Input of the model in use, and the postprocess kind: a replacement must match them.
+    fit: Mutex<(crate::engine::TensorSpec, &'static str)>,
+    /// Current thresholds per output (None: not a threshold output).
+    pub thresholds: Mutex<Vec<Option<f32>>>,
+    /// The anomaly postprocess threshold, if it is one.
+    pub anomaly_threshold: Mutex<Option<f32>>,
+    /// Successful model reloads.
+    pub reloads: AtomicU64,
+    cfg: PipelineConfig,
+}
+
+impl PipelineControl {
+    /// The control of a prepared pipeline, with the thresholds it starts with.
+    pub fn new(prep: &Prepared, model_path: PathBuf) -> Arc<Self> {
+        let anomaly = prep.post.anomaly_threshold();
+        let thresholds = prep
+            .cfg
+            .outputs
+            .iter()
+            .map(|o| (o.when == When::Threshold).then(|| o.threshold.or(anomaly).unwrap_or(0.5)))
+            .collect();
+        Arc::new(PipelineControl {
+            name: prep.cfg.name.clone(),
+            paused: AtomicBool::new(false),
+            skipped_paused: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            model_path: Mutex::new(model_path),
+            model_name: Mutex::new(prep.model.info().name.clone()),
+            fit: Mutex::new((prep.model.inputs()[0].clone(), prep.post.kind_name())),
+            thresholds: Mutex::new(thresholds),
+            anomaly_threshold: Mutex::new(anomaly),
+            reloads: AtomicU64::new(0),
+            cfg: prep.cfg.clone(),
+        })
+    }
+
+    /// Takes what is pending (the worker calls this when `dirty` was set).
+    pub fn take_pending(&self) -> Pending {
+        self.dirty.store(false, Relaxed);
+        self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default()
+    }
+
+    /// The anomaly postprocess config with `threshold`, for rebuilding the postprocessor.
+    pub fn anomaly_config(&self, threshold: f32) -> Option<PostprocessConfig> {
+        match self.cfg.postprocess.clone() {
+            Some(PostprocessConfig::Anomaly { score, normal_class, output, .. }) => {
+                Some(PostprocessConfig::Anomaly { threshold, score, normal_class, output })
+            }
+            _ => None,
+        }
+    }
+
+    fn push(&self, f: impl FnOnce(&mut Pending)) {
+        if let Ok(mut p) = self.pending.lock() {
+            f(&mut p);
+        }
+        self.dirty.store(true, Relaxed);
+    }
+}
+
+/// Command counters and every pipeline's control; also adds their figures to health.
+pub struct Registry {
+    /// One per pipeline, in config order.
+    pub controls: Vec<Arc<PipelineControl>>,
+    /// Commands that arrived.
+    pub received: AtomicU64,
+    /// Commands answered with an error.
+    pub failed: AtomicU64,
+}
+
+impl Registry {
+    /// A registry over these controls.
+    pub fn new(controls: Vec<Arc<PipelineControl>>) -> Arc<Self> {
+        Arc::new(Registry { controls, received: AtomicU64::new(0), failed: AtomicU64::new(0) })
+    }
+
+    fn control(&self, name: &str) -> Result<&Arc<PipelineControl>, String> {
+        self.controls.iter().find(|c| c.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.controls.iter().map(|c| c.name.as_str()).collect();
+            format!("unknown pipeline `{name}` (pipelines: {names:?})")
+        })
+    }
+
+    /// Adds `commands` and per-pipeline `paused`, `skipped_paused`, `model`, `thresholds` to health.
+    pub fn augment(&self, health: &mut Value) {
+        health["commands"] = json!({"received": self.received.load(Relaxed), "failed": self.failed.load(Relaxed)});
+        for c in &self.controls {
+            let Some(p) = health["pipelines"].get_mut(&c.name).and_then(Value::as_object_mut) else { continue };
+            p.insert("paused".into(), c.paused.load(Relaxed).into());
+            p.insert("skipped_paused".into(), c.skipped_paused.load(Relaxed).into());
+            p.insert("model_reloads".into(), c.reloads.load(Relaxed).into());
+            if let Ok(name) = c.model_name.lock() {
+                p.insert("model".into(), name.as_str().into());
+            }
+            if let Ok(t) = c.thresholds.lock() {
+                p.insert("thresholds".into(), thresholds_json(&t));
+            }
+        }
+    }
+}
+
+/// Publishes the health message now and returns it.
+pub type HealthNow = Arc<dyn Fn() -> Value + Send + Sync>;
+
+/// What the command handler needs.
+struct Handler {
+    cfg: Arc<Config>,
+    device: String,
+    hub: MqttHandle,
+    registry: Arc<Registry>,
+    health: HealthNow,
+    secret: Option<Vec<u8>>,
+    seen: Mutex<HashMap<String, f64>>,
+}
+
+/// Subscribes to `edgeinfer/{device}/cmd/+` when `[commands]` is enabled. Errors (a missing
+/// secret) stop the start-up.
+pub fn start(
+    cfg: &Config,
+    device: &str,
+    hub: Option<&MqttHandle>,
+    registry: Arc<Registry>,
+    health: HealthNow,
+) -> anyhow::Result<()> {
+    if !cfg.commands.enabled {
+        return Ok(());
+    }
+    let Some(hub) = hub else {
+        anyhow::bail!("commands.enabled needs MQTT");
+    };
+    let secret = cfg.commands.secret(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
+    let filter = format!("edgeinfer/{device}/cmd/+");
+    log::info!(
+        "commands: listening on `{filter}`{}",
+        if secret.is_some() { " (HMAC-signed commands only)" } else { "" }
+    );
+    let handler = Arc::new(Handler {
+        cfg: Arc::new(cfg.clone()),
+        device: device.to_string(),
+        hub: hub.clone(),
+        registry,
+        health,
+        secret,
+        seen: Mutex::new(HashMap::new()),
+    });
+    hub.subscribe(&filter, 1, Arc::new(move |topic, payload| handler.clone().on_message(topic, payload)));
+    Ok(())
+}
+
+/// The reply topic for command `name`.
+fn reply_topic(device: &str, name: &str) -> String {
+    format!("edgeinfer/{device}/cmd/{name}/reply")
+}
+
+impl Handler {
+    /// Runs on the connection task: everything here is quick; model loading goes to a thread.
+    fn on_message(self: Arc<Self>, topic: &str, payload: &[u8]) {
+        let name = topic.rsplit('/').next().unwrap_or("").to_string();
+        self.registry.received.fetch_add(1, Relaxed);
+        let mut id = Value::Null;
+        let outcome = self.accept(&name, payload, &mut id).and_then(|cmd| self.execute(&name, cmd, id.clone()));
+        match outcome {
+            Ok(Some(result)) => self.reply(&name, id, Ok(result)),
+            Ok(None) => {} // answered later (reload_model)
+            Err(e) => self.reply(&name, id, Err(e)),
+        }
+    }
+
+    fn accept(&self, name: &str, payload: &[u8], id: &mut Value) -> Result<Command, String> {
+        let value: Value = serde_json::from_slice(payload).map_err(|e| format!("malformed JSON: {e}"))?;
+        let Value::Object(obj) = value else { return Err("the payload must be a JSON object".into()) };
+        *id = obj.get("id").cloned().unwrap_or(Value::Null);
+        if let Some(secret) = &self.secret {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+            let mut seen = self.seen.lock().map_err(|_| "internal: replay cache poisoned".to_string())?;
+            verify(secret, &obj, now, self.cfg.commands.max_skew_s, &mut seen)?;
+        }
+        parse(name, &obj)
+    }
+
+    fn reply(&self, name: &str, id: Value, outcome: Result<Value, String>) {
+        let body = match outcome {
+            Ok(result) => json!({"id": id, "ok": true, "command": name, "result": result}),
+            Err(error) => {
+                self.registry.failed.fetch_add(1, Relaxed);
+                log::warn!("commands: `{name}` failed: {error}");
+                json!({"id": id, "ok": false, "command": name, "error": error})
+            }
+        };
+        let topic = reply_topic(&self.device, name);
+        // A name with `+`/`#` cannot come from a subscription match, but keep the topic valid anyway.
+        if !crate::sink::mqtt::valid_topic(&topic) {
+            return;
+        }
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        self.hub.enqueue(OutMessage { topic, body: Body::Raw(bytes), qos: 1, retain: false });
+    }
+
+    /// Ok(None): the reply comes later from another thread.
+    fn execute(self: &Arc<Self>, name: &str, cmd: Command, id: Value) -> Result<Option<Value>, String> {
+        match cmd {
+            Command::Pause { pipeline } | Command::Resume { pipeline } => {
+                let c = self.registry.control(&pipeline)?;
+                let pause = name == "pause";
+                let was = c.paused.swap(pause, Relaxed);
+                log::info!("commands: pipeline `{pipeline}` {}", if pause { "paused" } else { "resumed" });
+                Ok(Some(json!({"pipeline": pipeline, "paused": pause, "was_paused": was})))
+            }
+            Command::Health => Ok(Some((self.health)())),
+            Command::SetThreshold { pipeline, output, threshold } => {
+                let c = self.registry.control(&pipeline)?;
+                let mut thresholds = c.thresholds.lock().map_err(|_| "internal: lock poisoned")?;
+                let mut anomaly = c.anomaly_threshold.lock().map_err(|_| "internal: lock poisoned")?;
+                match output {
+                    Some(ix) => match thresholds.get_mut(ix) {
+                        Some(Some(t)) => *t = threshold,
+                        Some(None) => {
+                            return Err(format!(
+                                "output {ix} of pipeline `{pipeline}` is not a when = \"threshold\" output"
+                            ))
+                        }
+                        None => {
+                            return Err(format!(
+                                "pipeline `{pipeline}` has {} outputs, no output {ix}",
+                                thresholds.len()
+                            ))
+                        }
+                    },
+                    None => {
+                        if anomaly.is_none() && thresholds.iter().all(Option::is_none) {
+                            return Err(format!(
+                                "pipeline `{pipeline}` has no threshold: no when = \"threshold\" output and no \
+                                 anomaly postprocess"
+                            ));
+                        }
+                        thresholds.iter_mut().flatten().for_each(|t| *t = threshold);
+                        if let Some(a) = anomaly.as_mut() {
+                            *a = threshold;
+                        }
+                    }
+                }
+                c.push(|p| p.thresholds.push((output, threshold)));
+                Ok(Some(json!({
+                    "pipeline": pipeline,
+                    "thresholds": thresholds_json(&thresholds),
+                    "anomaly_threshold": anomaly.map(short),
+                })))
+            }
+            Command::ReloadModel { pipeline, model } => {
+                let c = self.registry.control(&pipeline)?.clone();
+                let path = match model {
+                    Some(p) => self.cfg.resolve(&p),
+                    None => c.model_path.lock().map_err(|_| "internal: lock poisoned")?.clone(),
+                };
+                let me = self.clone();
+                let name = name.to_string();
+                std::thread::Builder::new()
+                    .name(format!("reload-{pipeline}"))
+                    .stack_size(8 << 20)
+                    .spawn(move || {
+                        let outcome = reload(&me.cfg, &c, &path);
+                        me.reply(&name, id, outcome);
+                    })
+                    .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Loads `path` for the pipeline, checks it fits, runs it on its reference input (or zeros),
+/// hands it to the worker and waits for the switch.
+fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<Value, String> {
+    let mut p = c.cfg.clone();
+    p.model = path.to_path_buf();
+    // Rebuilt with the current anomaly threshold, so a reload keeps a changed threshold.
+    if let Some(t) = c.anomaly_threshold.lock().ok().and_then(|a| *a) {
+        p.postprocess = c.anomaly_config(t).or(p.postprocess);
+    }
+    let prepared = crate::pipeline::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
+    let new_fit = (prepared.model.inputs()[0].clone(), prepared.post.kind_name());
+    {
+        let fit = c.fit.lock().map_err(|_| "internal: lock poisoned")?;
+        let (old, new) = (&fit.0, &new_fit.0);
+        // The preprocessing (and whoever reads the results) was set up for the current model:
+        // a different rank or element type is a different kind of input, not a new version.
+        if old.shape.len() != new.shape.len() || old.elem_type != new.elem_type {
+            return Err(format!(
+                "pipeline `{}`: {} takes {:?} {}, the current model {:?} {} (rank and type must match)",
+                c.name,
+                path.display(),
+                new.shape,
+                new.elem_type,
+                old.shape,
+                old.elem_type
+            ));
+        }
+        if fit.1 != new_fit.1 {
+            return Err(format!(
+                "pipeline `{}`: {} gives `{}` results, the current model `{}`",
+                c.name,
+                path.display(),
+                new_fit.1,
+                fit.1
+            ));
+        }
+    }
+    let mut session = prepared.model.session().map_err(|e| e.to_string())?;
+    let spec = &prepared.model.inputs()[0];
+    let stem = prepared.model.info().name.clone();
+    let ref_input = path.parent().map(|d| d.join("ref").join(&stem).join("in0.npy")).filter(|f| f.is_file());
+    let (input, checked_on) = match &ref_input {
+        Some(f) => {
+            let t = Tensor::read_npy(f).map_err(|e| format!("reference input {}: {e}", f.display()))?;
+            if t.shape != spec.shape || t.elem_type() != spec.elem_type {
+                return Err(format!(
+                    "reference input {} is {:?} {}, the model wants {:?} {}",
+                    f.display(),
+                    t.shape,
+                    t.elem_type(),
+                    spec.shape,
+                    spec.elem_type
+                ));
+            }
+            (t, f.display().to_string())
+        }
+        None => (zeros(&spec.shape, spec.elem_type), "zeros".to_string()),
+    };
+    let outputs = session.run(std::slice::from_ref(&input)).map_err(|e| format!("test inference failed: {e}"))?;
+    for (o, s) in outputs.iter().zip(prepared.model.outputs()) {
+        if o.data.to_f64_vec().iter().any(|v| !v.is_finite()) {
+            return Err(format!("test inference: output `{}` is not finite", s.name));
+        }
+    }
+    let info = prepared.model.info().clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.push(|pending| pending.swap = Some(Swap { prepared, session, done: tx }));
+    let swapped = match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(()) => true,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            return Err("superseded by a newer reload_model before the worker took it".into())
+        }
+    };
+    if let Ok(mut m) = c.model_path.lock() {
+        *m = path.to_path_buf();
+    }
+    if let Ok(mut f) = c.fit.lock() {
+        *f = new_fit;
+    }
+    if let Ok(mut m) = c.model_name.lock() {
+        *m = info.name.clone();
+    }
+    c.reloads.fetch_add(1, Relaxed);
+    log::info!("commands: pipeline `{}`: model {} loaded (checked on {checked_on})", c.name, info.path.display());
+    Ok(json!({
+        "pipeline": c.name,
+        "model": info.name,
+        "path": info.path,
+        "sha256": info.sha256,
+        "quantization": info.quantization,
+        "checked_on": checked_on,
+        // False: no input arrived within 10 s; the worker switches before its next input.
+        "swapped": swapped,
+    }))
+}
+
+/// An f32 as the shortest decimal that reads back to it (0.1, not 0.10000000149011612).
+fn short(x: f32) -> Value {
+    x.to_string().parse::<f64>().map(Value::from).unwrap_or(Value::Null)
+}
+
+fn thresholds_json(t: &[Option<f32>]) -> Value {
+    Value::Array(t.iter().map(|x| x.map(short).unwrap_or(Value::Null)).collect())
+}
+
+fn zeros(shape: &[usize], t: ElemType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data = match t {
+        ElemType::F32 => Data::F32(vec![0.0; n]),
+        ElemType::F64 => Data::F64(vec![0.0; n]),
+        ElemType::I8 => Data::I8(vec![0; n]),
+        ElemType::U8 => Data::U8(vec![0; n]),
+        ElemType::I16 => Data::I16(vec![0; n]),
+        ElemType::I32 => Data::I32(vec![0; n]),
+        ElemType::I64 => Data::I64(vec![0; n]),
+        ElemType::Bool => Data::Bool(vec![false; n]),
+        ElemType::String => Data::String(vec![String::new(); n]),
+    };
+    Tensor { shape: shape.to_vec(), data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(text: &str) -> Map<String, Value> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        // Test case 6: a key longer than the block is hashed first.
+        let mac = hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(hex(&mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    }
+
+    #[test]
+    fn canonical_form_sorts_keys_and_drops_the_hmac() {
+        let o = obj(r#"{"ts": 5, "hmac": "x", "b": {"z": 1, "a": [2, {"d": 1, "c": 0}]}, "a": "é"}"#);
+        assert_eq!(canonical(&o), r#"{"a":"é","b":{"a":[2,{"c":0,"d":1}],"z":1},"ts":5}"#);
+    }
+
+    #[test]
+    fn signatures_are_checked_with_their_time_window_and_replays() {
+        let secret = b"s3cret";
+        let mut o = obj(r#"{"id": 1, "pipeline": "p", "ts": 1000}"#);
+        let mac = hex(&hmac_sha256(secret, canonical(&o).as_bytes()));
+        o.insert("hmac".into(), mac.clone().into());
+        let mut seen = HashMap::new();
+        assert_eq!(verify(secret, &o, 1010.0, 300, &mut seen), Ok(()));
+        assert!(verify(secret, &o, 1011.0, 300, &mut seen).unwrap_err().contains("replayed"));
+        assert!(verify(secret, &o, 1400.0, 300, &mut HashMap::new()).unwrap_err().contains("`ts`"));
+        assert!(verify(b"other", &o, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("does not match"));
+        let mut tampered = o.clone();
+        tampered.insert("pipeline".into(), "q".into());
+        assert!(verify(secret, &tampered, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("does not match"));
+        let mut unsigned = o.clone();
+        unsigned.remove("hmac");
+        assert!(verify(secret, &unsigned, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("missing"));
+        let mut no_ts = obj(r#"{"id": 1}"#);
+        no_ts.insert("hmac".into(), mac.into());
+        assert!(verify(secret, &no_ts, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("`ts` is missing"));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab")
+        );
+    }
+
+    #[test]
+    fn commands_parse_and_errors_name_the_field() {
+        assert_eq!(parse("pause", &obj(r#"{"pipeline": "p"}"#)), Ok(Command::Pause { pipeline: "p".into() }));
+        assert_eq!(parse("resume", &obj(r#"{"pipeline": "p"}"#)), Ok(Command::Resume { pipeline: "p".into() }));
+        assert_eq!(parse("health", &obj("{}")), Ok(Command::Health));
+        assert_eq!(
+            parse("set_threshold", &obj(r#"{"pipeline": "p", "output": 1, "threshold": 0.25}"#)),
+            Ok(Command::SetThreshold { pipeline: "p".into(), output: Some(1), threshold: 0.25 })
+        );
+        assert_eq!(
+            parse("reload_model", &obj(r#"{"pipeline": "p", "model": "m.onnx"}"#)),
+            Ok(Command::ReloadModel { pipeline: "p".into(), model: Some("m.onnx".into()) })
+        );
+        assert_eq!(
+            parse("reload_model", &obj(r#"{"pipeline": "p"}"#)),
+            Ok(Command::ReloadModel { pipeline: "p".into(), model: None })
+        );
+        assert!(parse("pause", &obj("{}")).unwrap_err().contains("`pipeline` is missing"));
+        assert!(parse("pause", &obj(r#"{"pipeline": 3}"#)).unwrap_err().contains("`pipeline` must be"));
+        assert!(parse("set_threshold", &obj(r#"{"pipeline": "p", "threshold": "high"}"#))
+            .unwrap_err()
+            .contains("`threshold` must be a number"));
+        assert!(parse("set_threshold", &obj(r#"{"pipeline": "p", "threshold": 1, "output": -1}"#))
+            .unwrap_err()
+            .contains("`output`"));
+        assert!(parse("reload_model", &obj(r#"{"pipeline": "p", "model": 1}"#)).unwrap_err().contains("`model`"));
+        assert!(parse("reboot", &obj("{}")).unwrap_err().contains("unknown command `reboot`"));
+    }
+
+    #[test]
+    fn config_rejects_two_secret_sources_and_reads_the_secret() {
+        let c = CommandsConfig {
+            hmac_secret_env: Some("A".into()),
+            hmac_secret_file: Some("f".into()),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().0, "hmac_secret_env");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s"), "topsecret\n").unwrap();
+        let c = CommandsConfig { hmac_secret_file: Some("s".into()), ..Default::default() };
+        assert_eq!(c.secret(&|p| dir.path().join(p)).unwrap().as_deref(), Some(&b"topsecret"[..]));
+        let c =
+            CommandsConfig { hmac_secret_env: Some("EDGEINFER_TEST_CMD_SECRET_ABSENT".into()), ..Default::default() };
+        assert!(c.secret(&|p| p.to_path_buf()).unwrap_err().contains("EDGEINFER_TEST_CMD_SECRET_ABSENT"));
+    }
+}

@@ -1,0 +1,329 @@
+//! Remote commands end to end: the real daemon, a real mosquitto, a real client publishing
+//! commands on `edgeinfer/<device>/cmd/<name>` and reading the replies.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+
+use crate::support::{Daemon, Mosquitto, Msg, Subscriber};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn config(port: u16, device: &str, commands: &str) -> String {
+    format!(
+        r#"
+device = "{device}"
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+reconnect_min_ms = 100
+reconnect_max_ms = 500
+[health]
+interval_s = 0
+[commands]
+enabled = true
+{commands}
+[[pipelines]]
+name = "digits"
+model = "{{models}}/digits_cnn_int8.onnx"
+source = {{ type = "files", path = "{{models}}/samples/digits/digit_4_1.png", rate_hz = 20, loop = true }}
+postprocess = {{ type = "classify", top_k = 3 }}
+  [[pipelines.outputs]]
+  type = "mqtt"
+  qos = 1
+  [[pipelines.outputs]]
+  type = "mqtt"
+  topic = "edgeinfer/{{device}}/digits/alert"
+  when = "threshold"
+  threshold = 0.5
+"#
+    )
+}
+
+/// A client that sends commands and waits for their replies.
+struct Operator {
+    sub: Subscriber,
+    device: String,
+    next_id: u64,
+}
+
+impl Operator {
+    fn new(port: u16, device: &str) -> Operator {
+        Operator { sub: Subscriber::connect(port, &format!("edgeinfer/{device}/#")), device: device.into(), next_id: 0 }
+    }
+
+    /// Publishes raw bytes to `cmd/<name>` and returns the reply whose `id` matches `id`.
+    fn send_raw(&mut self, name: &str, payload: Vec<u8>, id: &Value) -> Value {
+        let reply_topic = format!("edgeinfer/{}/cmd/{name}/reply", self.device);
+        self.sub.publish(&format!("edgeinfer/{}/cmd/{name}", self.device), payload);
+        let id = id.clone();
+        let m = self
+            .sub
+            .wait_for(LONG, |m| m.topic == reply_topic && m.json()["id"] == id)
+            .unwrap_or_else(|| panic!("no reply to `{name}` id {id}"));
+        assert!(!m.retain, "replies are not retained");
+        let v = m.json();
+        assert_eq!(v["command"], name, "{v}");
+        v
+    }
+
+    /// Sends `health` until one is answered: the daemon's subscription may reach the broker a
+    /// moment after its first result.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + LONG;
+        let topic = format!("edgeinfer/{}/cmd/health/reply", self.device);
+        while Instant::now() < deadline {
+            self.sub.publish(&format!("edgeinfer/{}/cmd/health", self.device), br#"{"id": "ready"}"#.to_vec());
+            if self.sub.wait_for(Duration::from_secs(1), |m| m.topic == topic && m.json()["id"] == "ready").is_some() {
+                return;
+            }
+        }
+        panic!("the daemon never answered a command");
+    }
+
+    /// Sends `body` with a fresh `id`; returns the reply.
+    fn send(&mut self, name: &str, mut body: Value) -> Value {
+        self.next_id += 1;
+        let id = json!(format!("req-{}", self.next_id));
+        body["id"] = id.clone();
+        self.send_raw(name, serde_json::to_vec(&body).unwrap(), &id)
+    }
+
+    fn results_since(&self, since: usize) -> Vec<Value> {
+        let topic = format!("edgeinfer/{}/digits/result", self.device);
+        self.sub.seen[since.min(self.sub.seen.len())..].iter().filter(|m| m.topic == topic).map(Msg::json).collect()
+    }
+
+    /// Waits for `n` results received after index `since` of `seen`.
+    fn wait_results(&mut self, since: usize, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        while self.results_since(since).len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+            let have = self.sub.seen.len();
+            self.sub.collect(have + 1, left.min(Duration::from_millis(200)), |_| true);
+        }
+        self.results_since(since)
+    }
+
+    /// Lets messages arrive for `d`, collecting them.
+    fn pump(&mut self, d: Duration) {
+        let have = self.sub.seen.len();
+        self.sub.collect(have + 1_000_000, d, |_| true);
+    }
+}
+
+fn model_names(results: &[Value]) -> Vec<String> {
+    results.iter().map(|r| r["model"]["name"].as_str().unwrap_or("").to_string()).collect()
+}
+
+#[test]
+fn every_command_gets_a_reply_and_bad_ones_never_stop_the_daemon() {
+    let broker = Mosquitto::start();
+    let mut op = Operator::new(broker.port, "cmd1");
+    let daemon = Daemon::start(&config(broker.port, "cmd1", ""));
+    let first = op.wait_results(0, 3, LONG);
+    assert!(first.len() >= 3, "no results; stderr: {}", daemon.stderr());
+    assert!(model_names(&first).iter().all(|n| n == "digits_cnn_int8"));
+    op.wait_ready();
+
+    // pause: results stop, health says paused; resume: they come back.
+    let r = op.send("pause", json!({"pipeline": "digits"}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["paused"], true);
+    op.pump(Duration::from_millis(500)); // in flight before the pause took effect
+    let mark = op.sub.seen.len();
+    op.pump(Duration::from_millis(1500));
+    assert_eq!(op.results_since(mark).len(), 0, "results while paused");
+    let h = op.send("health", json!({}));
+    assert_eq!(h["ok"], true, "{h}");
+    assert_eq!(h["result"]["pipelines"]["digits"]["paused"], true, "{h}");
+    // Image files are frames: while paused they are dropped as stale.
+    assert!(h["result"]["pipelines"]["digits"]["dropped"]["stale_frames"].as_u64().unwrap() > 0, "{h}");
+    assert!(
+        op.sub
+            .wait_for(LONG, |m| m.topic == "edgeinfer/cmd1/health" && m.json()["pipelines"]["digits"]["paused"] == true)
+            .is_some(),
+        "health was not published on the health topic"
+    );
+    let mark = op.sub.seen.len();
+    let r = op.send("resume", json!({"pipeline": "digits"}));
+    assert_eq!((r["ok"].clone(), r["result"]["paused"].clone()), (json!(true), json!(false)), "{r}");
+    assert!(op.wait_results(mark, 2, LONG).len() >= 2, "no results after resume");
+
+    // set_threshold: the alert output's filter starts again with the new threshold (a rise at 0.1).
+    let r = op.send("set_threshold", json!({"pipeline": "digits", "output": 1, "threshold": 0.1}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["thresholds"], json!([null, 0.1]), "{r}");
+    let r = op.send("set_threshold", json!({"pipeline": "digits", "output": 0, "threshold": 0.1}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("not a when = \"threshold\" output"), "{r}");
+    let r = op.send("set_threshold", json!({"pipeline": "digits", "output": 7, "threshold": 0.1}));
+    assert!(r["error"].as_str().unwrap().contains("no output 7"), "{r}");
+    let is_alert = |m: &Msg| m.topic == "edgeinfer/cmd1/digits/alert";
+    let rise = op
+        .sub
+        .wait_for(LONG, |m| is_alert(m) && (m.json()["event"]["threshold"].as_f64().unwrap_or(0.0) - 0.1).abs() < 1e-6);
+    assert_eq!(rise.expect("an alert at threshold 0.1").json()["event"]["kind"], "rise");
+    // Above any score, without `output`: every threshold output; no alert any more.
+    let r = op.send("set_threshold", json!({"pipeline": "digits", "threshold": 2.0}));
+    assert_eq!(r["result"]["thresholds"], json!([null, 2.0]), "{r}");
+    op.pump(Duration::from_millis(300));
+    let mark = op.sub.seen.len();
+    op.pump(Duration::from_millis(1000));
+    assert!(!op.sub.seen[mark..].iter().any(is_alert), "alerts above a threshold of 2.0");
+    assert!(!op.results_since(mark).is_empty(), "results stopped");
+
+    // Errors: each one names the problem, and the daemon keeps going.
+    let r = op.send_raw("pause", b"{not json".to_vec(), &Value::Null);
+    assert!(r["error"].as_str().unwrap().contains("malformed JSON"), "{r}");
+    let r = op.send("reboot", json!({}));
+    assert!(r["error"].as_str().unwrap().contains("unknown command `reboot`"), "{r}");
+    let r = op.send("pause", json!({"pipeline": "nope"}));
+    assert!(r["error"].as_str().unwrap().contains("unknown pipeline `nope`"), "{r}");
+    let r = op.send("set_threshold", json!({"pipeline": "digits", "threshold": "high"}));
+    assert!(r["error"].as_str().unwrap().contains("`threshold` must be a number"), "{r}");
+    let r = op.send_raw("health", b"[1, 2]".to_vec(), &Value::Null);
+    assert!(r["error"].as_str().unwrap().contains("JSON object"), "{r}");
+
+    // A corrupt model: error reply, the old model keeps serving.
+    let corrupt = crate::model("corrupt.onnx");
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": corrupt}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("corrupt.onnx"), "{r}");
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 3, LONG);
+    assert!(after.len() >= 3, "results stopped after a failed reload; stderr: {}", daemon.stderr());
+    assert!(model_names(&after).iter().all(|n| n == "digits_cnn_int8"), "{:?}", model_names(&after));
+
+    // A model that loads but does not fit the pipeline (a 1-D sensor model for an image pipeline).
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": crate::model("vibration_f32.onnx")}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("pipeline `digits`"), "{r}");
+
+    // A good model: checked on its reference input, swapped in; results name it.
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": crate::model("digits_cnn_f32.onnx")}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["model"], "digits_cnn_f32");
+    assert!(r["result"]["checked_on"].as_str().unwrap().ends_with("ref/digits_cnn_f32/in0.npy"), "{r}");
+    assert_eq!(r["result"]["swapped"], true, "{r}");
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 3, LONG);
+    assert!(after.len() >= 3, "no results after reload");
+    assert!(model_names(&after).iter().all(|n| n == "digits_cnn_f32"), "{:?}", model_names(&after));
+    // The same digit, the same answer from the float model.
+    assert_eq!(after[0]["result"]["classes"][0]["label"], first[0]["result"]["classes"][0]["label"]);
+    // Without `model`: the current file again.
+    let r = op.send("reload_model", json!({"pipeline": "digits"}));
+    assert_eq!((r["ok"].clone(), r["result"]["model"].clone()), (json!(true), json!("digits_cnn_f32")), "{r}");
+
+    let h = op.send("health", json!({}));
+    let c = &h["result"]["commands"];
+    // Counts include the readiness probe and this health command (a probe sent before the
+    // subscription was active never reached the daemon); failures: 2 set_threshold, malformed, unknown command,
+    // unknown pipeline, wrong type, not an object, corrupt model, unfit model.
+    let probes = op.sub.seen.iter().filter(|m| m.topic.ends_with("/health/reply") && m.json()["id"] == "ready").count();
+    assert_eq!(c["received"], 17 + probes as u64, "{h}");
+    assert_eq!(c["failed"], 9, "{h}");
+    assert_eq!(h["result"]["pipelines"]["digits"]["model"], "digits_cnn_f32", "{h}");
+    assert_eq!(h["result"]["pipelines"]["digits"]["model_reloads"], 2, "{h}");
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn signed(secret: &[u8], mut body: Value) -> Vec<u8> {
+    let obj = body.as_object().unwrap().clone();
+    let mac = edgeinfer::commands::hmac_sha256(secret, edgeinfer::commands::canonical(&obj).as_bytes());
+    body["hmac"] = json!(mac.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    serde_json::to_vec(&body).unwrap()
+}
+
+#[test]
+fn signed_commands_need_a_valid_hmac_and_a_fresh_timestamp() {
+    let broker = Mosquitto::start();
+    let mut op = Operator::new(broker.port, "cmd2");
+    let secret = b"correct horse battery staple";
+    let daemon = Daemon::start_with_env(
+        &config(broker.port, "cmd2", "hmac_secret_env = \"EDGEINFER_CMD_SECRET\"\nmax_skew_s = 60"),
+        &[("EDGEINFER_CMD_SECRET", std::str::from_utf8(secret).unwrap())],
+    );
+    assert!(!op.wait_results(0, 1, LONG).is_empty(), "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+
+    let r = op.send("health", json!({"ts": now_s()}));
+    assert!(r["error"].as_str().unwrap().contains("`hmac` is missing"), "{r}");
+    let r = op.send_raw("health", signed(b"wrong secret", json!({"id": "w", "ts": now_s()})), &json!("w"));
+    assert!(r["error"].as_str().unwrap().contains("does not match"), "{r}");
+    let stale = now_s() - 3600;
+    let r = op.send_raw("health", signed(secret, json!({"id": "s", "ts": stale})), &json!("s"));
+    assert!(r["error"].as_str().unwrap().contains("from the device clock"), "{r}");
+    let good = signed(secret, json!({"id": "g", "pipeline": "digits", "ts": now_s()}));
+    let r = op.send_raw("pause", good.clone(), &json!("g"));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["paused"], true, "{r}");
+    // The same signed bytes again: a replay inside the window.
+    op.sub.publish("edgeinfer/cmd2/cmd/pause", good);
+    let replay = op
+        .sub
+        .wait_for(LONG, |m| m.topic == "edgeinfer/cmd2/cmd/pause/reply" && m.json()["ok"] == false)
+        .expect("reply to the replay");
+    assert!(replay.json()["error"].as_str().unwrap().contains("replayed"), "{}", replay.payload);
+}
+
+#[test]
+fn set_threshold_without_an_output_changes_the_anomaly_threshold_and_a_reload_keeps_it() {
+    let broker = Mosquitto::start();
+    let mut op = Operator::new(broker.port, "cmd3");
+    let daemon = Daemon::start(&format!(
+        r#"
+device = "cmd3"
+[mqtt]
+url = "mqtt://127.0.0.1:{}"
+[health]
+interval_s = 0
+[commands]
+enabled = true
+[[pipelines]]
+name = "vib"
+model = "{{models}}/vibration_f32.onnx"
+source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
+postprocess = {{ type = "anomaly", threshold = 0.5, score = "not_class", normal_class = "normal" }}
+  # The topic `Operator` reads results from.
+  [[pipelines.outputs]]
+  type = "mqtt"
+  topic = "edgeinfer/{{device}}/digits/result"
+"#,
+        broker.port
+    ));
+    assert!(!op.wait_results(0, 1, LONG).is_empty(), "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+    let anomaly_after = |op: &mut Operator, threshold: f64| {
+        let mark = op.sub.seen.len();
+        let results = op.wait_results(mark, 20, LONG);
+        let now: Vec<&Value> = results
+            .iter()
+            .map(|r| &r["result"]["anomaly"])
+            .filter(|a| (a["threshold"].as_f64().unwrap() - threshold).abs() < 1e-6)
+            .collect();
+        assert!(!now.is_empty(), "no result with threshold {threshold}: {results:?}");
+        now.iter().map(|a| a["anomalous"].as_bool().unwrap()).collect::<Vec<bool>>()
+    };
+    let r = op.send("set_threshold", json!({"pipeline": "vib", "threshold": 0.0}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["anomaly_threshold"], 0.0, "{r}");
+    assert!(anomaly_after(&mut op, 0.0).iter().all(|&a| a), "every score is >= 0");
+    let r = op.send("set_threshold", json!({"pipeline": "vib", "threshold": 1.5}));
+    assert_eq!(r["result"]["anomaly_threshold"], 1.5, "{r}");
+    assert!(anomaly_after(&mut op, 1.5).iter().all(|&a| !a), "no score is >= 1.5");
+    // A reload (int8 model) keeps the threshold set by command.
+    let r = op.send("reload_model", json!({"pipeline": "vib", "model": crate::model("vibration_int8.onnx")}));
+    assert_eq!(r["ok"], true, "{r}");
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 20, LONG);
+    let last = after.last().expect("results after the reload");
+    assert_eq!(last["model"]["name"], "vibration_int8");
+    assert_eq!(last["result"]["anomaly"]["threshold"], 1.5, "{last}");
+    // An output index on a pipeline without threshold outputs is refused.
+    let r = op.send("set_threshold", json!({"pipeline": "vib", "output": 0, "threshold": 0.2}));
+    assert_eq!(r["ok"], false, "{r}");
+}
