@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod detect;
+mod fleet;
 mod homeassistant;
 mod mqtt_hub;
 mod parity;
