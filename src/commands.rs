@@ -256,6 +256,8 @@ pub struct PipelineControl {
     pub anomaly_threshold: Mutex<Option<f32>>,
     /// Successful model reloads.
     pub reloads: AtomicU64,
+    /// A reload is loading a model now (one at a time: a burst must not run a Pi out of memory).
+    reloading: AtomicBool,
     cfg: PipelineConfig,
 }
 
@@ -281,6 +283,7 @@ impl PipelineControl {
             thresholds: Mutex::new(thresholds),
             anomaly_threshold: Mutex::new(anomaly),
             reloads: AtomicU64::new(0),
+            reloading: AtomicBool::new(false),
             cfg: prep.cfg.clone(),
         })
     }
@@ -394,7 +397,8 @@ pub fn start(
         secret,
         seen: Mutex::new(HashMap::new()),
     });
-    hub.subscribe(&filter, 1, Arc::new(move |topic, payload| handler.clone().on_message(topic, payload)));
+    // Retained commands are ignored: they would run again on every reconnect.
+    hub.subscribe_live(&filter, 1, Arc::new(move |topic, payload| handler.clone().on_message(topic, payload)));
     Ok(())
 }
 
@@ -503,16 +507,23 @@ impl Handler {
                     Some(p) => self.cfg.resolve(&p),
                     None => c.model_path.lock().map_err(|_| "internal: lock poisoned")?.clone(),
                 };
+                if c.reloading.swap(true, Relaxed) {
+                    return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));
+                }
                 let me = self.clone();
                 let name = name.to_string();
-                std::thread::Builder::new()
-                    .name(format!("reload-{pipeline}"))
-                    .stack_size(8 << 20)
-                    .spawn(move || {
-                        let outcome = reload(&me.cfg, &c, &path);
+                let loader = c.clone();
+                let spawned = std::thread::Builder::new().name(format!("reload-{pipeline}")).stack_size(8 << 20).spawn(
+                    move || {
+                        let outcome = reload(&me.cfg, &loader, &path);
+                        loader.reloading.store(false, Relaxed);
                         me.reply(&name, id, outcome);
-                    })
-                    .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+                    },
+                );
+                if let Err(e) = spawned {
+                    c.reloading.store(false, Relaxed);
+                    return Err(format!("cannot start the loader thread: {e}"));
+                }
                 Ok(None)
             }
         }

@@ -221,6 +221,9 @@ impl std::fmt::Debug for DiskQueue {
     }
 }
 
+/// 2025-01-01T00:00:00Z: wall-clock times before it come from an unset clock.
+const SANE_CLOCK_MS: u64 = 1_735_689_600_000;
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -504,10 +507,19 @@ impl Inner {
 
     /// Drops waiting records older than the age bound.
     fn expire(&mut self) {
-        let limit = now_ms().saturating_sub(self.opts.max_age.as_millis() as u64);
+        let now = now_ms();
+        // A board without a real-time clock stores results with a 1970 (or stale
+        // fake-hwclock) time until NTP steps the clock forward: such records, and
+        // records dated in the future, have no trustworthy age and are left to the
+        // byte bound rather than all expiring at once.
+        if now < SANE_CLOCK_MS {
+            return;
+        }
+        let limit = now.saturating_sub(self.opts.max_age.as_millis() as u64);
         let mut dropped = 0;
         while let Some(e) = self.entries.front().copied() {
-            if e.appended_ms >= limit {
+            let trusted = e.appended_ms >= SANE_CLOCK_MS && e.appended_ms <= now;
+            if !trusted || e.appended_ms >= limit {
                 break;
             }
             self.entries.pop_front();

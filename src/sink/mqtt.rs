@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -157,6 +157,9 @@ struct Subscription {
     filter: String,
     qos: u8,
     handler: MessageHandler,
+    /// Whether retained messages reach the handler (not for commands: a retained
+    /// command would run again on every reconnect).
+    retained: bool,
 }
 
 /// What the handle and the task share.
@@ -171,6 +174,8 @@ struct Shared {
     disk: Option<Arc<DiskQueue>>,
     /// Wakes the manager when a record was stored.
     stored: tokio::sync::Notify,
+    /// Results that could not be stored on disk and went to memory instead.
+    disk_failures: AtomicU64,
 }
 
 enum Command {
@@ -234,11 +239,21 @@ impl MqttHandle {
                 Ok(true)
             }
             Err(e) => {
-                let n = self.metrics.dropped.fetch_add(1, Relaxed) + 1;
+                // A full card or a bad queue_dir must not cost results the broker could
+                // still take: they go to the memory buffer, as without a disk queue.
+                let n = self.shared.disk_failures.fetch_add(1, Relaxed) + 1;
                 if n.is_power_of_two() {
-                    log::warn!("MQTT: result for `{}` not stored: {e} ({n} dropped so far)", record.topic);
+                    log::warn!(
+                        "MQTT: result for `{}` not stored on disk: {e}; kept in memory instead ({n} so far)",
+                        record.topic
+                    );
                 }
-                Ok(false)
+                Err(OutMessage {
+                    topic: record.topic,
+                    body: Body::Raw(record.payload),
+                    qos: record.qos,
+                    retain: record.retain,
+                })
             }
         }
     }
@@ -246,13 +261,22 @@ impl MqttHandle {
     /// Subscribes (now and after every reconnect); `handler` gets each message.
     /// An invalid filter is logged and ignored.
     pub fn subscribe(&self, filter: &str, qos: u8, handler: MessageHandler) {
+        self.subscribe_with(filter, qos, handler, true);
+    }
+
+    /// Like `subscribe`, but retained messages are not handed to `handler`.
+    pub fn subscribe_live(&self, filter: &str, qos: u8, handler: MessageHandler) {
+        self.subscribe_with(filter, qos, handler, false);
+    }
+
+    fn subscribe_with(&self, filter: &str, qos: u8, handler: MessageHandler, retained: bool) {
         if !valid_filter(filter) {
             log::warn!("MQTT: invalid topic filter `{filter}`: not subscribed");
             return;
         }
         let qos = qos.min(2);
         if let Ok(mut subs) = self.shared.subscriptions.lock() {
-            subs.push(Subscription { filter: filter.to_string(), qos, handler });
+            subs.push(Subscription { filter: filter.to_string(), qos, handler, retained });
         }
         // The task is gone only after shutdown; nothing to subscribe then.
         let _ = self.commands.send(Command::Subscribe { filter: filter.to_string(), qos });
@@ -316,6 +340,7 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
         connect_hooks: Mutex::new(Vec::new()),
         disk: settings.disk_queue.clone(),
         stored: tokio::sync::Notify::new(),
+        disk_failures: AtomicU64::new(0),
     });
     let (msg_tx, msg_rx) = mpsc::channel(capacity.clamp(16, 1024));
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -341,6 +366,7 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
         offline_acked: false,
         disconnect_sent: false,
         invalid_warned: 0,
+        disk_attempts: HashMap::new(),
     };
     let manager = tokio::spawn(manager.run(msg_rx, cmd_rx, link_rx));
     let handle = MqttHandle { metrics, shared, messages: msg_tx, commands: cmd_tx.clone() };
@@ -594,6 +620,9 @@ struct Manager {
     offline_acked: bool,
     disconnect_sent: bool,
     invalid_warned: u64,
+    /// Connection losses each disk record was in flight for: a record the broker
+    /// keeps disconnecting on is given up after MAX_SEND_ATTEMPTS, not resent forever.
+    disk_attempts: HashMap<u64, u8>,
 }
 
 impl Manager {
@@ -898,6 +927,17 @@ impl Manager {
         self.disk_cursor = 0;
         self.disk_ready.clear();
         for handed in back.into_iter().rev() {
+            if let (Some(id), Some(disk)) = (handed.disk_id, &self.disk) {
+                let attempts = self.disk_attempts.entry(id).or_insert(0);
+                *attempts += 1;
+                if *attempts >= MAX_SEND_ATTEMPTS {
+                    self.disk_attempts.remove(&id);
+                    // Marked done so the records behind it can go; counted and logged as dropped.
+                    disk.ack(id);
+                    self.drop_invalid("(disk queue)", "stored result in flight during too many connection losses");
+                }
+                continue;
+            }
             let Some(mut queued) = handed.item else { continue };
             queued.attempts += 1;
             if queued.attempts >= MAX_SEND_ATTEMPTS {
@@ -912,7 +952,7 @@ impl Manager {
 
     fn on_event(&mut self, event: MqttEvent) {
         match event {
-            MqttEvent::Incoming(Packet::Publish(p)) => self.dispatch(&p.topic, &p.payload),
+            MqttEvent::Incoming(Packet::Publish(p)) => self.dispatch(&p.topic, &p.payload, p.retain),
             MqttEvent::Outgoing(Outgoing::Publish(pkid)) => {
                 let Some(handed) = self.collided.take().or_else(|| self.sent.pop_front()) else {
                     log::debug!("MQTT: write of a publish nobody handed (pkid {pkid})");
@@ -952,6 +992,7 @@ impl Manager {
         }
         if let (Some(id), Some(disk)) = (handed.disk_id, &self.disk) {
             disk.ack(id);
+            self.disk_attempts.remove(&id);
             self.metrics.published.fetch_add(1, Relaxed);
         }
         if handed.offline {
@@ -960,10 +1001,14 @@ impl Manager {
     }
 
     /// Calls every handler whose filter matches; a panicking handler is logged, not fatal.
-    fn dispatch(&self, topic: &str, payload: &[u8]) {
+    fn dispatch(&self, topic: &str, payload: &[u8], retain: bool) {
         self.metrics.received.fetch_add(1, Relaxed);
         let handlers: Vec<MessageHandler> = match self.shared.subscriptions.lock() {
-            Ok(subs) => subs.iter().filter(|s| topic_matches(&s.filter, topic)).map(|s| s.handler.clone()).collect(),
+            Ok(subs) => subs
+                .iter()
+                .filter(|s| (s.retained || !retain) && topic_matches(&s.filter, topic))
+                .map(|s| s.handler.clone())
+                .collect(),
             Err(_) => return,
         };
         for handler in handlers {

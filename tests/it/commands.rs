@@ -327,3 +327,19 @@ postprocess = {{ type = "anomaly", threshold = 0.5, score = "not_class", normal_
     let r = op.send("set_threshold", json!({"pipeline": "vib", "output": 0, "threshold": 0.2}));
     assert_eq!(r["ok"], false, "{r}");
 }
+
+#[test]
+fn a_retained_command_is_ignored_so_it_cannot_replay_on_every_reconnect() {
+    let broker = Mosquitto::start();
+    let mut op = Operator::new(broker.port, "cmd4");
+    // Left retained on the broker before the daemon starts: it must not pause the pipeline.
+    op.sub.publish_retained("edgeinfer/cmd4/cmd/pause", br#"{"id": "stale", "pipeline": "digits"}"#.to_vec());
+    let daemon = Daemon::start(&config(broker.port, "cmd4", ""));
+    op.wait_ready();
+    let h = op.send("health", json!({}));
+    assert_eq!(h["result"]["pipelines"]["digits"]["paused"], false, "{h}");
+    assert!(op.sub.seen.iter().all(|m| m.topic != "edgeinfer/cmd4/cmd/pause/reply"), "no reply to a retained command");
+    let mark = op.sub.seen.len();
+    op.pump(Duration::from_millis(1000));
+    assert!(!op.results_since(mark).is_empty(), "results keep coming; stderr: {}", daemon.stderr());
+}

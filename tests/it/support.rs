@@ -217,6 +217,11 @@ impl Subscriber {
     pub fn publish(&self, topic: &str, payload: Vec<u8>) {
         self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).unwrap();
     }
+
+    /// Publishes `payload` on `topic` at QoS 1, retained.
+    pub fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
+    }
 }
 
 /// A `Command` for the `edgeinfer` binary under test. `EDGEINFER_RUNNER` (for
