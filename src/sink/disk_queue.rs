@@ -541,21 +541,31 @@ impl Inner {
         let start = self.entries.partition_point(|e| e.id <= after);
         let wanted: Vec<Entry> =
             self.entries.iter().skip(start).filter(|e| !self.acked_ahead.contains(&e.id)).take(max).copied().collect();
+        // A record that cannot be read (its segment deleted by hand, EIO on the card) is
+        // skipped and counted: left in place it would block every record behind it.
+        let unreadable = |inner: &mut Self, e: &Entry, why: String| {
+            if inner.stats.corrupt_records_skipped.is_power_of_two() || inner.stats.corrupt_records_skipped == 0 {
+                log::warn!("disk queue: record {} cannot be read ({why}); skipped", e.id);
+            }
+            inner.stats.corrupt_records_skipped += 1;
+            inner.acked_ahead.insert(e.id);
+        };
         for e in wanted {
             if file.as_ref().map(|(n, _)| *n) != Some(e.segment) {
                 match File::open(self.seg_path(e.segment)) {
                     Ok(f) => file = Some((e.segment, f)),
                     Err(err) => {
-                        log::warn!("disk queue: cannot read segment {}: {err}", segment_name(e.segment));
-                        break;
+                        file = None;
+                        unreadable(self, &e, format!("segment {}: {err}", segment_name(e.segment)));
+                        continue;
                     }
                 }
             }
-            let Some((_, f)) = &file else { break };
+            let Some((_, f)) = &file else { continue };
             let mut buf = vec![0u8; e.len as usize];
             if let Err(err) = f.read_exact_at(&mut buf, e.offset) {
-                log::warn!("disk queue: cannot read record {}: {err}", e.id);
-                break;
+                unreadable(self, &e, err.to_string());
+                continue;
             }
             match parse_record(&buf) {
                 Ok((_, id, _, record)) if id == e.id => out.push(Stored { id, record }),
@@ -852,6 +862,24 @@ mod tests {
         let q = DiskQueue::open(dir.path(), opts(16 * 1024, FsyncPolicy::Never)).unwrap();
         assert!(payloads(&q).is_empty());
         assert!(q.append(&rec(1)).unwrap() > ids[99]);
+    }
+
+    #[test]
+    fn an_unreadable_segment_is_skipped_and_does_not_block_the_records_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = DiskQueue::open(dir.path(), opts(16 * 1024, FsyncPolicy::Never)).unwrap();
+        for i in 0..100 {
+            q.append(&rec(i)).unwrap();
+        }
+        let all = payloads(&q);
+        let files = segs(dir.path());
+        assert!(files.len() >= 3, "{files:?}");
+        // Someone deletes the oldest segment by hand while its records wait.
+        fs::remove_file(&files[0]).unwrap();
+        let left = payloads(&q);
+        assert!(!left.is_empty() && left.len() < all.len(), "{} of {}", left.len(), all.len());
+        assert_eq!(left.last(), all.last(), "the newest records still come");
+        assert_eq!(q.stats().corrupt_records_skipped as usize, all.len() - left.len());
     }
 
     #[test]

@@ -846,7 +846,10 @@ impl Manager {
     /// Hands disk records in order, first refilling from the queue.
     fn pump_disk(&mut self) {
         let Some(disk) = self.disk.clone() else { return };
-        while self.connected && self.handed() < WINDOW {
+        // While memory messages wait (health, discovery, command replies, QoS 0
+        // results), a long disk backlog leaves them a quarter of the window.
+        let limit = if self.buffer.is_empty() { WINDOW } else { WINDOW - WINDOW / 4 };
+        while self.connected && self.handed() < limit {
             if self.disk_ready.is_empty() {
                 self.disk_ready.extend(disk.read_after(self.disk_cursor, WINDOW));
             }
