@@ -19,7 +19,7 @@ use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
 use crate::engine::Session;
 use crate::pipeline::Prepared;
 use crate::sink::mqtt::{Body, MqttHandle, OutMessage};
-use crate::tensor::{Data, ElemType, Tensor};
+use crate::tensor::Tensor;
 
 /// The `[commands]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -586,7 +586,7 @@ fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<V
             }
             (t, f.display().to_string())
         }
-        None => (zeros(&spec.shape, spec.elem_type), "zeros".to_string()),
+        None => (Tensor::zeros(&spec.shape, spec.elem_type), "zeros".to_string()),
     };
     let outputs = session.run(std::slice::from_ref(&input)).map_err(|e| format!("test inference failed: {e}"))?;
     for (o, s) in outputs.iter().zip(prepared.model.outputs()) {
@@ -634,22 +634,6 @@ fn short(x: f32) -> Value {
 
 fn thresholds_json(t: &[Option<f32>]) -> Value {
     Value::Array(t.iter().map(|x| x.map(short).unwrap_or(Value::Null)).collect())
-}
-
-fn zeros(shape: &[usize], t: ElemType) -> Tensor {
-    let n: usize = shape.iter().product();
-    let data = match t {
-        ElemType::F32 => Data::F32(vec![0.0; n]),
-        ElemType::F64 => Data::F64(vec![0.0; n]),
-        ElemType::I8 => Data::I8(vec![0; n]),
-        ElemType::U8 => Data::U8(vec![0; n]),
-        ElemType::I16 => Data::I16(vec![0; n]),
-        ElemType::I32 => Data::I32(vec![0; n]),
-        ElemType::I64 => Data::I64(vec![0; n]),
-        ElemType::Bool => Data::Bool(vec![false; n]),
-        ElemType::String => Data::String(vec![String::new(); n]),
-    };
-    Tensor { shape: shape.to_vec(), data }
 }
 
 #[cfg(test)]

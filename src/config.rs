@@ -637,16 +637,6 @@ impl SourceConfig {
         }
     }
 
-    /// The `max_fps` limit of a camera source, if set.
-    pub fn max_fps(&self) -> Option<f64> {
-        match self {
-            SourceConfig::Pipe { max_fps, .. }
-            | SourceConfig::V4l2 { max_fps, .. }
-            | SourceConfig::Http { max_fps, .. } => *max_fps,
-            _ => None,
-        }
-    }
-
     /// The `type` key's value.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -175,6 +175,23 @@ impl Tensor {
         Ok(Tensor { shape, data })
     }
 
+    /// A tensor of zeros (empty strings, false) of the given shape and type.
+    pub fn zeros(shape: &[usize], elem_type: ElemType) -> Self {
+        let n: usize = shape.iter().product();
+        let data = match elem_type {
+            ElemType::F32 => Data::F32(vec![0.0; n]),
+            ElemType::F64 => Data::F64(vec![0.0; n]),
+            ElemType::I8 => Data::I8(vec![0; n]),
+            ElemType::U8 => Data::U8(vec![0; n]),
+            ElemType::I16 => Data::I16(vec![0; n]),
+            ElemType::I32 => Data::I32(vec![0; n]),
+            ElemType::I64 => Data::I64(vec![0; n]),
+            ElemType::Bool => Data::Bool(vec![false; n]),
+            ElemType::String => Data::String(vec![String::new(); n]),
+        };
+        Tensor { shape: shape.to_vec(), data }
+    }
+
     /// A float tensor.
     pub fn from_f32(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, TensorError> {
         Self::new(shape, Data::F32(values))

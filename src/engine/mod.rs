@@ -410,7 +410,8 @@ impl Model {
         if !opts.skip_warmup {
             let t = Instant::now();
             let mut session = model.session()?;
-            let zeros: Vec<Tensor> = model.inputs.iter().map(zeros_like).collect();
+            let zeros: Vec<Tensor> =
+                model.inputs.iter().map(|spec| Tensor::zeros(&spec.shape, spec.elem_type)).collect();
             session
                 .run(&zeros)
                 .map_err(|e| EngineError::Load { path: shown.clone(), reason: format!("warm-up run failed: {e}") })?;
@@ -457,22 +458,6 @@ impl Model {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn zeros_like(spec: &TensorSpec) -> Tensor {
-    let n: usize = spec.shape.iter().product();
-    let data = match spec.elem_type {
-        ElemType::F32 => Data::F32(vec![0.0; n]),
-        ElemType::F64 => Data::F64(vec![0.0; n]),
-        ElemType::I8 => Data::I8(vec![0; n]),
-        ElemType::U8 => Data::U8(vec![0; n]),
-        ElemType::I16 => Data::I16(vec![0; n]),
-        ElemType::I32 => Data::I32(vec![0; n]),
-        ElemType::I64 => Data::I64(vec![0; n]),
-        ElemType::Bool => Data::Bool(vec![false; n]),
-        ElemType::String => Data::String(vec![String::new(); n]),
-    };
-    Tensor { shape: spec.shape.clone(), data }
 }
 
 /// Rejects operators tract has no implementation for, naming the first one.

@@ -276,28 +276,41 @@ pub fn run(cfg: &SourceConfig, ctx: &SourceCtx) -> Result<SourceEnd, SourceError
     }
 }
 
-/// Turns complete lines into inputs and counts the malformed ones.
-struct LineSink<'a> {
+/// Turns complete lines into inputs and counts the malformed ones (shared
+/// with the serial source).
+pub(crate) struct LineSink<'a> {
     ctx: &'a SourceCtx,
     format: LineFormat,
-    /// `stdin` or the path, for logs.
+    /// `stdin`, the path or the port, for logs.
     what: String,
+    /// Origin given to the inputs (the serial port), if any.
+    origin: Option<String>,
     /// Line number in the current file or stream.
     line_no: u64,
     malformed: u64,
+    logged: Option<Instant>,
 }
 
+/// Malformed lines are logged the first time, then at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
 impl<'a> LineSink<'a> {
-    fn new(ctx: &'a SourceCtx, format: LineFormat, what: String) -> Self {
-        LineSink { ctx, format, what, line_no: 0, malformed: 0 }
+    /// A sink whose inputs carry no origin; `what` names the stream in logs.
+    pub(crate) fn new(ctx: &'a SourceCtx, format: LineFormat, what: String) -> Self {
+        LineSink { ctx, format, what, origin: None, line_no: 0, malformed: 0, logged: None }
+    }
+
+    /// A sink whose inputs carry `what` as their origin.
+    pub(crate) fn with_origin(ctx: &'a SourceCtx, format: LineFormat, what: String) -> Self {
+        LineSink { origin: Some(what.clone()), ..Self::new(ctx, format, what) }
     }
 
     /// Handles one line (without its newline). False once the queue is closed.
-    fn line(&mut self, raw: &[u8]) -> bool {
+    pub(crate) fn line(&mut self, raw: &[u8]) -> bool {
         self.line_no += 1;
         match parse_line(self.format, &String::from_utf8_lossy(raw)) {
             Ok(None) => true,
-            Ok(Some(parsed)) => self.ctx.push(parsed.into_input(None)),
+            Ok(Some(parsed)) => self.ctx.push(parsed.into_input(self.origin.clone())),
             Err(why) => {
                 self.bad(&why);
                 true
@@ -305,10 +318,12 @@ impl<'a> LineSink<'a> {
         }
     }
 
-    fn bad(&mut self, why: &str) {
+    /// Counts a bad line and logs it, rate-limited.
+    pub(crate) fn bad(&mut self, why: &str) {
         self.malformed += 1;
         self.ctx.metrics.errors.fetch_add(1, Relaxed);
-        if self.malformed == 1 || self.malformed.is_multiple_of(100) {
+        if self.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            self.logged = Some(Instant::now());
             log::warn!(
                 "pipeline `{}`: {} line {}: {why}; skipped ({} malformed lines so far)",
                 self.ctx.pipeline,

@@ -15,12 +15,12 @@ pub mod v4l2;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::config::SourceConfig;
-use crate::message::{Frame, Input, InputQueue, Pushed};
+use crate::message::{Input, InputQueue, Pushed};
 use crate::metrics::PipelineMetrics;
 use crate::sink::mqtt::MqttHandle;
 
@@ -96,16 +96,6 @@ impl SourceCtx {
 }
 
 impl SourceCtx {
-    /// Queues a camera frame captured at `captured`, unless `gate` says it comes too soon.
-    /// False once the queue is closed.
-    pub fn push_frame(&self, gate: &mut FrameGate, image: image::RgbImage, captured: SystemTime) -> bool {
-        if !gate.admit(Instant::now()) {
-            self.metrics.dropped_max_fps.fetch_add(1, Relaxed);
-            return true;
-        }
-        self.push(Input::Frame(Frame { image, captured, origin: None }))
-    }
-
     /// Counts a frame that could not be decoded and logs the first of each power of two.
     pub fn bad_frame(&self, why: &str) {
         let n = self.metrics.bad_frames.fetch_add(1, Relaxed) + 1;

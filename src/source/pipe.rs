@@ -366,6 +366,7 @@ enum Scan {
 
 impl JpegSplitter {
     /// Appends bytes (for callers that already hold them).
+    #[cfg(test)]
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
     }

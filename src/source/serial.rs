@@ -18,23 +18,19 @@
 
 use std::io::{ErrorKind, Read};
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serialport::{ClearBuffer, DataBits, FlowControl, Parity, SerialPort, StopBits};
 
 use super::{SourceCtx, SourceEnd, SourceError};
 use crate::config::{LineFormat, SourceConfig};
-use crate::source::lines::parse_line;
+use crate::source::lines::LineSink;
 
 /// Lines longer than this (without a line end) are dropped.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// The longest a read waits for data before shutdown is looked at again.
 pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// How often malformed lines are logged at most (after the first).
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the source until it ends, fails or is stopped.
 pub fn run(cfg: &SourceConfig, ctx: &SourceCtx) -> Result<SourceEnd, SourceError> {
@@ -97,30 +93,21 @@ fn open(path: &Path, baud: u32) -> Result<serialport::TTYPort, SourceError> {
 
 /// Splits the byte stream into lines and turns them into inputs.
 struct SerialLines<'a> {
-    ctx: &'a SourceCtx,
-    format: LineFormat,
-    /// The port, for logs and as the inputs' origin.
-    port: String,
+    sink: LineSink<'a>,
     partial: Vec<u8>,
     /// Still dropping the first (possibly partial) line after opening.
     syncing: bool,
     /// The current line passed [`MAX_LINE_BYTES`]: drop it up to its end.
     overlong: bool,
-    malformed: u64,
-    logged: Option<Instant>,
 }
 
 impl<'a> SerialLines<'a> {
     fn new(ctx: &'a SourceCtx, format: LineFormat, port: String) -> Self {
         SerialLines {
-            ctx,
-            format,
-            port,
+            sink: LineSink::with_origin(ctx, format, port),
             partial: Vec::new(),
             syncing: true,
             overlong: false,
-            malformed: 0,
-            logged: None,
         }
     }
 
@@ -136,11 +123,11 @@ impl<'a> SerialLines<'a> {
                 continue;
             }
             let open = if self.partial.is_empty() {
-                self.line(head)
+                self.sink.line(head)
             } else {
                 self.partial.extend_from_slice(head);
                 let line = std::mem::take(&mut self.partial);
-                let open = self.line(&line);
+                let open = self.sink.line(&line);
                 // Keep the allocation for the next partial line.
                 self.partial = line;
                 self.partial.clear();
@@ -156,37 +143,11 @@ impl<'a> SerialLines<'a> {
                 self.partial = Vec::new();
                 self.overlong = true;
                 if !self.syncing {
-                    self.bad(&format!("line longer than {MAX_LINE_BYTES} bytes without a line end; dropped"));
+                    self.sink.bad(&format!("line longer than {MAX_LINE_BYTES} bytes without a line end; dropped"));
                 }
             }
         }
         true
-    }
-
-    /// Handles one line (without its end). False once the queue is closed.
-    fn line(&mut self, raw: &[u8]) -> bool {
-        match parse_line(self.format, &String::from_utf8_lossy(raw)) {
-            Ok(None) => true,
-            Ok(Some(parsed)) => self.ctx.push(parsed.into_input(Some(self.port.clone()))),
-            Err(why) => {
-                self.bad(&why);
-                true
-            }
-        }
-    }
-
-    fn bad(&mut self, why: &str) {
-        self.malformed += 1;
-        self.ctx.metrics.errors.fetch_add(1, Relaxed);
-        if self.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-            self.logged = Some(Instant::now());
-            log::warn!(
-                "pipeline `{}`: {}: {why}; skipped ({} malformed lines so far)",
-                self.ctx.pipeline,
-                self.port,
-                self.malformed
-            );
-        }
     }
 }
 
@@ -198,6 +159,9 @@ mod tests {
     use std::thread::JoinHandle;
 
     use serialport::TTYPort;
+
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
 
     use super::*;
     use crate::source::testing::{failure, next, stop};
