@@ -1,6 +1,8 @@
 //! Remote commands over MQTT: `edgeinfer/{device}/cmd/<name>` with JSON payloads, JSON replies on
-//! `.../cmd/<name>/reply`. Pause/resume a pipeline, change a threshold, publish health now, and
-//! reload a model (loaded and checked off the reactor; swapped into the worker between inputs).
+//! `.../cmd/<name>/reply` (or, on MQTT 5, the request's response topic, with its correlation
+//! data). Pause/resume a pipeline, change a threshold, publish health now, reload a model (loaded
+//! and checked off the reactor; swapped into the worker between inputs) or the whole config
+//! (checked, then the daemon restarts itself in place with it).
 //! Optionally every command carries an HMAC-SHA256 over its canonical JSON and a timestamp.
 //!
 //! Access control belongs to the broker (ACLs); the HMAC is for brokers without them.
@@ -8,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -18,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
 use crate::engine::Session;
 use crate::pipeline::Prepared;
-use crate::sink::mqtt::{Body, MqttHandle, OutMessage};
+use crate::sink::mqtt::{Incoming, MqttHandle, OutMessage, PublishMeta, JSON};
 use crate::tensor::Tensor;
 
 /// The `[commands]` table.
@@ -165,6 +167,8 @@ pub enum Command {
     Health,
     /// Load a model (None: the current file again) and swap it in.
     ReloadModel { pipeline: String, model: Option<PathBuf> },
+    /// Read the config file again, check it, and restart in place with it.
+    ReloadConfig,
 }
 
 /// Reads a command named `name` from its JSON object; errors name the field.
@@ -205,9 +209,11 @@ pub fn parse(name: &str, obj: &Map<String, Value>) -> Result<Command, String> {
             };
             Command::ReloadModel { pipeline: string("pipeline")?, model }
         }
+        "reload_config" => Command::ReloadConfig,
         other => {
             return Err(format!(
-                "unknown command `{other}` (known: pause, resume, set_threshold, health, reload_model)"
+                "unknown command `{other}` (known: pause, resume, set_threshold, health, reload_model, \
+                 reload_config)"
             ))
         }
     })
@@ -314,8 +320,8 @@ impl PipelineControl {
 
 /// Command counters and every pipeline's control; also adds their figures to health.
 pub struct Registry {
-    /// One per pipeline, in config order.
-    pub controls: Vec<Arc<PipelineControl>>,
+    /// One per pipeline, in config order; set once the pipelines run.
+    controls: OnceLock<Vec<Arc<PipelineControl>>>,
     /// Commands that arrived.
     pub received: AtomicU64,
     /// Commands answered with an error.
@@ -323,14 +329,24 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry over these controls.
-    pub fn new(controls: Vec<Arc<PipelineControl>>) -> Arc<Self> {
-        Arc::new(Registry { controls, received: AtomicU64::new(0), failed: AtomicU64::new(0) })
+    /// An empty registry: commands are answered "starting" until [`Registry::set_controls`].
+    pub fn new() -> Arc<Self> {
+        Arc::new(Registry { controls: OnceLock::new(), received: AtomicU64::new(0), failed: AtomicU64::new(0) })
+    }
+
+    /// The pipelines' controls, once they run (a second call is ignored).
+    pub fn set_controls(&self, controls: Vec<Arc<PipelineControl>>) {
+        let _ = self.controls.set(controls);
+    }
+
+    fn controls(&self) -> &[Arc<PipelineControl>] {
+        self.controls.get().map(Vec::as_slice).unwrap_or_default()
     }
 
     fn control(&self, name: &str) -> Result<&Arc<PipelineControl>, String> {
-        self.controls.iter().find(|c| c.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.controls.iter().map(|c| c.name.as_str()).collect();
+        let controls = self.controls.get().ok_or("starting up: the pipelines are not running yet; try again")?;
+        controls.iter().find(|c| c.name == name).ok_or_else(|| {
+            let names: Vec<&str> = controls.iter().map(|c| c.name.as_str()).collect();
             format!("unknown pipeline `{name}` (pipelines: {names:?})")
         })
     }
@@ -338,7 +354,7 @@ impl Registry {
     /// Adds `commands` and per-pipeline `paused`, `skipped_paused`, `model`, `thresholds` to health.
     pub fn augment(&self, health: &mut Value) {
         health["commands"] = json!({"received": self.received.load(Relaxed), "failed": self.failed.load(Relaxed)});
-        for c in &self.controls {
+        for c in self.controls() {
             let Some(p) = health["pipelines"].get_mut(&c.name).and_then(Value::as_object_mut) else { continue };
             p.insert("paused".into(), c.paused.load(Relaxed).into());
             p.insert("skipped_paused".into(), c.skipped_paused.load(Relaxed).into());
@@ -356,25 +372,40 @@ impl Registry {
 /// Publishes the health message now and returns it.
 pub type HealthNow = Arc<dyn Fn() -> Value + Send + Sync>;
 
+/// Asks the daemon to restart in place with its (checked) config file.
+pub type RestartNow = Arc<dyn Fn() + Send + Sync>;
+
 /// What the command handler needs.
 struct Handler {
     cfg: Arc<Config>,
     device: String,
     hub: MqttHandle,
     registry: Arc<Registry>,
-    health: HealthNow,
+    health: Arc<OnceLock<HealthNow>>,
+    restart: RestartNow,
     secret: Option<Vec<u8>>,
     seen: Mutex<HashMap<String, f64>>,
+    /// A reload_config is being checked (one at a time).
+    reloading_config: AtomicBool,
 }
 
-/// Subscribes to `edgeinfer/{device}/cmd/+` when `[commands]` is enabled. Errors (a missing
-/// secret) stop the start-up.
+/// Where a reply goes: the request's MQTT 5 response topic (with its correlation data), or
+/// `.../cmd/<name>/reply`.
+struct ReplyTo {
+    topic: String,
+    correlation_data: Option<Vec<u8>>,
+}
+
+/// Subscribes to `edgeinfer/{device}/cmd/+` when `[commands]` is enabled, before the pipelines
+/// start (commands that arrive before they run are answered "starting up"). `health` is filled
+/// in once health can be published. Errors (a missing secret) stop the start-up.
 pub fn start(
     cfg: &Config,
     device: &str,
     hub: Option<&MqttHandle>,
     registry: Arc<Registry>,
-    health: HealthNow,
+    health: Arc<OnceLock<HealthNow>>,
+    restart: RestartNow,
 ) -> anyhow::Result<()> {
     if !cfg.commands.enabled {
         return Ok(());
@@ -394,11 +425,13 @@ pub fn start(
         hub: hub.clone(),
         registry,
         health,
+        restart,
         secret,
         seen: Mutex::new(HashMap::new()),
+        reloading_config: AtomicBool::new(false),
     });
     // Retained commands are ignored: they would run again on every reconnect.
-    hub.subscribe_live(&filter, 1, Arc::new(move |topic, payload| handler.clone().on_message(topic, payload)));
+    hub.subscribe_live(&filter, 1, Arc::new(move |m: &Incoming| handler.clone().on_message(m)));
     Ok(())
 }
 
@@ -409,15 +442,24 @@ fn reply_topic(device: &str, name: &str) -> String {
 
 impl Handler {
     /// Runs on the connection task: everything here is quick; model loading goes to a thread.
-    fn on_message(self: Arc<Self>, topic: &str, payload: &[u8]) {
-        let name = topic.rsplit('/').next().unwrap_or("").to_string();
+    fn on_message(self: Arc<Self>, m: &Incoming) {
+        let name = m.topic.rsplit('/').next().unwrap_or("").to_string();
         self.registry.received.fetch_add(1, Relaxed);
+        let to = match m.response_topic.as_deref() {
+            Some(t) if crate::sink::mqtt::valid_topic(t) => t.to_string(),
+            Some(t) => {
+                log::warn!("commands: `{name}`: response topic `{t}` is not a valid topic; replying on the default");
+                reply_topic(&self.device, &name)
+            }
+            None => reply_topic(&self.device, &name),
+        };
+        let to = ReplyTo { topic: to, correlation_data: m.correlation_data.as_ref().map(|c| c.to_vec()) };
         let mut id = Value::Null;
-        let outcome = self.accept(&name, payload, &mut id).and_then(|cmd| self.execute(&name, cmd, id.clone()));
+        let outcome = self.accept(&name, &m.payload, &mut id).and_then(|cmd| self.execute(&name, cmd, &to, id.clone()));
         match outcome {
-            Ok(Some(result)) => self.reply(&name, id, Ok(result)),
-            Ok(None) => {} // answered later (reload_model)
-            Err(e) => self.reply(&name, id, Err(e)),
+            Ok(None) => {} // answered later (reload_model, reload_config)
+            Ok(Some(result)) => self.reply(&name, &to, id, Ok(result)),
+            Err(e) => self.reply(&name, &to, id, Err(e)),
         }
     }
 
@@ -433,7 +475,7 @@ impl Handler {
         parse(name, &obj)
     }
 
-    fn reply(&self, name: &str, id: Value, outcome: Result<Value, String>) {
+    fn reply(&self, name: &str, to: &ReplyTo, id: Value, outcome: Result<Value, String>) {
         let body = match outcome {
             Ok(result) => json!({"id": id, "ok": true, "command": name, "result": result}),
             Err(error) => {
@@ -442,17 +484,18 @@ impl Handler {
                 json!({"id": id, "ok": false, "command": name, "error": error})
             }
         };
-        let topic = reply_topic(&self.device, name);
         // A name with `+`/`#` cannot come from a subscription match, but keep the topic valid anyway.
-        if !crate::sink::mqtt::valid_topic(&topic) {
+        if !crate::sink::mqtt::valid_topic(&to.topic) {
             return;
         }
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        self.hub.enqueue(OutMessage { topic, body: Body::Raw(bytes), qos: 1, retain: false });
+        let mut msg = OutMessage::raw(to.topic.clone(), bytes, 1, false, JSON);
+        msg.meta = PublishMeta { correlation_data: to.correlation_data.clone(), ..msg.meta };
+        self.hub.enqueue(msg);
     }
 
     /// Ok(None): the reply comes later from another thread.
-    fn execute(self: &Arc<Self>, name: &str, cmd: Command, id: Value) -> Result<Option<Value>, String> {
+    fn execute(self: &Arc<Self>, name: &str, cmd: Command, to: &ReplyTo, id: Value) -> Result<Option<Value>, String> {
         match cmd {
             Command::Pause { pipeline } | Command::Resume { pipeline } => {
                 let c = self.registry.control(&pipeline)?;
@@ -461,7 +504,10 @@ impl Handler {
                 log::info!("commands: pipeline `{pipeline}` {}", if pause { "paused" } else { "resumed" });
                 Ok(Some(json!({"pipeline": pipeline, "paused": pause, "was_paused": was})))
             }
-            Command::Health => Ok(Some((self.health)())),
+            Command::Health => match self.health.get() {
+                Some(health) => Ok(Some(health())),
+                None => Err("starting up: health is not available yet; try again".into()),
+            },
             Command::SetThreshold { pipeline, output, threshold } => {
                 let c = self.registry.control(&pipeline)?;
                 let mut thresholds = c.thresholds.lock().map_err(|_| "internal: lock poisoned")?;
@@ -513,11 +559,12 @@ impl Handler {
                 let me = self.clone();
                 let name = name.to_string();
                 let loader = c.clone();
+                let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
                 let spawned = std::thread::Builder::new().name(format!("reload-{pipeline}")).stack_size(8 << 20).spawn(
                     move || {
                         let outcome = reload(&me.cfg, &loader, &path);
                         loader.reloading.store(false, Relaxed);
-                        me.reply(&name, id, outcome);
+                        me.reply(&name, &to, id, outcome);
                     },
                 );
                 if let Err(e) = spawned {
@@ -526,8 +573,63 @@ impl Handler {
                 }
                 Ok(None)
             }
+            Command::ReloadConfig => {
+                if self.reloading_config.swap(true, Relaxed) {
+                    return Err("a reload_config is already being checked; try again when it replied".into());
+                }
+                let me = self.clone();
+                let name = name.to_string();
+                let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
+                let spawned =
+                    std::thread::Builder::new().name("reload-config".into()).stack_size(8 << 20).spawn(move || {
+                        let outcome = check_new_config(&me.cfg);
+                        let ok = outcome.is_ok();
+                        if !ok {
+                            me.reloading_config.store(false, Relaxed);
+                        }
+                        // The reply is queued before the restart begins, and the restart
+                        // publishes what is queued before it disconnects.
+                        me.reply(&name, &to, id, outcome);
+                        if ok {
+                            (me.restart)();
+                        }
+                    });
+                if let Err(e) = spawned {
+                    self.reloading_config.store(false, Relaxed);
+                    return Err(format!("cannot start the checker thread: {e}"));
+                }
+                Ok(None)
+            }
         }
     }
+}
+
+/// Reads the config file the daemon runs again and checks it as `edgeinfer check` does (every
+/// model loaded); on success, what would change.
+pub fn check_new_config(current: &Config) -> Result<Value, String> {
+    let path = current.path.clone();
+    let new = Config::load(&path).map_err(|e| format!("{e}; the running config stays"))?;
+    crate::pipeline::check(&new).map_err(|e| format!("{}: {e:#}; the running config stays", path.display()))?;
+    let old_names: Vec<&str> = current.pipelines.iter().map(|p| p.name.as_str()).collect();
+    let new_names: Vec<&str> = new.pipelines.iter().map(|p| p.name.as_str()).collect();
+    let added: Vec<&str> = new_names.iter().copied().filter(|n| !old_names.contains(n)).collect();
+    let removed: Vec<&str> = old_names.iter().copied().filter(|n| !new_names.contains(n)).collect();
+    let changed: Vec<&str> = new
+        .pipelines
+        .iter()
+        .filter(|p| current.pipelines.iter().any(|o| o.name == p.name && format!("{o:?}") != format!("{p:?}")))
+        .map(|p| p.name.as_str())
+        .collect();
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    Ok(json!({
+        "config": path,
+        "pipelines": new_names,
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+        "mqtt_changed": differs(&current.mqtt, &new.mqtt),
+        "restarting": true,
+    }))
 }
 
 /// Loads `path` for the pipeline, checks it fits, runs it on its reference input (or zeros),
@@ -690,6 +792,7 @@ mod tests {
         assert_eq!(parse("pause", &obj(r#"{"pipeline": "p"}"#)), Ok(Command::Pause { pipeline: "p".into() }));
         assert_eq!(parse("resume", &obj(r#"{"pipeline": "p"}"#)), Ok(Command::Resume { pipeline: "p".into() }));
         assert_eq!(parse("health", &obj("{}")), Ok(Command::Health));
+        assert_eq!(parse("reload_config", &obj(r#"{"id": 1}"#)), Ok(Command::ReloadConfig));
         assert_eq!(
             parse("set_threshold", &obj(r#"{"pipeline": "p", "output": 1, "threshold": 0.25}"#)),
             Ok(Command::SetThreshold { pipeline: "p".into(), output: Some(1), threshold: 0.25 })

@@ -73,6 +73,9 @@ pub struct Config {
     /// Directory of the config file; relative paths resolve against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The config file (read again by `reload_config` and SIGHUP).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// MQTT client settings.
@@ -111,6 +114,19 @@ pub struct MqttConfig {
     pub queue_max_age_s: u64,
     /// When queued results are forced to disk: `always`, `never` or an interval like `100ms`.
     pub queue_fsync: String,
+    /// MQTT protocol version: `"3.1.1"` (default) or `"5"`.
+    pub protocol: String,
+    /// MQTT 5: results not delivered within this many seconds expire (on the broker and here).
+    pub message_expiry_s: Option<u64>,
+    /// MQTT 5: user properties added to every message (`{ site = "barn" }`).
+    pub user_properties: std::collections::BTreeMap<String, String>,
+}
+
+impl MqttConfig {
+    /// The protocol version (validated by [`Config::load`]).
+    pub fn protocol(&self) -> crate::sink::mqtt_proto::Protocol {
+        crate::sink::mqtt_proto::Protocol::parse(&self.protocol).unwrap_or_default()
+    }
 }
 
 /// `[mqtt.tls]`: how to talk TLS to an `mqtts://` broker.
@@ -152,6 +168,9 @@ impl Default for MqttConfig {
             queue_max_bytes: 64 << 20,
             queue_max_age_s: 7 * 24 * 3600,
             queue_fsync: "100ms".into(),
+            protocol: "3.1.1".into(),
+            message_expiry_s: None,
+            user_properties: Default::default(),
         }
     }
 }
@@ -1021,6 +1040,7 @@ impl Config {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        cfg.path = path.to_path_buf();
         cfg.validate(&shown)?;
         Ok(cfg)
     }
@@ -1074,6 +1094,32 @@ impl Config {
         }
         if self.mqtt.queue_max_age_s == 0 {
             return Err(bad("mqtt.queue_max_age_s".into(), "must be at least 1".into()));
+        }
+        let protocol = crate::sink::mqtt_proto::Protocol::parse(&self.mqtt.protocol)
+            .map_err(|r| bad("mqtt.protocol".into(), r))?;
+        if protocol != crate::sink::mqtt_proto::Protocol::V5 {
+            let v5_only = |key: &str| {
+                bad(
+                    format!("mqtt.{key}"),
+                    "is an MQTT 5 property: set mqtt.protocol = \"5\" (the broker must speak MQTT 5)".into(),
+                )
+            };
+            if self.mqtt.message_expiry_s.is_some() {
+                return Err(v5_only("message_expiry_s"));
+            }
+            if !self.mqtt.user_properties.is_empty() {
+                return Err(v5_only("user_properties"));
+            }
+        } else if self.mqtt.url.is_none() {
+            return Err(bad(
+                "mqtt.protocol".into(),
+                "\"5\" needs an external broker (mqtt.url): the embedded broker speaks MQTT 3.1.1".into(),
+            ));
+        }
+        if let Some(e) = self.mqtt.message_expiry_s {
+            if e == 0 || e > u32::MAX as u64 {
+                return Err(bad("mqtt.message_expiry_s".into(), format!("must be between 1 and {}", u32::MAX)));
+            }
         }
         if self.mqtt.reconnect_min_ms == 0 || self.mqtt.reconnect_max_ms < self.mqtt.reconnect_min_ms {
             return Err(bad("mqtt.reconnect_max_ms".into(), "need 0 < reconnect_min_ms <= reconnect_max_ms".into()));

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Config, OutputConfig, OutputKind};
 use crate::pipeline::Prepared;
-use crate::sink::mqtt::{valid_topic, Body, MqttHandle, OutMessage};
+use crate::sink::mqtt::{valid_topic, Incoming, MqttHandle, OutMessage, JSON};
 
 /// The `[homeassistant]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -285,7 +285,7 @@ pub fn plan(ha: &HomeAssistantConfig, device: &str, status_topic: &str, pipeline
 /// Publishes every config (retained, QoS 1).
 fn announce(configs: &[(String, Vec<u8>)], hub: &MqttHandle) {
     for (topic, bytes) in configs {
-        hub.enqueue(OutMessage { topic: topic.clone(), body: Body::Raw(bytes.clone()), qos: 1, retain: true });
+        hub.enqueue(OutMessage::raw(topic.clone(), bytes.clone(), 1, true, JSON));
     }
 }
 
@@ -331,15 +331,11 @@ pub fn start(cfg: &Config, device: &str, prepared: &[Prepared], hub: Option<&Mqt
     hub.subscribe(
         &discovery.config_filter(),
         1,
-        Arc::new(move |topic: &str, payload: &[u8]| {
-            if stale_discovery.is_stale(topic, payload) {
+        Arc::new(move |m: &Incoming| {
+            let topic = m.topic.as_str();
+            if stale_discovery.is_stale(topic, &m.payload) {
                 log::info!("homeassistant: clearing `{topic}` (an entity this device no longer has)");
-                stale_hub.enqueue(OutMessage {
-                    topic: topic.to_string(),
-                    body: Body::Raw(Vec::new()),
-                    qos: 1,
-                    retain: true,
-                });
+                stale_hub.enqueue(OutMessage::raw(topic.to_string(), Vec::new(), 1, true, JSON));
             }
         }),
     );
@@ -348,8 +344,9 @@ pub fn start(cfg: &Config, device: &str, prepared: &[Prepared], hub: Option<&Mqt
     hub.subscribe(
         &discovery.ha_status_topic,
         1,
-        Arc::new(move |topic: &str, payload: &[u8]| {
-            if payload.trim_ascii() == b"online" {
+        Arc::new(move |m: &Incoming| {
+            let topic = m.topic.as_str();
+            if m.payload.trim_ascii() == b"online" {
                 log::info!("homeassistant: `online` on `{topic}`: announcing {} configs again", birth_configs.len());
                 announce(&birth_configs, &birth_hub);
             }

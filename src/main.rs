@@ -193,14 +193,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// Replaces this process with a fresh run of the same binary and arguments (same PID, so
+/// systemd and supervisors see a reload, not a crash). Returns only on failure.
+fn restart_in_place() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "edgeinfer".into());
+    // /proc/self/exe is this binary even if its file was replaced or removed since.
+    let err = std::process::Command::new("/proc/self/exe").arg0(arg0).args(args).exec();
+    anyhow::anyhow!("config reload: cannot restart in place: {err}")
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Not locked for `run`: its stdout output is written by a thread of its own.
     let stdout = || std::io::stdout().lock();
     match cli.command {
         Command::Run { config } => {
+            // SIGHUP means "reload" once the daemon listens for it; until then (loading models,
+            // or right after a reload's exec) it must not kill the process.
+            // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+            unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
             let cfg = edgeinfer::config::Config::load(&config)?;
-            edgeinfer::pipeline::run(cfg)?;
-            Ok(ExitCode::SUCCESS)
+            match edgeinfer::pipeline::run(cfg)? {
+                edgeinfer::pipeline::RunEnd::Stopped => Ok(ExitCode::SUCCESS),
+                edgeinfer::pipeline::RunEnd::Reload => Err(restart_in_place()),
+            }
         }
         Command::Check { config } => {
             let cfg = edgeinfer::config::Config::load(&config)?;

@@ -193,6 +193,8 @@ pub struct MqttMetrics {
     pub queue_capacity: AtomicU64,
     /// Messages received on subscribed topics.
     pub received: AtomicU64,
+    /// Results dropped unsent because they were older than `mqtt.message_expiry_s` (MQTT 5).
+    pub expired: AtomicU64,
     /// Why the last connection attempt failed or the connection dropped (None once connected again).
     pub last_error: Mutex<Option<String>>,
     /// The store-and-forward queue, when `mqtt.queue_dir` is set.
@@ -211,6 +213,7 @@ impl MqttMetrics {
             "queue_depth": self.queue_depth.load(Relaxed),
             "queue_capacity": self.queue_capacity.load(Relaxed),
             "received": self.received.load(Relaxed),
+            "expired": self.expired.load(Relaxed),
             "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
             "disk_queue": self.disk_queue.get().map(|q| q.health()),
         })

@@ -18,7 +18,7 @@ use crate::postprocess::events::{Decision, EventFilter};
 use crate::postprocess::results::Postprocessor;
 use crate::postprocess::snapshot::Snapshotter;
 use crate::preprocess::stage::Preprocessor;
-use crate::sink::mqtt::{Body, MqttHandle, MqttSettings, MqttSink, OutMessage};
+use crate::sink::mqtt::{MqttHandle, MqttSettings, MqttSink, OutMessage, JSON};
 use crate::sink::Sink;
 
 /// A pipeline whose model is loaded and whose stages fit it.
@@ -200,7 +200,7 @@ impl SnapshotOut {
         }
         if let Some(hub) = &self.hub {
             let cfg = self.snap.config();
-            let msg = OutMessage { topic: self.topic.clone(), body: Body::Raw(jpeg), qos: cfg.qos, retain: cfg.retain };
+            let msg = OutMessage::raw(self.topic.clone(), jpeg, cfg.qos, cfg.retain, "image/jpeg");
             if !hub.enqueue(msg) {
                 metrics.dropped_output.fetch_add(1, Relaxed);
             }
@@ -245,6 +245,17 @@ impl Worker {
                     model_name = prepared.model.info().name.as_str().into();
                     sha = prepared.model.info().sha256.as_str().into();
                     buf = prepared.pre.buffer();
+                    // A set_threshold taken while the new model was loading must outlive the swap:
+                    // the control holds the current anomaly threshold.
+                    let current = control.anomaly_threshold.lock().ok().and_then(|a| *a);
+                    if let Some(t) = current.filter(|t| prepared.post.anomaly_threshold() != Some(*t)) {
+                        if let Some(c) = control.anomaly_config(t) {
+                            match Postprocessor::new(Some(&c), prepared.model.outputs(), prepared.labels.clone()) {
+                                Ok(post) => prepared.post = post,
+                                Err(e) => log::warn!("pipeline `{pipeline}`: anomaly threshold {t} not applied: {e}"),
+                            }
+                        }
+                    }
                     log::info!("pipeline `{pipeline}`: now running model {model_name}");
                     let _ = swap.done.send(());
                 }
@@ -403,9 +414,18 @@ fn health_log_line(h: &serde_json::Value) -> String {
     )
 }
 
-/// `edgeinfer run`: runs the daemon until SIGINT/SIGTERM or until every
-/// source has finished, then drains and exits.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// How a daemon run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// SIGINT/SIGTERM, or every source finished.
+    Stopped,
+    /// A checked new config waits: restart in place with it (`reload_config`, SIGHUP).
+    Reload,
+}
+
+/// `edgeinfer run`: runs the daemon until SIGINT/SIGTERM, until every
+/// source has finished, or until a config reload was asked for; then drains.
+pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
     let device: Arc<str> = cfg.device().into();
     let prepared: Vec<Prepared> = cfg.pipelines.iter().map(|p| prepare(&cfg, p)).collect::<anyhow::Result<_>>()?;
     let password = read_password(&cfg)?;
@@ -425,7 +445,7 @@ async fn run_async(
     device: Arc<str>,
     prepared: Vec<Prepared>,
     password: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
     // No broker URL and nothing that publishes or subscribes: no broker, no client
     // (health then goes to the log only).
@@ -433,6 +453,15 @@ async fn run_async(
     let mqtt_metrics = Arc::new(MqttMetrics::default());
     let mqtt = if wants_mqtt { Some(connect_mqtt(&cfg, &device, password, mqtt_metrics.clone()).await?) } else { None };
     let hub = mqtt.as_ref().map(|(h, _)| h.clone());
+    // Commands subscribe before anything else runs: the subscription goes out with the
+    // first connection, ahead of the `online` status.
+    let registry = crate::commands::Registry::new();
+    let health_cell = Arc::new(std::sync::OnceLock::new());
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let restart: crate::commands::RestartNow = Arc::new(move || {
+        let _ = restart_tx.send(());
+    });
+    crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_cell.clone(), restart.clone())?;
     crate::homeassistant::start(&cfg, &device, &prepared, hub.as_ref());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -538,7 +567,7 @@ async fn run_async(
     drop(done_tx);
     drop(stdout_sink);
 
-    let registry = crate::commands::Registry::new(controls);
+    registry.set_controls(controls);
     let health_task = spawn_health(
         &cfg,
         device.clone(),
@@ -553,15 +582,44 @@ async fn run_async(
             (cfg.clone(), device.clone(), hub.clone(), mqtt_metrics.clone(), all_metrics.clone(), registry.clone());
         Arc::new(move || publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg, &registry))
     };
-    crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_now)?;
+    let _ = health_cell.set(health_now);
     let watchdog = crate::sdnotify::ready();
 
     let mut remaining = workers.len();
+    let mut end = RunEnd::Stopped;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let checking = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
+            _ = restart_rx.recv() => {
+                log::info!("config reload: restarting in place with {}", cfg.path.display());
+                end = RunEnd::Reload;
+                break;
+            }
+            _ = sighup.recv() => {
+                // Checked off the reactor (it loads every model); a bad file keeps the running config.
+                if checking.swap(true, Relaxed) {
+                    log::warn!("SIGHUP: a reload is already being checked");
+                    continue;
+                }
+                log::info!("SIGHUP: checking {} before reloading", cfg.path.display());
+                let (current, restart, checking) = (cfg.clone(), restart.clone(), checking.clone());
+                tokio::task::spawn_blocking(move || {
+                    match crate::commands::check_new_config(&current) {
+                        Ok(changes) => {
+                            log::info!("SIGHUP: new config is valid ({changes})");
+                            restart();
+                        }
+                        Err(e) => {
+                            log::error!("SIGHUP: not reloading: {e}");
+                            checking.store(false, Relaxed);
+                        }
+                    }
+                });
+            }
             finished = done_rx.recv() => match finished {
                 Some(name) => {
                     log::info!("pipeline `{name}` finished");
@@ -572,7 +630,10 @@ async fn run_async(
             },
         }
     }
-    crate::sdnotify::stopping(watchdog);
+    match end {
+        RunEnd::Reload => crate::sdnotify::reloading(watchdog),
+        RunEnd::Stopped => crate::sdnotify::stopping(watchdog),
+    }
     stop.store(true, Relaxed);
     for q in &queues {
         q.close();
@@ -602,7 +663,7 @@ async fn run_async(
     });
     let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
     log::info!("stopped");
-    Ok(())
+    Ok(end)
 }
 
 /// Starts the embedded broker when no URL is configured, then the MQTT client.
@@ -658,6 +719,9 @@ async fn connect_mqtt(
         status_topic: fill(&cfg.mqtt.status_topic),
         tls,
         disk_queue: crate::sink::disk_queue::from_config(cfg)?,
+        protocol: cfg.mqtt.protocol(),
+        message_expiry: cfg.mqtt.message_expiry_s.map(Duration::from_secs),
+        user_properties: cfg.mqtt.user_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     Ok(crate::sink::mqtt::start(settings, metrics))
 }
@@ -675,12 +739,7 @@ fn publish_health(
     log::info!("{}", health_log_line(&h));
     let topic = cfg.mqtt.health_topic.replace("{device}", device);
     if let Some(hub) = hub {
-        hub.enqueue(OutMessage {
-            topic,
-            body: Body::Raw(serde_json::to_vec(&h).unwrap_or_default()),
-            qos: 1,
-            retain: true,
-        });
+        hub.enqueue(OutMessage::raw(topic, serde_json::to_vec(&h).unwrap_or_default(), 1, true, JSON));
     }
     h
 }

@@ -92,6 +92,21 @@ pub fn stopping(pinger: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// Tells systemd the daemon is reloading (`RELOADING=1`; the restarted process sends
+/// `READY=1` again) and stops the pings.
+pub fn reloading(pinger: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = pinger {
+        task.abort();
+    }
+    if let Some(n) = Notifier::from_env() {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        n.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

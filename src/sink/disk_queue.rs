@@ -24,14 +24,16 @@
 //! older than `max_age` are dropped (counted in `dropped_age`). Segments whose
 //! records are all acknowledged are deleted.
 //!
-//! One [`Mutex`] guards everything: one or more writers and one sender.
+//! One [`Mutex`] guards the state: one or more writers and one sender. fsync
+//! never runs under it (an fsync on an SD card can take tens of milliseconds):
+//! the file to sync is taken under the lock and synced after it is released.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Acks are written to the `ack` file at most this often (and on close).
@@ -134,6 +136,20 @@ pub struct Stored {
     pub id: u64,
     /// The record.
     pub record: Record,
+    /// Wall-clock time it was appended (ms since the epoch).
+    pub appended_ms: u64,
+}
+
+impl Stored {
+    /// How long ago it was appended; zero when the clock at append time or now cannot be
+    /// trusted (a board without a real-time clock before NTP sets it).
+    pub fn age(&self) -> Duration {
+        let now = now_ms();
+        if now < SANE_CLOCK_MS || self.appended_ms < SANE_CLOCK_MS || self.appended_ms > now {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(now - self.appended_ms)
+    }
 }
 
 /// The figures of a queue (the health `mqtt.disk_queue` section).
@@ -194,8 +210,8 @@ struct Inner {
     opts: QueueOptions,
     segment_max: u64,
     segments: VecDeque<Segment>,
-    /// The last segment, open for appending.
-    active: Option<File>,
+    /// The last segment, open for appending (shared so it can be synced outside the lock).
+    active: Option<Arc<File>>,
     /// Records above the ack position, in id order (some may be acked out of order).
     entries: VecDeque<Entry>,
     /// Ids above `acked` acknowledged out of order.
@@ -226,6 +242,15 @@ const SANE_CLOCK_MS: u64 = 1_735_689_600_000;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Syncs a segment taken by `take_due_sync`.
+fn sync(file: Option<Arc<File>>) {
+    if let Some(f) = file {
+        if let Err(e) = f.sync_data() {
+            log::warn!("disk queue: fsync failed: {e}");
+        }
+    }
 }
 
 fn segment_name(no: u32) -> String {
@@ -281,7 +306,13 @@ impl DiskQueue {
 
     /// Stores a record (durably, as the fsync policy says); returns its id.
     pub fn append(&self, record: &Record) -> Result<u64, QueueError> {
-        self.lock().append(record)
+        let (id, due) = {
+            let mut inner = self.lock();
+            let id = inner.append(record)?;
+            (id, inner.take_due_sync(false))
+        };
+        sync(due);
+        Ok(id)
     }
 
     /// Up to `max` waiting records with an id above `after`, in order.
@@ -297,13 +328,17 @@ impl DiskQueue {
     /// Periodic work: drops records past their age, persists acks, fsyncs an
     /// `interval` policy's pending writes. Call it every ~100 ms.
     pub fn maintain(&self) {
-        let mut inner = self.lock();
-        inner.expire();
-        inner.sync_if_due(true);
-        if inner.acked != inner.persisted_ack && inner.last_ack_write.elapsed() >= ACK_PERSIST_EVERY {
-            inner.persist_ack();
-        }
-        inner.refresh_stats();
+        let due = {
+            let mut inner = self.lock();
+            inner.expire();
+            let due = inner.take_due_sync(true);
+            if inner.acked != inner.persisted_ack && inner.last_ack_write.elapsed() >= ACK_PERSIST_EVERY {
+                inner.persist_ack();
+            }
+            inner.refresh_stats();
+            due
+        };
+        sync(due);
     }
 
     /// Forces pending writes and the ack position to the disk (at shutdown).
@@ -417,7 +452,8 @@ impl Inner {
         let Some(seg) = self.segments.back() else { return Err(QueueError::TooLarge(buf.len())) };
         let (no, offset) = (seg.no, seg.bytes);
         let path = self.seg_path(no);
-        let Some(file) = self.active.as_mut() else { return Err(QueueError::TooLarge(buf.len())) };
+        let Some(file) = self.active.as_deref() else { return Err(QueueError::TooLarge(buf.len())) };
+        let mut file: &File = file;
         if let Err(e) = file.write_all(&buf) {
             // A partial write would be a corrupt record mid-segment: cut it off.
             let _ = file.set_len(offset);
@@ -430,7 +466,6 @@ impl Inner {
         self.next_id += 1;
         self.entries.push_back(Entry { id, segment: no, offset, len: len as u32, appended_ms });
         self.unsynced = true;
-        self.sync_if_due(false);
         self.refresh_stats();
         Ok(id)
     }
@@ -453,29 +488,28 @@ impl Inner {
             }
         }
         self.segments.push_back(Segment { no, bytes: 0, last_id: 0 });
-        self.active = Some(file);
+        self.active = Some(Arc::new(file));
         self.collect_garbage();
         Ok(())
     }
 
-    fn sync_if_due(&mut self, periodic: bool) {
+    /// The active segment when the fsync policy says it is due now, to sync after the lock is
+    /// released (a write that lands in between is synced with it).
+    fn take_due_sync(&mut self, periodic: bool) -> Option<Arc<File>> {
         if !self.unsynced {
-            return;
+            return None;
         }
         let due = match self.opts.fsync {
             FsyncPolicy::Always => true,
             FsyncPolicy::Interval(every) => self.last_sync.elapsed() >= every || (periodic && every.is_zero()),
             FsyncPolicy::Never => false,
         };
-        if due {
-            if let Some(f) = &self.active {
-                if let Err(e) = f.sync_data() {
-                    log::warn!("disk queue: fsync failed: {e}");
-                }
-            }
-            self.unsynced = false;
-            self.last_sync = Instant::now();
+        if !due {
+            return None;
         }
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        self.active.clone()
     }
 
     fn drop_oldest_segment(&mut self) {
@@ -568,7 +602,7 @@ impl Inner {
                 continue;
             }
             match parse_record(&buf) {
-                Ok((_, id, _, record)) if id == e.id => out.push(Stored { id, record }),
+                Ok((_, id, appended_ms, record)) if id == e.id => out.push(Stored { id, record, appended_ms }),
                 _ => {
                     // Changed under us (someone edited the file): skip it rather than send garbage.
                     log::warn!("disk queue: record {} no longer reads back; skipped", e.id);

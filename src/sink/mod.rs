@@ -4,6 +4,7 @@
 pub mod disk_queue;
 pub mod file;
 pub mod mqtt;
+pub mod mqtt_proto;
 pub mod mqtt_tls;
 pub mod stdout;
 

@@ -36,15 +36,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, MqttState, Outgoing, Packet,
-    QoS, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
-};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::disk_queue::{DiskQueue, Record, Stored};
+use super::mqtt_proto::{Client, Ev, Loop, PollError};
+pub use super::mqtt_proto::{Incoming, Protocol, PublishMeta};
 use crate::message::{Event, ResultMsg};
 use crate::metrics::MqttMetrics;
 
@@ -52,10 +50,15 @@ use crate::metrics::MqttMetrics;
 pub const MAX_PACKET_BYTES: usize = 8 << 20;
 
 /// Publishes handed to the client and not yet confirmed, at most. Below the
-/// client's in-flight limit so QoS 1/2 packet ids never collide.
+/// client's in-flight limit so QoS 1/2 packet ids never collide. An MQTT 5
+/// broker with a smaller Receive Maximum makes it smaller.
 const WINDOW: usize = 64;
-/// rumqttc's limit of unacknowledged QoS 1/2 publishes.
-const CLIENT_INFLIGHT: u16 = 100;
+/// QoS 2 publishes in flight (not yet PUBCOMP), at most. A broker holds each until its
+/// PUBREL and limits how many it holds per client (mosquitto: `max_inflight_messages`,
+/// 20 by default); beyond it mosquitto answers with "quota exceeded", which an MQTT 3.1.1
+/// client cannot see, and drops the message. An MQTT 5 broker states its limit (Receive
+/// Maximum), and the window follows it.
+const QOS2_WINDOW: usize = 16;
 /// rumqttc's request channel: the window plus status, subscribe and disconnect requests.
 const REQUEST_CAPACITY: usize = WINDOW + 64;
 /// A message that was in flight during this many connection losses is dropped
@@ -99,6 +102,12 @@ pub struct MqttSettings {
     pub tls: Option<super::mqtt_tls::Tls>,
     /// Store-and-forward queue for QoS 1/2 results; None: the memory buffer only.
     pub disk_queue: Option<Arc<DiskQueue>>,
+    /// MQTT 3.1.1 or 5.
+    pub protocol: Protocol,
+    /// MQTT 5: results not delivered within this long are dropped by the broker (and by us).
+    pub message_expiry: Option<Duration>,
+    /// MQTT 5: user properties on every publish.
+    pub user_properties: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for MqttSettings {
@@ -110,6 +119,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("tls", &self.tls)
+            .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
@@ -121,7 +131,12 @@ pub enum Body {
     Result(Arc<ResultMsg>, Option<Event>),
     /// Bytes ready to send (health).
     Raw(Vec<u8>),
+    /// A result rendered already (it could not be stored on disk and went to memory).
+    Rendered(Vec<u8>),
 }
+
+/// Content type of results, health, discovery and replies.
+pub const JSON: &str = "application/json";
 
 /// A message to publish.
 pub struct OutMessage {
@@ -133,21 +148,39 @@ pub struct OutMessage {
     pub qos: u8,
     /// Retain flag.
     pub retain: bool,
+    /// MQTT 5 properties (content type, correlation data); results get theirs when published.
+    pub meta: PublishMeta,
 }
 
 impl OutMessage {
+    /// A message of ready bytes with a content type.
+    pub fn raw(topic: String, bytes: Vec<u8>, qos: u8, retain: bool, content_type: &'static str) -> OutMessage {
+        OutMessage {
+            topic,
+            body: Body::Raw(bytes),
+            qos,
+            retain,
+            meta: PublishMeta { content_type: Some(content_type), ..PublishMeta::default() },
+        }
+    }
+
     fn payload(&self) -> Vec<u8> {
         match &self.body {
             Body::Result(msg, event) => crate::payload::result_bytes(msg, event.as_ref(), SystemTime::now()),
-            Body::Raw(bytes) => bytes.clone(),
+            Body::Raw(bytes) | Body::Rendered(bytes) => bytes.clone(),
         }
+    }
+
+    /// A result (MQTT 5 message expiry applies to it).
+    fn is_result(&self) -> bool {
+        matches!(self.body, Body::Result(..) | Body::Rendered(_))
     }
 }
 
-/// A handler for messages on a subscribed filter: (topic, payload). It runs on
-/// the connection task, so it must be quick and must not block: hand the
-/// payload to a thread of your own for anything heavy.
-pub type MessageHandler = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+/// A handler for messages on a subscribed filter. It runs on the connection
+/// task, so it must be quick and must not block: hand the payload to a thread
+/// of your own for anything heavy.
+pub type MessageHandler = Arc<dyn Fn(&Incoming) + Send + Sync>;
 
 /// Called after every ConnAck (once the status and subscriptions are sent).
 /// Like a [`MessageHandler`] it runs on the connection task: quick, never blocking.
@@ -205,7 +238,7 @@ impl MqttHandle {
         }
         let msg = match self.store(msg) {
             Ok(stored) => return stored,
-            Err(msg) => msg,
+            Err(msg) => *msg,
         };
         let why = match self.messages.try_send(msg) {
             Ok(()) => return true,
@@ -221,10 +254,10 @@ impl MqttHandle {
 
     /// Appends a QoS 1/2 result to the disk queue (Ok: whether it was stored);
     /// hands back any other message for the memory buffer.
-    fn store(&self, msg: OutMessage) -> Result<bool, OutMessage> {
-        let Some(disk) = &self.shared.disk else { return Err(msg) };
+    fn store(&self, msg: OutMessage) -> Result<bool, Box<OutMessage>> {
+        let Some(disk) = &self.shared.disk else { return Err(Box::new(msg)) };
         if msg.qos == 0 || !matches!(msg.body, Body::Result(..)) || !valid_topic(&msg.topic) {
-            return Err(msg);
+            return Err(Box::new(msg));
         }
         let payload = msg.payload();
         if payload.len() + msg.topic.len() + 16 > MAX_PACKET_BYTES {
@@ -248,12 +281,13 @@ impl MqttHandle {
                         record.topic
                     );
                 }
-                Err(OutMessage {
+                Err(Box::new(OutMessage {
                     topic: record.topic,
-                    body: Body::Raw(record.payload),
+                    body: Body::Rendered(record.payload),
                     qos: record.qos,
                     retain: record.retain,
-                })
+                    meta: PublishMeta { content_type: Some(JSON), ..PublishMeta::default() },
+                }))
             }
         }
     }
@@ -325,8 +359,12 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
         Some(_) => format!("mqtts://{}:{}", settings.host, settings.port),
         None => format!("{}:{}", settings.host, settings.port),
     };
+    let label = match settings.protocol {
+        Protocol::V311 => label,
+        Protocol::V5 => format!("{label} (MQTT 5)"),
+    };
 
-    let (client, eventloop) = AsyncClient::new(client_options(&settings), REQUEST_CAPACITY);
+    let (client, eventloop) = client_options(&settings);
     if let Some(disk) = &settings.disk_queue {
         let _ = metrics.disk_queue.set(disk.clone());
         let pending = disk.pending();
@@ -361,6 +399,13 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
         sent: VecDeque::new(),
         collided: None,
         unacked: HashMap::new(),
+        released: HashMap::new(),
+        window: WINDOW,
+        last_pkid: 0,
+        pkid_max: super::mqtt_proto::CLIENT_INFLIGHT,
+        expected_pkids: VecDeque::new(),
+        pkid_drift_warned: false,
+        message_expiry: settings.message_expiry.filter(|_| settings.protocol == Protocol::V5),
         next_order: 0,
         connected: false,
         offline_acked: false,
@@ -373,7 +418,8 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
     (handle, MqttTask { commands: cmd_tx, manager, driver })
 }
 
-fn client_options(settings: &MqttSettings) -> MqttOptions {
+/// The client and event loop for `settings`, after the checks that only warn.
+fn client_options(settings: &MqttSettings) -> (Client, Loop) {
     let client_id = broker_safe_client_id(&settings.client_id);
     if client_id != settings.client_id {
         log::warn!(
@@ -381,55 +427,29 @@ fn client_options(settings: &MqttSettings) -> MqttOptions {
             settings.client_id
         );
     }
-    let mut opts = MqttOptions::new(client_id, settings.host.clone(), settings.port);
     // rumqttc refuses keep-alives below one second (zero disables them).
     let keep_alive = match settings.keep_alive {
         k if k.is_zero() => k,
         k => k.max(Duration::from_secs(1)),
     };
-    opts.set_keep_alive(keep_alive)
-        .set_clean_session(true)
-        .set_inflight(CLIENT_INFLIGHT)
-        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
-        .set_last_will(LastWill::new(settings.status_topic.clone(), "offline", QoS::AtLeastOnce, true));
-    match (&settings.username, &settings.password) {
-        (Some(user), password) => {
-            opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
-        }
-        // MQTT 3.1.1 has no password without a user name.
-        (None, Some(_)) => log::warn!("MQTT: a password is set but no username: connecting without credentials"),
-        (None, None) => {}
-    }
     if !valid_topic(&settings.status_topic) {
         log::error!("MQTT: status topic `{}` is not a valid topic name; brokers will refuse it", settings.status_topic);
     }
-    // With TLS configured, every connection is TLS: there is no plaintext fallback.
-    if let Some(tls) = &settings.tls {
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
-    }
-    opts
+    super::mqtt_proto::connect(settings, client_id, keep_alive, REQUEST_CAPACITY)
 }
 
 /// A connection error as the log and health show it, with what it means when it is a TLS failure.
-fn describe(e: &ConnectionError, connecting: bool) -> String {
-    let handshake = connecting && matches!(e, ConnectionError::Tls(_));
-    match super::mqtt_tls::explain(e, handshake) {
-        Some(hint) => format!("TLS error: {hint} ({e})"),
-        None => e.to_string(),
+fn describe(e: &PollError, connecting: bool) -> String {
+    let handshake = connecting && e.tls;
+    match super::mqtt_tls::explain(e.error.as_ref(), handshake) {
+        Some(hint) => format!("TLS error: {hint} ({})", e.error),
+        None => e.error.to_string(),
     }
 }
 
 /// `+ # $ /` replaced: the embedded broker (rumqttd) silently refuses ids with them.
 fn broker_safe_client_id(id: &str) -> String {
     id.chars().map(|c| if matches!(c, '+' | '#' | '$' | '/') { '_' } else { c }).collect()
-}
-
-fn to_qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
 }
 
 /// Jittered exponential backoff: each delay is the current step times a
@@ -464,10 +484,10 @@ impl Backoff {
 
 /// What the driver tells the manager.
 enum Link {
-    /// ConnAck: the connection is up.
-    Connected,
+    /// ConnAck: the connection is up; an MQTT 5 broker's Receive Maximum.
+    Connected(Option<u16>),
     /// An event of the current connection.
-    Event(MqttEvent),
+    Event(Ev),
     /// The connection is gone. The manager answers once it stopped handing
     /// requests to the client, so none can reach the next connection.
     Lost(oneshot::Sender<()>),
@@ -476,7 +496,7 @@ enum Link {
 /// Polls the event loop for ever (until the DISCONNECT is written or the
 /// manager is gone), sleeping the backoff after each failure.
 async fn drive(
-    mut eventloop: EventLoop,
+    mut eventloop: Loop,
     links: mpsc::Sender<Link>,
     metrics: Arc<MqttMetrics>,
     mut backoff: Backoff,
@@ -485,12 +505,12 @@ async fn drive(
     let mut ever_connected = false;
     let mut failures: u64 = 0;
     loop {
-        let connecting = eventloop.network.is_none();
+        let connecting = eventloop.connecting();
         if connecting {
             metrics.connection_attempts.fetch_add(1, Relaxed);
         }
         match eventloop.poll().await {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+            Ok(Some(Ev::ConnAck { receive_max })) => {
                 if ever_connected {
                     metrics.reconnects.fetch_add(1, Relaxed);
                     log::info!("MQTT: reconnected to {label}");
@@ -505,19 +525,20 @@ async fn drive(
                 if let Ok(mut last) = metrics.last_error.lock() {
                     *last = None;
                 }
-                if links.send(Link::Connected).await.is_err() {
+                if links.send(Link::Connected(receive_max)).await.is_err() {
                     return;
                 }
             }
-            Ok(event) => {
-                let done = matches!(event, MqttEvent::Outgoing(Outgoing::Disconnect));
-                if wanted(&event) && links.send(Link::Event(event)).await.is_err() {
+            Ok(Some(event)) => {
+                let done = matches!(event, Ev::OutDisconnect);
+                if links.send(Link::Event(event)).await.is_err() {
                     return;
                 }
                 if done {
                     return;
                 }
             }
+            Ok(None) => {}
             Err(e) => {
                 failures += 1;
                 let why = describe(&e, connecting);
@@ -530,11 +551,8 @@ async fn drive(
                     log::warn!("MQTT: connection to {label} lost: {why}; reconnecting");
                     // Messages received before the error are real; the rest
                     // (acks, writes) belongs to the dead connection.
-                    let stale: Vec<MqttEvent> = eventloop.state.events.drain(..).collect();
-                    for event in stale {
-                        if matches!(event, MqttEvent::Incoming(Packet::Publish(_)))
-                            && links.send(Link::Event(event)).await.is_err()
-                        {
+                    for message in eventloop.stale_publishes() {
+                        if links.send(Link::Event(Ev::Publish(message))).await.is_err() {
                             return;
                         }
                     }
@@ -545,9 +563,7 @@ async fn drive(
                     let _ = ack_rx.await;
                     // The session is clean: drop every request rumqttc kept for
                     // it; the manager re-sends what was not confirmed.
-                    eventloop.clean();
-                    eventloop.pending.clear();
-                    eventloop.state = MqttState::new(CLIENT_INFLIGHT, false);
+                    eventloop.reset();
                 } else if (failures == 1 || failures.is_power_of_two()) && tls_failure {
                     log::error!("MQTT: cannot connect to {label}: {why}; retrying with backoff (attempt {failures})");
                 } else if failures == 1 || failures.is_power_of_two() {
@@ -561,24 +577,12 @@ async fn drive(
     }
 }
 
-/// Events the manager acts on.
-fn wanted(event: &MqttEvent) -> bool {
-    matches!(
-        event,
-        MqttEvent::Incoming(Packet::Publish(_))
-            | MqttEvent::Incoming(Packet::PubAck(_))
-            | MqttEvent::Incoming(Packet::PubComp(_))
-            | MqttEvent::Incoming(Packet::SubAck(_))
-            | MqttEvent::Outgoing(Outgoing::Publish(_))
-            | MqttEvent::Outgoing(Outgoing::AwaitAck(_))
-            | MqttEvent::Outgoing(Outgoing::Disconnect)
-    )
-}
-
 /// A buffered message and how many connection losses it went through in flight.
 struct Queued {
     msg: OutMessage,
     attempts: u8,
+    /// When it was accepted (MQTT 5 message expiry counts from here).
+    at: SystemTime,
 }
 
 /// A publish handed to the client and not yet confirmed.
@@ -596,7 +600,7 @@ struct Handed {
 }
 
 struct Manager {
-    client: AsyncClient,
+    client: Client,
     shared: Arc<Shared>,
     metrics: Arc<MqttMetrics>,
     status_topic: String,
@@ -613,8 +617,31 @@ struct Manager {
     sent: VecDeque<Handed>,
     /// Handed, waiting for a free packet id (the broker acked out of order).
     collided: Option<Handed>,
-    /// Written with QoS 1/2, waiting for PUBACK/PUBCOMP, by packet id.
+    /// Written with QoS 1/2, waiting for PUBACK (QoS 1) or PUBREC (QoS 2), by packet id.
     unacked: HashMap<u16, Handed>,
+    /// QoS 2 received by the broker (PUBREC), waiting for PUBCOMP, by packet id. Kept
+    /// apart from `unacked`: rumqttc frees the packet id at PUBREC, so a new publish
+    /// can take the same id before this one's PUBCOMP arrives.
+    released: HashMap<u16, Handed>,
+    /// Publishes handed and not confirmed, at most (WINDOW, or less for an MQTT 5
+    /// broker with a smaller Receive Maximum).
+    window: usize,
+    /// MQTT 5 message expiry of results (None on MQTT 3.1.1).
+    message_expiry: Option<Duration>,
+    /// The packet id rumqttc gave the last QoS 1/2 publish or subscribe of this connection
+    /// (0: none yet). rumqttc counts ids 1..=`pkid_max` in request order, and it reuses an
+    /// id as soon as a QoS 2 publish got its PUBREC, while the MQTT spec (2.3.1) keeps it
+    /// busy until PUBCOMP: a broker then takes the new publish for a duplicate of the QoS 2
+    /// one and drops it (mosquitto acknowledges it and never delivers it). Mirroring the
+    /// counter lets the manager hold a publish back until the id it would get is free.
+    last_pkid: u16,
+    /// Largest packet id of this connection (rumqttc's in-flight limit, lowered by an MQTT 5
+    /// broker's Receive Maximum).
+    pkid_max: u16,
+    /// The ids QoS 1/2 publishes handed over should get, in order: checked against the ids
+    /// rumqttc reports, so a drift of the mirrored counter is noticed.
+    expected_pkids: VecDeque<u16>,
+    pkid_drift_warned: bool,
     next_order: u64,
     connected: bool,
     offline_acked: bool,
@@ -638,6 +665,7 @@ impl Manager {
         let mut deadline: Option<Instant> = None;
         let shared = self.shared.clone();
         let has_disk = self.disk.is_some();
+        let maintaining = Arc::new(AtomicBool::new(false));
         let mut maintenance = tokio::time::interval(Duration::from_millis(100));
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -669,8 +697,13 @@ impl Manager {
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(Command::Subscribe { filter, qos }) => {
                         if self.connected {
-                            if let Err(e) = self.client.try_subscribe(filter.clone(), to_qos(qos)) {
-                                log::warn!("MQTT: subscribing to `{filter}` failed: {e}; retried on reconnect");
+                            match self.client.subscribe_many(&[(filter.clone(), qos)]) {
+                                Ok(()) => {
+                                    self.take_pkid();
+                                }
+                                Err(e) => {
+                                    log::warn!("MQTT: subscribing to `{filter}` failed: {e}; retried on reconnect")
+                                }
                             }
                         }
                     }
@@ -694,8 +727,18 @@ impl Manager {
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
                 _ = shared.stored.notified(), if has_disk => {}
                 _ = maintenance.tick(), if has_disk => {
+                    // Expiry, ack persistence and interval fsyncs touch the disk: off the reactor,
+                    // one at a time.
                     if let Some(disk) = &self.disk {
-                        disk.maintain();
+                        if !maintaining.swap(true, Relaxed) {
+                            let (disk, maintaining, shared) = (disk.clone(), maintaining.clone(), shared.clone());
+                            tokio::task::spawn_blocking(move || {
+                                disk.maintain();
+                                maintaining.store(false, Relaxed);
+                                // Its figures may end a shutdown's wait: look again.
+                                shared.stored.notify_one();
+                            });
+                        }
                     }
                 }
             }
@@ -714,7 +757,8 @@ impl Manager {
         let was_connected = self.connected;
         if self.connected && open {
             let offline = Handed { item: None, disk_id: None, offline: true, qos: 1, order: self.order() };
-            if self.client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "offline").is_ok() {
+            if self.client.publish(self.status_topic.clone(), 1, true, b"offline".to_vec(), &text_meta()).is_ok() {
+                self.publish_pkid();
                 self.sent.push_back(offline);
                 let until = Instant::now() + OFFLINE_ACK_TIMEOUT;
                 while self.connected && !self.offline_acked {
@@ -727,7 +771,7 @@ impl Manager {
                     log::warn!("MQTT: the broker did not acknowledge the offline status in time");
                 }
             }
-            if self.connected && self.client.try_disconnect().is_ok() {
+            if self.connected && self.client.disconnect().is_ok() {
                 let until = Instant::now() + DISCONNECT_TIMEOUT;
                 while !self.disconnect_sent {
                     match timeout(until.saturating_duration_since(Instant::now()), links.recv()).await {
@@ -771,6 +815,7 @@ impl Manager {
         self.sent.iter().map(data).sum::<usize>()
             + self.collided.as_ref().map(data).unwrap_or(0)
             + self.unacked.values().map(data).sum::<usize>()
+            + self.released.values().map(data).sum::<usize>()
     }
 
     /// Disk records not yet acknowledged (handed or not).
@@ -778,8 +823,23 @@ impl Manager {
         self.disk.as_ref().map(|d| d.pending()).unwrap_or(0)
     }
 
+    /// QoS 2 publishes handed and not complete.
+    fn qos2_in_flight(&self) -> usize {
+        let q2 = |h: &Handed| (h.qos == 2) as usize;
+        self.sent.iter().map(q2).sum::<usize>()
+            + self.collided.as_ref().map(q2).unwrap_or(0)
+            + self.unacked.values().map(q2).sum::<usize>()
+            + self.released.values().map(q2).sum::<usize>()
+    }
+
+    /// Whether a publish of QoS `q` must wait: its packet id is still busy, or too many QoS 2
+    /// publishes are in flight.
+    fn must_wait(&self, q: u8) -> bool {
+        q > 0 && (self.pkid_busy() || (q == 2 && self.qos2_in_flight() >= QOS2_WINDOW))
+    }
+
     fn handed(&self) -> usize {
-        self.sent.len() + self.collided.is_some() as usize + self.unacked.len()
+        self.sent.len() + self.collided.is_some() as usize + self.unacked.len() + self.released.len()
     }
 
     fn update_depth(&self) {
@@ -792,7 +852,7 @@ impl Manager {
             self.drop_invalid(&msg.topic, "not a valid topic name");
             return;
         }
-        self.buffer.push_back(Queued { msg, attempts: 0 });
+        self.buffer.push_back(Queued { msg, attempts: 0, at: SystemTime::now() });
         self.trim();
     }
 
@@ -820,8 +880,26 @@ impl Manager {
     /// Hands buffered messages to the client while connected and the window has room.
     fn pump(&mut self) {
         self.pump_disk();
-        while self.connected && self.handed() < WINDOW {
+        while self.connected && self.handed() < self.window {
             let Some(queued) = self.buffer.pop_front() else { break };
+            if self.must_wait(queued.msg.qos.min(2)) {
+                self.buffer.push_front(queued);
+                break;
+            }
+            let mut meta = queued.msg.meta.clone();
+            if queued.msg.is_result() {
+                meta.content_type = Some(JSON);
+                if let Some(expiry) = self.message_expiry {
+                    let age = SystemTime::now().duration_since(queued.at).unwrap_or_default();
+                    match remaining_s(expiry, age) {
+                        Some(s) => meta.expiry_s = Some(s),
+                        None => {
+                            self.expired(&queued.msg.topic);
+                            continue;
+                        }
+                    }
+                }
+            }
             let payload = queued.msg.payload();
             if payload.len() + queued.msg.topic.len() + 16 > MAX_PACKET_BYTES {
                 self.drop_invalid(&queued.msg.topic, "payload too large");
@@ -829,8 +907,11 @@ impl Manager {
             }
             let q = queued.msg.qos.min(2);
             let retain = queued.msg.retain;
-            match self.client.try_publish(queued.msg.topic.clone(), to_qos(q), retain, payload) {
+            match self.client.publish(queued.msg.topic.clone(), q, retain, payload, &meta) {
                 Ok(()) => {
+                    if q > 0 {
+                        self.publish_pkid();
+                    }
                     let order = self.order();
                     self.sent.push_back(Handed { item: Some(queued), disk_id: None, offline: false, qos: q, order });
                 }
@@ -848,15 +929,33 @@ impl Manager {
         let Some(disk) = self.disk.clone() else { return };
         // While memory messages wait (health, discovery, command replies, QoS 0
         // results), a long disk backlog leaves them a quarter of the window.
-        let limit = if self.buffer.is_empty() { WINDOW } else { WINDOW - WINDOW / 4 };
+        let limit = if self.buffer.is_empty() { self.window } else { self.window - self.window / 4 };
         while self.connected && self.handed() < limit {
             if self.disk_ready.is_empty() {
                 self.disk_ready.extend(disk.read_after(self.disk_cursor, WINDOW));
             }
             let Some(stored) = self.disk_ready.pop_front() else { break };
+            if self.must_wait(stored.record.qos.min(2)) {
+                self.disk_ready.push_front(stored);
+                break;
+            }
+            let mut meta = PublishMeta { content_type: Some(JSON), ..PublishMeta::default() };
+            if let Some(expiry) = self.message_expiry {
+                match remaining_s(expiry, stored.age()) {
+                    Some(s) => meta.expiry_s = Some(s),
+                    None => {
+                        self.disk_cursor = stored.id;
+                        disk.ack(stored.id);
+                        self.disk_attempts.remove(&stored.id);
+                        self.expired(&stored.record.topic);
+                        continue;
+                    }
+                }
+            }
             let r = &stored.record;
-            match self.client.try_publish(r.topic.clone(), to_qos(r.qos), r.retain, r.payload.clone()) {
+            match self.client.publish(r.topic.clone(), r.qos.min(2), r.retain, r.payload.clone(), &meta) {
                 Ok(()) => {
+                    self.publish_pkid();
                     self.disk_cursor = stored.id;
                     let order = self.order();
                     let qos = r.qos.min(2);
@@ -872,7 +971,16 @@ impl Manager {
 
     fn on_link(&mut self, link: Link) {
         match link {
-            Link::Connected => self.connected(),
+            Link::Connected(receive_max) => {
+                // Keep one id spare: rumqttc hands out ids up to the broker's maximum.
+                self.window = match receive_max {
+                    Some(max) => (usize::from(max).saturating_sub(1)).clamp(1, WINDOW),
+                    None => WINDOW,
+                };
+                let limit = super::mqtt_proto::CLIENT_INFLIGHT;
+                self.pkid_max = receive_max.map(|m| m.clamp(1, limit)).unwrap_or(limit);
+                self.connected()
+            }
             Link::Lost(ack) => {
                 self.connection_lost();
                 let _ = ack.send(());
@@ -884,17 +992,25 @@ impl Manager {
     fn connected(&mut self) {
         self.connected = true;
         self.metrics.connected.store(true, Relaxed);
-        let status = Handed { item: None, disk_id: None, offline: false, qos: 1, order: self.order() };
-        match self.client.try_publish(self.status_topic.clone(), QoS::AtLeastOnce, true, "online") {
-            Ok(()) => self.sent.push_back(status),
-            Err(e) => log::warn!("MQTT: publishing the online status failed: {e}"),
-        }
+        // Subscriptions before the `online` status: whoever waits for `online` and then sends
+        // a command finds the subscription in place (the broker handles packets in order).
         let filters = self.subscription_filters();
         if !filters.is_empty() {
             let n = filters.len();
-            if let Err(e) = self.client.try_subscribe_many(filters) {
-                log::warn!("MQTT: subscribing to {n} filters failed: {e}; retried on reconnect");
+            match self.client.subscribe_many(&filters) {
+                Ok(()) => {
+                    self.take_pkid();
+                }
+                Err(e) => log::warn!("MQTT: subscribing to {n} filters failed: {e}; retried on reconnect"),
             }
+        }
+        let status = Handed { item: None, disk_id: None, offline: false, qos: 1, order: self.order() };
+        match self.client.publish(self.status_topic.clone(), 1, true, b"online".to_vec(), &text_meta()) {
+            Ok(()) => {
+                self.publish_pkid();
+                self.sent.push_back(status)
+            }
+            Err(e) => log::warn!("MQTT: publishing the online status failed: {e}"),
         }
         let hooks: Vec<ConnectHook> = self.shared.connect_hooks.lock().map(|h| h.clone()).unwrap_or_default();
         for hook in hooks {
@@ -905,7 +1021,7 @@ impl Manager {
     }
 
     /// Every registered filter once, with the highest QoS asked for it.
-    fn subscription_filters(&self) -> Vec<SubscribeFilter> {
+    fn subscription_filters(&self) -> Vec<(String, u8)> {
         let mut by_filter: Vec<(String, u8)> = Vec::new();
         if let Ok(subs) = self.shared.subscriptions.lock() {
             for s in subs.iter() {
@@ -915,16 +1031,47 @@ impl Manager {
                 }
             }
         }
-        by_filter.into_iter().map(|(path, q)| SubscribeFilter::new(path, to_qos(q))).collect()
+        by_filter
+    }
+
+    /// The id rumqttc gives the next QoS 1/2 publish or subscribe (its counter, mirrored).
+    fn next_pkid(&self) -> u16 {
+        if self.last_pkid >= self.pkid_max {
+            1
+        } else {
+            self.last_pkid + 1
+        }
+    }
+
+    /// Counts one packet id as taken (after a QoS 1/2 publish or a subscribe was handed over).
+    fn take_pkid(&mut self) -> u16 {
+        let id = self.next_pkid();
+        self.last_pkid = if id == self.pkid_max { 0 } else { id };
+        id
+    }
+
+    /// `take_pkid` for a QoS 1/2 publish, remembering the id it should get.
+    fn publish_pkid(&mut self) {
+        let id = self.take_pkid();
+        self.expected_pkids.push_back(id);
+    }
+
+    /// True when the next packet id still belongs to a QoS 2 publish waiting for PUBCOMP.
+    fn pkid_busy(&self) -> bool {
+        self.released.contains_key(&self.next_pkid())
     }
 
     /// Everything not confirmed goes back to the front of the buffer, in order.
     fn connection_lost(&mut self) {
         self.connected = false;
+        // The driver gives rumqttc a fresh state for the next connection.
+        self.last_pkid = 0;
+        self.expected_pkids.clear();
         self.metrics.connected.store(false, Relaxed);
         let mut back: Vec<Handed> = self.sent.drain(..).collect();
         back.extend(self.collided.take());
         back.extend(self.unacked.drain().map(|(_, h)| h));
+        back.extend(self.released.drain().map(|(_, h)| h));
         back.sort_by_key(|h| h.order);
         // Disk records stay in the queue until acknowledged: read them again from the oldest.
         self.disk_cursor = 0;
@@ -953,39 +1100,87 @@ impl Manager {
         self.trim();
     }
 
-    fn on_event(&mut self, event: MqttEvent) {
+    fn on_event(&mut self, event: Ev) {
         match event {
-            MqttEvent::Incoming(Packet::Publish(p)) => self.dispatch(&p.topic, &p.payload, p.retain),
-            MqttEvent::Outgoing(Outgoing::Publish(pkid)) => {
+            Ev::Publish(m) => self.dispatch(&m),
+            Ev::OutPublish(pkid) => {
                 let Some(handed) = self.collided.take().or_else(|| self.sent.pop_front()) else {
                     log::debug!("MQTT: write of a publish nobody handed (pkid {pkid})");
                     return;
                 };
+                if pkid != 0 {
+                    let expected = self.expected_pkids.pop_front();
+                    if expected != Some(pkid) && !self.pkid_drift_warned {
+                        self.pkid_drift_warned = true;
+                        log::warn!(
+                            "MQTT: packet id {pkid} where {expected:?} was expected; QoS 2 id reuse may go unnoticed"
+                        );
+                    }
+                }
                 if pkid == 0 || handed.qos == 0 {
                     self.confirm(handed);
-                } else {
-                    self.unacked.insert(pkid, handed);
+                } else if let Some(old) = self.unacked.insert(pkid, handed) {
+                    // Cannot happen while rumqttc keeps an id busy until its ack; never lose track.
+                    log::warn!("MQTT: packet id {pkid} reused before its acknowledgement");
+                    self.confirm(old);
                 }
             }
-            MqttEvent::Outgoing(Outgoing::AwaitAck(_)) => self.collided = self.sent.pop_front(),
-            MqttEvent::Incoming(Packet::PubAck(ack)) => {
-                if let Some(handed) = self.unacked.remove(&ack.pkid) {
+            Ev::AwaitAck => self.collided = self.sent.pop_front(),
+            Ev::PubAck { pkid, refused } => {
+                if let Some(handed) = self.unacked.remove(&pkid) {
+                    self.acknowledged(handed, refused);
+                }
+            }
+            Ev::PubRec { pkid, refused } => {
+                if let Some(handed) = self.unacked.remove(&pkid) {
+                    match refused {
+                        // No PUBREL/PUBCOMP follows a refusal.
+                        Some(_) => self.acknowledged(handed, refused),
+                        None => {
+                            if let Some(old) = self.released.insert(pkid, handed) {
+                                log::warn!("MQTT: packet id {pkid} released twice");
+                                self.confirm(old);
+                            }
+                        }
+                    }
+                }
+            }
+            Ev::PubComp { pkid } => {
+                if let Some(handed) = self.released.remove(&pkid) {
                     self.confirm(handed);
                 }
             }
-            MqttEvent::Incoming(Packet::PubComp(comp)) => {
-                if let Some(handed) = self.unacked.remove(&comp.pkid) {
-                    self.confirm(handed);
-                }
-            }
-            MqttEvent::Incoming(Packet::SubAck(ack)) => {
-                let refused = ack.return_codes.iter().filter(|c| matches!(c, SubscribeReasonCode::Failure)).count();
+            Ev::SubAck { refused } => {
                 if refused > 0 {
                     log::warn!("MQTT: the broker refused {refused} subscription(s)");
                 }
             }
-            MqttEvent::Outgoing(Outgoing::Disconnect) => self.disconnect_sent = true,
-            _ => {}
+            Ev::OutDisconnect => self.disconnect_sent = true,
+            Ev::ConnAck { .. } => {}
+        }
+    }
+
+    /// A PUBACK/PUBREC: confirmed, or refused by an MQTT 5 broker (not authorised, quota,
+    /// ...). A refused message is not sent again (it would be refused again): it is dropped
+    /// and counted, and a disk record is removed.
+    fn acknowledged(&mut self, handed: Handed, refused: Option<String>) {
+        let Some(reason) = refused else { return self.confirm(handed) };
+        let topic = handed.item.as_ref().map(|q| q.msg.topic.clone()).unwrap_or_else(|| "(disk queue)".into());
+        if let (Some(id), Some(disk)) = (handed.disk_id, &self.disk) {
+            disk.ack(id);
+            self.disk_attempts.remove(&id);
+        }
+        if handed.offline {
+            self.offline_acked = true;
+        }
+        self.drop_invalid(&topic, &format!("the broker refused it ({reason})"));
+    }
+
+    /// A result older than the MQTT 5 message expiry: nobody wants it any more.
+    fn expired(&mut self, topic: &str) {
+        let n = self.metrics.expired.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            log::info!("MQTT: result for `{topic}` expired before it could be sent ({n} so far)");
         }
     }
 
@@ -1004,7 +1199,8 @@ impl Manager {
     }
 
     /// Calls every handler whose filter matches; a panicking handler is logged, not fatal.
-    fn dispatch(&self, topic: &str, payload: &[u8], retain: bool) {
+    fn dispatch(&self, m: &Incoming) {
+        let (topic, retain) = (m.topic.as_str(), m.retain);
         self.metrics.received.fetch_add(1, Relaxed);
         let handlers: Vec<MessageHandler> = match self.shared.subscriptions.lock() {
             Ok(subs) => subs
@@ -1015,17 +1211,36 @@ impl Manager {
             Err(_) => return,
         };
         for handler in handlers {
-            if std::panic::catch_unwind(AssertUnwindSafe(|| handler(topic, payload))).is_err() {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| handler(m))).is_err() {
                 log::error!("MQTT: the handler for a message on `{topic}` panicked");
             }
         }
     }
 }
 
+/// The `online`/`offline` status's MQTT 5 properties.
+fn text_meta() -> PublishMeta {
+    PublishMeta { content_type: Some("text/plain"), ..PublishMeta::default() }
+}
+
+/// Whole seconds left of `expiry` after `age` (at least 1); None once expired.
+fn remaining_s(expiry: Duration, age: Duration) -> Option<u32> {
+    let left = expiry.checked_sub(age)?;
+    if left.is_zero() {
+        return None;
+    }
+    Some(left.as_secs_f64().ceil().clamp(1.0, u32::MAX as f64) as u32)
+}
+
 /// True when `topic` matches the subscription `filter` (`+` one level, `#`
 /// the rest, including the parent level itself). Wildcards at the first level
-/// do not match topics starting with `$` (MQTT 3.1.1, 4.7.2).
+/// do not match topics starting with `$` (MQTT 3.1.1, 4.7.2). A shared
+/// subscription (`$share/<group>/<filter>`) matches what `<filter>` matches.
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')) {
+        Some((_group, inner)) => inner,
+        None => filter,
+    };
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
@@ -1081,6 +1296,7 @@ impl super::Sink for MqttSink {
             body: Body::Result(msg.clone(), event.cloned()),
             qos: self.qos,
             retain: self.retain,
+            meta: PublishMeta::default(),
         })
     }
 }
@@ -1179,7 +1395,27 @@ mod tests {
             status_topic: "s".into(),
             tls: None,
             disk_queue: None,
+            protocol: Protocol::V311,
+            message_expiry: None,
+            user_properties: Vec::new(),
         };
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn shared_subscriptions_match_what_their_filter_matches() {
+        assert!(topic_matches("$share/g/edgeinfer/+/in", "edgeinfer/dev1/in"));
+        assert!(!topic_matches("$share/g/edgeinfer/+/in", "edgeinfer/dev1/out"));
+        assert!(topic_matches("$share/g/#", "a/b"));
+    }
+
+    #[test]
+    fn expiry_counts_down_in_whole_seconds_and_ends() {
+        let e = Duration::from_secs(10);
+        assert_eq!(remaining_s(e, Duration::ZERO), Some(10));
+        assert_eq!(remaining_s(e, Duration::from_millis(2500)), Some(8));
+        assert_eq!(remaining_s(e, Duration::from_millis(9990)), Some(1));
+        assert_eq!(remaining_s(e, e), None);
+        assert_eq!(remaining_s(e, Duration::from_secs(60)), None);
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::{LineFormat, PayloadFormat, SourceConfig};
 use crate::message::{Frame, Input, Values};
-use crate::sink::mqtt::{MessageHandler, MqttHandle};
+use crate::sink::mqtt::{Incoming, MessageHandler, MqttHandle};
 
 use super::{SourceCtx, SourceEnd, SourceError};
 
@@ -138,8 +138,8 @@ pub fn run(cfg: &SourceConfig, ctx: &SourceCtx, hub: &MqttHandle) -> Result<Sour
         let handoff = handoff.clone();
         let metrics = ctx.metrics.clone();
         let pipeline = ctx.pipeline.clone();
-        Arc::new(move |topic: &str, payload: &[u8]| {
-            if handoff.closed.load(Relaxed) || handoff.offer(topic, payload) {
+        Arc::new(move |m: &Incoming| {
+            if handoff.closed.load(Relaxed) || handoff.offer(&m.topic, &m.payload) {
                 return;
             }
             if frames {

@@ -343,3 +343,76 @@ fn a_retained_command_is_ignored_so_it_cannot_replay_on_every_reconnect() {
     op.pump(Duration::from_millis(1000));
     assert!(!op.results_since(mark).is_empty(), "results keep coming; stderr: {}", daemon.stderr());
 }
+
+#[test]
+fn reload_config_checks_the_file_then_restarts_in_place_and_sighup_does_the_same() {
+    let broker = Mosquitto::start();
+    let device = "reloadcfg";
+    let mut op = Operator::new(broker.port, device);
+    let mut daemon = Daemon::start(&config(broker.port, device, ""));
+    assert!(op.wait_results(0, 2, LONG).len() >= 2, "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+    let path = daemon.dir.path().join("edgeinfer.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+
+    // A broken file: an error reply naming the problem; the running config keeps serving.
+    std::fs::write(&path, original.replace("digits_cnn_int8.onnx", "no_such_model.onnx")).unwrap();
+    let r = op.send("reload_config", json!({}));
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("no_such_model.onnx") && e.contains("running config stays"), "{e}");
+    let mark = op.sub.seen.len();
+    assert!(op.wait_results(mark, 2, LONG).len() >= 2, "results stopped after a refused reload");
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon exited");
+
+    // A good file with a second pipeline: the reply says what changes, then the same process
+    // runs the new config.
+    let second = r#"
+[[pipelines]]
+name = "second"
+model = "MODELS/digits_cnn_f32.onnx"
+source = { type = "files", path = "MODELS/samples/digits/digit_4_1.png", rate_hz = 10, loop = true }
+"#
+    .replace("MODELS", crate::root().join("models").to_str().unwrap());
+    std::fs::write(&path, format!("{original}\n{second}")).unwrap();
+    let r = op.send("reload_config", json!({}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["added"], json!(["second"]), "{r}");
+    assert_eq!(r["result"]["removed"], json!([]), "{r}");
+    assert_eq!(r["result"]["changed"], json!([]), "{r}");
+    assert_eq!(r["result"]["restarting"], true, "{r}");
+    let second_topic = format!("edgeinfer/{device}/second/result");
+    let m = op.sub.wait_for(LONG, |m| m.topic == second_topic);
+    assert!(m.is_some(), "the new pipeline never published; stderr: {}", daemon.stderr());
+    assert!(daemon.child.try_wait().unwrap().is_none(), "the daemon exited instead of restarting in place");
+    assert!(daemon.stderr().contains("restarting in place"), "{}", daemon.stderr());
+
+    // SIGHUP: the file without the second pipeline is checked and applied the same way.
+    std::fs::write(&path, &original).unwrap();
+    let starts = |d: &Daemon| d.stderr().matches("config reload: restarting in place").count();
+    assert_eq!(starts(&daemon), 1);
+    daemon.signal("HUP");
+    let deadline = Instant::now() + LONG;
+    while starts(&daemon) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(starts(&daemon), 2, "SIGHUP did not reload: {}", daemon.stderr());
+    std::thread::sleep(Duration::from_secs(2));
+    op.pump(Duration::from_secs(1));
+    let mark = op.sub.seen.len();
+    op.pump(Duration::from_secs(2));
+    let after: Vec<&str> = op.sub.seen[mark..].iter().map(|m| m.topic.as_str()).collect();
+    assert!(after.iter().any(|t| t.ends_with("/digits/result")), "{after:?}");
+    assert!(!after.iter().any(|t| *t == second_topic), "the removed pipeline still publishes: {after:?}");
+    // A broken file on SIGHUP: logged, nothing restarts.
+    std::fs::write(&path, "this is [not toml").unwrap();
+    daemon.signal("HUP");
+    let deadline = Instant::now() + LONG;
+    while !daemon.stderr().contains("SIGHUP: not reloading") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(daemon.stderr().contains("SIGHUP: not reloading"), "{}", daemon.stderr());
+    assert_eq!(starts(&daemon), 2);
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(LONG), Some(0));
+}

@@ -10,6 +10,7 @@ mod daemon;
 mod detect;
 mod fleet;
 mod homeassistant;
+mod mqtt5;
 mod mqtt_hub;
 mod parity;
 mod pipe;

@@ -44,6 +44,9 @@ fn settings(port: u16, name: &str, buffer: usize, reconnect_max_ms: u64) -> Mqtt
         status_topic: format!("test/{name}/status"),
         tls: None,
         disk_queue: None,
+        protocol: mqtt::Protocol::V311,
+        message_expiry: None,
+        user_properties: Vec::new(),
     }
 }
 
@@ -71,7 +74,13 @@ fn result(seq: u64) -> OutMessage {
         latency: Latency::default(),
         result: ResultBody { values: Some(vec![seq as f32]), ..Default::default() },
     };
-    OutMessage { topic: String::new(), body: Body::Result(Arc::new(msg), None), qos: 1, retain: false }
+    OutMessage {
+        topic: String::new(),
+        body: Body::Result(Arc::new(msg), None),
+        qos: 1,
+        retain: false,
+        meta: Default::default(),
+    }
 }
 
 fn result_on(topic: &str, seq: u64) -> OutMessage {
@@ -121,9 +130,9 @@ fn hub_subscription(hub: &MqttHandle, filter: &str) -> Receiver<(String, Vec<u8>
     hub.subscribe(
         filter,
         1,
-        Arc::new(move |topic: &str, payload: &[u8]| {
+        Arc::new(move |m: &mqtt::Incoming| {
             if let Ok(tx) = tx.lock() {
-                let _ = tx.send((topic.to_string(), payload.to_vec()));
+                let _ = tx.send((m.topic.clone(), m.payload.to_vec()));
             }
         }),
     );
@@ -162,8 +171,7 @@ fn publish_in_order_with_status(port: u16, name: &str) {
     assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == n), "published = {:?}", metrics.published);
 
     // Raw bytes go out as they are; QoS 0 is delivered too.
-    let raw =
-        OutMessage { topic: format!("test/{name}/raw"), body: Body::Raw(b"{\"x\":1}".to_vec()), qos: 0, retain: false };
+    let raw = OutMessage::raw(format!("test/{name}/raw"), b"{\"x\":1}".to_vec(), 0, false, "application/json");
     assert!(hub.enqueue(raw));
     let m = sub.wait_for(PATIENCE, |m| m.topic.ends_with("/raw")).expect("raw message");
     assert_eq!(m.payload, "{\"x\":1}");
@@ -303,12 +311,7 @@ fn the_mqtt_source_parses_payloads_arriving_through_the_broker() {
     let (hub, task, metrics) = start_hub(&rt, settings(port, "source", 10, 1000));
     // Retained, so the source gets them whenever its subscription lands.
     for (topic, payload) in [("a", &b"[1, 2.5]"[..]), ("b", br#"{"z": 3, "a": 4}"#), ("c", b"[1, \"x\"]")] {
-        let raw = OutMessage {
-            topic: format!("test/src/{topic}/in"),
-            body: Body::Raw(payload.to_vec()),
-            qos: 1,
-            retain: true,
-        };
+        let raw = OutMessage::raw(format!("test/src/{topic}/in"), payload.to_vec(), 1, true, "application/json");
         assert!(hub.enqueue(raw));
     }
     assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == 3));
@@ -410,4 +413,55 @@ fn username_and_password_are_sent_and_a_refusal_is_retried_with_backoff() {
     rt.block_on(async {
         tokio::join!(task.shutdown(Duration::from_secs(1)), wrong_task.shutdown(Duration::from_millis(200)));
     });
+}
+
+/// QoS 1 and 2 results through the disk queue: each record leaves the queue once the broker
+/// acknowledged it (PUBACK, or PUBCOMP after PUBREC), whichever packet ids the client reuses in
+/// between; with MQTT 5 the broker's Receive Maximum caps the window.
+fn mixed_qos_through_the_disk_queue(protocol: mqtt::Protocol, name: &str) {
+    use edgeinfer::sink::disk_queue::{DiskQueue, FsyncPolicy, QueueOptions};
+    let broker = Mosquitto::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = QueueOptions { max_bytes: 16 << 20, max_age: Duration::from_secs(3600), fsync: FsyncPolicy::Never };
+    let disk = Arc::new(DiskQueue::open(dir.path(), opts).unwrap());
+    let topic = format!("test/{name}/results");
+    let mut sub = Subscriber::connect(broker.port, &topic);
+    let mut s = settings(broker.port, name, 1000, 1000);
+    s.disk_queue = Some(disk.clone());
+    s.protocol = protocol;
+    let (hub, task, metrics) = start_hub(&rt, s);
+    let n = 400u64;
+    let msgs = (0..n).map(|seq| OutMessage { qos: 1 + (seq % 2) as u8, ..result_on(&topic, seq) }).collect();
+    assert!(enqueue_from_thread(&hub, msgs).iter().all(|a| *a));
+    let distinct = |sub: &Subscriber| {
+        let mut seqs: Vec<u64> =
+            sub.seen.iter().filter(|m| m.topic == topic).map(|m| m.json()["seq"].as_u64().unwrap()).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs
+    };
+    sub.collect(n as usize, PATIENCE, |m| m.topic == topic);
+    // Duplicates would have ended the collection early: wait for the rest.
+    let deadline = Instant::now() + PATIENCE;
+    while distinct(&sub).len() < n as usize && Instant::now() < deadline {
+        let have = sub.seen.len();
+        sub.collect(have + 10, Duration::from_millis(500), |_| true);
+    }
+    let received = sub.seen.iter().filter(|m| m.topic == topic).count();
+    assert_eq!(distinct(&sub), (0..n).collect::<Vec<_>>(), "every result delivered ({received} received)");
+    assert!(wait_until(PATIENCE, || disk.pending() == 0), "{} records never acknowledged", disk.pending());
+    assert!(wait_until(PATIENCE, || metrics.published.load(Relaxed) == n), "published {:?}", metrics.published);
+    assert_eq!(metrics.dropped.load(Relaxed), 0);
+    rt.block_on(task.shutdown(Duration::from_secs(2)));
+}
+
+#[test]
+fn mixed_qos_results_through_the_disk_queue_are_all_acknowledged_mqtt311() {
+    mixed_qos_through_the_disk_queue(mqtt::Protocol::V311, "mixed311");
+}
+
+#[test]
+fn mixed_qos_results_through_the_disk_queue_are_all_acknowledged_mqtt5() {
+    mixed_qos_through_the_disk_queue(mqtt::Protocol::V5, "mixed5");
 }
