@@ -141,6 +141,19 @@ fn is_text(content_type: &str) -> bool {
     content_type.starts_with("text/") || content_type == "application/json"
 }
 
+/// User name and password to send. MQTT 3.1.1 has no password without a user name (MQTT 5
+/// has, but rumqttc sends both or neither).
+fn credentials(settings: &MqttSettings) -> Option<(String, String)> {
+    match (&settings.username, &settings.password) {
+        (Some(user), password) => Some((user.clone(), password.clone().unwrap_or_default())),
+        (None, Some(_)) => {
+            log::warn!("MQTT: a password is set but no username: connecting without credentials");
+            None
+        }
+        (None, None) => None,
+    }
+}
+
 /// Makes the client and event loop for `settings` (client id already made broker-safe).
 pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration, cap: usize) -> (Client, Loop) {
     let transport =
@@ -158,15 +171,8 @@ pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration,
                     rumqttc::QoS::AtLeastOnce,
                     true,
                 ));
-            match (&settings.username, &settings.password) {
-                (Some(user), password) => {
-                    opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
-                }
-                // MQTT 3.1.1 has no password without a user name.
-                (None, Some(_)) => {
-                    log::warn!("MQTT: a password is set but no username: connecting without credentials")
-                }
-                (None, None) => {}
+            if let Some((user, password)) = credentials(settings) {
+                opts.set_credentials(user, password);
             }
             // With TLS configured, every connection is TLS: there is no plaintext fallback.
             if let Some(t) = transport {
@@ -193,15 +199,8 @@ pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration,
                 .set_outgoing_inflight_upper_limit(CLIENT_INFLIGHT)
                 .set_max_packet_size(Some(MAX_PACKET_BYTES as u32))
                 .set_last_will(p5::LastWill::new(settings.status_topic.clone(), "offline", qos5(1), true, Some(will)));
-            // MQTT 5 allows a password without a user name, but rumqttc sends both or neither.
-            match (&settings.username, &settings.password) {
-                (Some(user), password) => {
-                    opts.set_credentials(user.clone(), password.clone().unwrap_or_default());
-                }
-                (None, Some(_)) => {
-                    log::warn!("MQTT: a password is set but no username: connecting without credentials")
-                }
-                (None, None) => {}
+            if let Some((user, password)) = credentials(settings) {
+                opts.set_credentials(user, password);
             }
             if let Some(t) = transport {
                 opts.set_transport(t);

@@ -69,22 +69,7 @@ impl Client5 {
     }
 
     fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Msg5) -> bool) -> Option<Msg5> {
-        if let Some(m) = self.seen.iter().find(|m| pred(m)) {
-            return Some(m.clone());
-        }
-        let deadline = Instant::now() + timeout;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.rx.recv_timeout(left) {
-                Ok(m) => {
-                    self.seen.push(m.clone());
-                    if pred(&m) {
-                        return Some(m);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        None
+        crate::support::wait_in(&self.rx, &mut self.seen, timeout, pred)
     }
 
     /// Publishes a request with a response topic and correlation data.

@@ -122,6 +122,31 @@ impl Msg {
     }
 }
 
+/// The first message in `seen`, or then from `rx` (kept in `seen`), for which `pred` holds.
+pub fn wait_in<T: Clone>(
+    rx: &Receiver<T>,
+    seen: &mut Vec<T>,
+    timeout: Duration,
+    pred: impl Fn(&T) -> bool,
+) -> Option<T> {
+    if let Some(m) = seen.iter().find(|m| pred(m)) {
+        return Some(m.clone());
+    }
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(m) => {
+                seen.push(m.clone());
+                if pred(&m) {
+                    return Some(m);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    None
+}
+
 /// A real MQTT subscriber collecting messages in a background thread.
 pub struct Subscriber {
     rx: Receiver<Msg>,
@@ -179,22 +204,7 @@ impl Subscriber {
 
     /// Waits until `pred` holds for a message received after the call (or any seen before), returning it.
     pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<Msg> {
-        if let Some(m) = self.seen.iter().find(|m| pred(m)) {
-            return Some(m.clone());
-        }
-        let deadline = Instant::now() + timeout;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.rx.recv_timeout(left) {
-                Ok(m) => {
-                    self.seen.push(m.clone());
-                    if pred(&m) {
-                        return Some(m);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        None
+        wait_in(&self.rx, &mut self.seen, timeout, pred)
     }
 
     /// Collects messages on topics matching `pred` until `n` arrived or the timeout passed.
