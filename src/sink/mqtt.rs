@@ -38,8 +38,10 @@ use std::time::{Duration, SystemTime};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, MqttState, Outgoing, Packet,
-    QoS, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    QoS, SubscribeFilter, SubscribeReasonCode,
 };
+#[cfg(feature = "tls")]
+use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -404,6 +406,7 @@ fn client_options(settings: &MqttSettings) -> MqttOptions {
         log::error!("MQTT: status topic `{}` is not a valid topic name; brokers will refuse it", settings.status_topic);
     }
     // With TLS configured, every connection is TLS: there is no plaintext fallback.
+    #[cfg(feature = "tls")]
     if let Some(tls) = &settings.tls {
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
     }
@@ -412,7 +415,10 @@ fn client_options(settings: &MqttSettings) -> MqttOptions {
 
 /// A connection error as the log and health show it, with what it means when it is a TLS failure.
 fn describe(e: &ConnectionError, connecting: bool) -> String {
+    #[cfg(feature = "tls")]
     let handshake = connecting && matches!(e, ConnectionError::Tls(_));
+    #[cfg(not(feature = "tls"))]
+    let handshake = connecting;
     match super::mqtt_tls::explain(e, handshake) {
         Some(hint) => format!("TLS error: {hint} ({e})"),
         None => e.to_string(),
