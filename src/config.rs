@@ -670,6 +670,16 @@ impl SourceConfig {
             SourceConfig::Serial { .. } => "serial",
         }
     }
+
+    /// The Cargo feature this source type is compiled in with, if it is optional.
+    pub fn feature(&self) -> Option<&'static str> {
+        match self {
+            SourceConfig::V4l2 { .. } => Some("v4l2"),
+            SourceConfig::Http { .. } => Some("http-source"),
+            SourceConfig::Serial { .. } => Some("serial"),
+            _ => None,
+        }
+    }
 }
 
 /// Sample order in a window tensor.
@@ -1073,6 +1083,9 @@ impl Config {
         }
         if let Some(url) = &self.mqtt.url {
             parse_mqtt_url(url).map_err(|r| bad("mqtt.url".into(), r))?;
+            if is_tls_url(url) {
+                crate::features::require("tls", "an mqtts:// broker").map_err(|r| bad("mqtt.url".into(), r))?;
+            }
         }
         if let Some(tls) = &self.mqtt.tls {
             validate_tls(tls, self.mqtt.url.as_deref())
@@ -1164,6 +1177,10 @@ impl Config {
             }
             if p.queue.is_some_and(|q| q == 0 || q > MAX_QUEUE) {
                 return Err(bad(key("queue"), format!("must be 1..={MAX_QUEUE}")));
+            }
+            if let Some(feature) = p.source.feature() {
+                crate::features::require(feature, &format!("source type `{}`", p.source.kind()))
+                    .map_err(|r| bad(key("source.type"), r))?;
             }
             validate_source(&p.source).map_err(|(k, r)| bad(key(&format!("source.{k}")), r))?;
             if let Some(PostprocessConfig::Anomaly { threshold, .. }) = &p.postprocess {
@@ -1277,7 +1294,17 @@ impl Config {
                 }
             }
         }
+        // Checked last: the default output (MQTT) is filled in above.
+        if self.mqtt.url.is_none() && self.wants_mqtt() {
+            crate::features::require("broker", "a config without mqtt.url (it starts the embedded MQTT broker)")
+                .map_err(|r| bad("mqtt.url".into(), format!("{r}; or set mqtt.url = \"mqtt://HOST:1883\"")))?;
+        }
         Ok(())
+    }
+
+    /// True when the daemon talks MQTT: a broker URL is set, or something publishes or subscribes.
+    pub fn wants_mqtt(&self) -> bool {
+        self.mqtt.url.is_some() || self.uses_mqtt() || self.commands.enabled
     }
 
     /// True when any output or source needs the MQTT broker.
@@ -1410,11 +1437,15 @@ fn validate_source(s: &SourceConfig) -> Result<(), (String, String)> {
             if !url.starts_with("http://") {
                 return err("url", "must be an http://host[:port]/path URL (HTTPS is not supported yet)");
             }
-            let target = crate::source::http::Target::parse(url).map_err(|e| ("url".to_string(), e))?;
+            #[cfg(feature = "http-source")]
+            let in_url = crate::source::http::Target::parse(url).map_err(|e| ("url".to_string(), e))?.has_credentials();
+            // Without the feature, `Config::validate` has refused the source already.
+            #[cfg(not(feature = "http-source"))]
+            let in_url = false;
             if password_env.is_some() && password_file.is_some() {
                 return err("password_env", "give password_env or password_file, not both");
             }
-            if username.is_some() && target.has_credentials() {
+            if username.is_some() && in_url {
                 return err("username", "give the credentials in the URL or as username/password_*, not both");
             }
             if username.is_none() && (password_env.is_some() || password_file.is_some()) {
@@ -1585,6 +1616,41 @@ source = { type = "synthetic", signal = "sine" }
         assert!(parse_mqtt_url("mqtt://user:pw@host:1883").unwrap_err().contains("credentials"));
     }
 
+    #[test]
+    fn optional_parts_this_build_lacks_are_refused_naming_the_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.onnx"), b"").unwrap();
+        let validate = |text: &str| {
+            let mut c = Config::parse(text, "c.toml").unwrap();
+            c.base_dir = dir.path().to_path_buf();
+            c.validate("c.toml").map_err(|e| e.to_string())
+        };
+        let expect = |r: Result<(), String>, on: bool, key: &str, feature: &str| match r {
+            Ok(()) => assert!(on, "{feature}: accepted without the feature"),
+            Err(e) => {
+                assert!(!on, "{feature}: {e}");
+                assert!(e.contains(&format!("`{key}`")) && e.contains(&format!("the `{feature}` feature")), "{e}");
+            }
+        };
+        // No URL and the default MQTT output: the embedded broker.
+        expect(validate(MINIMAL), cfg!(feature = "broker"), "mqtt.url", "broker");
+        // Nothing that talks MQTT: no broker needed, in any build.
+        let stdout_only = format!("{MINIMAL}  [[pipelines.outputs]]\n  type = \"stdout\"\n");
+        validate(&stdout_only).unwrap();
+        let tls = format!("[mqtt]\nurl = \"mqtts://b\"\n{}", MINIMAL.replace("device = \"pi-1\"", ""));
+        expect(validate(&tls), cfg!(feature = "tls"), "mqtt.url", "tls");
+        for (source, feature) in [
+            ("{ type = \"serial\", port = \"/dev/ttyUSB0\" }", "serial"),
+            ("{ type = \"http\", url = \"http://cam/\" }", "http-source"),
+            ("{ type = \"v4l2\" }", "v4l2"),
+        ] {
+            let text = stdout_only.replace("{ type = \"synthetic\", signal = \"sine\" }", source);
+            expect(validate(&text), crate::features::has(feature), "pipelines[0].source.type", feature);
+        }
+    }
+
+    // Without `tls` an mqtts:// URL is refused first (tests/it/features.rs).
+    #[cfg(feature = "tls")]
     #[test]
     fn mqtt_tls_table_is_checked() {
         let dir = tempfile::tempdir().unwrap();

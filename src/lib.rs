@@ -12,7 +12,8 @@
 //! - [`message`]: what flows between stages: inputs, the bounded input queue, results.
 //! - [`source`]: input sources (synthetic, files, lines, mqtt), one thread each.
 //! - [`sink`]: outputs (mqtt, stdout, file) that never block inference.
-//! - [`broker`]: the embedded MQTT broker used when no broker is configured.
+//! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
+//! - [`features`]: which optional Cargo features this binary has; the error naming a missing one.
 //! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
 //! - [`metrics`]: counters, latency percentiles and the health message.
 //! - [`payload`]: the versioned JSON payloads.
@@ -20,11 +21,13 @@
 //! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
 //! - [`commands`]: remote commands over MQTT (pause, thresholds, health, model reload), optional HMAC.
 
+#[cfg(feature = "broker")]
 pub mod broker;
 pub mod cmd;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod features;
 pub mod homeassistant;
 pub mod message;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use edgeinfer::cmd::{self, infer::InferArgs};
 use edgeinfer::engine::{LoadOptions, Model};
@@ -179,11 +179,18 @@ fn main() -> ExitCode {
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,tract_linalg=warn"));
     // The embedded broker logs every packet; its own failures reach us through broker::start.
+    #[cfg(feature = "broker")]
     for target in edgeinfer::broker::LOG_TARGETS {
         logger.filter_module(target, log::LevelFilter::Off);
     }
     logger.format_timestamp_millis().init();
-    let cli = Cli::parse();
+    // `--version` (not `-V`) also says which optional features are built in.
+    let long_version: &'static str = Box::leak(edgeinfer::features::long_version().into_boxed_str());
+    let matches = Cli::command().long_version(long_version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

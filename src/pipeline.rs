@@ -116,7 +116,8 @@ pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
     }
     match &cfg.mqtt.url {
         Some(url) => lines.push(format!("mqtt: {url}")),
-        None => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
+        None if cfg.wants_mqtt() => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
+        None => lines.push("mqtt: none (no MQTT output, source or commands)".into()),
     }
     // Reads and parses the CA, certificate and key files (no connection).
     if let Some(tls) = load_tls(cfg)? {
@@ -449,7 +450,7 @@ async fn run_async(
     let started = Instant::now();
     // No broker URL and nothing that publishes or subscribes: no broker, no client
     // (health then goes to the log only).
-    let wants_mqtt = cfg.mqtt.url.is_some() || cfg.uses_mqtt() || cfg.commands.enabled;
+    let wants_mqtt = cfg.wants_mqtt();
     let mqtt_metrics = Arc::new(MqttMetrics::default());
     let mqtt = if wants_mqtt { Some(connect_mqtt(&cfg, &device, password, mqtt_metrics.clone()).await?) } else { None };
     let hub = mqtt.as_ref().map(|(h, _)| h.clone());
@@ -675,25 +676,7 @@ async fn connect_mqtt(
 ) -> anyhow::Result<(MqttHandle, crate::sink::mqtt::MqttTask)> {
     let (host, port) = match &cfg.mqtt.url {
         Some(url) => crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?,
-        None => {
-            let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
-            // Waits for the port: keep it off the async workers.
-            let started = tokio::task::spawn_blocking(move || crate::broker::start(addr)).await?;
-            match started {
-                Ok(()) => log::info!(
-                    "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
-                    addr.ip(),
-                    addr.port()
-                ),
-                // Another broker (often a system mosquitto) already serves that address:
-                // subscribers there expect our results, so publish to it rather than fail.
-                Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
-                    log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
-                }
-                Err(e) => return Err(e.into()),
-            }
-            (addr.ip().to_string(), addr.port())
-        }
+        None => start_embedded_broker(cfg).await?,
     };
     let fill = |t: &str| t.replace("{device}", device);
     let tls = load_tls(cfg)?;
@@ -724,6 +707,34 @@ async fn connect_mqtt(
         user_properties: cfg.mqtt.user_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     Ok(crate::sink::mqtt::start(settings, metrics))
+}
+
+/// Starts the embedded broker on `broker.listen`; the address to connect to.
+#[cfg(feature = "broker")]
+async fn start_embedded_broker(cfg: &Config) -> anyhow::Result<(String, u16)> {
+    let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
+    // Waits for the port: keep it off the async workers.
+    let started = tokio::task::spawn_blocking(move || crate::broker::start(addr)).await?;
+    match started {
+        Ok(()) => log::info!(
+            "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
+            addr.ip(),
+            addr.port()
+        ),
+        // Another broker (often a system mosquitto) already serves that address:
+        // subscribers there expect our results, so publish to it rather than fail.
+        Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
+            log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok((addr.ip().to_string(), addr.port()))
+}
+
+/// Without the `broker` feature config validation already refused a config that needs it.
+#[cfg(not(feature = "broker"))]
+async fn start_embedded_broker(_cfg: &Config) -> anyhow::Result<(String, u16)> {
+    Err(anyhow!(crate::features::not_built("broker", "a config without mqtt.url (the embedded broker)")))
 }
 
 fn publish_health(

@@ -939,7 +939,8 @@ mod tests {
         std::fs::write(dir.path().join("m.onnx"), b"x").unwrap();
         let check = |post: &str| {
             let text = format!(
-                "[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\nsource = {{ type = \"lines\" }}\n\
+                "[mqtt]\nurl = \"mqtt://127.0.0.1\"\n\
+                 [[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\nsource = {{ type = \"lines\" }}\n\
                  [pipelines.postprocess]\ntype = \"detect\"\n{post}\n"
             );
             let mut c = crate::config::Config::parse(&text, "c.toml").map_err(|e| e.to_string())?;

@@ -1032,7 +1032,7 @@ mod tests {
         fs::write(dir.path().join("m.onnx"), b"").unwrap();
         let with = |mqtt: &str| {
             let text = format!(
-                "device = \"d\"\n[mqtt]\n{mqtt}\n[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\n\
+                "device = \"d\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\n{mqtt}\n[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\n\
                  source = {{ type = \"synthetic\", signal = \"sine\" }}\n"
             );
             let mut c = crate::config::Config::parse(&text, "c.toml")?;

@@ -11,7 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::v5;
 use rumqttc::v5::mqttbytes::v5 as p5;
-use rumqttc::{Outgoing, TlsConfiguration, Transport};
+use rumqttc::Outgoing;
+#[cfg(feature = "tls")]
+use rumqttc::{TlsConfiguration, Transport};
 
 use super::mqtt::{MqttSettings, MAX_PACKET_BYTES};
 
@@ -156,6 +158,8 @@ fn credentials(settings: &MqttSettings) -> Option<(String, String)> {
 
 /// Makes the client and event loop for `settings` (client id already made broker-safe).
 pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration, cap: usize) -> (Client, Loop) {
+    // With TLS configured, every connection is TLS: there is no plaintext fallback.
+    #[cfg(feature = "tls")]
     let transport =
         settings.tls.as_ref().map(|tls| Transport::tls_with_config(TlsConfiguration::Rustls(tls.config.clone())));
     match settings.protocol {
@@ -174,7 +178,7 @@ pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration,
             if let Some((user, password)) = credentials(settings) {
                 opts.set_credentials(user, password);
             }
-            // With TLS configured, every connection is TLS: there is no plaintext fallback.
+            #[cfg(feature = "tls")]
             if let Some(t) = transport {
                 opts.set_transport(t);
             }
@@ -202,6 +206,7 @@ pub fn connect(settings: &MqttSettings, client_id: String, keep_alive: Duration,
             if let Some((user, password)) = credentials(settings) {
                 opts.set_credentials(user, password);
             }
+            #[cfg(feature = "tls")]
             if let Some(t) = transport {
                 opts.set_transport(t);
             }
@@ -276,14 +281,20 @@ impl Loop {
             LoopInner::V4(l) => match l.poll().await {
                 Ok(e) => Ok(v4_event(e)),
                 Err(e) => {
+                    #[cfg(feature = "tls")]
                     let tls = matches!(e, rumqttc::ConnectionError::Tls(_));
+                    #[cfg(not(feature = "tls"))]
+                    let tls = false;
                     Err(PollError { error: Box::new(e), tls })
                 }
             },
             LoopInner::V5(l) => match l.poll().await {
                 Ok(e) => Ok(v5_event(e)),
                 Err(e) => {
+                    #[cfg(feature = "tls")]
                     let tls = matches!(e, v5::ConnectionError::Tls(_));
+                    #[cfg(not(feature = "tls"))]
+                    let tls = false;
                     Err(PollError { error: Box::new(e), tls })
                 }
             },

@@ -300,7 +300,8 @@ impl<'a> LineSink<'a> {
         LineSink { ctx, format, what, origin: None, line_no: 0, malformed: 0, logged: None }
     }
 
-    /// A sink whose inputs carry `what` as their origin.
+    /// A sink whose inputs carry `what` as their origin (the serial source's port).
+    #[cfg(feature = "serial")]
     pub(crate) fn with_origin(ctx: &'a SourceCtx, format: LineFormat, what: String) -> Self {
         LineSink { origin: Some(what.clone()), ..Self::new(ctx, format, what) }
     }

@@ -1,8 +1,9 @@
 //! V4L2 cameras (`/dev/videoN`) through the pure-Rust `linuxvideo` crate:
 //! format negotiation (MJPEG preferred, else YUYV), mmap streaming, YUYV and
 //! MJPEG to RGB, and the device probe behind `edgeinfer devices`.
-//! 32-bit ARM builds keep the conversions and the listing but not capture.
-#![cfg_attr(not(target_pointer_width = "64"), allow(dead_code, unused_imports))]
+//! Builds without the `v4l2` feature, and 32-bit ARM builds, keep the
+//! conversions and the listing but not capture.
+#![cfg_attr(not(all(feature = "v4l2", target_pointer_width = "64")), allow(dead_code, unused_imports))]
 
 mod convert;
 
@@ -17,11 +18,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
 use image::RgbImage;
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 use linuxvideo::format::{FrameIntervals, FrameSizes, PixFormat, PixelFormat as FourCc};
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 use linuxvideo::stream::ReadStream;
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 use linuxvideo::{BufType, CapabilityFlags, Device, Fract};
 use serde::Serialize;
 
@@ -34,7 +35,7 @@ const WAKE_MS: i32 = 100;
 /// A camera that delivers nothing for this long (or 10 frame intervals, if longer) is reopened.
 const STALL_MIN: Duration = Duration::from_secs(5);
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 /// Runs the camera until it fails, disappears or the daemon stops.
 pub fn run(cfg: &SourceConfig, ctx: &SourceCtx) -> Result<SourceEnd, SourceError> {
     let SourceConfig::V4l2 { device, width, height, fps, pixel_format, max_fps } = cfg else {
@@ -111,7 +112,7 @@ pub struct Granted {
     pub fps: Option<f64>,
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 /// An open, streaming camera.
 pub struct Camera {
     /// Device path, for messages.
@@ -121,7 +122,7 @@ pub struct Camera {
     stream: ReadStream,
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 /// One dequeued buffer's fate.
 enum Captured {
     Frame(RgbImage, SystemTime),
@@ -129,7 +130,7 @@ enum Captured {
     Bad(String),
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 impl Camera {
     /// Opens `path`, negotiates the format and frame interval and starts mmap streaming.
     /// Errors name the device and say what to do.
@@ -273,7 +274,7 @@ pub fn yuyv_to_rgb(src: &[u8], width: u32, height: u32, stride: usize) -> Result
     RgbImage::from_raw(width, height, rgb).ok_or_else(|| "RGB buffer size mismatch".into())
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 fn encoding_of(f: FourCc) -> Option<PixelFormat> {
     match f {
         FourCc::MJPG | FourCc::JPEG => Some(PixelFormat::Mjpeg),
@@ -282,7 +283,7 @@ fn encoding_of(f: FourCc) -> Option<PixelFormat> {
     }
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 /// Picks the FourCC to ask for: the configured encoding, else MJPEG (less USB
 /// bandwidth, so full frame rates at 640x480 and up), else YUYV.
 fn choose_format(offered: &[FourCc], configured: Option<PixelFormat>) -> Result<FourCc, String> {
@@ -463,22 +464,32 @@ pub fn probe(path: &Path) -> VideoDevice {
 }
 
 /// linuxvideo 0.3 does not build for 32-bit ARM (its mmap offset assumes a 64-bit `off_t`).
-#[cfg(not(target_pointer_width = "64"))]
+#[cfg(not(all(feature = "v4l2", target_pointer_width = "64")))]
 const NOT_ON_32_BIT: &str = "V4L2 capture is not built into 32-bit ARM binaries (linuxvideo 0.3 needs a 64-bit \
     off_t); use the `pipe` source: [\"ffmpeg\", \"-f\", \"v4l2\", \"-i\", \"/dev/video0\", \"-f\", \"mjpeg\", \"-\"]";
 
-#[cfg(not(target_pointer_width = "64"))]
+/// Why this binary cannot capture: built without the `v4l2` feature, or for a 32-bit target.
+#[cfg(not(all(feature = "v4l2", target_pointer_width = "64")))]
+fn no_capture() -> String {
+    if cfg!(feature = "v4l2") {
+        NOT_ON_32_BIT.into()
+    } else {
+        crate::features::not_built("v4l2", "V4L2 capture")
+    }
+}
+
+#[cfg(not(all(feature = "v4l2", target_pointer_width = "64")))]
 fn probe_inner(_path: &Path) -> Result<VideoDevice, String> {
-    Err(NOT_ON_32_BIT.into())
+    Err(no_capture())
 }
 
 /// Runs the camera until it fails, disappears or the daemon stops.
-#[cfg(not(target_pointer_width = "64"))]
+#[cfg(not(all(feature = "v4l2", target_pointer_width = "64")))]
 pub fn run(_cfg: &SourceConfig, _ctx: &SourceCtx) -> Result<SourceEnd, SourceError> {
-    Err(SourceError(NOT_ON_32_BIT.into()))
+    Err(SourceError(no_capture()))
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 fn probe_inner(path: &Path) -> Result<VideoDevice, String> {
     let dev = Device::open(path).map_err(|e| open_error(path, &e))?;
     let caps = dev.capabilities().map_err(|e| format!("cannot query capabilities: {}", explain(&e)))?;
@@ -501,7 +512,7 @@ fn probe_inner(path: &Path) -> Result<VideoDevice, String> {
     })
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 fn probe_format(dev: &Device, fourcc: FourCc, description: &str) -> VideoFormat {
     let mut out = VideoFormat {
         fourcc: fourcc.to_string(),
@@ -533,7 +544,7 @@ fn probe_format(dev: &Device, fourcc: FourCc, description: &str) -> VideoFormat 
     out
 }
 
-#[cfg(target_pointer_width = "64")]
+#[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
 /// Frame rates from frame intervals: discrete rates fastest first, or a `[min, max]` range.
 fn rates(intervals: Option<FrameIntervals>) -> (Vec<f64>, Option<[f64; 2]>) {
     let fps = |f: &Fract| {
@@ -561,7 +572,7 @@ fn rates(intervals: Option<FrameIntervals>) -> (Vec<f64>, Option<[f64; 2]>) {
 mod tests {
     use super::*;
 
-    #[cfg(target_pointer_width = "64")]
+    #[cfg(all(feature = "v4l2", target_pointer_width = "64"))]
     #[test]
     fn format_choice_prefers_mjpeg_and_honours_the_config() {
         let both = [FourCc::YUYV, FourCc::MJPG];
@@ -594,6 +605,13 @@ mod tests {
         // /dev/null is a character device but no V4L2 node.
         let d = probe(Path::new("/dev/null"));
         assert!(!d.capture);
-        assert!(d.error.as_deref().is_some_and(|e| e.contains("not a V4L2 device")), "{d:?}");
+        let why = if cfg!(all(feature = "v4l2", target_pointer_width = "64")) {
+            "not a V4L2 device"
+        } else if cfg!(feature = "v4l2") {
+            "32-bit ARM binaries"
+        } else {
+            "built with the `v4l2` feature"
+        };
+        assert!(d.error.as_deref().is_some_and(|e| e.contains(why)), "{d:?}");
     }
 }

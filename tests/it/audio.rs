@@ -176,7 +176,8 @@ fn audio_config_errors_name_the_key() {
     let model = crate::model("vibration_f32.onnx");
     let check = |source: &str, preprocess: &str| {
         let text = format!(
-            "[[pipelines]]\nname = \"vad\"\nmodel = \"{}\"\nsource = {source}\npreprocess = {{ type = \"audio\", {preprocess} }}\n",
+            "[[pipelines]]\nname = \"vad\"\nmodel = \"{}\"\nsource = {source}\npreprocess = {{ type = \"audio\", {preprocess} }}\n\
+             [[pipelines.outputs]]\ntype = \"stdout\"\n",
             model.display()
         );
         let path = dir.path().join("c.toml");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgeinfer::tensor::Tensor;
 
-use crate::support::{free_port, wait_port, Daemon, Mosquitto, Msg, Subscriber};
+use crate::support::{free_port, Daemon, Mosquitto, Msg, Subscriber};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -87,6 +87,7 @@ postprocess = {{ type = "classify", top_k = 3 }}
 }
 
 #[test]
+#[cfg(feature = "broker")]
 fn embedded_broker_serves_results_with_no_broker_configured() {
     let port = free_port();
     let mut daemon = Daemon::start(&format!(
@@ -104,7 +105,7 @@ source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
   type = "stdout"
 "#
     ));
-    assert!(wait_port(port, LONG), "embedded broker did not listen; stderr: {}", daemon.stderr());
+    assert!(crate::support::wait_port(port, LONG), "embedded broker did not listen; stderr: {}", daemon.stderr());
     let mut sub = Subscriber::connect(port, "edgeinfer/t2/#");
     assert!(sub.wait_for(LONG, |m| m.topic == "edgeinfer/t2/status" && m.payload == "online" && m.retain).is_some());
     let results = sub.collect(3, LONG, result_on("edgeinfer/t2/vib/result"));

@@ -8,16 +8,22 @@ mod cli;
 mod commands;
 mod daemon;
 mod detect;
+mod features;
 mod fleet;
 mod homeassistant;
+#[cfg(feature = "http-source")]
+mod http_camera;
 mod mqtt5;
 mod mqtt_hub;
 mod parity;
 mod pipe;
 mod sensors;
+#[cfg(feature = "serial")]
+mod serial;
 mod store_forward;
 mod support;
 mod systemd;
+#[cfg(feature = "tls")]
 mod tls;
 
 use std::path::PathBuf;

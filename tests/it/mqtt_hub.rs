@@ -5,7 +5,6 @@
 //! Will); with no broker, callers are never blocked, reconnection backs off,
 //! and the bounded buffer is delivered once a broker appears.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -23,6 +22,7 @@ fn runtime() -> tokio::runtime::Runtime {
     // Shown only for a failing test; rumqttd's tracing spans would drown the rest.
     let mut logger = env_logger::builder();
     logger.is_test(true);
+    #[cfg(feature = "broker")]
     for target in edgeinfer::broker::LOG_TARGETS {
         logger.filter_module(target, log::LevelFilter::Off);
     }
@@ -58,8 +58,9 @@ fn start_hub(rt: &tokio::runtime::Runtime, settings: MqttSettings) -> (MqttHandl
     (hub, task, metrics)
 }
 
+#[cfg(feature = "broker")]
 fn start_embedded_broker(port: u16) {
-    edgeinfer::broker::start(SocketAddr::from(([127, 0, 0, 1], port))).expect("embedded broker starts");
+    edgeinfer::broker::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).expect("embedded broker starts");
 }
 
 fn result(seq: u64) -> OutMessage {
@@ -187,6 +188,7 @@ fn publish_in_order_with_status(port: u16, name: &str) {
 }
 
 #[test]
+#[cfg(feature = "broker")]
 fn results_arrive_in_order_and_status_goes_online_then_offline_on_the_embedded_broker() {
     let port = free_port();
     start_embedded_broker(port);
@@ -200,6 +202,7 @@ fn results_arrive_in_order_and_status_goes_online_then_offline_on_mosquitto() {
 }
 
 #[test]
+#[cfg(feature = "broker")]
 fn without_a_broker_enqueue_never_blocks_backoff_is_slow_and_the_buffer_is_delivered_later() {
     let port = free_port();
     let rt = runtime();
@@ -239,6 +242,7 @@ fn without_a_broker_enqueue_never_blocks_backoff_is_slow_and_the_buffer_is_deliv
 }
 
 #[test]
+#[cfg(feature = "broker")]
 fn a_hub_that_dies_without_disconnecting_leaves_its_last_will() {
     let port = free_port();
     start_embedded_broker(port);
@@ -298,6 +302,7 @@ fn shutdown_without_a_broker_returns_soon_after_its_deadline() {
 }
 
 #[test]
+#[cfg(feature = "broker")]
 fn the_mqtt_source_parses_payloads_arriving_through_the_broker() {
     use edgeinfer::config::{PayloadFormat, SourceConfig};
     use edgeinfer::message::{Input, InputQueue, Overflow};
