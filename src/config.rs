@@ -67,6 +67,9 @@ pub struct Config {
     /// Remote commands over MQTT (off unless `enabled = true`).
     #[serde(default)]
     pub commands: crate::commands::CommandsConfig,
+    /// Engine settings shared by every pipeline: threads and the start-up cache.
+    #[serde(default)]
+    pub engine: EngineConfig,
     /// The pipelines: source -> preprocess -> model -> postprocess -> outputs.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -175,6 +178,25 @@ impl Default for MqttConfig {
     }
 }
 
+/// `[engine]`: how models load and run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Threads for tract's matrix products, per pipeline (a pipeline's `threads` overrides it).
+    pub threads: usize,
+    /// Start-up cache directory (relative: to the config file); absent: no cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { threads: 1, cache_dir: None }
+    }
+}
+
+/// Most threads a model may ask for.
+pub const MAX_THREADS: usize = 256;
+
 /// The in-process broker.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -234,6 +256,9 @@ pub struct PipelineConfig {
     /// Run a QDQ int8 model on float kernels (faster in tract today; activation rounding is lost).
     #[serde(default)]
     pub qdq_as_float: bool,
+    /// Threads for this pipeline's model (default: `engine.threads`).
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Items queued between source and model.
     #[serde(default)]
     pub queue: Option<usize>,
@@ -1140,6 +1165,15 @@ impl Config {
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
+        if !(1..=MAX_THREADS).contains(&self.engine.threads) {
+            return Err(bad("engine.threads".into(), format!("must be 1..={MAX_THREADS}")));
+        }
+        if let Some(dir) = &self.engine.cache_dir {
+            let dir = self.resolve(dir);
+            if dir.exists() && !dir.is_dir() {
+                return Err(bad("engine.cache_dir".into(), format!("{} is not a directory", dir.display())));
+            }
+        }
         if self.pipelines.is_empty() {
             return Err(bad("pipelines".into(), "at least one [[pipelines]] table is needed".into()));
         }
@@ -1174,6 +1208,9 @@ impl Config {
                 if !l.is_file() {
                     return Err(bad(key("labels"), format!("{} does not exist", l.display())));
                 }
+            }
+            if p.threads.is_some_and(|t| !(1..=MAX_THREADS).contains(&t)) {
+                return Err(bad(key("threads"), format!("must be 1..={MAX_THREADS}")));
             }
             if p.queue.is_some_and(|q| q == 0 || q > MAX_QUEUE) {
                 return Err(bad(key("queue"), format!("must be 1..={MAX_QUEUE}")));
@@ -1579,6 +1616,35 @@ source = { type = "synthetic", signal = "sine" }
         assert!(c.mqtt.url.is_none());
         assert_eq!(c.broker.listen, "127.0.0.1:1883");
         assert!(matches!(c.pipelines[0].source, SourceConfig::Synthetic { rate_hz, .. } if rate_hz == 100.0));
+    }
+
+    #[test]
+    fn engine_table_sets_threads_and_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.onnx"), b"").unwrap();
+        let with = |extra: &str, pipeline_extra: &str| {
+            let text = format!(
+                "{}\n{extra}\n",
+                MINIMAL.replace("model = \"m.onnx\"", &format!("model = \"m.onnx\"\n{pipeline_extra}"))
+            );
+            let mut c = Config::parse(&text, "c.toml")?;
+            c.base_dir = dir.path().to_path_buf();
+            c.validate("c.toml").map(|_| c)
+        };
+        let c = with("", "").unwrap();
+        assert_eq!((c.engine.threads, c.engine.cache_dir.as_deref(), c.pipelines[0].threads), (1, None, None));
+        let c = with("[engine]\nthreads = 2\ncache_dir = \"cache\"", "threads = 4").unwrap();
+        assert_eq!(c.engine.threads, 2);
+        assert_eq!(c.resolve(c.engine.cache_dir.as_ref().unwrap()), dir.path().join("cache"));
+        assert_eq!(c.pipelines[0].threads, Some(4));
+        let e = with("[engine]\nthreads = 0", "").unwrap_err().to_string();
+        assert!(e.contains("`engine.threads`"), "{e}");
+        let e = with("", "threads = 1000").unwrap_err().to_string();
+        assert!(e.contains("`pipelines[0].threads`"), "{e}");
+        let e = with("[engine]\ncache_dir = \"m.onnx\"", "").unwrap_err().to_string();
+        assert!(e.contains("`engine.cache_dir`") && e.contains("not a directory"), "{e}");
+        let e = with("[engine]\ncache = \"x\"", "").unwrap_err().to_string();
+        assert!(e.contains("cache"), "{e}");
     }
 
     #[test]

@@ -39,7 +39,12 @@ pub struct Prepared {
 pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
     let ctx = |what: &str| format!("pipeline `{}`: {what}", p.name);
     let model_path = cfg.resolve(&p.model);
-    let mut opts = LoadOptions { qdq_as_float: p.qdq_as_float, ..Default::default() };
+    let mut opts = LoadOptions {
+        qdq_as_float: p.qdq_as_float,
+        threads: p.threads.unwrap_or(cfg.engine.threads),
+        cache_dir: cfg.engine.cache_dir.as_ref().map(|d| cfg.resolve(d)),
+        ..Default::default()
+    };
     if let Some(shape) = &p.input_shape {
         opts.input_shapes.insert(String::new(), shape.clone());
     }

@@ -21,10 +21,16 @@ pub struct BenchReport {
     pub warmup: usize,
     /// Threads used by the engine.
     pub threads: usize,
+    /// Where the graph came from: `onnx`, `cache` or `converted`.
+    pub origin: String,
+    /// What the start-up cache did, when `--cache-dir` was given.
+    pub cache: Option<String>,
     /// Load + optimise time.
     pub init_ms: f64,
     /// The first inference on a fresh session.
     pub first_inference_ms: f64,
+    /// Start-up: load + optimise + first inference.
+    pub startup_ms: f64,
     /// Mean of the warm-up runs.
     pub warmup_mean_ms: f64,
     /// Median of the timed runs.
@@ -102,9 +108,12 @@ pub fn measure(path: &Path, opts: &LoadOptions, runs: usize, warmup: usize) -> R
         path: path.display().to_string(),
         runs: samples.len(),
         warmup,
-        threads: 1,
+        threads: info.threads,
+        origin: info.origin.to_string(),
+        cache: info.cache.clone(),
         init_ms: info.timings.init_ms(),
         first_inference_ms,
+        startup_ms: info.timings.init_ms() + first_inference_ms,
         warmup_mean_ms,
         p50_ms: percentile(&samples, 50.0),
         p90_ms: percentile(&samples, 90.0),
@@ -122,8 +131,13 @@ pub fn print(r: &BenchReport, json: bool, out: &mut dyn Write) -> std::io::Resul
     }
     writeln!(out, "model               {} ({})", r.model, r.path)?;
     writeln!(out, "threads             {}", r.threads)?;
+    match &r.cache {
+        Some(c) => writeln!(out, "loaded from         {} (cache: {c})", r.origin)?,
+        None => writeln!(out, "loaded from         {}", r.origin)?,
+    }
     writeln!(out, "init (load+opt)     {:.2} ms", r.init_ms)?;
     writeln!(out, "first inference     {:.3} ms", r.first_inference_ms)?;
+    writeln!(out, "start-up            {:.2} ms (init + first inference)", r.startup_ms)?;
     writeln!(out, "warm-up mean        {:.3} ms ({} runs)", r.warmup_mean_ms, r.warmup)?;
     writeln!(
         out,

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::engine::{LoadOptions, Model, TensorSpec};
+use crate::engine::{LoadOptions, Model, Origin, TensorSpec};
 
 /// Loads the model (without warm-up) and describes it, as text or JSON.
 pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
@@ -13,6 +13,10 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
             "path": info.path,
             "sha256": info.sha256,
             "size_bytes": info.size_bytes,
+            "onnx_path": info.onnx_path,
+            "origin": info.origin,
+            "cache": info.cache,
+            "threads": info.threads,
             "producer": info.producer,
             "opset": info.opset,
             "other_opsets": info.other_opsets,
@@ -29,7 +33,28 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
         });
         return writeln!(out, "{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
-    writeln!(out, "model        {} ({} bytes, sha256 {})", info.path.display(), info.size_bytes, &info.sha256[..16])?;
+    match info.origin {
+        Origin::Converted => {
+            writeln!(out, "model        {} (converted)", info.path.display())?;
+            writeln!(
+                out,
+                "from         {} ({} bytes, sha256 {})",
+                info.onnx_path.display(),
+                info.size_bytes,
+                &info.sha256[..16]
+            )?;
+        }
+        _ => writeln!(
+            out,
+            "model        {} ({} bytes, sha256 {})",
+            info.path.display(),
+            info.size_bytes,
+            &info.sha256[..16]
+        )?,
+    }
+    if let Some(cache) = &info.cache {
+        writeln!(out, "cache        {cache}")?;
+    }
     writeln!(out, "producer     {}", if info.producer.is_empty() { "-" } else { &info.producer })?;
     let others: Vec<String> = info.other_opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
     writeln!(

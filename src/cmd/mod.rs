@@ -1,8 +1,9 @@
-//! The tools behind the CLI: `inspect`, `infer`, `bench` and `devices`. Each
+//! The tools behind the CLI: `inspect`, `infer`, `bench`, `convert` and `devices`. Each
 //! takes parsed arguments and writes to the given streams, so tests can call
 //! them without spawning the binary.
 
 pub mod bench;
+pub mod convert;
 pub mod devices;
 pub mod infer;
 pub mod inspect;

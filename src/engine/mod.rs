@@ -1,12 +1,22 @@
 //! The inference engine: the only module that imports tract.
 //!
-//! Loading is: read the file once (hashing it), decode the protobuf, expand
-//! QOperator nodes tract lacks (`rewrite`), check every operator is known,
-//! pin every input to a concrete shape, then analyse, optimise and plan once.
+//! Loading an ONNX model (`onnx`) is: read the file once (hashing it), decode
+//! the protobuf, expand QOperator nodes tract lacks (`rewrite`), check every
+//! operator is known, pin every input to a concrete shape and build tract's
+//! typed graph. A converted model (`converted`: NNEF made by `edgeinfer
+//! convert`, or a start-up `cache` entry) gives the same typed graph without
+//! the ONNX parser. Either way the graph is then optimised and planned once.
 //! A [`Model`] is shareable across threads; each worker makes its own
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
+//!
+//! Only `onnx`, `proto` and `rewrite` need `tract-onnx`; this file,
+//! `converted` and `cache` use tract-core, tract-nnef and tract-onnx-opl.
 
+mod cache;
+mod converted;
+mod nnef_ops;
+mod onnx;
 mod proto;
 mod rewrite;
 
@@ -18,14 +28,16 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tract_onnx::pb;
-use tract_onnx::prelude::{
-    tvec, DatumType, Framework, InferenceFact, InferenceModelExt, IntoTValue, TValue, Tensor as TTensor,
-    TypedRunnableModel, TypedSimpleState,
+use tract_core::plan::SimplePlan;
+use tract_core::prelude::{
+    tvec, DatumType, IntoTValue, RunOptions, TValue, Tensor as TTensor, TractError, TypedModel, TypedRunnableModel,
+    TypedSimpleState,
 };
+use tract_linalg::multithread::Executor;
 
 use crate::tensor::{Data, ElemType, Tensor};
 
+pub use converted::is_converted;
 pub use proto::DeclaredDim;
 
 /// Errors from loading or running a model. Each renders as one line.
@@ -79,6 +91,14 @@ pub enum EngineError {
         /// tract's error chain on one line.
         reason: String,
     },
+    /// A converted model (`.nnef.tgz` / `.nnef.tar`) that cannot be read or written.
+    #[error("{path}: converted model: {reason}")]
+    Converted {
+        /// The converted file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A tensor handed to `run` does not fit the model.
     #[error("input `{input}`: {reason}")]
     Input {
@@ -93,7 +113,7 @@ pub enum EngineError {
 }
 
 /// Name, shape and element type of a model input or output.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TensorSpec {
     /// Tensor name in the graph.
     pub name: String,
@@ -104,12 +124,12 @@ pub struct TensorSpec {
     pub elem_type: ElemType,
     /// Quantization next to this tensor: for an input the QuantizeLinear it
     /// feeds, for an output the DequantizeLinear that makes it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantParams>,
 }
 
 /// A per-tensor affine quantization: `real = scale * (q - zero_point)`.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuantParams {
     /// Step size.
     pub scale: f32,
@@ -117,7 +137,7 @@ pub struct QuantParams {
     pub zero_point: i64,
 }
 
-/// How to pin input shapes at load.
+/// How to pin input shapes at load, and how to run.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Shapes by input name; an empty name applies to the first input.
@@ -128,17 +148,24 @@ pub struct LoadOptions {
     pub skip_warmup: bool,
     /// Run QDQ models on the float path (activation Q/DQ pairs folded into Clips).
     pub qdq_as_float: bool,
+    /// Threads for tract's matrix products; 0 and 1 both mean one (no thread pool).
+    pub threads: usize,
+    /// Start-up cache directory for ONNX models (see `cache`); `None`: no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Durations of the load stages.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct LoadTimings {
-    /// Reading and hashing the file, decoding and rewriting the protobuf.
+    /// Reading and hashing the file; decoding and rewriting the protobuf, or
+    /// unpacking a converted model or cache entry.
     pub read_ms: f64,
-    /// Building tract's graph and inferring types and shapes.
+    /// Building tract's typed graph (from ONNX: inferring types and shapes).
     pub analyse_ms: f64,
     /// Decluttering, optimising and planning.
     pub optimize_ms: f64,
+    /// Writing a new start-up cache entry (0 unless the cache missed).
+    pub cache_write_ms: f64,
     /// The warm-up inference (0 when skipped).
     pub warmup_ms: f64,
 }
@@ -146,21 +173,52 @@ pub struct LoadTimings {
 impl LoadTimings {
     /// Load + optimise, without warm-up.
     pub fn init_ms(&self) -> f64 {
-        self.read_ms + self.analyse_ms + self.optimize_ms
+        self.read_ms + self.analyse_ms + self.optimize_ms + self.cache_write_ms
+    }
+}
+
+/// Where the graph a model runs came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Parsed from the ONNX file.
+    Onnx,
+    /// A start-up cache entry of the ONNX file.
+    Cache,
+    /// A file made by `edgeinfer convert`.
+    Converted,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Onnx => "onnx",
+            Origin::Cache => "cache",
+            Origin::Converted => "converted",
+        })
     }
 }
 
 /// What a model is, beyond its inputs and outputs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelInfo {
-    /// The file it came from.
+    /// The file it was loaded from (ONNX or converted).
     pub path: PathBuf,
-    /// File stem, used as the model's name in results.
+    /// File stem (without `.nnef.tgz` for a converted model), used as the model's name in results.
     pub name: String,
-    /// SHA-256 of the file, hex.
+    /// SHA-256 of the ONNX file, hex; for a converted model, of the ONNX file it
+    /// was converted from, so results name the same model either way.
     pub sha256: String,
-    /// File size.
+    /// Size of that ONNX file.
     pub size_bytes: u64,
+    /// The ONNX file (for a converted model: as it was named at conversion).
+    pub onnx_path: PathBuf,
+    /// Where the graph came from: `onnx`, `cache` or `converted`.
+    pub origin: Origin,
+    /// What the start-up cache did (`None` without a cache directory or for a converted model).
+    pub cache: Option<String>,
+    /// Threads for matrix products.
+    pub threads: usize,
     /// Producer recorded in the file.
     pub producer: String,
     /// Default-domain opset.
@@ -185,6 +243,42 @@ pub struct ModelInfo {
     pub timings: LoadTimings,
 }
 
+/// An output's name and the quantization the ONNX graph gives it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct OutputMeta {
+    name: String,
+    #[serde(default)]
+    quantization: Option<QuantParams>,
+}
+
+/// What the ONNX file said and how it was pinned: everything a [`Model`]
+/// needs besides tract's graph. A converted model carries it in its sidecar,
+/// since NNEF keeps none of it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct ModelMeta {
+    onnx_path: PathBuf,
+    sha256: String,
+    size_bytes: u64,
+    producer: String,
+    opset: i64,
+    other_opsets: BTreeMap<String, i64>,
+    op_counts: BTreeMap<String, usize>,
+    quantization: String,
+    int8_path: String,
+    rewrites: Vec<String>,
+    value_info_ignored: bool,
+    /// Pinned inputs, in graph order.
+    inputs: Vec<TensorSpec>,
+    /// Outputs, in graph order.
+    outputs: Vec<OutputMeta>,
+    /// The QDQ float path was applied.
+    qdq_as_float: bool,
+    /// The size a symbolic leading dimension was given...
+    batch: usize,
+    /// ...when some input had one (otherwise `batch` decided nothing).
+    batch_filled: bool,
+}
+
 /// A loaded, optimised model. Cheap to share between threads.
 pub struct Model {
     plan: Arc<TypedRunnableModel>,
@@ -199,8 +293,9 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// tract's version, for error messages and `inspect`.
-pub const TRACT_VERSION: &str = "0.23";
+/// tract's version: in error messages, `inspect`, converted models and the cache key.
+/// A unit test keeps it equal to the version in Cargo.lock.
+pub const TRACT_VERSION: &str = "0.23.9";
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -211,7 +306,7 @@ fn one_line(e: &impl std::fmt::Display) -> String {
     e.to_string().replace('\n', " ")
 }
 
-fn tract_err(e: tract_onnx::prelude::TractError) -> String {
+fn tract_err(e: TractError) -> String {
     one_line(&format!("{e:#}"))
 }
 
@@ -251,119 +346,237 @@ fn elem_of(dt: DatumType) -> Option<ElemType> {
     })
 }
 
-impl Model {
-    /// Loads, checks, pins, optimises and warms up a model file.
-    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
-        let shown = path.display().to_string();
-        // tract may assert on malformed graphs; a bad model must be an error, never a crash.
-        std::panic::catch_unwind(AssertUnwindSafe(|| Self::load_inner(path, opts))).unwrap_or_else(|p| {
-            Err(EngineError::Load { path: shown, reason: format!("internal error in the engine: {}", panic_text(p)) })
+/// What `convert` wrote, and the converted model loaded back from it.
+#[derive(Debug)]
+pub struct Converted {
+    /// The file written.
+    pub path: PathBuf,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Decode, analyse, declutter and serialise.
+    pub convert_ms: f64,
+    /// The converted file, loaded as a daemon would load it (warm-up included).
+    pub model: Model,
+}
+
+/// The facts of one load that are not the graph: where it came from and how long each part took.
+struct Provenance {
+    path: PathBuf,
+    name: String,
+    origin: Origin,
+    cache: Option<String>,
+    timings: LoadTimings,
+}
+
+/// Converts an ONNX model into a `.nnef.tgz` (gzipped) or `.nnef.tar` file that
+/// [`Model::load`] reads without the ONNX parser, with the same inputs, outputs
+/// and results. The file is written atomically, then loaded back and run once.
+pub fn convert(onnx_path: &Path, opts: &LoadOptions, out: &Path) -> Result<Converted, EngineError> {
+    let shown = out.display().to_string();
+    let bad = |reason: String| EngineError::Converted { path: shown.clone(), reason };
+    if is_converted(onnx_path) {
+        return Err(bad(format!("{} is already a converted model", onnx_path.display())));
+    }
+    let name = out.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let compress = if name.ends_with(".nnef.tgz") {
+        true
+    } else if name.ends_with(".nnef.tar") {
+        false
+    } else {
+        return Err(bad("the output must end in .nnef.tgz (gzipped) or .nnef.tar".into()));
+    };
+    let t = Instant::now();
+    let size_bytes = guarded(onnx_path, || {
+        let bytes = read_file(onnx_path)?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let typed = onnx::load_typed(onnx_path, &bytes, sha256, opts)?;
+        let model = typed
+            .model
+            .into_decluttered()
+            .map_err(|e| EngineError::Load { path: onnx_path.display().to_string(), reason: tract_err(e) })?;
+        converted::write_file(&model, &typed.meta, out, compress)
+            .map_err(|reason| bad(format!("cannot write it: {reason}")))
+    })?;
+    let convert_ms = ms(t.elapsed());
+    let check = LoadOptions { cache_dir: None, ..opts.clone() };
+    let model = Model::load(out, &check)
+        .map_err(|e| bad(format!("written, but it does not load back ({e}); please report this model")))?;
+    Ok(Converted { path: out.to_path_buf(), size_bytes, convert_ms, model })
+}
+
+/// Runs `f`, turning a panic inside tract into an error: a bad model must never crash us.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(EngineError::Load {
+            path: path.display().to_string(),
+            reason: format!("internal error in the engine: {}", panic_text(p)),
         })
+    })
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
+    std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })
+}
+
+impl Model {
+    /// Loads, checks, pins, optimises and warms up a model file: ONNX, or a
+    /// converted model (`.nnef.tgz` / `.nnef.tar`, from `edgeinfer convert`).
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
+        guarded(
+            path,
+            || {
+                if is_converted(path) {
+                    Self::load_converted(path, opts)
+                } else {
+                    Self::load_onnx(path, opts)
+                }
+            },
+        )
     }
 
-    fn load_inner(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
+    /// Loads a converted model. Needs no ONNX parser.
+    fn load_converted(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
         let shown = path.display().to_string();
-        let t0 = Instant::now();
-        let bytes = std::fs::read(path).map_err(|e| EngineError::Io { path: shown.clone(), reason: e.to_string() })?;
-        let sha256 = hex(&Sha256::digest(&bytes));
-        let onnx = tract_onnx::onnx();
-        let mut model_proto = onnx
-            .proto_model_for_read(&mut bytes.as_slice())
-            .map_err(|e| EngineError::Decode { path: shown.clone(), reason: tract_err(e) })?;
-        let graph = model_proto
-            .graph
-            .as_mut()
-            .ok_or_else(|| EngineError::Decode { path: shown.clone(), reason: "the file holds no graph".into() })?;
-        if graph.node.is_empty() && graph.output.is_empty() {
-            return Err(EngineError::Decode { path: shown, reason: "the graph is empty".into() });
-        }
-        let op_counts = proto::op_counts(graph);
-        let quantization = proto::quantization_style(&op_counts);
-        let mut report =
-            rewrite::expand_qoperators(graph).map_err(|reason| EngineError::Load { path: shown.clone(), reason })?;
-        report.tree_labels_fixed = rewrite::fix_binary_tree_labels(graph);
-        // Read before the float path folds the Q/DQ nodes they come from.
-        let in_q: HashMap<String, (f32, i64)> = proto::declared_inputs(graph)
-            .iter()
-            .filter_map(|d| proto::input_qparams(graph, &d.name).map(|q| (d.name.clone(), q)))
-            .collect();
-        let out_q: HashMap<String, (f32, i64)> = graph
-            .output
-            .iter()
-            .filter_map(|o| proto::output_qparams(graph, &o.name).map(|q| (o.name.clone(), q)))
-            .collect();
-        let int8_path = if quantization == "QDQ" && opts.qdq_as_float {
-            let folded = rewrite::fold_qdq_activations(graph);
-            format!("float (QDQ: {folded} activation quantize/dequantize pairs folded into Clip)")
-        } else if quantization == "float (not quantized)" {
-            "float".to_string()
-        } else {
-            "integer (as quantized)".to_string()
-        };
-        check_ops(&onnx, graph, &shown)?;
-        let pinned = pin_inputs(graph, opts, &shown)?;
-        let graph = model_proto.graph.as_ref().expect("checked above");
-        let mut inputs: Vec<TensorSpec> = pinned
-            .iter()
-            .map(|(name, elem_type, shape)| TensorSpec {
-                name: name.clone(),
-                shape: shape.clone(),
-                elem_type: *elem_type,
-                quantization: in_q.get(name).copied().map(|(scale, zero_point)| QuantParams { scale, zero_point }),
-            })
-            .collect();
-        let output_names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-        let read_ms = ms(t0.elapsed());
-
-        let dir = path.parent().and_then(|p| p.to_str()).map(|s| s.to_string());
-        let build = |ignore_value_info: bool| -> Result<(tract_onnx::prelude::TypedModel, f64), String> {
-            let t = Instant::now();
-            let framework = tract_onnx::onnx().with_ignore_value_info(ignore_value_info);
-            let parsed = framework.parse(&model_proto, dir.as_deref()).map_err(tract_err)?;
-            if !parsed.unresolved_inputs.is_empty() {
-                return Err(format!("graph refers to undefined tensors {:?}", parsed.unresolved_inputs));
-            }
-            let mut model = parsed.model;
-            for (ix, (_, elem_type, shape)) in pinned.iter().enumerate() {
-                model.set_input_fact(ix, InferenceFact::dt_shape(datum_of(*elem_type), shape)).map_err(tract_err)?;
-            }
-            let typed = model.into_typed().map_err(tract_err)?;
-            Ok((typed, ms(t.elapsed())))
-        };
-        let (typed, analyse_ms, value_info_ignored) = match build(false) {
-            Ok((m, t)) => (m, t, false),
-            Err(first) => match build(true) {
-                Ok((m, t)) => {
-                    log::warn!("{shown}: ignoring the model's value_info, which conflicts with its graph ({first})");
-                    (m, t, true)
-                }
-                Err(_) => return Err(EngineError::Load { path: shown, reason: first }),
-            },
-        };
         let t = Instant::now();
-        let optimized =
-            typed.into_optimized().map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
+        let bytes = read_file(path)?;
+        let read_ms = ms(t.elapsed());
+        let unpacked =
+            converted::read(&bytes).map_err(|reason| EngineError::Converted { path: shown.clone(), reason })?;
+        if unpacked.sidecar.tract_version != TRACT_VERSION {
+            log::warn!(
+                "{shown}: converted with tract {}, running on tract {TRACT_VERSION}; convert it again if results differ",
+                unpacked.sidecar.tract_version
+            );
+        }
+        let meta = unpacked.sidecar.meta;
+        check_converted_options(&meta, opts, &shown)?;
+        let timings =
+            LoadTimings { read_ms: read_ms + unpacked.unpack_ms, analyse_ms: unpacked.build_ms, ..Default::default() };
+        let prov = Provenance {
+            path: path.to_path_buf(),
+            name: converted::stem(path),
+            origin: Origin::Converted,
+            cache: None,
+            timings,
+        };
+        Self::finish(unpacked.model, meta, opts, prov)
+    }
+
+    /// Loads an ONNX model, through the start-up cache when there is one.
+    fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
+        let shown = path.display().to_string();
+        let t = Instant::now();
+        let bytes = read_file(path)?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let read_ms = ms(t.elapsed());
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let entry = opts.cache_dir.as_ref().map(|dir| cache::entry_path(dir, &name, &cache::key(&sha256, opts)));
+        let mut cache_note = None;
+        if let Some(entry) = &entry {
+            match Self::read_cache_entry(entry, &sha256) {
+                Ok(Some((model, mut meta, unpack_ms, build_ms))) => {
+                    meta.onnx_path = path.to_path_buf();
+                    let timings =
+                        LoadTimings { read_ms: read_ms + unpack_ms, analyse_ms: build_ms, ..Default::default() };
+                    let cache = Some(format!("hit {}", entry.display()));
+                    let prov = Provenance { path: path.to_path_buf(), name, origin: Origin::Cache, cache, timings };
+                    return Self::finish(model, meta, opts, prov);
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    log::warn!("{shown}: ignoring the unusable start-up cache entry {}: {reason}", entry.display());
+                    cache_note = Some(format!("unusable entry ignored ({reason})"));
+                }
+            }
+        }
+        let typed = onnx::load_typed(path, &bytes, sha256, opts)?;
+        let mut timings =
+            LoadTimings { read_ms: read_ms + typed.decode_ms, analyse_ms: typed.analyse_ms, ..Default::default() };
+        let mut model = typed.model;
+        if let Some(entry) = &entry {
+            let t = Instant::now();
+            // The entry holds the decluttered graph: what NNEF can express, and less
+            // work for the next start. Decluttering here is not lost: optimising does it first.
+            model = model
+                .into_decluttered()
+                .map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
+            let written = entry
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .map_err(|e| e.to_string())
+                .and_then(|_| converted::write_file(&model, &typed.meta, entry, false));
+            let note = match written {
+                Ok(size) => {
+                    log::info!("{shown}: start-up cache entry written: {} ({size} bytes)", entry.display());
+                    format!("miss; written {}", entry.display())
+                }
+                Err(reason) => {
+                    log::warn!("{shown}: cannot write the start-up cache entry {}: {reason}", entry.display());
+                    format!("miss; not written ({reason})")
+                }
+            };
+            cache_note = Some(match cache_note {
+                Some(before) => format!("{before}; {note}"),
+                None => note,
+            });
+            timings.cache_write_ms = ms(t.elapsed());
+        }
+        let prov = Provenance { path: path.to_path_buf(), name, origin: Origin::Onnx, cache: cache_note, timings };
+        Self::finish(model, typed.meta, opts, prov)
+    }
+
+    /// A cache entry's graph and meta; `Ok(None)` when there is none, `Err` when it is unusable.
+    #[allow(clippy::type_complexity)]
+    fn read_cache_entry(entry: &Path, sha256: &str) -> Result<Option<(TypedModel, ModelMeta, f64, f64)>, String> {
+        let t = Instant::now();
+        let bytes = match std::fs::read(entry) {
+            Ok(b) => b,
+            // No entry yet; a cache path that is no directory is reported when writing.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let read_ms = ms(t.elapsed());
+        // tract may assert on a damaged graph: a cache must never take the daemon down.
+        let unpacked = std::panic::catch_unwind(AssertUnwindSafe(|| converted::read(&bytes)))
+            .map_err(|p| format!("internal error in the engine: {}", panic_text(p)))??;
+        if unpacked.sidecar.meta.sha256 != sha256 {
+            return Err(format!("it was made from another file (sha256 {})", unpacked.sidecar.meta.sha256));
+        }
+        Ok(Some((unpacked.model, unpacked.sidecar.meta, read_ms + unpacked.unpack_ms, unpacked.build_ms)))
+    }
+
+    /// Optimises and plans a typed graph, fills in the specs and runs the warm-up.
+    fn finish(typed: TypedModel, meta: ModelMeta, opts: &LoadOptions, prov: Provenance) -> Result<Model, EngineError> {
+        let shown = prov.path.display().to_string();
+        let load_err = |e: TractError| EngineError::Load { path: shown.clone(), reason: tract_err(e) };
+        let t = Instant::now();
+        let optimized = typed.into_optimized().map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
         for node in optimized.nodes() {
             *optimized_ops.entry(node.op.name().to_string()).or_insert(0usize) += 1;
         }
         let optimized_nodes = optimized.nodes().len();
-        let plan = tract_onnx::tract_core::plan::SimplePlan::new(optimized)
-            .map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
-        let optimize_ms = ms(t.elapsed());
+        let threads = opts.threads.max(1);
+        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+        let run_options = RunOptions { executor: Some(executor), ..Default::default() };
+        let plan = SimplePlan::new_with_options(optimized, &run_options).map_err(load_err)?;
+        let mut timings = prov.timings;
+        timings.optimize_ms = ms(t.elapsed());
 
         let model = plan.model();
+        let mut inputs = meta.inputs.clone();
         for (ix, spec) in inputs.iter_mut().enumerate() {
-            let fact =
-                model.input_fact(ix).map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
+            let fact = model.input_fact(ix).map_err(load_err)?;
             if let Some(et) = elem_of(fact.datum_type) {
                 spec.elem_type = et;
             }
         }
         let mut outputs = Vec::new();
-        for (ix, name) in output_names.iter().enumerate() {
-            let fact =
-                model.output_fact(ix).map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
+        for (ix, out) in meta.outputs.iter().enumerate() {
+            let name = &out.name;
+            let fact = model.output_fact(ix).map_err(load_err)?;
             let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| EngineError::Load {
                 path: shown.clone(),
                 reason: format!("output `{name}` has no fixed shape ({:?}) after pinning the inputs", fact.shape),
@@ -377,34 +590,31 @@ impl Model {
                     let (zero_point, scale) = q.zp_scale();
                     Some(QuantParams { scale, zero_point: zero_point as i64 })
                 }
-                None => out_q.get(name).map(|&(scale, zero_point)| QuantParams { scale, zero_point }),
+                None => out.quantization,
             };
             outputs.push(TensorSpec { name: name.clone(), shape, elem_type, quantization });
         }
 
-        let mut other_opsets = BTreeMap::new();
-        for o in &model_proto.opset_import {
-            if !(o.domain.is_empty() || o.domain == "ai.onnx") {
-                other_opsets.insert(o.domain.clone(), o.version);
-            }
-        }
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         let info = ModelInfo {
-            path: path.to_path_buf(),
-            name,
-            sha256,
-            size_bytes: bytes.len() as u64,
-            producer: format!("{} {}", model_proto.producer_name, model_proto.producer_version).trim().to_string(),
-            opset: proto::opset(&model_proto),
-            other_opsets,
-            op_counts,
-            quantization,
-            int8_path,
-            rewrites: report.lines(),
-            value_info_ignored,
+            path: prov.path,
+            name: prov.name,
+            sha256: meta.sha256,
+            size_bytes: meta.size_bytes,
+            onnx_path: meta.onnx_path,
+            origin: prov.origin,
+            cache: prov.cache,
+            threads,
+            producer: meta.producer,
+            opset: meta.opset,
+            other_opsets: meta.other_opsets,
+            op_counts: meta.op_counts,
+            quantization: meta.quantization,
+            int8_path: meta.int8_path,
+            rewrites: meta.rewrites,
+            value_info_ignored: meta.value_info_ignored,
             optimized_nodes,
             optimized_ops,
-            timings: LoadTimings { read_ms, analyse_ms, optimize_ms, warmup_ms: 0.0 },
+            timings,
         };
         let mut model = Model { plan, inputs, outputs, info };
         if !opts.skip_warmup {
@@ -460,86 +670,46 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Rejects operators tract has no implementation for, naming the first one.
-fn check_ops(onnx: &tract_onnx::Onnx, graph: &pb::GraphProto, path: &str) -> Result<(), EngineError> {
-    for node in proto::all_nodes(graph) {
-        let known_domain = matches!(node.domain.as_str(), "" | "ai.onnx" | "ai.onnx.ml" | "com.microsoft");
-        if !known_domain || !onnx.op_register.0.contains_key(&node.op_type) {
-            let domain = if node.domain.is_empty() { String::new() } else { format!(" (domain {})", node.domain) };
-            let node_name =
-                if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
-            return Err(EngineError::UnsupportedOp {
-                path: path.to_string(),
-                op: node.op_type.clone(),
-                domain,
-                node: node_name,
-                tract: TRACT_VERSION,
-            });
+/// A converted model is pinned: options asking for other shapes, another batch
+/// or the other QDQ path are errors that say to convert again, never ignored.
+fn check_converted_options(meta: &ModelMeta, opts: &LoadOptions, path: &str) -> Result<(), EngineError> {
+    let err = |input: &str, reason: String| EngineError::Shape { path: path.into(), input: input.into(), reason };
+    for (name, shape) in &opts.input_shapes {
+        let spec = if name.is_empty() { meta.inputs.first() } else { meta.inputs.iter().find(|s| &s.name == name) };
+        let Some(spec) = spec else {
+            let names: Vec<_> = meta.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(err(name, format!("no such input; the model's inputs are {names:?}")));
+        };
+        if &spec.shape != shape {
+            return Err(err(
+                &spec.name,
+                format!(
+                    "the converted model is pinned to {:?}, {shape:?} was asked for; convert the ONNX model again with --input-shape {}={}",
+                    spec.shape,
+                    spec.name,
+                    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+                ),
+            ));
         }
+    }
+    let batch = opts.batch.unwrap_or(1);
+    if meta.batch_filled && opts.input_shapes.is_empty() && batch != meta.batch {
+        let first = meta.inputs.first().map(|s| s.name.as_str()).unwrap_or("");
+        return Err(err(
+            first,
+            format!("the converted model was made for batch {}, batch {batch} was asked for; convert it again with --batch {batch}", meta.batch),
+        ));
+    }
+    if meta.quantization == "QDQ" && opts.qdq_as_float != meta.qdq_as_float {
+        let (was, now) = if meta.qdq_as_float { ("with", "without") } else { ("without", "with") };
+        return Err(EngineError::Load {
+            path: path.into(),
+            reason: format!(
+                "converted {was} --qdq-as-float (qdq_as_float), loaded {now}; convert the ONNX model again with the path you want"
+            ),
+        });
     }
     Ok(())
-}
-
-/// Decides the concrete shape of every input: fixed dims from the model,
-/// the rest from the caller, a symbolic leading dim defaulting to the batch.
-fn pin_inputs(
-    graph: &pb::GraphProto,
-    opts: &LoadOptions,
-    path: &str,
-) -> Result<Vec<(String, ElemType, Vec<usize>)>, EngineError> {
-    let declared = proto::declared_inputs(graph);
-    for key in opts.input_shapes.keys() {
-        if !key.is_empty() && !declared.iter().any(|d| &d.name == key) {
-            let names: Vec<_> = declared.iter().map(|d| d.name.as_str()).collect();
-            return Err(EngineError::Shape {
-                path: path.into(),
-                input: key.clone(),
-                reason: format!("no such input; the model's inputs are {names:?}"),
-            });
-        }
-    }
-    let mut pinned = Vec::new();
-    for (ix, input) in declared.iter().enumerate() {
-        let err = |reason: String| EngineError::Shape { path: path.into(), input: input.name.clone(), reason };
-        let elem_type = proto::elem_type_of(input.elem_type)
-            .ok_or_else(|| err(format!("element type {} is not supported", proto::elem_type_name(input.elem_type))))?;
-        let given =
-            opts.input_shapes.get(&input.name).or_else(|| if ix == 0 { opts.input_shapes.get("") } else { None });
-        let shape = match (&input.dims, given) {
-            (None, Some(g)) => g.clone(),
-            (None, None) => return Err(err("the model declares no shape; give one with --input-shape NAME=D0,D1,...".into())),
-            (Some(dims), Some(g)) => {
-                if dims.len() != g.len() {
-                    return Err(err(format!("the model declares {} dimensions, the given shape {g:?} has {}", dims.len(), g.len())));
-                }
-                for (d, (decl, &want)) in dims.iter().zip(g).enumerate() {
-                    if let DeclaredDim::Fixed(f) = decl {
-                        if *f != want {
-                            return Err(err(format!("dimension {d} is fixed at {f} in the model, the given shape {g:?} says {want}")));
-                        }
-                    }
-                }
-                g.clone()
-            }
-            (Some(dims), None) => dims
-                .iter()
-                .enumerate()
-                .map(|(d, decl)| match decl {
-                    DeclaredDim::Fixed(f) => Ok(*f),
-                    DeclaredDim::Symbolic(_) if d == 0 => Ok(opts.batch.unwrap_or(1)),
-                    DeclaredDim::Symbolic(sym) => Err(err(format!(
-                        "dimension {d} is symbolic (`{sym}`); give the full shape with --input-shape {}=D0,D1,... (or `input_shape` in the config)",
-                        input.name
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        if shape.contains(&0) {
-            return Err(err(format!("shape {shape:?} has a zero dimension")));
-        }
-        pinned.push((input.name.clone(), elem_type, shape));
-    }
-    Ok(pinned)
 }
 
 /// One worker's execution state and reusable input buffers.
@@ -636,7 +806,7 @@ impl Session {
 
 /// Copies a tract output into `reuse` when given (returns None), else into a new tensor.
 fn convert_output(value: &TValue, reuse: Option<&mut Tensor>) -> Result<Option<Tensor>, EngineError> {
-    let err = |e: tract_onnx::prelude::TractError| EngineError::Run(tract_err(e));
+    let err = |e: TractError| EngineError::Run(tract_err(e));
     let view = value.try_as_plain_ram().map_err(err)?;
     let dt = value.datum_type();
     let shape = value.shape().to_vec();
@@ -693,5 +863,66 @@ fn put(reuse: Option<&mut Tensor>, t: Tensor) -> Option<Tensor> {
             None
         }
         None => Some(t),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tract_version_matches_the_lock_file() {
+        // The version is part of the cache key and of converted models: it must be the one we build with.
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+        let locked = lock
+            .split("[[package]]")
+            .find(|p| p.contains("name = \"tract-core\""))
+            .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = ")))
+            .map(|v| v.trim_matches('"').to_string());
+        assert_eq!(locked.as_deref(), Some(TRACT_VERSION));
+    }
+
+    #[test]
+    fn converted_options_must_match_the_pinned_model() {
+        let meta = ModelMeta {
+            onnx_path: "m.onnx".into(),
+            sha256: "00".into(),
+            size_bytes: 1,
+            producer: String::new(),
+            opset: 13,
+            other_opsets: BTreeMap::new(),
+            op_counts: BTreeMap::new(),
+            quantization: "QDQ".into(),
+            int8_path: "integer (as quantized)".into(),
+            rewrites: vec![],
+            value_info_ignored: false,
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                shape: vec![1, 3],
+                elem_type: ElemType::F32,
+                quantization: None,
+            }],
+            outputs: vec![],
+            qdq_as_float: false,
+            batch: 1,
+            batch_filled: true,
+        };
+        let ok = |o: &LoadOptions| check_converted_options(&meta, o, "m.nnef.tgz");
+        assert!(ok(&LoadOptions::default()).is_ok());
+        assert!(ok(&LoadOptions { batch: Some(1), threads: 4, ..Default::default() }).is_ok());
+        let mut same = LoadOptions::default();
+        same.input_shapes.insert("x".into(), vec![1, 3]);
+        assert!(ok(&same).is_ok());
+        let mut other = LoadOptions::default();
+        other.input_shapes.insert(String::new(), vec![2, 3]);
+        let e = ok(&other).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("[1, 3]") && e.contains("--input-shape x=2,3"), "{e}");
+        let mut unknown = LoadOptions::default();
+        unknown.input_shapes.insert("y".into(), vec![1]);
+        assert!(ok(&unknown).unwrap_err().to_string().contains("no such input"));
+        let e = ok(&LoadOptions { batch: Some(4), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("batch 1") && e.contains("--batch 4"), "{e}");
+        let e = ok(&LoadOptions { qdq_as_float: true, ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("without --qdq-as-float"), "{e}");
     }
 }

@@ -96,10 +96,14 @@ pub fn read_labels(path: &Path) -> std::io::Result<Vec<String>> {
 }
 
 /// Finds `<stem>.labels.txt` next to the model, dropping `_suffix` parts of
-/// the stem until one exists (`digits_cnn_int8` -> `digits.labels.txt`).
+/// the stem until one exists (`digits_cnn_int8` -> `digits.labels.txt`). A
+/// converted model (`digits_cnn_int8.nnef.tgz`) goes by its ONNX stem.
 pub fn find_labels(model: &Path) -> Option<PathBuf> {
     let dir = model.parent()?;
     let mut stem = model.file_stem()?.to_str()?.to_string();
+    if let Some(onnx_stem) = stem.strip_suffix(".nnef") {
+        stem = onnx_stem.to_string();
+    }
     loop {
         let candidate = dir.join(format!("{stem}.labels.txt"));
         if candidate.is_file() {
@@ -145,5 +149,9 @@ mod tests {
         let found = find_labels(&dir.path().join("digits_cnn_int8.onnx")).unwrap();
         assert_eq!(found, dir.path().join("digits.labels.txt"));
         assert!(find_labels(&dir.path().join("other.onnx")).is_none());
+        std::fs::write(dir.path().join("vibration.nnef.labels.txt"), "wrong\n").unwrap();
+        std::fs::write(dir.path().join("vibration.labels.txt"), "a\n").unwrap();
+        let converted = find_labels(&dir.path().join("vibration.nnef.tgz")).unwrap();
+        assert_eq!(converted, dir.path().join("vibration.labels.txt"));
     }
 }

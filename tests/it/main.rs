@@ -6,6 +6,7 @@ mod audio;
 mod cameras;
 mod cli;
 mod commands;
+mod convert;
 mod daemon;
 mod detect;
 mod features;

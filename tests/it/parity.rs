@@ -7,7 +7,7 @@ use edgeinfer::engine::{LoadOptions, Model};
 use edgeinfer::tensor::{Data, Tensor};
 
 /// How close edgeinfer must be to ONNX Runtime for one model.
-struct Tolerance {
+pub struct Tolerance {
     /// Allowed max |edgeinfer - ort| in output quantization steps (int8 models)
     /// or as an absolute bound scaled by max(1, |ref|max) (float models).
     max_steps: Option<f64>,
@@ -15,9 +15,9 @@ struct Tolerance {
     same_top1: bool,
 }
 
-const FLOAT: Tolerance = Tolerance { max_steps: None, float_abs: 1e-4, same_top1: true };
+pub const FLOAT: Tolerance = Tolerance { max_steps: None, float_abs: 1e-4, same_top1: true };
 
-fn int8(steps: f64) -> Tolerance {
+pub fn int8(steps: f64) -> Tolerance {
     Tolerance { max_steps: Some(steps), float_abs: 0.0, same_top1: true }
 }
 
@@ -26,8 +26,14 @@ fn check(stem: &str, tol: Tolerance) {
 }
 
 fn check_with(stem: &str, tol: Tolerance, opts: &LoadOptions) {
-    let dir = crate::root().join("models/ref").join(stem);
     let model = Model::load(&crate::model(&format!("{stem}.onnx")), opts).unwrap();
+    check_loaded(stem, &tol, &model);
+}
+
+/// Runs a loaded model (ONNX, converted or cached) on `models/ref/<stem>`'s inputs
+/// and checks its outputs against ONNX Runtime's within `tol`.
+pub fn check_loaded(stem: &str, tol: &Tolerance, model: &Model) {
+    let dir = crate::root().join("models/ref").join(stem);
     let inputs: Vec<Tensor> =
         (0..model.inputs().len()).map(|i| Tensor::read_npy(&dir.join(format!("in{i}.npy"))).unwrap()).collect();
     let got = model.session().unwrap().run(&inputs).unwrap();
