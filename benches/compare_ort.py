@@ -18,6 +18,11 @@ throttling, a build starting on the other core) then hits both engines about equ
 of landing on whichever engine happened to run last. The per-model figure is the median over
 rounds of each round's p50, which discards one disturbed round out of three.
 
+Start-up is measured twice for edgeinfer: cold (the ONNX file parsed and analysed, as without a
+cache) and cached (with `--cache-dir`, the start-up cache that `[engine] cache_dir` enables; the
+calibration pass writes each model's entry into a temporary directory, and every round then loads
+from it). Start-up = init + first inference, for both engines.
+
 This script only reports numbers. It has no absolute-time thresholds and never fails because
 something is slow.
 
@@ -36,8 +41,10 @@ import pathlib
 import platform
 import re
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -169,6 +176,7 @@ def ort_worker(model, runs, warmup, ref_dir):
         "mean_ms": statistics.fmean(xs),
         "min_ms": xs[0],
         "peak_rss_kb": read_status_kb("VmHWM"),
+        "startup_ms": init_ms + first_ms,
         "threads": 1,
         "cpu_per_wall": cpu_per_wall,
         "rss_before_session_kb": rss_before_session_kb,
@@ -214,8 +222,11 @@ def run_json(cmd, env=None):
             return None, "no JSON on stdout: " + (first_line(p.stdout) or "(empty)"), p.stderr[-4000:]
 
 
-def bench_edgeinfer(exe, model, runs, warmup):
-    return run_json([str(exe), "bench", str(model), "--runs", str(runs), "--warmup", str(warmup), "--json"])
+def bench_edgeinfer(exe, model, runs, warmup, cache_dir=None):
+    cmd = [str(exe), "bench", str(model), "--runs", str(runs), "--warmup", str(warmup), "--json"]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    return run_json(cmd)
 
 
 def bench_ort(model, runs, warmup):
@@ -313,6 +324,7 @@ def summarize(results):
         "min_ms": min((r["ok"]["min_ms"] for r in ok if r["ok"].get("min_ms") is not None), default=None),
         "init_ms": med("init_ms"),
         "first_inference_ms": med("first_inference_ms"),
+        "startup_ms": med("startup_ms"),
         "peak_rss_kb": max(rss) if rss else None,
         "rounds_ok": len(ok),
         "rounds": len(results),
@@ -393,6 +405,13 @@ def cell_p50(s, err):
     return cell
 
 
+def cached_cell(r, key):
+    c = r["cached"]["summary"]
+    if c is None:
+        return md_cell(f"n/a: {r['cached']['error']}") if r["cached"]["error"] else "n/a"
+    return fmt_ms(c[key])
+
+
 def markdown(report):
     m, st = report["meta"], report["settings"]
     out = ["# edgeinfer vs ONNX Runtime, single thread", ""]
@@ -409,8 +428,8 @@ def markdown(report):
         out.append("- not benchmarked (test fixtures): " + "; ".join(f"{s} ({why})" for s, why in report["skipped"].items()))
     out.append("")
     out.append("| model | quant | edgeinfer p50 ms | ORT p50 ms | ratio edgeinfer/ORT | edgeinfer init ms "
-               "| ORT init ms | edgeinfer peak RSS MB | ORT peak RSS MB |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+               "| edgeinfer cached init ms | ORT init ms | edgeinfer peak RSS MB | ORT peak RSS MB |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for stem, r in report["models"].items():
         e, o = r["edgeinfer"]["summary"], r["ort"]["summary"]
         ep = e["p50_ms"] if e else None
@@ -419,7 +438,8 @@ def markdown(report):
             stem, r["quant"],
             cell_p50(e, r["edgeinfer"]["error"]), cell_p50(o, r["ort"]["error"]),
             fmt_ratio(ep, op),
-            fmt_ms(e["init_ms"]) if e else "n/a", fmt_ms(o["init_ms"]) if o else "n/a",
+            fmt_ms(e["init_ms"]) if e else "n/a", cached_cell(r, "init_ms"),
+            fmt_ms(o["init_ms"]) if o else "n/a",
             fmt_mb(e["peak_rss_kb"]) if e else "n/a", fmt_mb(o["peak_rss_kb"]) if o else "n/a",
         ]) + " |")
     out.append("")
@@ -438,6 +458,24 @@ def markdown(report):
                    f"{fmt_mb(statistics.median(base))} MB before any session exists.")
     out.append("")
 
+    out.append("## Start-up: load to first inference")
+    out.append("")
+    out.append("| model | edgeinfer cold ms | edgeinfer cached ms | cached/cold | ORT ms |")
+    out.append("|---|---:|---:|---:|---:|")
+    for stem, r in report["models"].items():
+        e, o, c = r["edgeinfer"]["summary"], r["ort"]["summary"], r["cached"]["summary"]
+        cold = e["startup_ms"] if e else None
+        cached = c["startup_ms"] if c else None
+        out.append("| " + " | ".join([
+            stem, fmt_ms(cold), cached_cell(r, "startup_ms"), fmt_ratio(cached, cold),
+            fmt_ms(o["startup_ms"]) if o and o.get("startup_ms") is not None else "n/a",
+        ]) + " |")
+    out.append("")
+    out.append("Start-up = init + first inference, medians over rounds, each in a fresh process. Cold: the "
+               "ONNX file is parsed and analysed. Cached: `edgeinfer bench --cache-dir DIR` with the entry "
+               "already written (`[engine] cache_dir` in the daemon). A model whose graph cannot be cached "
+               "shows why.")
+    out.append("")
     out.append("## int8 vs float32 in edgeinfer, same architecture")
     out.append("")
     out.append("| f32 model | int8 model | edgeinfer int8/f32 | ORT int8/f32 |")
@@ -545,12 +583,19 @@ def main():
     log(f"edgeinfer: {report['meta']['edgeinfer_version']} ({exe}); onnxruntime {ort_version}; "
         f"{len(models)} models, {args.rounds} rounds")
 
+    # The start-up cache for the "cached" measurements; calibration fills it.
+    cache_dir = pathlib.Path(tempfile.mkdtemp(prefix="edgeinfer-bench-cache-"))
+
     # Calibration: a few runs of each engine estimate the inference time, which sets the number
     # of timed runs. It also finds models edgeinfer cannot load at all, once, instead of
     # failing the same way every round. Its figures are kept in the JSON but not reported.
     for stem, path in models.items():
-        e, e_err, e_stderr = bench_edgeinfer(exe, path, 5, 2)
+        e, e_err, e_stderr = bench_edgeinfer(exe, path, 5, 2, cache_dir)
         o, o_err, o_stderr = bench_ort(path, 5, 2)
+        # Only a model whose entry was written can be measured cached.
+        c_err = None
+        if e and not (e.get("cache") or "").startswith("miss; written"):
+            c_err = e.get("cache") or "no cache entry written"
         est = max([x["p50_ms"] for x in (e, o) if x and x.get("p50_ms") is not None], default=None)
         runs, warmup = plan_runs(est, args)
         log(f"calibrate {stem:28s} est {fmt_ms(est)} ms -> {runs} runs, {warmup} warm-up"
@@ -561,6 +606,7 @@ def main():
             "edgeinfer": {"error": e_err, "stderr": e_stderr, "rounds": [], "summary": None},
             "ort": {"error": o_err, "stderr": o_stderr, "rounds": [], "summary": None,
                     "rss_before_session_kb": None},
+            "cached": {"error": e_err or c_err, "rounds": [], "summary": None},
         }
 
     for rnd in range(args.rounds):
@@ -582,9 +628,21 @@ def main():
                     side["error"] = err
                 log(f"round {rnd + 1}/{args.rounds} {stem:28s} {engine:9s} "
                     + (f"p50 {fmt_ms(res['p50_ms'])} ms" if res else f"error: {err}"))
+            # Cached start-up right after, in a fresh process: only init and the first run matter.
+            cached = r["cached"]
+            if not cached["error"]:
+                res, err, _ = bench_edgeinfer(exe, path, 1, 0, cache_dir)
+                if res and res.get("origin") != "cache":
+                    res, err = None, f"not loaded from the cache: {res.get('cache')}"
+                cached["rounds"].append({"ok": res, "error": err})
+                if err:
+                    cached["error"] = err
+                else:
+                    log(f"round {rnd + 1}/{args.rounds} {stem:28s} cached    start-up {fmt_ms(res['startup_ms'])} ms")
 
+    shutil.rmtree(cache_dir, ignore_errors=True)
     for r in report["models"].values():
-        for engine in ("edgeinfer", "ort"):
+        for engine in ("edgeinfer", "ort", "cached"):
             r[engine]["summary"] = summarize(r[engine]["rounds"])
         base = [x["ok"]["rss_before_session_kb"] for x in r["ort"]["rounds"]
                 if x["ok"] and x["ok"].get("rss_before_session_kb")]
