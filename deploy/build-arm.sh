@@ -6,6 +6,8 @@
 #   deploy/build-arm.sh --profile release x86_64-unknown-linux-gnu
 #   deploy/build-arm.sh --no-install ...        # never call apt-get or rustup
 #   deploy/build-arm.sh --no-build ...          # only strip and sum binaries cargo already built
+#   FEATURES="tls" deploy/build-arm.sh ...      # only these optional features (Cargo.toml [features]);
+#   FEATURES="" deploy/build-arm.sh ...         # none at all: the smallest binary; unset: the defaults
 #
 # Installs what is missing (the rustup targets; the Debian cross gcc and
 # binutils, qemu-user), builds each target, and leaves a stripped binary in
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
         --profile=*) profile="${1#*=}"; shift ;;
         --no-install) install=0; shift ;;
         --no-build) build=0; install=0; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         -*) echo "build-arm.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -70,6 +72,15 @@ if [ "$install" = 1 ]; then
     done
 fi
 
+# FEATURES set (even empty): exactly those optional features instead of the defaults.
+feature_args=()
+feature_label="default features"
+if [ -n "${FEATURES+set}" ]; then
+    feature_args=(--no-default-features)
+    feature_label="features: ${FEATURES:-none}"
+    [ -z "$FEATURES" ] || feature_args+=(--features "$FEATURES")
+fi
+
 # Where cargo puts a profile's output: `dev` is in debug/, the rest in their own name.
 profile_dir=$profile
 [ "$profile" = dev ] && profile_dir=debug
@@ -79,7 +90,7 @@ mkdir -p dist
 summary=()
 for t in "${targets[@]}"; do
     start=$(date +%s)
-    [ "$build" = 0 ] || cargo build --profile "$profile" --target "$t" --bin edgeinfer
+    [ "$build" = 0 ] || cargo build --profile "$profile" --target "$t" --bin edgeinfer "${feature_args[@]}"
     secs=$(( $(date +%s) - start ))
     mkdir -p "dist/$t"
     cp "$target_dir/$t/$profile_dir/edgeinfer" "dist/$t/edgeinfer"
@@ -92,6 +103,6 @@ done
 (cd dist && find . -name edgeinfer -type f | sed 's|^\./||' | sort | xargs sha256sum > SHA256SUMS)
 
 echo
-echo "dist/ ($profile profile, stripped):"
+echo "dist/ ($profile profile, $feature_label, stripped):"
 printf '  %s\n' "${summary[@]}"
 echo "  sums: dist/SHA256SUMS"

@@ -655,6 +655,10 @@ async fn run_async(
     }
     if let Some(t) = health_task {
         t.abort();
+        // Waited for: a tick already past its snapshot (on another runtime thread) must enqueue
+        // before the final health, or its older figures would replace the final ones as the
+        // retained health.
+        let _ = t.await;
     }
     // Final health, so subscribers see the last figures.
     publish_health(&device, started, hub.as_ref(), &mqtt_metrics, &all_metrics, &cfg, &registry);

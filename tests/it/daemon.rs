@@ -107,7 +107,12 @@ source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
     ));
     assert!(crate::support::wait_port(port, LONG), "embedded broker did not listen; stderr: {}", daemon.stderr());
     let mut sub = Subscriber::connect(port, "edgeinfer/t2/#");
-    assert!(sub.wait_for(LONG, |m| m.topic == "edgeinfer/t2/status" && m.payload == "online" && m.retain).is_some());
+    // Live (retain flag clear) if this subscription beat the daemon's connection, retained if not.
+    let online = |m: &crate::support::Msg| m.topic == "edgeinfer/t2/status" && m.payload == "online";
+    assert!(sub.wait_for(LONG, online).is_some(), "no online status; stderr: {}", daemon.stderr());
+    // Either way the broker keeps it for whoever subscribes later.
+    let mut late = Subscriber::connect(port, "edgeinfer/t2/status");
+    assert!(late.wait_for(LONG, |m| online(m) && m.retain).is_some(), "online status not retained");
     let results = sub.collect(3, LONG, result_on("edgeinfer/t2/vib/result"));
     assert_eq!(results.len(), 3, "stderr: {}", daemon.stderr());
     let v = results[0].json();
