@@ -202,6 +202,38 @@ check_deb x86_64-unknown-linux-gnu "$host_bin"
 step "container image (podman, if it works here)"
 check_container
 
+# Last, since it replaces the default aarch64 binary in the target dir (dist/ keeps
+# a copy): the runtime-only board build. The x86 binary converts the model, as a
+# user's PC would; the board binary, without the ONNX parser, must print exactly
+# what the full board binary prints for the ONNX model, and refuse ONNX by name.
+step "aarch64-unknown-linux-gnu: runtime-only build (--no-default-features --features tls)"
+check_runtime_only() {
+    local t=aarch64-unknown-linux-gnu tmp runner full min want got
+    tmp=$(mktemp -d)
+    runner=$(runner_for "$t")
+    full=dist/$t/edgeinfer
+    cargo build --profile "$profile" --target "$t" --bin edgeinfer --no-default-features --features tls
+    min=$tmp/edgeinfer-runtime-only
+    aarch64-linux-gnu-strip -o "$min" "$target_dir/$t/$profile/edgeinfer"
+    echo "stripped $t ($profile): default features $(stat -c %s "$full") bytes; runtime-only + tls $(stat -c %s "$min") bytes"
+    $runner "$min" --version
+    "$host_bin" convert models/digits_cnn_int8.onnx -o "$tmp/digits_cnn_int8.nnef.tgz"
+    want=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$full" infer models/digits_cnn_int8.onnx models/samples/digits --top-k 3 --labels models/digits.labels.txt |
+        sed 's/,"inference_ms":[0-9.e-]*//')
+    got=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$min" infer "$tmp/digits_cnn_int8.nnef.tgz" models/samples/digits --top-k 3 --labels models/digits.labels.txt |
+        sed 's/,"inference_ms":[0-9.e-]*//')
+    [ "$(grep -c '"top"' <<<"$got")" -ge 4 ] || { echo "FAIL: the runtime-only binary classified nothing: $got"; exit 1; }
+    [ "$want" = "$got" ] || { diff <(echo "$want") <(echo "$got"); echo "FAIL: converted model on the runtime-only binary differs"; exit 1; }
+    echo "runtime-only binary on the converted model: the same $(grep -c '"top"' <<<"$got") results as the full binary on ONNX"
+    if msg=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$min" infer models/digits_cnn_int8.onnx models/samples/digits 2>&1); then
+        echo "FAIL: the runtime-only binary accepted an ONNX model"; exit 1
+    fi
+    grep -q 'needs edgeinfer built with the `onnx` feature' <<<"$msg" || { echo "$msg"; echo "FAIL: no feature named"; exit 1; }
+    echo "runtime-only binary on ONNX: refused, naming the \`onnx\` feature"
+    rm -rf "$tmp"
+}
+check_runtime_only
+
 step ""
 echo
 echo "ARM CI timings:"

@@ -3,8 +3,9 @@
 //! fails `check` with the feature to rebuild with instead of a parse error.
 
 /// Every optional Cargo feature, in Cargo.toml's order, and whether this binary has it.
-/// A new optional part (say `onnx`) is one line here plus its `#[cfg]`s.
-pub const FEATURES: [(&str, bool); 5] = [
+/// A new optional part is one line here plus its `#[cfg]`s.
+pub const FEATURES: [(&str, bool); 6] = [
+    ("onnx", cfg!(feature = "onnx")),
     ("broker", cfg!(feature = "broker")),
     ("v4l2", cfg!(feature = "v4l2")),
     ("http-source", cfg!(feature = "http-source")),

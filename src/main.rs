@@ -272,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert { model, shapes, output, json } => {
+            edgeinfer::features::require("onnx", "`edgeinfer convert` (it reads ONNX)").map_err(anyhow::Error::msg)?;
             let out = output.unwrap_or_else(|| cmd::convert::default_output(&model));
             let converted = edgeinfer::engine::convert(&model, &shapes.load_options()?, &out)?;
             cmd::convert::print(&model, &converted, json, &mut stdout())?;

@@ -10,14 +10,18 @@
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
 //!
-//! Only `onnx`, `proto` and `rewrite` need `tract-onnx`; this file,
-//! `converted` and `cache` use tract-core, tract-nnef and tract-onnx-opl.
+//! Only `onnx`, `proto` and `rewrite` need `tract-onnx` (the `onnx` feature);
+//! this file, `converted` and `cache` use tract-core, tract-nnef and
+//! tract-onnx-opl, so a build without the feature still runs converted models.
 
 mod cache;
 mod converted;
 mod nnef_ops;
+#[cfg(feature = "onnx")]
 mod onnx;
+#[cfg(feature = "onnx")]
 mod proto;
+#[cfg(feature = "onnx")]
 mod rewrite;
 
 use std::collections::{BTreeMap, HashMap};
@@ -38,6 +42,7 @@ use tract_linalg::multithread::Executor;
 use crate::tensor::{Data, ElemType, Tensor};
 
 pub use converted::is_converted;
+#[cfg(feature = "onnx")]
 pub use proto::DeclaredDim;
 
 /// Errors from loading or running a model. Each renders as one line.
@@ -389,7 +394,7 @@ pub fn convert(onnx_path: &Path, opts: &LoadOptions, out: &Path) -> Result<Conve
     let size_bytes = guarded(onnx_path, || {
         let bytes = read_file(onnx_path)?;
         let sha256 = hex(&Sha256::digest(&bytes));
-        let typed = onnx::load_typed(onnx_path, &bytes, sha256, opts)?;
+        let typed = parse_onnx(onnx_path, &bytes, sha256, opts)?;
         let model = typed
             .model
             .into_decluttered()
@@ -411,6 +416,38 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Result
             path: path.display().to_string(),
             reason: format!("internal error in the engine: {}", panic_text(p)),
         })
+    })
+}
+
+/// An ONNX model as tract's typed graph, before optimisation.
+struct Typed {
+    model: TypedModel,
+    meta: ModelMeta,
+    /// Decoding and rewriting the protobuf (the file was read by the caller).
+    decode_ms: f64,
+    /// Building tract's graph and inferring types and shapes.
+    analyse_ms: f64,
+}
+
+/// Parses an ONNX model with tract-onnx.
+#[cfg(feature = "onnx")]
+fn parse_onnx(path: &Path, bytes: &[u8], sha256: String, opts: &LoadOptions) -> Result<Typed, EngineError> {
+    onnx::load_typed(path, bytes, sha256, opts)
+}
+
+/// Without the `onnx` feature an ONNX model loads only from a start-up cache entry.
+#[cfg(not(feature = "onnx"))]
+fn parse_onnx(path: &Path, _bytes: &[u8], _sha256: String, opts: &LoadOptions) -> Result<Typed, EngineError> {
+    let cache = match &opts.cache_dir {
+        Some(_) => "this model has no start-up cache entry yet (a full build writes one); ",
+        None => "",
+    };
+    Err(EngineError::Load {
+        path: path.display().to_string(),
+        reason: format!(
+            "{}; {cache}or convert it on a PC with `edgeinfer convert` and ship the .nnef.tgz",
+            crate::features::not_built("onnx", "an ONNX model")
+        ),
     })
 }
 
@@ -489,7 +526,7 @@ impl Model {
                 }
             }
         }
-        let typed = onnx::load_typed(path, &bytes, sha256, opts)?;
+        let typed = parse_onnx(path, &bytes, sha256, opts)?;
         let mut timings =
             LoadTimings { read_ms: read_ms + typed.decode_ms, analyse_ms: typed.analyse_ms, ..Default::default() };
         let mut model = typed.model;

@@ -14,18 +14,8 @@ use tract_onnx::prelude::{Framework, InferenceFact, InferenceModelExt};
 
 use super::proto::{self, DeclaredDim};
 use super::rewrite;
-use super::{datum_of, ms, tract_err, EngineError, LoadOptions, ModelMeta, OutputMeta, QuantParams, TensorSpec};
+use super::{datum_of, ms, tract_err, EngineError, LoadOptions, ModelMeta, OutputMeta, QuantParams, TensorSpec, Typed};
 use crate::tensor::ElemType;
-
-/// A typed (not yet optimised) graph from an ONNX file, with what the file said about itself.
-pub(super) struct Typed {
-    pub model: TypedModel,
-    pub meta: ModelMeta,
-    /// Decoding and rewriting the protobuf (the file was read by the caller).
-    pub decode_ms: f64,
-    /// Building tract's graph and inferring types and shapes.
-    pub analyse_ms: f64,
-}
 
 /// Builds tract's typed graph from an ONNX file already read into `bytes`.
 pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadOptions) -> Result<Typed, EngineError> {

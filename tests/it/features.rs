@@ -33,6 +33,7 @@ fn version_lists_the_compiled_features() {
     let features = text.lines().find_map(|l| l.strip_prefix("features: ")).unwrap_or_else(|| panic!("{text}"));
     let left_out = text.lines().find_map(|l| l.strip_prefix("left out: ")).unwrap_or_else(|| panic!("{text}"));
     for (name, on) in [
+        ("onnx", cfg!(feature = "onnx")),
         ("broker", cfg!(feature = "broker")),
         ("v4l2", cfg!(feature = "v4l2")),
         ("http-source", cfg!(feature = "http-source")),
@@ -56,6 +57,12 @@ fn a_config_needing_a_missing_feature_fails_check_and_run_naming_it() {
     std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
     let stdout_output = "  [[pipelines.outputs]]\n  type = \"stdout\"\n";
     let cases = [
+        (
+            "onnx",
+            cfg!(feature = "onnx"),
+            "an ONNX model",
+            format!("{PIPELINE}source = {{ type = \"files\", path = \"{{models}}/samples/digits\" }}\n{stdout_output}"),
+        ),
         (
             "http-source",
             cfg!(feature = "http-source"),
