@@ -160,17 +160,24 @@ check_container() {
     podman rmi edgeinfer-ci:arm64 >/dev/null
 }
 
+arm_targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl)
+step "build all three targets at once ($profile): tests and binaries"
+# One cargo invocation for the three targets: each target's build has long
+# single-crate stretches (tract-core), which the other targets' crates fill on
+# the second core. The test runs below then find everything built; the musl
+# binary is the one this builds (a plain `cargo build` would rebuild it: dev-
+# dependencies unify features differently).
+cargo test --profile "$profile" --no-run --lib --test it "${arm_targets[@]/#/--target=}"
+
 for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
-    step "$target: build ($profile) and test subset under $(runner_for "$target" | cut -d' ' -f1-3)"
-    # One cargo test builds the binary too (the integration tests need it).
+    step "$target: test subset under $(runner_for "$target" | cut -d' ' -f1-3)"
     EDGEINFER_RUNNER=$(runner_for "$target") \
         cargo test --profile "$profile" --target "$target" --lib --test it -- --nocapture "${lib_filters[@]}" "${it_filters[@]}"
     step "$target: kernels"
     show_kernels "$target" "$target_dir/$target/$profile/edgeinfer"
 done
 
-step "aarch64-unknown-linux-musl: static build and smoke run"
-cargo build --profile "$profile" --target aarch64-unknown-linux-musl --bin edgeinfer
+step "aarch64-unknown-linux-musl: static binary smoke run"
 musl_bin="$target_dir/aarch64-unknown-linux-musl/$profile/edgeinfer"
 if aarch64-linux-gnu-readelf -l "$musl_bin" | grep -q INTERP; then echo "FAIL: musl binary is not static"; exit 1; fi
 # Static: runs under qemu without any ARM sysroot.
@@ -201,38 +208,6 @@ check_deb x86_64-unknown-linux-gnu "$host_bin"
 
 step "container image (podman, if it works here)"
 check_container
-
-# Last, since it replaces the default aarch64 binary in the target dir (dist/ keeps
-# a copy): the runtime-only board build. The x86 binary converts the model, as a
-# user's PC would; the board binary, without the ONNX parser, must print exactly
-# what the full board binary prints for the ONNX model, and refuse ONNX by name.
-step "aarch64-unknown-linux-gnu: runtime-only build (--no-default-features --features tls)"
-check_runtime_only() {
-    local t=aarch64-unknown-linux-gnu tmp runner full min want got
-    tmp=$(mktemp -d)
-    runner=$(runner_for "$t")
-    full=dist/$t/edgeinfer
-    cargo build --profile "$profile" --target "$t" --bin edgeinfer --no-default-features --features tls
-    min=$tmp/edgeinfer-runtime-only
-    aarch64-linux-gnu-strip -o "$min" "$target_dir/$t/$profile/edgeinfer"
-    echo "stripped $t ($profile): default features $(stat -c %s "$full") bytes; runtime-only + tls $(stat -c %s "$min") bytes"
-    $runner "$min" --version
-    "$host_bin" convert models/digits_cnn_int8.onnx -o "$tmp/digits_cnn_int8.nnef.tgz"
-    want=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$full" infer models/digits_cnn_int8.onnx models/samples/digits --top-k 3 --labels models/digits.labels.txt |
-        sed 's/,"inference_ms":[0-9.e-]*//')
-    got=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$min" infer "$tmp/digits_cnn_int8.nnef.tgz" models/samples/digits --top-k 3 --labels models/digits.labels.txt |
-        sed 's/,"inference_ms":[0-9.e-]*//')
-    [ "$(grep -c '"top"' <<<"$got")" -ge 4 ] || { echo "FAIL: the runtime-only binary classified nothing: $got"; exit 1; }
-    [ "$want" = "$got" ] || { diff <(echo "$want") <(echo "$got"); echo "FAIL: converted model on the runtime-only binary differs"; exit 1; }
-    echo "runtime-only binary on the converted model: the same $(grep -c '"top"' <<<"$got") results as the full binary on ONNX"
-    if msg=$(TRACT_CPU_AARCH64_KIND=cortex-a72 $runner "$min" infer models/digits_cnn_int8.onnx models/samples/digits 2>&1); then
-        echo "FAIL: the runtime-only binary accepted an ONNX model"; exit 1
-    fi
-    grep -q 'needs edgeinfer built with the `onnx` feature' <<<"$msg" || { echo "$msg"; echo "FAIL: no feature named"; exit 1; }
-    echo "runtime-only binary on ONNX: refused, naming the \`onnx\` feature"
-    rm -rf "$tmp"
-}
-check_runtime_only
 
 step ""
 echo
