@@ -42,7 +42,8 @@ fi
 rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl
 
 target_dir=${CARGO_TARGET_DIR:-target}
-# Release optimisation without LTO (Cargo.toml [profile.ci-arm]): LTO would link
+# Release optimisation without LTO, tract's graph-level crates at opt-level 1
+# (Cargo.toml [profile.ci-arm]; the same results, shorter compiles): LTO would link
 # three large binaries per target on 2 cores. ARM dependencies are built only
 # here, so nothing is lost by not sharing the release profile.
 profile=ci-arm
