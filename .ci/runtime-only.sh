@@ -18,13 +18,13 @@ out=${1:?usage: runtime-only.sh DIR}
 mkdir -p "$out"
 full=$out/edgeinfer-full
 cp "$target_dir/debug/edgeinfer" "$full"
-"$full" --version | grep -q '^features: onnx' || { echo "FAIL: $full is not the default build" >&2; exit 1; }
+grep -q '^features: onnx' <<<"$("$full" --version)" || { echo "FAIL: $full is not the default build" >&2; exit 1; }
 
 features=broker,v4l2,http-source,serial,tls
 cargo test --no-default-features --features "$features" --test it -- features:: >&2
 min=$out/edgeinfer-runtime-only
 cp "$target_dir/debug/edgeinfer" "$min"
-"$min" --version | grep -q '^left out: onnx$' || { "$min" --version >&2; echo "FAIL: onnx still built in" >&2; exit 1; }
+grep -q '^left out: onnx$' <<<"$("$min" --version)" || { "$min" --version >&2; echo "FAIL: onnx still built in" >&2; exit 1; }
 
 "$full" convert models/digits_cnn_int8.onnx -o "$out/digits_cnn_int8.nnef.tgz" >&2
 infer() { "$@" models/samples/digits --top-k 3 --labels models/digits.labels.txt | sed 's/,"inference_ms":[0-9.e-]*//'; }
