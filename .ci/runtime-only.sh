@@ -7,7 +7,8 @@
 #    `run` naming the `onnx` feature (tests/it/features.rs).
 # 2. The full binary converts a model, as a user's PC would; the runtime-only
 #    binary must print exactly what the full binary prints for the ONNX file,
-#    and refuse the ONNX file itself, naming the feature.
+#    loads the ONNX file from a cache entry the full build wrote, and refuses
+#    the ONNX file without one, naming the feature.
 #
 # Prints the path of a copy of the full binary (for the .deb check), which the
 # runtime-only build replaces in target/debug.
@@ -34,6 +35,11 @@ n=$(grep -c '"top"' <<<"$got" || true)
 [ "$n" -ge 4 ] || { echo "FAIL: the runtime-only binary classified nothing: $got" >&2; exit 1; }
 [ "$want" = "$got" ] || { diff <(echo "$want") <(echo "$got") >&2; echo "FAIL: converted model differs" >&2; exit 1; }
 echo "runtime-only binary on the converted model: the same $n results as the full binary on the ONNX file" >&2
+# An ONNX model whose start-up cache entry the full build wrote loads without the parser.
+want=$(infer "$full" infer models/digits_cnn_int8.onnx --cache-dir "$out/cache")
+got=$(infer "$min" infer models/digits_cnn_int8.onnx --cache-dir "$out/cache")
+[ "$want" = "$got" ] || { diff <(echo "$want") <(echo "$got") >&2; echo "FAIL: cached ONNX model differs" >&2; exit 1; }
+echo "runtime-only binary on the ONNX file with the full build's cache entry: the same results" >&2
 if msg=$("$min" infer models/digits_cnn_int8.onnx models/samples/digits 2>&1); then
     echo "FAIL: the runtime-only binary accepted an ONNX model" >&2; exit 1
 fi
