@@ -1168,6 +1168,9 @@ impl Config {
         if !(1..=MAX_THREADS).contains(&self.engine.threads) {
             return Err(bad("engine.threads".into(), format!("must be 1..={MAX_THREADS}")));
         }
+        if self.engine.threads > 1 {
+            crate::features::require("threads", "more than one thread").map_err(|r| bad("engine.threads".into(), r))?;
+        }
         if let Some(dir) = &self.engine.cache_dir {
             let dir = self.resolve(dir);
             if dir.exists() && !dir.is_dir() {
@@ -1211,6 +1214,9 @@ impl Config {
             }
             if p.threads.is_some_and(|t| !(1..=MAX_THREADS).contains(&t)) {
                 return Err(bad(key("threads"), format!("must be 1..={MAX_THREADS}")));
+            }
+            if p.threads.is_some_and(|t| t > 1) {
+                crate::features::require("threads", "more than one thread").map_err(|r| bad(key("threads"), r))?;
             }
             if p.queue.is_some_and(|q| q == 0 || q > MAX_QUEUE) {
                 return Err(bad(key("queue"), format!("must be 1..={MAX_QUEUE}")));
@@ -1633,10 +1639,21 @@ source = { type = "synthetic", signal = "sine" }
         };
         let c = with("", "").unwrap();
         assert_eq!((c.engine.threads, c.engine.cache_dir.as_deref(), c.pipelines[0].threads), (1, None, None));
-        let c = with("[engine]\nthreads = 2\ncache_dir = \"cache\"", "threads = 4").unwrap();
-        assert_eq!(c.engine.threads, 2);
+        let c = with("[engine]\ncache_dir = \"cache\"", "threads = 1").unwrap();
         assert_eq!(c.resolve(c.engine.cache_dir.as_ref().unwrap()), dir.path().join("cache"));
-        assert_eq!(c.pipelines[0].threads, Some(4));
+        assert_eq!(c.pipelines[0].threads, Some(1));
+        if cfg!(feature = "threads") {
+            let c = with("[engine]\nthreads = 2", "threads = 4").unwrap();
+            assert_eq!((c.engine.threads, c.pipelines[0].threads), (2, Some(4)));
+        } else {
+            // Without tract's thread pool, more than one thread is refused, naming the key and feature.
+            for (engine, pipeline, key) in
+                [("[engine]\nthreads = 2", "", "`engine.threads`"), ("", "threads = 4", "`pipelines[0].threads`")]
+            {
+                let e = with(engine, pipeline).unwrap_err().to_string();
+                assert!(e.contains(key) && e.contains("the `threads` feature"), "{e}");
+            }
+        }
         let e = with("[engine]\nthreads = 0", "").unwrap_err().to_string();
         assert!(e.contains("`engine.threads`"), "{e}");
         let e = with("", "threads = 1000").unwrap_err().to_string();

@@ -4,13 +4,14 @@
 
 /// Every optional Cargo feature, in Cargo.toml's order, and whether this binary has it.
 /// A new optional part is one line here plus its `#[cfg]`s.
-pub const FEATURES: [(&str, bool); 6] = [
+pub const FEATURES: [(&str, bool); 7] = [
     ("onnx", cfg!(feature = "onnx")),
     ("broker", cfg!(feature = "broker")),
     ("v4l2", cfg!(feature = "v4l2")),
     ("http-source", cfg!(feature = "http-source")),
     ("serial", cfg!(feature = "serial")),
     ("tls", cfg!(feature = "tls")),
+    ("threads", cfg!(feature = "threads")),
 ];
 
 /// True when this binary was built with `feature`.

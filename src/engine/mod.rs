@@ -451,6 +451,23 @@ fn parse_onnx(path: &Path, _bytes: &[u8], _sha256: String, opts: &LoadOptions) -
     })
 }
 
+/// tract's executor for `threads` (more than one needs the `threads` feature,
+/// which `Model::load` checked).
+#[cfg(feature = "threads")]
+fn executor(threads: usize) -> Executor {
+    if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    }
+}
+
+/// Without the `threads` feature there is no thread pool (no rayon).
+#[cfg(not(feature = "threads"))]
+fn executor(_threads: usize) -> Executor {
+    Executor::SingleThread
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
     std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })
 }
@@ -459,6 +476,10 @@ impl Model {
     /// Loads, checks, pins, optimises and warms up a model file: ONNX, or a
     /// converted model (`.nnef.tgz` / `.nnef.tar`, from `edgeinfer convert`).
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
+        if opts.threads > 1 {
+            crate::features::require("threads", &format!("{} threads", opts.threads))
+                .map_err(|reason| EngineError::Load { path: path.display().to_string(), reason })?;
+        }
         guarded(
             path,
             || {
@@ -596,7 +617,7 @@ impl Model {
         }
         let optimized_nodes = optimized.nodes().len();
         let threads = opts.threads.max(1);
-        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+        let executor = executor(threads);
         let run_options = RunOptions { executor: Some(executor), ..Default::default() };
         let plan = SimplePlan::new_with_options(optimized, &run_options).map_err(load_err)?;
         let mut timings = prov.timings;

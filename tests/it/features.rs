@@ -39,6 +39,7 @@ fn version_lists_the_compiled_features() {
         ("http-source", cfg!(feature = "http-source")),
         ("serial", cfg!(feature = "serial")),
         ("tls", cfg!(feature = "tls")),
+        ("threads", cfg!(feature = "threads")),
     ] {
         let listed = |list: &str| list.split(", ").any(|f| f == name);
         assert_eq!(listed(features), on, "{name}: {text}");
@@ -88,6 +89,15 @@ fn a_config_needing_a_missing_feature_fails_check_and_run_naming_it() {
             format!(
                 "[mqtt]\nurl = \"mqtts://127.0.0.1:8883\"\ntls = {{ ca_file = \"{{dir}}/ca.pem\" }}\n{PIPELINE}\
                  source = {{ type = \"files\", path = \"{{models}}/samples/digits\" }}\n"
+            ),
+        ),
+        (
+            "threads",
+            cfg!(feature = "threads"),
+            "more than one thread",
+            format!(
+                "[engine]\nthreads = 2\n{PIPELINE}source = {{ type = \"files\", path = \"{{models}}/samples/digits\" }}\n\
+                 {stdout_output}"
             ),
         ),
         (

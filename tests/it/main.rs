@@ -6,6 +6,8 @@ mod audio;
 mod cameras;
 mod cli;
 mod commands;
+// Converted models, the start-up cache and `threads` (which several cases set).
+#[cfg(feature = "threads")]
 mod convert;
 mod daemon;
 mod detect;
