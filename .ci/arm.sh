@@ -47,6 +47,13 @@ target_dir=${CARGO_TARGET_DIR:-target}
 # three large binaries per target on 2 cores. ARM dependencies are built only
 # here, so nothing is lost by not sharing the release profile.
 profile=ci-arm
+# The optional features the ARM tests and packages need: the ONNX parser, the
+# embedded broker (the packaged config uses it) and TLS (ring must cross-build
+# with just the cross gcc). V4L2, the HTTP camera, serial sources and `threads`
+# (tract's rayon pool; x86 tests that it leaves results unchanged) are left out:
+# x86 tests them, and each would be compiled once more per ARM target.
+feature_list=onnx,broker,tls
+features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing) plus the
 # integration subset. The fetched detector must be present (.ci/run fetches it).
 lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify::)
@@ -161,19 +168,19 @@ check_container() {
     podman rmi edgeinfer-ci:arm64 >/dev/null
 }
 
-arm_targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl)
-step "build all three targets at once ($profile): tests and binaries"
-# One cargo invocation for the three targets: each target's build has long
-# single-crate stretches (tract-core), which the other targets' crates fill on
-# the second core. The test runs below then find everything built; the musl
-# binary is the one this builds (a plain `cargo build` would rebuild it: dev-
-# dependencies unify features differently).
-cargo test --profile "$profile" --no-run --lib --test it "${arm_targets[@]/#/--target=}"
+step "build aarch64-gnu and armv7 ($profile, ${features[*]}): tests and binaries"
+# One cargo invocation for both targets: each target's build has long
+# single-crate stretches (tract-core), which the other target's crates fill on
+# the second core. The test runs below then find everything built.
+cargo test --profile "$profile" --no-run --lib --test it "${features[@]}" \
+    --target aarch64-unknown-linux-gnu --target armv7-unknown-linux-gnueabihf
+step "build aarch64-musl ($profile): the static binary only"
+cargo build --profile "$profile" --bin edgeinfer "${features[@]}" --target aarch64-unknown-linux-musl
 
 for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     step "$target: test subset under $(runner_for "$target" | cut -d' ' -f1-3)"
     EDGEINFER_RUNNER=$(runner_for "$target") \
-        cargo test --profile "$profile" --target "$target" --lib --test it -- --nocapture "${lib_filters[@]}" "${it_filters[@]}"
+        cargo test --profile "$profile" --target "$target" --lib --test it "${features[@]}" -- --nocapture "${lib_filters[@]}" "${it_filters[@]}"
     step "$target: kernels"
     show_kernels "$target" "$target_dir/$target/$profile/edgeinfer"
 done
@@ -190,9 +197,8 @@ step "aarch64-unknown-linux-musl: kernels"
 show_kernels aarch64-unknown-linux-musl "$musl_bin"
 
 step "dist: strip and checksum ($profile profile)"
-# The binaries the tests ran (a plain cargo build would rebuild: dev-dependencies
-# unify features differently).
-bash deploy/build-arm.sh --no-build --profile "$profile" \
+# The binaries the tests ran.
+FEATURES=$feature_list bash deploy/build-arm.sh --no-build --profile "$profile" \
     aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl
 
 step "systemd unit: systemd-analyze verify and security"
