@@ -42,10 +42,10 @@ fi
 rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf aarch64-unknown-linux-musl
 
 target_dir=${CARGO_TARGET_DIR:-target}
-# Release optimisation without LTO, tract's graph-level crates at opt-level 1
-# (Cargo.toml [profile.ci-arm]; the same results, shorter compiles): LTO would link
-# three large binaries per target on 2 cores. ARM dependencies are built only
-# here, so nothing is lost by not sharing the release profile.
+# No LTO, opt-level 0 except where the qemu tests spend their time (tract-linalg
+# at 3; tract-core, tract-data, ndarray at 1): Cargo.toml [profile.ci-arm] has
+# the measured build times. The same results, half the compile time of opt-level
+# 1. Shipped binaries come from deploy/build-arm.sh (profile `dist`).
 profile=ci-arm
 # The optional features the ARM tests and packages need: the ONNX parser, the
 # embedded broker (the packaged config uses it) and TLS (ring must cross-build
