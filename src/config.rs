@@ -194,6 +194,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// A `threads` value: in range, and above 1 only with the `threads` feature.
+fn check_threads(threads: usize) -> Result<(), String> {
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(format!("must be 1..={MAX_THREADS}"));
+    }
+    if threads > 1 {
+        crate::features::require("threads", "more than one thread")?;
+    }
+    Ok(())
+}
+
 /// Most threads a model may ask for.
 pub const MAX_THREADS: usize = 256;
 
@@ -1165,12 +1176,7 @@ impl Config {
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
-        if !(1..=MAX_THREADS).contains(&self.engine.threads) {
-            return Err(bad("engine.threads".into(), format!("must be 1..={MAX_THREADS}")));
-        }
-        if self.engine.threads > 1 {
-            crate::features::require("threads", "more than one thread").map_err(|r| bad("engine.threads".into(), r))?;
-        }
+        check_threads(self.engine.threads).map_err(|r| bad("engine.threads".into(), r))?;
         if let Some(dir) = &self.engine.cache_dir {
             let dir = self.resolve(dir);
             if dir.exists() && !dir.is_dir() {
@@ -1212,11 +1218,8 @@ impl Config {
                     return Err(bad(key("labels"), format!("{} does not exist", l.display())));
                 }
             }
-            if p.threads.is_some_and(|t| !(1..=MAX_THREADS).contains(&t)) {
-                return Err(bad(key("threads"), format!("must be 1..={MAX_THREADS}")));
-            }
-            if p.threads.is_some_and(|t| t > 1) {
-                crate::features::require("threads", "more than one thread").map_err(|r| bad(key("threads"), r))?;
+            if let Some(t) = p.threads {
+                check_threads(t).map_err(|r| bad(key("threads"), r))?;
             }
             if p.queue.is_some_and(|q| q == 0 || q > MAX_QUEUE) {
                 return Err(bad(key("queue"), format!("must be 1..={MAX_QUEUE}")));

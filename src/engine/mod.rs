@@ -929,6 +929,22 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "onnx")]
+    fn threads_above_one_need_the_threads_feature() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/vibration_f32.onnx");
+        let two = Model::load(&model, &LoadOptions { threads: 2, skip_warmup: true, ..Default::default() });
+        if cfg!(feature = "threads") {
+            assert_eq!(two.unwrap().info().threads, 2);
+        } else {
+            let Err(e) = two else { panic!("2 threads loaded without the `threads` feature") };
+            let e = e.to_string();
+            assert!(e.contains("vibration_f32.onnx") && e.contains("the `threads` feature"), "{e}");
+            let one = Model::load(&model, &LoadOptions { threads: 1, skip_warmup: true, ..Default::default() });
+            assert_eq!(one.unwrap().info().threads, 1);
+        }
+    }
+
+    #[test]
     fn tract_version_matches_the_lock_file() {
         // The version is part of the cache key and of converted models: it must be the one we build with.
         let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
