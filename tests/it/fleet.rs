@@ -6,14 +6,13 @@
 //! `--nocapture` for the figures.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, Daemon, Mosquitto, Subscriber};
+use crate::support::{free_port, Daemon, Gate, Mosquitto, Subscriber};
 
 const DEVICES: usize = 4;
 const PIPELINES: usize = 5;
@@ -60,46 +59,6 @@ source = {{ type = "synthetic", signal = "vibration", rate_hz = {RATE_HZ}, count
         ));
     }
     text
-}
-
-/// A TCP relay in front of the broker for the devices, that turns them away
-/// while closed: after the broker restart it opens only once every consumer has
-/// subscribed again (see the note on [`Consumer`]).
-struct Gate {
-    open: Arc<AtomicBool>,
-    port: u16,
-}
-
-impl Gate {
-    fn start(broker_port: u16) -> Gate {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let is_open = open.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                if !is_open.load(Ordering::SeqCst) {
-                    continue; // dropped: the device sees the connection close and backs off
-                }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", broker_port)) else { continue };
-                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
-                std::thread::spawn(move || relay(client, server));
-                std::thread::spawn(move || relay(s2, c2));
-            }
-        });
-        Gate { open, port }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-    }
-}
-
-/// Copies `from` to `to` until either side closes, then closes both.
-fn relay(mut from: TcpStream, mut to: TcpStream) {
-    let _ = std::io::copy(&mut from, &mut to);
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
 }
 
 /// One member of the shared subscription: a persistent session (fixed id,
@@ -175,7 +134,7 @@ fn a_fleet_shares_results_across_consumers_through_a_broker_restart() {
     std::fs::create_dir_all(&broker_dir).unwrap();
     let broker = Mosquitto::start_persistent(port, &broker_dir);
     let consumers: Vec<Consumer> = (0..3).map(|i| Consumer::connect(port, &format!("fleet-worker-{i}"))).collect();
-    let gate = Gate::start(port);
+    let gate = Gate::start(port, true);
     let mut daemons: Vec<Daemon> = (0..DEVICES)
         .map(|d| Daemon::start(&config(&format!("fleet-{d}"), gate.port, &state.path().join(format!("queue-{d}")))))
         .collect();

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, Daemon, Mosquitto, Subscriber};
+use crate::support::{free_port, Daemon, Gate, Mosquitto, Subscriber};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -262,16 +262,20 @@ fn a_full_queue_drops_the_oldest_counts_them_and_stays_within_its_bound() {
     let queue = state.path().join("queue");
     let max = 8192u64;
     let extra = format!("queue_max_bytes = {max}");
+    // The subscriber is in place before the daemon gets through: a result the
+    // broker took before anyone subscribed would be missing yet never dropped.
+    let _broker = Mosquitto::start_on(port);
+    let mut sub = Subscriber::connect(port, "edgeinfer/sf4/#");
+    let gate = Gate::start(port, false);
     // 6400 Hz / 128: 50 results/s, far more than 8 KiB holds.
-    let mut daemon = Daemon::start(&config("sf4", "vib", port, &queue, 6400, &extra));
+    let mut daemon = Daemon::start(&config("sf4", "vib", gate.port, &queue, 6400, &extra));
     let start = Instant::now();
     let mut peak = 0;
     while start.elapsed() < Duration::from_secs(4) {
         peak = peak.max(segment_bytes(&queue));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _broker = Mosquitto::start_on(port);
-    let mut sub = Subscriber::connect(port, "edgeinfer/sf4/#");
+    gate.set_open(true);
     let topic = "edgeinfer/sf4/vib/result";
     // Once connected again nothing more is dropped: the latest health then has the final count
     // (the health messages buffered while the broker was down say connected = false).
@@ -290,7 +294,7 @@ fn a_full_queue_drops_the_oldest_counts_them_and_stays_within_its_bound() {
     let dropped = health["dropped_full"].as_u64().unwrap_or(0);
     let lost = sent.saturating_sub(distinct as u64 + dropped);
     println!(
-        "store-forward queue full ({max} bytes, broker down 4 s, 50 results/s): sent {sent}, received {} \
+        "store-forward queue full ({max} bytes, broker unreachable 4 s, 50 results/s): sent {sent}, received {} \
          ({distinct} distinct), duplicates {dups}, dropped_full {dropped} (first seq received {first}), \
          lost uncounted {lost}, peak disk {peak} bytes",
         got.len(),

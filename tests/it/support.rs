@@ -3,10 +3,12 @@
 //! `edgeinfer` binary running a config written into a temp dir.
 
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A free TCP port on loopback (bound, then released).
@@ -24,6 +26,52 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A TCP relay in front of a broker for the daemons under test. While closed
+/// it accepts and at once drops their connections, so they see the broker as
+/// down and back off, while the test's own subscribers talk to the broker
+/// directly. Opening it lets them through only after the subscribers are ready
+/// (a fresh broker discards what is published before anyone subscribed).
+pub struct Gate {
+    open: Arc<AtomicBool>,
+    /// The port daemons connect to.
+    pub port: u16,
+}
+
+impl Gate {
+    /// Starts a relay to `broker_port` on a free port, open or closed.
+    pub fn start(broker_port: u16, open: bool) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(open));
+        let is_open = open.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue; // dropped: the daemon sees the connection close and backs off
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", broker_port)) else { continue };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
+                std::thread::spawn(move || relay(client, server));
+                std::thread::spawn(move || relay(s2, c2));
+            }
+        });
+        Gate { open, port }
+    }
+
+    /// Lets new connections through (true) or turns them away (false);
+    /// connections already relayed are left alone.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either side closes, then closes both.
+fn relay(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
 }
 
 /// A mosquitto process, killed on drop.
