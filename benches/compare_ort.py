@@ -62,6 +62,12 @@ SKIP = {
 # Not committed (.gitignore), so it may be missing; we know how to regenerate it.
 GENERATED = {"mobilenetv2_f32": ["python3", "models/make_models.py", "--only", "mobilenetv2_f32"]}
 
+# Inputs with symbolic dimensions that are not only the batch: the shape both engines run
+# (edgeinfer gets --input-shape, ORT zeros of this shape when there is no reference input).
+PINNED_SHAPES = {
+    "detector_yolov8n": {"images": [1, 3, 320, 320]},  # the size the detector docs and configs use
+}
+
 # Same architecture, float vs quantized, for the second table: (f32 stem, [int8 stems]).
 PAIRS = [
     ("digits_cnn_f32", ["digits_cnn_int8", "digits_cnn_int8_qop"]),
@@ -124,7 +130,8 @@ def load_inputs(np, sess, ref_dir):
               "tensor(bool)": np.bool_}
     feeds = {}
     for i in graph_inputs:
-        shape = [d if isinstance(d, int) else 1 for d in i.shape]  # symbolic dims: batch 1
+        pinned = PINNED_SHAPES.get(ref_dir.name, {}).get(i.name)
+        shape = pinned or [d if isinstance(d, int) else 1 for d in i.shape]  # symbolic dims: batch 1
         feeds[i.name] = np.zeros(shape, dtype=dtypes.get(i.type, np.float32))
     return feeds, "zeros"
 
@@ -224,6 +231,8 @@ def run_json(cmd, env=None):
 
 def bench_edgeinfer(exe, model, runs, warmup, cache_dir=None):
     cmd = [str(exe), "bench", str(model), "--runs", str(runs), "--warmup", str(warmup), "--json"]
+    for name, dims in PINNED_SHAPES.get(model.stem, {}).items():
+        cmd += ["--input-shape", f"{name}={','.join(map(str, dims))}"]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     return run_json(cmd)

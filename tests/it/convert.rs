@@ -168,6 +168,31 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// ONNX metadata is free text: YOLO exports keep their class names as a Python
+/// dict (`{0: 'person', ...}`), which tract's NNEF reader could not read back,
+/// so the cache entry was written on every start and never hit.
+#[test]
+#[cfg(feature = "onnx")]
+fn a_model_with_quotes_in_its_metadata_is_cached_and_hit() {
+    use prost::Message;
+    use tract_onnx::prelude::Framework;
+    let dir = tempfile::tempdir().unwrap();
+    let src = crate::model("vibration_f32.onnx");
+    let mut proto = tract_onnx::onnx().proto_model_for_path(&src).unwrap();
+    for (key, value) in [("names", "{0: 'normal', 1: \"imbalance\"}"), ("author", "O'Brien \\ co")] {
+        proto.metadata_props.push(tract_onnx::pb::StringStringEntryProto { key: key.into(), value: value.into() });
+    }
+    let model = dir.path().join("with_metadata.onnx");
+    std::fs::write(&model, proto.encode_to_vec()).unwrap();
+    let opts = LoadOptions { cache_dir: Some(dir.path().join("cache")), ..Default::default() };
+    let cold = Model::load(&model, &opts).unwrap();
+    assert!(cold.info().cache.as_deref().unwrap().starts_with("miss; written"), "{:?}", cold.info().cache);
+    let warm = Model::load(&model, &opts).unwrap();
+    assert_eq!(warm.info().origin, Origin::Cache, "{:?}", warm.info().cache);
+    let inputs = ref_inputs("vibration_f32", &cold);
+    assert_eq!(max_output_diff(&cold, &warm, &inputs), 0.0);
+}
+
 #[test]
 fn startup_cache_misses_then_hits_and_survives_damage() {
     let cache = tempfile::tempdir().unwrap();
