@@ -19,7 +19,8 @@ use super::{hex, LoadOptions, TRACT_VERSION};
 /// The cache key of an ONNX file (by its SHA-256) loaded with `opts`.
 pub fn key(onnx_sha256: &str, opts: &LoadOptions) -> String {
     let mut h = Sha256::new();
-    h.update(b"edgeinfer model cache 1\n");
+    // 2: QLinearConv and activation Q/DQ pairs are rewritten before analysis (rewrite.rs).
+    h.update(b"edgeinfer model cache 2\n");
     h.update(format!("onnx {onnx_sha256}\ntract {TRACT_VERSION}\nedgeinfer {}\n", env!("CARGO_PKG_VERSION")));
     // Sorted, so the same shapes given in another order hit the same entry.
     let shapes: BTreeMap<_, _> = opts.input_shapes.iter().collect();

@@ -234,7 +234,8 @@ pub struct ModelInfo {
     pub op_counts: BTreeMap<String, usize>,
     /// "float (not quantized)", "QDQ", "QOperator", "dynamic" or a mix.
     pub quantization: String,
-    /// Which kernels run the model: "float", "integer (as quantized)" or the QDQ float path.
+    /// Which kernels run the model: "float"; for QDQ and QOperator models float kernels with
+    /// their activation rounding kept or (`qdq_as_float`, QDQ) folded away; "integer (as quantized)".
     pub int8_path: String,
     /// Rewrites applied before tract saw the graph.
     pub rewrites: Vec<String>,

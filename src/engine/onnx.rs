@@ -54,7 +54,25 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
     } else if quantization == "float (not quantized)" {
         "float".to_string()
     } else {
-        "integer (as quantized)".to_string()
+        // QLinearConvs were expanded to the QDQ form above.
+        let rounded = rewrite::round_qdq_activations(graph);
+        let nodes = proto::all_nodes(graph);
+        let left: Vec<&str> = ["QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"]
+            .into_iter()
+            .filter(|op| nodes.iter().any(|n| n.op_type == *op))
+            .collect();
+        match (rounded, left.is_empty()) {
+            (0, _) => "integer (as quantized)".to_string(),
+            (n, true) => format!(
+                "float kernels, activations rounded as quantized ({quantization}: {n} quantize/dequantize pairs as \
+                 Div, Clip, round, Mul)"
+            ),
+            (n, false) => format!(
+                "float kernels, activations rounded as quantized ({quantization}: {n} quantize/dequantize pairs as \
+                 Div, Clip, round, Mul); {} on integer kernels",
+                left.join(", ")
+            ),
+        }
     };
     check_ops(&onnx, graph, &shown)?;
     let (pinned, batch_filled) = pin_inputs(graph, opts, &shown)?;
@@ -93,7 +111,7 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
         let typed = model.into_typed().map_err(tract_err)?;
         Ok((typed, ms(t.elapsed())))
     };
-    let (model, analyse_ms, value_info_ignored) = match build(false) {
+    let (mut model, analyse_ms, value_info_ignored) = match build(false) {
         Ok((m, t)) => (m, t, false),
         Err(first) => match build(true) {
             Ok((m, t)) => {
@@ -103,6 +121,11 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
             Err(_) => return Err(EngineError::Load { path: shown, reason: first }),
         },
     };
+
+    // The file's free-form metadata (author, class names as a Python dict...) is
+    // not used past this point, and tract's NNEF reader rejects a string with a
+    // single quote in it, which made such a model's cache entry unreadable.
+    model.properties.retain(|k, _| !k.starts_with("onnx.metadata_props."));
 
     let mut other_opsets = BTreeMap::new();
     for o in &model_proto.opset_import {

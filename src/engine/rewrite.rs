@@ -47,6 +47,7 @@ fn float_op_of(op: &str) -> &str {
         "QLinearLeakyRelu" => "LeakyRelu",
         "QLinearConcat" => "Concat",
         "QGemm" => "Gemm",
+        "QLinearConv" => "Conv",
         _ => "?",
     }
 }
@@ -114,8 +115,8 @@ fn input(node: &NodeProto, ix: usize) -> Option<&str> {
     node.input.get(ix).map(|s| s.as_str()).filter(|s| !s.is_empty())
 }
 
-/// Expands every `com.microsoft` QOperator node tract lacks. Fails with a
-/// message naming the node when one cannot be expanded faithfully.
+/// Expands every `com.microsoft` QOperator node tract lacks, and QLinearConv.
+/// Fails with a message naming the node when one cannot be expanded faithfully.
 pub fn expand_qoperators(graph: &mut pb::GraphProto) -> Result<RewriteReport, String> {
     let mut report = RewriteReport::default();
     let sizes: HashMap<String, usize> =
@@ -123,7 +124,11 @@ pub fn expand_qoperators(graph: &mut pb::GraphProto) -> Result<RewriteReport, St
     let old = std::mem::take(&mut graph.node);
     let mut new_nodes = Vec::with_capacity(old.len());
     for node in old {
-        if !is_expandable(&node.op_type) || node.domain != "com.microsoft" {
+        // QLinearConv is standard ONNX and tract runs it on integer kernels, but
+        // slower than the float kernels with rounded activations that the
+        // expansion leads to (see `round_qdq_activations`).
+        let domain_ok = node.domain == "com.microsoft" || (node.op_type == "QLinearConv" && node.domain.is_empty());
+        if !is_expandable(&node.op_type) || !domain_ok {
             new_nodes.push(node);
             continue;
         }
@@ -167,6 +172,23 @@ pub fn expand_qoperators(graph: &mut pb::GraphProto) -> Result<RewriteReport, St
                 let attrs: Vec<_> = node.attribute.iter().filter(|a| a.name == "axis").cloned().collect();
                 b.node("Concat", parts, vec![f.clone()], attrs);
                 b.q(&f, need(0)?, input(&node, 1), &y);
+            }
+            "QLinearConv" => {
+                let w_scale = need(4)?;
+                // Per output channel: the weights' axis 0, as for the bias.
+                let axis = (sizes.get(w_scale).copied().unwrap_or(1) > 1).then_some(0);
+                let x = b.dq(need(0)?, need(1)?, input(&node, 2), None);
+                let w = b.dq(need(3)?, w_scale, input(&node, 5), axis);
+                let mut conv_inputs = vec![x, w];
+                if let Some(bias) = input(&node, 8) {
+                    // The int32 bias is quantized with scale x_scale * w_scale, zero point 0.
+                    let bias_scale = b.tmp("bias_scale");
+                    b.node("Mul", vec![need(1)?.to_string(), w_scale.to_string()], vec![bias_scale.clone()], vec![]);
+                    conv_inputs.push(b.dq(bias, &bias_scale, None, axis));
+                }
+                let f = b.tmp("f");
+                b.node("Conv", conv_inputs, vec![f.clone()], node.attribute.clone());
+                b.q(&f, need(6)?, input(&node, 7), &y);
             }
             "QGemm" => {
                 let trans_b = attr_i(&node, "transB").unwrap_or(0);
@@ -268,15 +290,34 @@ fn input_or_none(names: &[String], ix: usize) -> Option<String> {
     names.get(ix).filter(|s| !s.is_empty()).cloned()
 }
 
-/// The float path for QDQ models: replaces each activation's
-/// QuantizeLinear -> DequantizeLinear pair by the Clip to the quantized range
-/// it implies (the quantizer relies on that saturation for Relu/Relu6), so
-/// tract runs float kernels without re-quantizing every activation. Weights
-/// keep their int8 values (their DequantizeLinear folds to constants at load);
-/// only activation rounding is lost, which the parity tests bound. Returns how
-/// many pairs were folded.
-pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
-    use std::collections::HashMap;
+/// One activation QuantizeLinear whose every consumer is a DequantizeLinear
+/// with the same scale and zero point: a pair that tract would run as a
+/// quantize and a dequantize pass over the whole activation.
+struct QdqPair {
+    /// The QuantizeLinear node.
+    q: usize,
+    /// Its DequantizeLinear consumers, in node order.
+    dqs: Vec<usize>,
+    /// The per-tensor scale.
+    scale: f32,
+    /// The zero point.
+    zero_point: i64,
+    /// Whether the quantized type is int8 (else uint8).
+    signed: bool,
+}
+
+impl QdqPair {
+    /// The quantized range relative to the zero point, in quantization steps:
+    /// `DQ(Q(x)) = clip(round(x / scale), lo, hi) * scale` exactly.
+    fn steps(&self) -> (f32, f32) {
+        let (qmin, qmax) = if self.signed { (-128.0, 127.0) } else { (0.0, 255.0) };
+        (qmin - self.zero_point as f32, qmax - self.zero_point as f32)
+    }
+}
+
+/// Every activation Q -> DQ pair with per-tensor parameters from initializers.
+/// A QuantizeLinear that is a graph output or has any other consumer is left alone.
+fn activation_qdq_pairs(graph: &pb::GraphProto) -> Vec<QdqPair> {
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (ix, n) in graph.node.iter().enumerate() {
         for i in &n.input {
@@ -285,7 +326,7 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     }
     let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     let zp_type = |name: &str| graph.initializer.iter().find(|t| t.name == name).map(|t| t.data_type);
-    let mut plans: Vec<(usize, Vec<usize>, f32, f32)> = Vec::new();
+    let mut pairs = Vec::new();
     for (qix, q) in graph.node.iter().enumerate() {
         if q.op_type != "QuantizeLinear" || q.input.len() < 2 || q.output.len() != 1 {
             continue;
@@ -295,7 +336,7 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
             continue;
         };
         let zp_name = q.input.get(2).filter(|s| !s.is_empty());
-        let (zp, signed) = match zp_name {
+        let (zero_point, signed) = match zp_name {
             Some(name) => match (super::proto::initializer_ints(graph, name), zp_type(name)) {
                 (Some(v), Some(t)) if v.len() == 1 => (v[0], t == pb::tensor_proto::DataType::Int8 as i32),
                 _ => continue,
@@ -314,54 +355,243 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
                 && d.input.get(1) == q.input.get(1)
                 && d.input.get(2).filter(|s| !s.is_empty()) == zp_name
         });
-        if !same_params || users.is_empty() {
-            continue;
+        if same_params && !users.is_empty() && scale.is_finite() && scale > 0.0 {
+            pairs.push(QdqPair { q: qix, dqs: users.clone(), scale, zero_point, signed });
         }
-        let (qmin, qmax) = if signed { (-128.0, 127.0) } else { (0.0, 255.0) };
-        plans.push((qix, users.clone(), (qmin - zp as f32) * scale, (qmax - zp as f32) * scale));
     }
+    pairs
+}
+
+/// What replaces one pair: nodes computing a shared value from the
+/// QuantizeLinear's input (placed where its first consumer was), and the
+/// op that turns that value into each DequantizeLinear's output.
+struct Replacement {
+    shared: Vec<NodeProto>,
+    initializers: Vec<pb::TensorProto>,
+    /// The op and inputs of the node that takes each DequantizeLinear's place.
+    last_op: &'static str,
+    last_inputs: Vec<String>,
+}
+
+/// Replaces every pair as `make` says, keeping topological order.
+fn replace_pairs(graph: &mut pb::GraphProto, pairs: &[QdqPair], make: impl Fn(&QdqPair, &str, &str) -> Replacement) {
     let mut remove = std::collections::HashSet::new();
-    let mut added_nodes = Vec::new();
+    let mut placed: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut added_inits = Vec::new();
-    for (qix, users, lo, hi) in &plans {
-        let x = graph.node[*qix].input[0].clone();
-        let base = graph.node[*qix].output[0].clone();
-        let (lo_name, hi_name) = (format!("{base}__clip_lo"), format!("{base}__clip_hi"));
-        for (name, v) in [(&lo_name, *lo), (&hi_name, *hi)] {
-            added_inits.push(pb::TensorProto {
-                name: name.clone(),
-                data_type: pb::tensor_proto::DataType::Float as i32,
-                float_data: vec![v],
+    for pair in pairs {
+        let x = graph.node[pair.q].input[0].clone();
+        let base = graph.node[pair.q].output[0].clone();
+        let r = make(pair, &x, &base);
+        remove.insert(pair.q);
+        added_inits.extend(r.initializers);
+        for (k, &u) in pair.dqs.iter().enumerate() {
+            remove.insert(u);
+            let mut nodes = if k == 0 { r.shared.clone() } else { Vec::new() };
+            nodes.push(NodeProto {
+                input: r.last_inputs.clone(),
+                output: vec![graph.node[u].output[0].clone()],
+                name: format!("{}__{}", graph.node[u].name, r.last_op.to_lowercase()),
+                op_type: r.last_op.into(),
                 ..Default::default()
             });
-        }
-        remove.insert(*qix);
-        for &u in users {
-            remove.insert(u);
-            added_nodes.push((
-                u,
-                NodeProto {
-                    input: vec![x.clone(), lo_name.clone(), hi_name.clone()],
-                    output: vec![graph.node[u].output[0].clone()],
-                    name: format!("{}__clip", graph.node[u].name),
-                    op_type: "Clip".into(),
-                    ..Default::default()
-                },
-            ));
+            placed.insert(u, nodes);
         }
     }
-    // Keep topological order: each Clip takes the place of the DequantizeLinear it replaces.
-    let replacements: HashMap<usize, NodeProto> = added_nodes.into_iter().collect();
     let old = std::mem::take(&mut graph.node);
-    graph.node = old
-        .into_iter()
-        .enumerate()
-        .filter_map(|(ix, n)| match replacements.get(&ix) {
-            Some(clip) => Some(clip.clone()),
-            None if remove.contains(&ix) => None,
-            None => Some(n),
-        })
-        .collect();
+    for (ix, n) in old.into_iter().enumerate() {
+        match placed.remove(&ix) {
+            Some(nodes) => graph.node.extend(nodes),
+            None if remove.contains(&ix) => {}
+            None => graph.node.push(n),
+        }
+    }
     graph.initializer.extend(added_inits);
-    plans.len()
+}
+
+fn f32_scalar(name: &str, v: f32) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        data_type: pb::tensor_proto::DataType::Float as i32,
+        float_data: vec![v],
+        ..Default::default()
+    }
+}
+
+fn plain_node(op: &str, inputs: Vec<String>, output: &str) -> NodeProto {
+    NodeProto {
+        input: inputs,
+        output: vec![output.into()],
+        name: output.into(),
+        op_type: op.into(),
+        ..Default::default()
+    }
+}
+
+/// `1.5 * 2^23`: adding it to an f32 of magnitude below 2^22 and subtracting it
+/// again rounds to the nearest integer, ties to even (ONNX's QuantizeLinear
+/// rounding), in two plain additions tract can fuse into a kernel's epilogue.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// The default path for QDQ models: replaces each activation's
+/// QuantizeLinear -> DequantizeLinear pair by the float ops that compute the
+/// same values, `x / scale`, Clip to the quantized range, round half to even
+/// (the `ROUND_MAGIC` additions) and `* scale`. tract fuses these scalar ops
+/// into the producing kernel, where its own Q/DQ pair costs two passes and two
+/// type conversions over the activation; results are those of the pair, so
+/// parity with ONNX Runtime is unchanged. Returns how many pairs were replaced.
+pub fn round_qdq_activations(graph: &mut pb::GraphProto) -> usize {
+    let pairs = activation_qdq_pairs(graph);
+    if pairs.is_empty() {
+        return 0;
+    }
+    let magic = "edgeinfer__round_magic".to_string();
+    graph.initializer.push(f32_scalar(&magic, ROUND_MAGIC));
+    replace_pairs(graph, &pairs, |pair, x, base| {
+        let scale = graph_scale_name(base);
+        let (lo, hi) = pair.steps();
+        let names = ["div", "clip", "add", "round", "lo", "hi"].map(|w| format!("{base}__{w}"));
+        let [div, clip, add, round, lo_name, hi_name] = names;
+        Replacement {
+            shared: vec![
+                plain_node("Div", vec![x.into(), scale.clone()], &div),
+                plain_node("Clip", vec![div, lo_name.clone(), hi_name.clone()], &clip),
+                plain_node("Add", vec![clip, magic.clone()], &add),
+                plain_node("Sub", vec![add, magic.clone()], &round),
+            ],
+            initializers: vec![f32_scalar(&scale, pair.scale), f32_scalar(&lo_name, lo), f32_scalar(&hi_name, hi)],
+            last_op: "Mul",
+            last_inputs: vec![round, scale],
+        }
+    });
+    pairs.len()
+}
+
+/// The name of the scalar scale initializer added for the pair whose
+/// QuantizeLinear output is `base` (the model's own may be shape `[1]`).
+fn graph_scale_name(base: &str) -> String {
+    format!("{base}__scale")
+}
+
+/// The float path for QDQ models (`qdq_as_float`): replaces each activation's
+/// QuantizeLinear -> DequantizeLinear pair by the Clip to the quantized range
+/// it implies (the quantizer relies on that saturation for Relu/Relu6), so
+/// tract runs float kernels without rounding every activation. Weights keep
+/// their int8 values (their DequantizeLinear folds to constants at load); only
+/// activation rounding is lost, which the parity tests bound. Returns how many
+/// pairs were folded.
+pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
+    let pairs = activation_qdq_pairs(graph);
+    replace_pairs(graph, &pairs, |pair, x, base| {
+        let (lo, hi) = pair.steps();
+        let (lo_name, hi_name) = (format!("{base}__clip_lo"), format!("{base}__clip_hi"));
+        Replacement {
+            shared: Vec::new(),
+            initializers: vec![f32_scalar(&lo_name, lo * pair.scale), f32_scalar(&hi_name, hi * pair.scale)],
+            last_op: "Clip",
+            last_inputs: vec![x.into(), lo_name, hi_name],
+        }
+    });
+    pairs.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::prelude::*;
+
+    /// `x -> QuantizeLinear(scale, zp) -> DequantizeLinear -> Relu -> y`, x: f32 [n].
+    fn qdq_graph(n: usize, scale: f32, zp: i32, signed: bool) -> pb::ModelProto {
+        let dt = if signed { pb::tensor_proto::DataType::Int8 } else { pb::tensor_proto::DataType::Uint8 };
+        let value = |name: &str| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: vec![pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(n as i64)),
+                            ..Default::default()
+                        }],
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let zp_init =
+            pb::TensorProto { name: "zp".into(), data_type: dt as i32, int32_data: vec![zp], ..Default::default() };
+        let graph = pb::GraphProto {
+            node: vec![
+                plain_node("QuantizeLinear", vec!["x".into(), "s".into(), "zp".into()], "q"),
+                plain_node("DequantizeLinear", vec!["q".into(), "s".into(), "zp".into()], "dq"),
+                plain_node("Relu", vec!["dq".into()], "y"),
+            ],
+            initializer: vec![f32_scalar("s", scale), zp_init],
+            input: vec![value("x")],
+            output: vec![value("y")],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+    }
+
+    fn run(proto: &pb::ModelProto, x: &[f32]) -> Vec<f32> {
+        let model = tract_onnx::onnx().model_for_proto_model(proto).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan.run(tvec!(tract_ndarray::arr1(x).into_tvalue())).unwrap();
+        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    }
+
+    /// ONNX's definition of DequantizeLinear(QuantizeLinear(x)) followed by Relu.
+    fn reference(x: f32, scale: f32, zp: i32, signed: bool) -> f32 {
+        let (qmin, qmax) = if signed { (-128.0, 127.0) } else { (0.0, 255.0) };
+        let q = ((x / scale).round_ties_even() + zp as f32).clamp(qmin, qmax);
+        ((q - zp as f32) * scale).max(0.0)
+    }
+
+    #[test]
+    fn rounded_pairs_compute_what_quantize_dequantize_does() {
+        let scale = 0.25f32;
+        // Ties (k + 0.5 steps) both ways, values just off them, zero, and far beyond the range.
+        let mut x: Vec<f32> = (-40..=40).map(|k| (k as f32 + 0.5) * scale).collect();
+        x.extend((-40..=40).map(|k| k as f32 * scale * 1.01));
+        x.extend([0.0, -0.0, 1e6, -1e6, 63.8, 64.1, -32.1, -31.9]);
+        for (zp, signed) in [(0, true), (-7, true), (0, false), (135, false)] {
+            let proto = qdq_graph(x.len(), scale, zp, signed);
+            let as_quantized = run(&proto, &x);
+            let mut rewritten = proto.clone();
+            assert_eq!(round_qdq_activations(rewritten.graph.as_mut().unwrap()), 1);
+            let ops: Vec<&str> = rewritten.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, ["Div", "Clip", "Add", "Sub", "Mul", "Relu"], "zp {zp} signed {signed}");
+            let rounded = run(&rewritten, &x);
+            for (i, &v) in x.iter().enumerate() {
+                let want = reference(v, scale, zp, signed);
+                assert_eq!(rounded[i], want, "x {v} zp {zp} signed {signed}: rewritten");
+                assert_eq!(as_quantized[i], want, "x {v} zp {zp} signed {signed}: tract's own Q/DQ");
+            }
+        }
+    }
+
+    #[test]
+    fn folded_pairs_clip_to_the_quantized_range_without_rounding() {
+        let (scale, zp) = (0.25f32, 135);
+        let x = [0.3f32, -40.0, 40.0, 1.1];
+        let mut proto = qdq_graph(x.len(), scale, zp, false);
+        assert_eq!(fold_qdq_activations(proto.graph.as_mut().unwrap()), 1);
+        // uint8 with zero point 135: the range is [-135, 120] steps, [-33.75, 30] as floats.
+        assert_eq!(run(&proto, &x), [0.3, 0.0, 30.0, 1.1]);
+    }
+
+    #[test]
+    fn a_quantized_graph_output_or_other_consumer_is_left_alone() {
+        let mut proto = qdq_graph(4, 0.5, 0, true);
+        let graph = proto.graph.as_mut().unwrap();
+        graph.node.push(plain_node("Cast", vec!["q".into()], "q_as_int"));
+        assert_eq!(round_qdq_activations(graph), 0);
+        assert_eq!(graph.node.len(), 4);
+    }
 }
