@@ -429,16 +429,18 @@ fn plain_node(op: &str, inputs: Vec<String>, output: &str) -> NodeProto {
 
 /// `1.5 * 2^23`: adding it to an f32 of magnitude below 2^22 and subtracting it
 /// again rounds to the nearest integer, ties to even (ONNX's QuantizeLinear
-/// rounding), in two plain additions tract can fuse into a kernel's epilogue.
+/// rounding), in two plain additions that tract fuses with the neighbouring
+/// scalar ops into one element-wise pass (a Round op would be a pass of its own).
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// The default path for QDQ models: replaces each activation's
 /// QuantizeLinear -> DequantizeLinear pair by the float ops that compute the
 /// same values, `x / scale`, Clip to the quantized range, round half to even
-/// (the `ROUND_MAGIC` additions) and `* scale`. tract fuses these scalar ops
-/// into the producing kernel, where its own Q/DQ pair costs two passes and two
-/// type conversions over the activation; results are those of the pair, so
-/// parity with ONNX Runtime is unchanged. Returns how many pairs were replaced.
+/// (the `ROUND_MAGIC` additions) and `* scale`. tract runs them as one fused
+/// element-wise chain, where its own pair costs two passes and two type
+/// conversions. The values are exactly those of tract's own pair (both
+/// multiply by `1 / scale`), so parity with ONNX Runtime is unchanged.
+/// Returns how many pairs were replaced.
 pub fn round_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     let pairs = activation_qdq_pairs(graph);
     if pairs.is_empty() {
@@ -546,20 +548,28 @@ mod tests {
         out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
     }
 
-    /// ONNX's definition of DequantizeLinear(QuantizeLinear(x)) followed by Relu.
+    /// ONNX's definition of DequantizeLinear(QuantizeLinear(x)) followed by Relu, with
+    /// `x * (1 / scale)` for ONNX's `x / scale`, as tract computes it (a value within one
+    /// ulp of a tie may round the other way than with a division).
     fn reference(x: f32, scale: f32, zp: i32, signed: bool) -> f32 {
         let (qmin, qmax) = if signed { (-128.0, 127.0) } else { (0.0, 255.0) };
-        let q = ((x / scale).round_ties_even() + zp as f32).clamp(qmin, qmax);
+        let q = ((x * (1.0 / scale)).round_ties_even() + zp as f32).clamp(qmin, qmax);
         ((q - zp as f32) * scale).max(0.0)
     }
 
     #[test]
     fn rounded_pairs_compute_what_quantize_dequantize_does() {
-        let scale = 0.25f32;
+        // Not a power of two, so that 1 / scale is inexact (MobileNetV2's output scale).
+        let scale = 0.05259862f32;
         // Ties (k + 0.5 steps) both ways, values just off them, zero, and far beyond the range.
         let mut x: Vec<f32> = (-40..=40).map(|k| (k as f32 + 0.5) * scale).collect();
         x.extend((-40..=40).map(|k| k as f32 * scale * 1.01));
         x.extend([0.0, -0.0, 1e6, -1e6, 63.8, 64.1, -32.1, -31.9]);
+        // One ulp either side of each tie, where x / scale and x * (1 / scale) can disagree.
+        for k in -130..130 {
+            let tie = (k as f32 + 0.5) * scale;
+            x.extend([f32::from_bits(tie.to_bits() - 1), f32::from_bits(tie.to_bits() + 1)]);
+        }
         for (zp, signed) in [(0, true), (-7, true), (0, false), (135, false)] {
             let proto = qdq_graph(x.len(), scale, zp, signed);
             let as_quantized = run(&proto, &x);
@@ -570,8 +580,8 @@ mod tests {
             let rounded = run(&rewritten, &x);
             for (i, &v) in x.iter().enumerate() {
                 let want = reference(v, scale, zp, signed);
-                assert_eq!(rounded[i], want, "x {v} zp {zp} signed {signed}: rewritten");
-                assert_eq!(as_quantized[i], want, "x {v} zp {zp} signed {signed}: tract's own Q/DQ");
+                assert_eq!(rounded[i], as_quantized[i], "x {v} zp {zp} signed {signed}: rewritten vs tract's Q/DQ");
+                assert_eq!(rounded[i], want, "x {v} zp {zp} signed {signed}: rewritten vs the definition");
             }
         }
     }
