@@ -127,7 +127,11 @@ pub fn expand_qoperators(graph: &mut pb::GraphProto) -> Result<RewriteReport, St
         // QLinearConv is standard ONNX and tract runs it on integer kernels, but
         // slower than the float kernels with rounded activations that the
         // expansion leads to (see `round_qdq_activations`).
-        let domain_ok = node.domain == "com.microsoft" || (node.op_type == "QLinearConv" && node.domain.is_empty());
+        // (ONNX Runtime's contrib QLinearConv, with its channels_last, is left alone.)
+        let domain_ok = match node.op_type.as_str() {
+            "QLinearConv" => node.domain.is_empty() || node.domain == "ai.onnx",
+            _ => node.domain == "com.microsoft",
+        };
         if !is_expandable(&node.op_type) || !domain_ok {
             new_nodes.push(node);
             continue;
