@@ -134,6 +134,8 @@ fn a_fleet_shares_results_across_consumers_through_a_broker_restart() {
     std::fs::create_dir_all(&broker_dir).unwrap();
     let broker = Mosquitto::start_persistent(port, &broker_dir);
     let consumers: Vec<Consumer> = (0..3).map(|i| Consumer::connect(port, &format!("fleet-worker-{i}"))).collect();
+    // Devices reach the broker through a gate: after the broker restart it opens
+    // only once every consumer has subscribed again (see the note on `Consumer`).
     let gate = Gate::start(port, true);
     let mut daemons: Vec<Daemon> = (0..DEVICES)
         .map(|d| Daemon::start(&config(&format!("fleet-{d}"), gate.port, &state.path().join(format!("queue-{d}")))))
