@@ -61,17 +61,14 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
             .into_iter()
             .filter(|op| nodes.iter().any(|n| n.op_type == *op))
             .collect();
-        match (rounded, left.is_empty()) {
-            (0, _) => "integer (as quantized)".to_string(),
-            (n, true) => format!(
-                "float kernels, activations rounded as quantized ({quantization}: {n} quantize/dequantize pairs as \
-                 Div, Clip, round, Mul)"
-            ),
-            (n, false) => format!(
-                "float kernels, activations rounded as quantized ({quantization}: {n} quantize/dequantize pairs as \
-                 Div, Clip, round, Mul); {} on integer kernels",
-                left.join(", ")
-            ),
+        let integer = if left.is_empty() { String::new() } else { format!("; {} on integer kernels", left.join(", ")) };
+        if rounded == 0 {
+            "integer (as quantized)".to_string()
+        } else {
+            format!(
+                "float kernels, activations rounded as quantized ({quantization}: {rounded} quantize/dequantize \
+                 pairs as Div, Clip, round, Mul){integer}"
+            )
         }
     };
     check_ops(&onnx, graph, &shown)?;

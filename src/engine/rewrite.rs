@@ -421,16 +421,6 @@ fn f32_scalar(name: &str, v: f32) -> pb::TensorProto {
     }
 }
 
-fn plain_node(op: &str, inputs: Vec<String>, output: &str) -> NodeProto {
-    NodeProto {
-        input: inputs,
-        output: vec![output.into()],
-        name: output.into(),
-        op_type: op.into(),
-        ..Default::default()
-    }
-}
-
 /// `1.5 * 2^23`: adding it to an f32 of magnitude below 2^22 and subtracting it
 /// again rounds to the nearest integer, ties to even (ONNX's QuantizeLinear
 /// rounding), in two plain additions that tract fuses with the neighbouring
@@ -453,29 +443,23 @@ pub fn round_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     let magic = "edgeinfer__round_magic".to_string();
     graph.initializer.push(f32_scalar(&magic, ROUND_MAGIC));
     replace_pairs(graph, &pairs, |pair, x, base| {
-        let scale = graph_scale_name(base);
         let (lo, hi) = pair.steps();
-        let names = ["div", "clip", "add", "round", "lo", "hi"].map(|w| format!("{base}__{w}"));
-        let [div, clip, add, round, lo_name, hi_name] = names;
+        // A scalar scale of our own: the model's may have shape [1].
+        let names = ["scale", "div", "clip", "add", "round", "lo", "hi"].map(|w| format!("{base}__{w}"));
+        let [scale, div, clip, add, round, lo_name, hi_name] = names;
+        let mut b = Builder { prefix: base, counter: 0, nodes: vec![] };
+        b.node("Div", vec![x.into(), scale.clone()], vec![div.clone()], vec![]);
+        b.node("Clip", vec![div, lo_name.clone(), hi_name.clone()], vec![clip.clone()], vec![]);
+        b.node("Add", vec![clip, magic.clone()], vec![add.clone()], vec![]);
+        b.node("Sub", vec![add, magic.clone()], vec![round.clone()], vec![]);
         Replacement {
-            shared: vec![
-                plain_node("Div", vec![x.into(), scale.clone()], &div),
-                plain_node("Clip", vec![div, lo_name.clone(), hi_name.clone()], &clip),
-                plain_node("Add", vec![clip, magic.clone()], &add),
-                plain_node("Sub", vec![add, magic.clone()], &round),
-            ],
+            shared: b.nodes,
             initializers: vec![f32_scalar(&scale, pair.scale), f32_scalar(&lo_name, lo), f32_scalar(&hi_name, hi)],
             last_op: "Mul",
             last_inputs: vec![round, scale],
         }
     });
     pairs.len()
-}
-
-/// The name of the scalar scale initializer added for the pair whose
-/// QuantizeLinear output is `base` (the model's own may be shape `[1]`).
-fn graph_scale_name(base: &str) -> String {
-    format!("{base}__scale")
 }
 
 /// The float path for QDQ models (`qdq_as_float`): replaces each activation's
@@ -526,12 +510,12 @@ mod tests {
         };
         let zp_init =
             pb::TensorProto { name: "zp".into(), data_type: dt as i32, int32_data: vec![zp], ..Default::default() };
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.q("x", "s", Some("zp"), "q");
+        b.node("DequantizeLinear", vec!["q".into(), "s".into(), "zp".into()], vec!["dq".into()], vec![]);
+        b.node("Relu", vec!["dq".into()], vec!["y".into()], vec![]);
         let graph = pb::GraphProto {
-            node: vec![
-                plain_node("QuantizeLinear", vec!["x".into(), "s".into(), "zp".into()], "q"),
-                plain_node("DequantizeLinear", vec!["q".into(), "s".into(), "zp".into()], "dq"),
-                plain_node("Relu", vec!["dq".into()], "y"),
-            ],
+            node: b.nodes,
             initializer: vec![f32_scalar("s", scale), zp_init],
             input: vec![value("x")],
             output: vec![value("y")],
@@ -604,7 +588,9 @@ mod tests {
     fn a_quantized_graph_output_or_other_consumer_is_left_alone() {
         let mut proto = qdq_graph(4, 0.5, 0, true);
         let graph = proto.graph.as_mut().unwrap();
-        graph.node.push(plain_node("Cast", vec!["q".into()], "q_as_int"));
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node("Cast", vec!["q".into()], vec!["q_as_int".into()], vec![]);
+        graph.node.extend(b.nodes);
         assert_eq!(round_qdq_activations(graph), 0);
         assert_eq!(graph.node.len(), 4);
     }
