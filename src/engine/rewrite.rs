@@ -385,12 +385,13 @@ fn replace_pairs(graph: &mut pb::GraphProto, pairs: &[QdqPair], make: impl Fn(&Q
     for pair in pairs {
         let x = graph.node[pair.q].input[0].clone();
         let base = graph.node[pair.q].output[0].clone();
-        let r = make(pair, &x, &base);
+        let mut r = make(pair, &x, &base);
         remove.insert(pair.q);
-        added_inits.extend(r.initializers);
-        for (k, &u) in pair.dqs.iter().enumerate() {
+        added_inits.append(&mut r.initializers);
+        for &u in &pair.dqs {
             remove.insert(u);
-            let mut nodes = if k == 0 { r.shared.clone() } else { Vec::new() };
+            // The shared nodes go before the first consumer only; the others find them there.
+            let mut nodes = std::mem::take(&mut r.shared);
             nodes.push(NodeProto {
                 input: r.last_inputs.clone(),
                 output: vec![graph.node[u].output[0].clone()],
@@ -593,5 +594,14 @@ mod tests {
         graph.node.extend(b.nodes);
         assert_eq!(round_qdq_activations(graph), 0);
         assert_eq!(graph.node.len(), 4);
+
+        // The quantized tensor is itself a graph output.
+        let mut proto = qdq_graph(4, 0.5, 0, true);
+        let graph = proto.graph.as_mut().unwrap();
+        let y = graph.output[0].clone();
+        graph.output.push(pb::ValueInfoProto { name: "q".into(), ..y });
+        assert_eq!(round_qdq_activations(graph), 0);
+        assert_eq!(fold_qdq_activations(graph), 0);
+        assert_eq!(graph.node.len(), 3);
     }
 }
