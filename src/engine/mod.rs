@@ -21,6 +21,7 @@ mod nnef_ops;
 mod onnx;
 #[cfg(feature = "onnx")]
 mod proto;
+mod quant_dequant;
 #[cfg(feature = "onnx")]
 mod rewrite;
 
@@ -611,7 +612,8 @@ impl Model {
         let shown = prov.path.display().to_string();
         let load_err = |e: TractError| EngineError::Load { path: shown.clone(), reason: tract_err(e) };
         let t = Instant::now();
-        let optimized = typed.into_optimized().map_err(load_err)?;
+        let mut optimized = typed.into_optimized().map_err(load_err)?;
+        quant_dequant::fuse_into_matmuls(&mut optimized).map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
         for node in optimized.nodes() {
             *optimized_ops.entry(node.op.name().to_string()).or_insert(0usize) += 1;

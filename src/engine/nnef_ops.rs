@@ -17,6 +17,8 @@
 //! ONNX's scale, as tract stores it); `table` holds the 256 output bytes for
 //! the input bytes 0..=255. Each loads back into the very operator it was
 //! written from, so a converted graph optimises like the original.
+//! The extension also holds `edgeinfer_quant_dequant`, our own operator for
+//! an activation's quantize/dequantize pair (`quant_dequant` registers it).
 
 use std::any::TypeId;
 
@@ -63,6 +65,7 @@ pub fn registry() -> Registry {
         vec![TypeName::Scalar.tensor().named("x"), TypeName::Integer.array().named("table")],
         load_lut,
     );
+    super::quant_dequant::register_nnef(&mut reg);
     reg
 }
 

@@ -17,11 +17,18 @@ use super::rewrite;
 use super::{datum_of, ms, tract_err, EngineError, LoadOptions, ModelMeta, OutputMeta, QuantParams, TensorSpec, Typed};
 use crate::tensor::ElemType;
 
+/// tract-onnx with the operator our QDQ rewrite emits (`quant_dequant`).
+pub(super) fn framework() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    super::quant_dequant::register_onnx(&mut onnx);
+    onnx
+}
+
 /// Builds tract's typed graph from an ONNX file already read into `bytes`.
 pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadOptions) -> Result<Typed, EngineError> {
     let shown = path.display().to_string();
     let t0 = Instant::now();
-    let onnx = tract_onnx::onnx();
+    let onnx = framework();
     let mut model_proto = onnx
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| EngineError::Decode { path: shown.clone(), reason: tract_err(e) })?;
@@ -67,7 +74,7 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
         } else {
             format!(
                 "float kernels, activations rounded as quantized ({quantization}: {rounded} quantize/dequantize \
-                 pairs as Div, Clip, round, Mul){integer}"
+                 pairs as one EdgeinferQuantDequant pass each){integer}"
             )
         }
     };
@@ -96,8 +103,8 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
     let dir = path.parent().and_then(|p| p.to_str()).map(|s| s.to_string());
     let build = |ignore_value_info: bool| -> Result<(TypedModel, f64), String> {
         let t = Instant::now();
-        let framework = tract_onnx::onnx().with_ignore_value_info(ignore_value_info);
-        let parsed = framework.parse(&model_proto, dir.as_deref()).map_err(tract_err)?;
+        let tract = framework().with_ignore_value_info(ignore_value_info);
+        let parsed = tract.parse(&model_proto, dir.as_deref()).map_err(tract_err)?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(format!("graph refers to undefined tensors {:?}", parsed.unresolved_inputs));
         }

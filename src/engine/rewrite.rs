@@ -107,6 +107,10 @@ fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
     pb::AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
 }
 
+fn float_attr(name: &str, v: f32) -> pb::AttributeProto {
+    pb::AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
+}
+
 fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
     node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
 }
@@ -375,6 +379,8 @@ struct Replacement {
     /// The op and inputs of the node that takes each DequantizeLinear's place.
     last_op: &'static str,
     last_inputs: Vec<String>,
+    /// Its attributes.
+    last_attrs: Vec<pb::AttributeProto>,
 }
 
 /// Replaces every pair as `make` says, keeping topological order.
@@ -397,6 +403,7 @@ fn replace_pairs(graph: &mut pb::GraphProto, pairs: &[QdqPair], make: impl Fn(&Q
                 output: vec![graph.node[u].output[0].clone()],
                 name: format!("{}__{}", graph.node[u].name, r.last_op.to_lowercase()),
                 op_type: r.last_op.into(),
+                attribute: r.last_attrs.clone(),
                 ..Default::default()
             });
             placed.insert(u, nodes);
@@ -422,42 +429,40 @@ fn f32_scalar(name: &str, v: f32) -> pb::TensorProto {
     }
 }
 
-/// `1.5 * 2^23`: adding it to an f32 of magnitude below 2^22 and subtracting it
-/// again rounds to the nearest integer, ties to even (ONNX's QuantizeLinear
-/// rounding), in two plain additions that tract fuses with the neighbouring
-/// scalar ops into one element-wise pass (a Round op would be a pass of its own).
-const ROUND_MAGIC: f32 = 12_582_912.0;
-
 /// The default path for QDQ models: replaces each activation's
-/// QuantizeLinear -> DequantizeLinear pair by the float ops that compute the
-/// same values, `x / scale`, Clip to the quantized range, round half to even
-/// (the `ROUND_MAGIC` additions) and `* scale`. tract runs them as one fused
-/// element-wise chain, where its own pair costs two passes and two type
-/// conversions. The values are exactly those of tract's own pair (both
-/// multiply by `1 / scale`), so parity with ONNX Runtime is unchanged.
+/// QuantizeLinear -> DequantizeLinear pair by one `EdgeinferQuantDequant` node
+/// (see `quant_dequant`), which computes the same values in one element-wise
+/// pass: `x / scale` (as a multiplication by `1 / scale`, like tract's own
+/// pair), clipped to the quantized range, rounded half to even, `* scale`.
+/// tract's own pair costs two passes and two type conversions; the same
+/// arithmetic as separate float ops costs eleven graph nodes, which tract's
+/// optimiser is slow on. Parity with ONNX Runtime is unchanged.
 /// Returns how many pairs were replaced.
 pub fn round_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     let pairs = activation_qdq_pairs(graph);
-    if pairs.is_empty() {
-        return 0;
-    }
-    let magic = "edgeinfer__round_magic".to_string();
-    graph.initializer.push(f32_scalar(&magic, ROUND_MAGIC));
     replace_pairs(graph, &pairs, |pair, x, base| {
         let (lo, hi) = pair.steps();
-        // A scalar scale of our own: the model's may have shape [1].
-        let names = ["scale", "div", "clip", "add", "round", "lo", "hi"].map(|w| format!("{base}__{w}"));
-        let [scale, div, clip, add, round, lo_name, hi_name] = names;
+        let attrs = vec![float_attr("scale", pair.scale), float_attr("lo", lo), float_attr("hi", hi)];
+        if pair.dqs.len() == 1 {
+            return Replacement {
+                shared: Vec::new(),
+                initializers: Vec::new(),
+                last_op: super::quant_dequant::ONNX_OP,
+                last_inputs: vec![x.into()],
+                last_attrs: attrs,
+            };
+        }
+        // Several consumers share one pass; each DequantizeLinear becomes an
+        // Identity of it, which tract removes.
+        let shared = format!("{base}__quant_dequant");
         let mut b = Builder { prefix: base, counter: 0, nodes: vec![] };
-        b.node("Div", vec![x.into(), scale.clone()], vec![div.clone()], vec![]);
-        b.node("Clip", vec![div, lo_name.clone(), hi_name.clone()], vec![clip.clone()], vec![]);
-        b.node("Add", vec![clip, magic.clone()], vec![add.clone()], vec![]);
-        b.node("Sub", vec![add, magic.clone()], vec![round.clone()], vec![]);
+        b.node(super::quant_dequant::ONNX_OP, vec![x.into()], vec![shared.clone()], attrs);
         Replacement {
             shared: b.nodes,
-            initializers: vec![f32_scalar(&scale, pair.scale), f32_scalar(&lo_name, lo), f32_scalar(&hi_name, hi)],
-            last_op: "Mul",
-            last_inputs: vec![round, scale],
+            initializers: Vec::new(),
+            last_op: "Identity",
+            last_inputs: vec![shared],
+            last_attrs: Vec::new(),
         }
     });
     pairs.len()
@@ -480,6 +485,7 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
             initializers: vec![f32_scalar(&lo_name, lo * pair.scale), f32_scalar(&hi_name, hi * pair.scale)],
             last_op: "Clip",
             last_inputs: vec![x.into(), lo_name, hi_name],
+            last_attrs: Vec::new(),
         }
     });
     pairs.len()
@@ -531,7 +537,7 @@ mod tests {
     }
 
     fn run(proto: &pb::ModelProto, x: &[f32]) -> Vec<f32> {
-        let model = tract_onnx::onnx().model_for_proto_model(proto).unwrap();
+        let model = super::super::onnx::framework().model_for_proto_model(proto).unwrap();
         let plan = model.into_optimized().unwrap().into_runnable().unwrap();
         let out = plan.run(tvec!(tract_ndarray::arr1(x).into_tvalue())).unwrap();
         out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
@@ -565,7 +571,7 @@ mod tests {
             let mut rewritten = proto.clone();
             assert_eq!(round_qdq_activations(rewritten.graph.as_mut().unwrap()), 1);
             let ops: Vec<&str> = rewritten.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
-            assert_eq!(ops, ["Div", "Clip", "Add", "Sub", "Mul", "Relu"], "zp {zp} signed {signed}");
+            assert_eq!(ops, ["EdgeinferQuantDequant", "Relu"], "zp {zp} signed {signed}");
             let rounded = run(&rewritten, &x);
             for (i, &v) in x.iter().enumerate() {
                 let want = reference(v, scale, zp, signed);
@@ -573,6 +579,113 @@ mod tests {
                 assert_eq!(rounded[i], want, "x {v} zp {zp} signed {signed}: rewritten vs the definition");
             }
         }
+    }
+
+    #[test]
+    fn a_pair_with_two_consumers_is_computed_once_for_both() {
+        let scale = 0.1f32;
+        let x = [0.04f32, 0.05, 0.15, -3.0, 30.0];
+        let mut proto = qdq_graph(x.len(), scale, 0, true);
+        let graph = proto.graph.as_mut().unwrap();
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node("DequantizeLinear", vec!["q".into(), "s".into(), "zp".into()], vec!["dq2".into()], vec![]);
+        b.node("Neg", vec!["dq2".into()], vec!["y2".into()], vec![]);
+        graph.node.extend(b.nodes);
+        let y = graph.output[0].clone();
+        graph.output.push(pb::ValueInfoProto { name: "y2".into(), ..y });
+        let before = run_all(&proto, &x);
+        assert_eq!(round_qdq_activations(proto.graph.as_mut().unwrap()), 1);
+        let ops: Vec<&str> = proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["EdgeinferQuantDequant", "Identity", "Relu", "Identity", "Neg"]);
+        let after = run_all(&proto, &x);
+        assert_eq!(after, before);
+        // Saturated at 127 steps, then each consumer's own op.
+        assert_eq!((after[0][4], after[1][4]), (127.0 * scale, -(127.0 * scale)));
+        assert_eq!((after[0][3], after[1][3]), (0.0, 3.0));
+    }
+
+    fn run_all(proto: &pb::ModelProto, x: &[f32]) -> Vec<Vec<f32>> {
+        let model = super::super::onnx::framework().model_for_proto_model(proto).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let out = plan.run(tvec!(tract_ndarray::arr1(x).into_tvalue())).unwrap();
+        out.iter().map(|o| o.to_plain_array_view::<f32>().unwrap().iter().copied().collect()).collect()
+    }
+
+    /// `x [4, 8] -> MatMul(W [8, 3]) -> QuantizeLinear -> DequantizeLinear -> y`.
+    fn matmul_qdq_graph(scale: f32) -> pb::ModelProto {
+        let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| pb::tensor_shape_proto::Dimension {
+                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let w = pb::TensorProto {
+            name: "w".into(),
+            dims: vec![8, 3],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37).collect(),
+            ..Default::default()
+        };
+        let zp = pb::TensorProto {
+            name: "zp".into(),
+            data_type: pb::tensor_proto::DataType::Int8 as i32,
+            int32_data: vec![3],
+            ..Default::default()
+        };
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node("MatMul", vec!["x".into(), "w".into()], vec!["m".into()], vec![]);
+        b.q("m", "s", Some("zp"), "q");
+        b.node("DequantizeLinear", vec!["q".into(), "s".into(), "zp".into()], vec!["y".into()], vec![]);
+        let graph = pb::GraphProto {
+            node: b.nodes,
+            initializer: vec![w, f32_scalar("s", scale), zp],
+            input: vec![value("x", &[4, 8])],
+            output: vec![value("y", &[4, 3])],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pair_after_a_matmul_runs_in_its_epilogue_with_the_same_values() {
+        let scale = 0.05259862f32;
+        let x: Vec<f32> = (0..32).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.61).collect();
+        let input = || tvec!(tract_ndarray::Array2::from_shape_vec((4, 8), x.clone()).unwrap().into_tvalue());
+        let proto = matmul_qdq_graph(scale);
+        let tracts_pair = super::super::onnx::framework().model_for_proto_model(&proto).unwrap();
+        let want = tracts_pair.into_optimized().unwrap().into_runnable().unwrap().run(input()).unwrap();
+
+        let mut rewritten = proto.clone();
+        assert_eq!(round_qdq_activations(rewritten.graph.as_mut().unwrap()), 1);
+        let model = super::super::onnx::framework().model_for_proto_model(&rewritten).unwrap();
+        let mut optimized = model.into_optimized().unwrap();
+        let has_op = |m: &TypedModel| m.nodes().iter().any(|n| n.op.name() == "EdgeinferQuantDequant");
+        assert!(has_op(&optimized), "tract kept the pair as its own node before our fusion");
+        assert_eq!(crate::engine::quant_dequant::fuse_into_matmuls(&mut optimized).unwrap(), 1);
+        assert!(!has_op(&optimized));
+        let got = optimized.into_runnable().unwrap().run(input()).unwrap();
+        let (got, want) = (got[0].to_plain_array_view::<f32>().unwrap(), want[0].to_plain_array_view::<f32>().unwrap());
+        assert_eq!(got, want);
+        // Some values saturate at 127 - 3 steps, so the clip is exercised too.
+        assert!(got.iter().any(|&v| v == 124.0 * scale), "{got:?}");
     }
 
     #[test]
