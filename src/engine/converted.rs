@@ -66,6 +66,29 @@ fn framework() -> tract_nnef::framework::Nnef {
     nnef
 }
 
+/// [`framework`] for reading only. tract's `Nnef::default()` parses tract's
+/// NNEF standard library text for its writer, and its `tract_nnef` registry
+/// parses that text again; a reader needs only the registry. Building it by
+/// hand skips one of the two parses, most of the fixed cost of loading a
+/// small converted or cached model. A test checks it stays the default's twin.
+fn reader() -> tract_nnef::framework::Nnef {
+    use tract_nnef::resource::{DatLoader, GraphNnefLoader, GraphQuantLoader, ResourceLoader, TypedModelLoader};
+    tract_nnef::framework::Nnef {
+        stdlib: Vec::new(),
+        registries: vec![tract_nnef::ops::tract_nnef(), tract_nnef::ops::tract_core()],
+        resource_loaders: vec![
+            GraphNnefLoader.into_boxed(),
+            DatLoader.into_boxed(),
+            GraphQuantLoader.into_boxed(),
+            TypedModelLoader::new(false).into_boxed(),
+        ],
+        allow_extended_identifier_syntax: true,
+        extern_all_constants: false,
+    }
+    .with_onnx()
+    .with_registry(super::nnef_ops::registry())
+}
+
 /// Writes the sidecar entry, then tract's NNEF entries, as one tar stream.
 fn write_archive(model: &TypedModel, sidecar: &Sidecar, mut w: impl Write) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(sidecar).map_err(|e| e.to_string())?;
@@ -149,7 +172,7 @@ pub(super) fn read(bytes: &[u8]) -> Result<Unpacked, String> {
             sidecar.format
         ));
     }
-    let nnef = framework();
+    let nnef = reader();
     let proto = nnef.proto_model_for_read(&mut &bytes[..]).map_err(tract_err)?;
     let unpack_ms = super::ms(t.elapsed());
     let t = std::time::Instant::now();
@@ -184,4 +207,23 @@ fn read_sidecar(bytes: &[u8]) -> Result<Sidecar, String> {
     let mut text = String::new();
     first.read_to_string(&mut text).map_err(|e| format!("{SIDECAR}: {e}"))?;
     serde_json::from_str(&text).map_err(|e| format!("{SIDECAR}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_is_the_default_framework_without_the_writers_stdlib() {
+        let (full, reader) = (framework(), reader());
+        assert!(!full.stdlib.is_empty() && reader.stdlib.is_empty());
+        let ids = |n: &tract_nnef::framework::Nnef| n.registries.iter().map(|r| r.id.0.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(&reader), ids(&full));
+        let loaders = |n: &tract_nnef::framework::Nnef| {
+            n.resource_loaders.iter().map(|l| l.name().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(loaders(&reader), loaders(&full));
+        assert_eq!(reader.allow_extended_identifier_syntax, full.allow_extended_identifier_syntax);
+        assert_eq!(reader.extern_all_constants, full.extern_all_constants);
+    }
 }
