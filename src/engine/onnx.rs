@@ -74,7 +74,7 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
         } else {
             format!(
                 "float kernels, activations rounded as quantized ({quantization}: {rounded} quantize/dequantize \
-                 pairs as one EdgeinferQuantDequant pass each){integer}"
+                 pairs as one EdgeinferQuantDequant op each){integer}"
             )
         }
     };

@@ -499,22 +499,6 @@ mod tests {
     /// `x -> QuantizeLinear(scale, zp) -> DequantizeLinear -> Relu -> y`, x: f32 [n].
     fn qdq_graph(n: usize, scale: f32, zp: i32, signed: bool) -> pb::ModelProto {
         let dt = if signed { pb::tensor_proto::DataType::Int8 } else { pb::tensor_proto::DataType::Uint8 };
-        let value = |name: &str| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: pb::tensor_proto::DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto {
-                        dim: vec![pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(n as i64)),
-                            ..Default::default()
-                        }],
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let zp_init =
             pb::TensorProto { name: "zp".into(), data_type: dt as i32, int32_data: vec![zp], ..Default::default() };
         let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
@@ -524,10 +508,37 @@ mod tests {
         let graph = pb::GraphProto {
             node: b.nodes,
             initializer: vec![f32_scalar("s", scale), zp_init],
-            input: vec![value("x")],
-            output: vec![value("y")],
+            input: vec![f32_value("x", &[n as i64])],
+            output: vec![f32_value("y", &[n as i64])],
             ..Default::default()
         };
+        model_of(graph)
+    }
+
+    /// An f32 graph input or output of a fixed shape.
+    fn f32_value(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| pb::tensor_shape_proto::Dimension {
+                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn model_of(graph: pb::GraphProto) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: 8,
             opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
@@ -537,10 +548,7 @@ mod tests {
     }
 
     fn run(proto: &pb::ModelProto, x: &[f32]) -> Vec<f32> {
-        let model = super::super::onnx::framework().model_for_proto_model(proto).unwrap();
-        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
-        let out = plan.run(tvec!(tract_ndarray::arr1(x).into_tvalue())).unwrap();
-        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+        run_all(proto, x).remove(0)
     }
 
     /// ONNX's definition of DequantizeLinear(QuantizeLinear(x)) followed by Relu, with
@@ -613,25 +621,6 @@ mod tests {
 
     /// `x [4, 8] -> MatMul(W [8, 3]) -> QuantizeLinear -> DequantizeLinear -> y`.
     fn matmul_qdq_graph(scale: f32) -> pb::ModelProto {
-        let value = |name: &str, dims: &[i64]| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: pb::tensor_proto::DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| pb::tensor_shape_proto::Dimension {
-                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let w = pb::TensorProto {
             name: "w".into(),
             dims: vec![8, 3],
@@ -652,16 +641,11 @@ mod tests {
         let graph = pb::GraphProto {
             node: b.nodes,
             initializer: vec![w, f32_scalar("s", scale), zp],
-            input: vec![value("x", &[4, 8])],
-            output: vec![value("y", &[4, 3])],
+            input: vec![f32_value("x", &[4, 8])],
+            output: vec![f32_value("y", &[4, 3])],
             ..Default::default()
         };
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
+        model_of(graph)
     }
 
     #[test]
