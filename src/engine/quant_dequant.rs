@@ -78,6 +78,18 @@ impl QuantDequant {
         }
     }
 
+    /// Parameters the computation is exact for: a positive finite step, and a
+    /// range within 2^22 steps, where the `ROUND_MAGIC` rounding holds.
+    fn valid(&self) -> bool {
+        const LIMIT: f32 = 4_194_304.0;
+        self.scale.is_finite()
+            && self.scale > 0.0
+            && self.inv_scale.is_finite()
+            && -LIMIT <= self.lo
+            && self.lo <= self.hi
+            && self.hi <= LIMIT
+    }
+
     fn bits(&self) -> [u32; 4] {
         [self.scale.to_bits(), self.inv_scale.to_bits(), self.lo.to_bits(), self.hi.to_bits()]
     }
@@ -222,7 +234,7 @@ fn load(builder: &mut ModelBuilder, inv: &ResolvedInvocation) -> TractResult<Val
     if dt != DatumType::F32 {
         bail!("{NNEF_OP} on a {dt:?} input; it takes f32");
     }
-    if !(op.scale.is_finite() && op.scale > 0.0 && op.lo <= op.hi) {
+    if !op.valid() {
         bail!("{NNEF_OP}: bad parameters {op:?}");
     }
     builder.wire(ElementWiseOp(Box::new(op), None), &[x])
@@ -237,10 +249,11 @@ pub fn register_onnx(onnx: &mut tract_onnx::Onnx) {
         let scale: f32 = node.get_attr("scale")?;
         let lo: f32 = node.get_attr("lo")?;
         let hi: f32 = node.get_attr("hi")?;
-        if !(scale.is_finite() && scale > 0.0 && lo <= hi) {
+        let op = QuantDequant::new(scale, lo, hi);
+        if !op.valid() {
             bail!("{ONNX_OP} {}: bad attributes scale {scale}, lo {lo}, hi {hi}", node.name);
         }
-        Ok((ElementWiseOp(Box::new(QuantDequant::new(scale, lo, hi)), None).into_hir(), vec![]))
+        Ok((ElementWiseOp(Box::new(op), None).into_hir(), vec![]))
     });
 }
 
@@ -273,6 +286,15 @@ mod tests {
             op.apply(&mut xs);
             assert_eq!(xs, want, "scale {scale}");
         }
+    }
+
+    #[test]
+    fn parameters_outside_the_exact_range_are_refused() {
+        assert!(QuantDequant::new(0.1, -128.0, 127.0).valid());
+        assert!(!QuantDequant::new(0.0, -128.0, 127.0).valid());
+        assert!(!QuantDequant::new(f32::NAN, -128.0, 127.0).valid());
+        assert!(!QuantDequant::new(0.1, 5.0, 4.0).valid());
+        assert!(!QuantDequant::new(0.1, 0.0, 1e7).valid());
     }
 
     #[test]
