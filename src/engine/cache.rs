@@ -21,7 +21,8 @@ pub fn key(onnx_sha256: &str, opts: &LoadOptions) -> String {
     let mut h = Sha256::new();
     // 2: QLinearConv and activation Q/DQ pairs are rewritten before analysis (rewrite.rs).
     // 3: a pair is one EdgeinferQuantDequant node, no longer six float ops (quant_dequant.rs).
-    h.update(b"edgeinfer model cache 3\n");
+    // 4: constant DequantizeLinear nodes are computed before analysis (float weights in the entry).
+    h.update(b"edgeinfer model cache 4\n");
     h.update(format!("onnx {onnx_sha256}\ntract {TRACT_VERSION}\nedgeinfer {}\n", env!("CARGO_PKG_VERSION")));
     // Sorted, so the same shapes given in another order hit the same entry.
     let shapes: BTreeMap<_, _> = opts.input_shapes.iter().collect();

@@ -78,6 +78,7 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
             )
         }
     };
+    rewrite::fold_constant_dequantize(graph);
     check_ops(&onnx, graph, &shown)?;
     let (pinned, batch_filled) = pin_inputs(graph, opts, &shown)?;
     let graph = model_proto.graph.as_ref().expect("checked above");

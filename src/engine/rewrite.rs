@@ -491,6 +491,111 @@ pub fn fold_qdq_activations(graph: &mut pb::GraphProto) -> usize {
     pairs.len()
 }
 
+/// Computes every DequantizeLinear whose inputs are all initializers (the
+/// weights and biases of a QDQ or QOperator model) into a float initializer,
+/// with tract's own arithmetic, so the values do not change: per tensor
+/// `(x - zero_point)` in i32, then `as f32 * scale`; per axis
+/// `(x as f32 - zero_point as f32) * scale`. Left to tract they are computed
+/// while it analyses the graph, with generic broadcasting loops: about 0.2 s of
+/// an int8 MobileNetV2's cold start. Returns how many were computed.
+pub fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> usize {
+    use pb::tensor_proto::DataType;
+    let outputs: std::collections::HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let dtype = |name: &str| graph.initializer.iter().find(|t| t.name == name).map(|t| (t.data_type, t.dims.clone()));
+    let mut folded: HashMap<usize, pb::TensorProto> = HashMap::new();
+    for (ix, n) in graph.node.iter().enumerate() {
+        if n.op_type != "DequantizeLinear" || n.output.len() != 1 || n.input.len() < 2 || outputs.contains(&n.output[0])
+        {
+            continue;
+        }
+        // Blocked quantization (opset 21) has its own layout of scales.
+        if attr_i(n, "block_size").unwrap_or(0) != 0 {
+            continue;
+        }
+        let Some((x_type, dims)) = dtype(&n.input[0]) else { continue };
+        if ![DataType::Int8 as i32, DataType::Uint8 as i32, DataType::Int32 as i32].contains(&x_type)
+            || dims.iter().any(|&d| d < 0)
+        {
+            continue;
+        }
+        let count: usize = dims.iter().map(|&d| d as usize).product();
+        let (Some(xs), Some(scales)) =
+            (super::proto::initializer_ints(graph, &n.input[0]), super::proto::initializer_f32s(graph, &n.input[1]))
+        else {
+            continue;
+        };
+        let zps = match input(n, 2) {
+            Some(zp) => match (super::proto::initializer_ints(graph, zp), dtype(zp)) {
+                (Some(v), Some((t, _))) if t == x_type => v,
+                _ => continue,
+            },
+            None => vec![0],
+        };
+        if xs.len() != count || scales.is_empty() {
+            continue;
+        }
+        let values: Vec<f32> = if scales.len() == 1 && zps.len() == 1 {
+            let (scale, zp) = (scales[0], zps[0] as i32);
+            xs.iter().map(|&x| (x as i32).wrapping_sub(zp) as f32 * scale).collect()
+        } else {
+            let rank = dims.len() as i64;
+            let axis = attr_i(n, "axis").unwrap_or(1);
+            let axis = if axis < 0 { axis + rank } else { axis };
+            if !(0..rank).contains(&axis) {
+                continue;
+            }
+            let channels = dims[axis as usize] as usize;
+            let per = |v: &[f32], c: usize| if v.len() == 1 { v[0] } else { v[c] };
+            if !(scales.len() == 1 || scales.len() == channels) || !(zps.len() == 1 || zps.len() == channels) {
+                continue;
+            }
+            let zps: Vec<f32> = zps.iter().map(|&z| z as f32).collect();
+            let inner: usize = dims[axis as usize + 1..].iter().map(|&d| d as usize).product();
+            xs.iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let c = (i / inner.max(1)) % channels.max(1);
+                    (x as f32 - per(&zps, c)) * per(&scales, c)
+                })
+                .collect()
+        };
+        folded.insert(
+            ix,
+            pb::TensorProto {
+                name: n.output[0].clone(),
+                dims,
+                data_type: DataType::Float as i32,
+                raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ..Default::default()
+            },
+        );
+    }
+    let count = folded.len();
+    let mut inputs_of_folded = std::collections::HashSet::new();
+    let old = std::mem::take(&mut graph.node);
+    for (ix, n) in old.into_iter().enumerate() {
+        match folded.remove(&ix) {
+            Some(t) => {
+                inputs_of_folded.extend(n.input);
+                graph.initializer.push(t);
+            }
+            None => graph.node.push(n),
+        }
+    }
+    // The integer weights nothing else reads are dropped, so tract does not load them;
+    // a name listed as a graph input (old IR versions list initializers there) stays.
+    let used: std::collections::HashSet<&str> = super::proto::all_nodes(graph)
+        .iter()
+        .flat_map(|n| n.input.iter().map(|s| s.as_str()))
+        .chain(graph.input.iter().map(|i| i.name.as_str()))
+        .chain(graph.output.iter().map(|o| o.name.as_str()))
+        .collect();
+    let unused: std::collections::HashSet<String> =
+        inputs_of_folded.into_iter().filter(|name| !used.contains(name.as_str())).collect();
+    graph.initializer.retain(|t| !unused.contains(&t.name));
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,6 +775,85 @@ mod tests {
         assert_eq!(got, want);
         // Some values saturate at 127 - 3 steps, so the clip is exercised too.
         assert!(got.iter().any(|&v| v == 124.0 * scale), "{got:?}");
+    }
+
+    /// `DequantizeLinear(w) + x -> y`, w an initializer of `w_type` with the given
+    /// values, scale and zero point (per axis when longer than one), x: f32 zeros.
+    fn dequantize_graph(
+        w_type: pb::tensor_proto::DataType,
+        dims: &[i64],
+        w: &[i32],
+        scale: &[f32],
+        zp: &[i32],
+        axis: i64,
+    ) -> pb::ModelProto {
+        let dims_of = |v: usize| if v == 1 { vec![] } else { vec![v as i64] };
+        let ints = |name: &str, v: &[i32], dims: Vec<i64>| pb::TensorProto {
+            name: name.into(),
+            dims,
+            data_type: w_type as i32,
+            int32_data: v.to_vec(),
+            ..Default::default()
+        };
+        let scale_t = pb::TensorProto {
+            name: "s".into(),
+            dims: dims_of(scale.len()),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: scale.to_vec(),
+            ..Default::default()
+        };
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node(
+            "DequantizeLinear",
+            vec!["w".into(), "s".into(), "zp".into()],
+            vec!["wf".into()],
+            vec![int_attr("axis", axis)],
+        );
+        b.node("Add", vec!["x".into(), "wf".into()], vec!["y".into()], vec![]);
+        model_of(pb::GraphProto {
+            node: b.nodes,
+            initializer: vec![ints("w", w, dims.to_vec()), scale_t, ints("zp", zp, dims_of(zp.len()))],
+            input: vec![f32_value("x", dims)],
+            output: vec![f32_value("y", dims)],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn constant_dequantize_is_computed_as_tract_computes_it() {
+        use pb::tensor_proto::DataType;
+        let big = [16_777_217, -16_777_219, 2_000_000_003, -7, 0, 123_456_789];
+        // Weight type, shape, values, scales, zero points, axis.
+        type Case = (DataType, Vec<i64>, Vec<i32>, Vec<f32>, Vec<i32>, i64);
+        let cases: Vec<Case> = vec![
+            // Per tensor, u8 with a zero point; i8; i32 beyond f32's exact integers.
+            (DataType::Uint8, vec![6], vec![0, 1, 127, 128, 200, 255], vec![0.0374], vec![128], 1),
+            (DataType::Int8, vec![2, 3], vec![-128, -1, 0, 1, 77, 127], vec![0.05259862], vec![-3], 1),
+            (DataType::Int32, vec![6], big.to_vec(), vec![1.3e-5], vec![0], 1),
+            // Per axis: output channels first (a conv weight), last (negative axis), an i32 bias.
+            (DataType::Int8, vec![3, 2], vec![-128, 5, 0, 127, -9, 33], vec![0.1, 0.013, 7.7e-3], vec![0, 1, -2], 0),
+            (DataType::Int8, vec![2, 3], vec![-128, 5, 0, 127, -9, 33], vec![0.1, 0.013, 7.7e-3], vec![0, 0, 0], -1),
+            (DataType::Int32, vec![3, 2], big.to_vec(), vec![1e-5, 3.3e-7, 2.0], vec![0, 0, 0], 0),
+        ];
+        for (w_type, dims, w, scale, zp, axis) in cases {
+            let proto = dequantize_graph(w_type, &dims, &w, &scale, &zp, axis);
+            let zeros = tract_ndarray::ArrayD::<f32>::zeros(dims.iter().map(|&d| d as usize).collect::<Vec<_>>());
+            let eval = |p: &pb::ModelProto| -> Vec<f32> {
+                let model = super::super::onnx::framework().model_for_proto_model(p).unwrap();
+                let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+                let out = plan.run(tvec!(zeros.clone().into_tvalue())).unwrap();
+                out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+            };
+            let by_tract = eval(&proto);
+            let mut folded = proto.clone();
+            let graph = folded.graph.as_mut().unwrap();
+            assert_eq!(fold_constant_dequantize(graph), 1, "{w_type:?} {dims:?}");
+            assert_eq!(graph.node.len(), 1);
+            assert!(graph.initializer.iter().all(|t| t.name != "w"), "the integer weights are dropped");
+            let by_us = eval(&folded);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&by_us), bits(&by_tract), "{w_type:?} {dims:?} axis {axis}: {by_us:?} vs {by_tract:?}");
+        }
     }
 
     #[test]
