@@ -948,6 +948,25 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "onnx")]
+    fn loading_fuses_quantize_dequantize_pairs_into_the_matmuls() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits_cnn_int8.onnx");
+        let loaded = Model::load(&model, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
+        let info = loaded.info();
+        // "... (QDQ: N quantize/dequantize pairs as one EdgeinferQuantDequant op each)"
+        let pairs: usize = info
+            .int8_path
+            .split("QDQ: ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no pair count in {:?}", info.int8_path));
+        let left = info.optimized_ops.get(quant_dequant::ONNX_OP).copied().unwrap_or(0);
+        // The pairs after a convolution run in its matmul's epilogue; the rest stay as passes.
+        assert!(left < pairs, "{left} of {pairs} pairs left as passes: {:?}", info.optimized_ops);
+    }
+
+    #[test]
     fn tract_version_matches_the_lock_file() {
         // The version is part of the cache key and of converted models: it must be the one we build with.
         let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
