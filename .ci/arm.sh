@@ -56,8 +56,9 @@ feature_list=onnx,broker,tls
 features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing) plus the
 # integration subset. The fetched detector must be present (.ci/run fetches it).
-lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant::
-    engine::tests::threads_above_one_need_the_threads_feature)
+lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise::
+    engine::tests::threads_above_one_need_the_threads_feature
+    engine::tests::loading_runs_depthwise_convolutions_on_our_operator)
 it_filters=(parity:: daemon::files_source_publishes_what_infer_gives_in_order systemd::
     audio::silero_sequence_model_runs_in_tract_like_onnxruntime
     detect::engine_matches_onnxruntime_on_the_reference_input)

@@ -16,6 +16,7 @@
 
 mod cache;
 mod converted;
+mod depthwise;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 mod onnx;
@@ -612,7 +613,10 @@ impl Model {
         let shown = prov.path.display().to_string();
         let load_err = |e: TractError| EngineError::Load { path: shown.clone(), reason: tract_err(e) };
         let t = Instant::now();
-        let mut optimized = typed.into_optimized().map_err(load_err)?;
+        let mut optimized = typed;
+        optimized.declutter().map_err(load_err)?;
+        depthwise::use_for_depthwise_convs(&mut optimized).map_err(load_err)?;
+        optimized.optimize().map_err(load_err)?;
         quant_dequant::fuse_into_matmuls(&mut optimized).map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
         for node in optimized.nodes() {
@@ -964,6 +968,25 @@ mod tests {
         let left = info.optimized_ops.get(quant_dequant::ONNX_OP).copied().unwrap_or(0);
         // The pairs after a convolution run in its matmul's epilogue; the rest stay as passes.
         assert!(left < pairs, "{left} of {pairs} pairs left as passes: {:?}", info.optimized_ops);
+    }
+
+    #[test]
+    #[cfg(feature = "onnx")]
+    fn loading_runs_depthwise_convolutions_on_our_operator() {
+        // The committed int8 MobileNetV2 (the float one is generated, not committed).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mobilenetv2_int8.onnx");
+        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
+        let ops = &loaded.info().optimized_ops;
+        let count = |name: &str| ops.iter().filter(|(op, _)| op.contains(name)).map(|(_, n)| n).sum::<usize>();
+        if depthwise::cpu_supported() {
+            // Its 17 depthwise convolutions, each with the quantize/dequantize
+            // pair after it folded in: 30 pairs were passes, 13 are left.
+            assert_eq!(count(depthwise::OP_NAME), 17, "{ops:?}");
+            assert_eq!(count("DepthWise"), 0, "{ops:?}");
+            assert!(count(quant_dequant::ONNX_OP) <= 13, "{ops:?}");
+        } else {
+            assert_eq!(count("DepthWise"), 17, "{ops:?}");
+        }
     }
 
     #[test]

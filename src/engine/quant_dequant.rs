@@ -48,7 +48,7 @@ const NNEF_OP: &str = "edgeinfer_quant_dequant";
 pub const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// Quantize then dequantize one tensor: `clip(round(x * inv_scale), lo, hi) * scale`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct QuantDequant {
     /// The quantization step (ONNX's scale).
     pub scale: f32,
@@ -61,6 +61,9 @@ pub struct QuantDequant {
 }
 
 impl QuantDequant {
+    /// Parameters that are never applied (a placeholder where an op has no pair).
+    pub const IDENTITY: QuantDequant = QuantDequant { scale: 1.0, inv_scale: 1.0, lo: -1.0, hi: 1.0 };
+
     /// The op for a per-tensor `scale` and a range `lo..=hi` in steps from the zero point.
     #[cfg(any(test, feature = "onnx"))]
     pub fn new(scale: f32, lo: f32, hi: f32) -> QuantDequant {
@@ -69,13 +72,19 @@ impl QuantDequant {
 
     /// The computation, in place; written so that it vectorises.
     fn apply(&self, xs: &mut [f32]) {
-        let Self { scale, inv_scale, lo, hi } = *self;
         for v in xs {
-            let q = *v * inv_scale;
-            let q = if q < lo { lo } else { q };
-            let q = if q > hi { hi } else { q };
-            *v = ((q + ROUND_MAGIC) - ROUND_MAGIC) * scale;
+            *v = self.one(*v);
         }
+    }
+
+    /// The computation for one value; inlined into the loops that use it
+    /// (here and in the depthwise convolution's epilogue) so they vectorise.
+    #[inline(always)]
+    pub fn one(&self, v: f32) -> f32 {
+        let q = v * self.inv_scale;
+        let q = if q < self.lo { self.lo } else { q };
+        let q = if q > self.hi { self.hi } else { q };
+        ((q + ROUND_MAGIC) - ROUND_MAGIC) * self.scale
     }
 
     /// Parameters the computation is exact for: a positive finite step, and a
@@ -153,7 +162,7 @@ pub fn fuse_into_matmuls(model: &mut TypedModel) -> TractResult<usize> {
         let f32_kernels = mm.mmm.iter().all(|k| k.internal_type() == DatumType::F32);
         let stores_last = matches!(mm.micro_ops.last(), Some(ProtoFusedSpec::Store(_)));
         if f32_kernels && stores_last && fact.datum_type == DatumType::F32 && fact.shape == mm.c_fact.shape {
-            found.push((node.id, succ.id, qd.clone()));
+            found.push((node.id, succ.id, *qd));
         }
     }
     for (mm_id, succ_id, qd) in &found {

@@ -1,0 +1,710 @@
+//! A 3x3 depthwise convolution of our own, `EdgeinferDepthwise`, for the
+//! channels-first, batch-of-one form MobileNet-style networks export to ONNX,
+//! with the element-wise operations that follow it (a ReLU6 clip, an int8
+//! activation's quantize/dequantize pair) run in the same loop.
+//!
+//! Profiling float MobileNetV2 put about 30% of its time in tract's depthwise
+//! convolution: a zone walk with a generic border path, and no epilogue, so
+//! the clip and the quantize/dequantize pair that follow each depthwise
+//! convolution were one or two more passes over the activation. Here each
+//! channel is copied once into a zero-padded plane (split into even and odd
+//! columns for a stride of 2), after which every output row is nine
+//! contiguous multiply-adds per value with no border cases, written so that
+//! the compiler vectorises it for AVX2 and FMA, and the clip and the pair
+//! are applied before the value is stored.
+//!
+//! [`use_for_depthwise_convs`] swaps tract's `Conv` for this operator in a
+//! decluttered graph, before tract's code generation, on x86-64 with AVX2
+//! and FMA only ([`cpu_supported`] says why not elsewhere). The sums are in
+//! a different order than tract's, so a value can differ from tract's in its
+//! last bits; the epilogue's arithmetic is that of the operators it
+//! replaces, bit for bit.
+
+use std::sync::Arc;
+
+use tract_core::internal::{
+    tvec, AxisOp, DatumType, DatumTypeExt, EvalContext, EvalOp, Op, OutletId, StaticName, TValue, TVec, Tensor,
+    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
+};
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::nn::DataFormat;
+use tract_core::prelude::IntoTValue;
+
+use super::quant_dequant::QuantDequant;
+
+/// The op name tract's plan (and `inspect`'s operator counts) show.
+pub const OP_NAME: &str = "EdgeinferDepthwise";
+
+/// Kernel side: the only size the shipped networks (and MobileNet V1-V3) use.
+const K: usize = 3;
+
+/// Output values computed together: one AVX register.
+const LANES: usize = 8;
+
+/// A 3x3 depthwise convolution over one `[1, C, H, W]` or `[C, H, W]` f32
+/// tensor, then `clamp(lo, hi)`, then optionally a quantize/dequantize pair.
+#[derive(Debug, Clone)]
+pub struct Depthwise {
+    channels: usize,
+    in_hw: [usize; 2],
+    out_hw: [usize; 2],
+    strides: [usize; 2],
+    /// Zero padding: top, left, bottom, right.
+    pad: [usize; 4],
+    /// `C x 9` weights, row-major per channel.
+    weights: Arc<[f32]>,
+    /// One bias per channel.
+    bias: Arc<[f32]>,
+    clamp: (f32, f32),
+    qdq: Option<QuantDequant>,
+    out_shape: TVec<usize>,
+}
+
+impl PartialEq for Depthwise {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.channels == other.channels
+            && self.in_hw == other.in_hw
+            && self.out_hw == other.out_hw
+            && self.strides == other.strides
+            && self.pad == other.pad
+            && bits(&self.weights) == bits(&other.weights)
+            && bits(&self.bias) == bits(&other.bias)
+            && self.clamp.0.to_bits() == other.clamp.0.to_bits()
+            && self.clamp.1.to_bits() == other.clamp.1.to_bits()
+            && self.qdq == other.qdq
+            && self.out_shape == other.out_shape
+    }
+}
+
+// Equality is on bit patterns, an equivalence even for NaN.
+impl Eq for Depthwise {}
+
+impl Depthwise {
+    /// The padded planes' layout: height, the row length of each column
+    /// phase (wide enough for whole blocks of `LANES` outputs), the output
+    /// width rounded up to whole blocks.
+    fn layout(&self) -> (usize, usize, usize) {
+        let hp = self.in_hw[0] + self.pad[0] + self.pad[2];
+        let wp = self.in_hw[1] + self.pad[1] + self.pad[3];
+        let wo_blocks = self.out_hw[1].next_multiple_of(LANES);
+        let row = wp.div_ceil(self.strides[1]).max((K - 1) / self.strides[1] + wo_blocks);
+        (hp, row, wo_blocks)
+    }
+
+    /// Runs channels `first..first + out.len() / plane` of `x` into `out`.
+    #[inline(always)]
+    fn run_channels<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        first: usize,
+    ) {
+        // Copied out of `self` so the hot loop keeps them in registers.
+        let epi = Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY) };
+        let [h, w] = self.in_hw;
+        let [ho, wo] = self.out_hw;
+        let sw = self.strides[1];
+        let (hp, row_len, wo_blocks) = self.layout();
+        let phase = hp * row_len;
+        // Zeroed once: each channel writes the same interior positions, so the
+        // padding stays zero. The blocks past the last output of a row read
+        // whatever follows (the next row, or this slack) into values that are
+        // never stored.
+        let mut planes = vec![0f32; sw * phase + LANES];
+        let taps_at: [usize; K] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
+        let mut last = [0f32; LANES];
+        for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+            let c = first + ix;
+            let src = &x[c * h * w..][..h * w];
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let at = (y + self.pad[0]) * row_len;
+                if sw == 1 {
+                    planes[at + self.pad[1]..][..w].copy_from_slice(row);
+                } else {
+                    // Column `col` of the padded row goes to phase `col % 2`, at `col / 2`.
+                    let odd_first = self.pad[1] % 2;
+                    let start = self.pad[1] / 2;
+                    let (even, odd) = planes.split_at_mut(phase);
+                    let (to_first, to_second) = if odd_first == 0 { (even, odd) } else { (odd, even) };
+                    let second_start = self.pad[1].div_ceil(2);
+                    // Both columns of a pair in one iteration: the compiler
+                    // vectorises that with shuffles, not two strided loops.
+                    let pairs = w / 2;
+                    let firsts = &mut to_first[at + start..][..w.div_ceil(2)];
+                    let seconds = &mut to_second[at + second_start..][..pairs];
+                    for ((pair, a), b) in row.chunks_exact(2).zip(firsts.iter_mut()).zip(seconds.iter_mut()) {
+                        *a = pair[0];
+                        *b = pair[1];
+                    }
+                    if w % 2 == 1 {
+                        firsts[pairs] = row[w - 1];
+                    }
+                }
+            }
+            let k: [f32; K * K] = self.weights[c * K * K..][..K * K].try_into().expect("9 weights per channel");
+            let bias = self.bias[c];
+            // Two output rows at a time: with a vertical stride of `SH` they
+            // read `SH + K` input rows, not `2 * K`, and share the weights.
+            for (pair, out_rows) in out.chunks_mut(2 * wo).enumerate() {
+                let first_row = 2 * pair * SH;
+                let rows: [[&[f32]; K]; K + 2] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp { i } else { 0 };
+                    std::array::from_fn(|dx| &planes[(first_row + i) * row_len + taps_at[dx]..][..wo_blocks])
+                });
+                let (row0, row1) = out_rows.split_at_mut(wo);
+                let mut col = 0;
+                while col + LANES <= wo {
+                    let out0: &mut [f32; LANES] = (&mut row0[col..col + LANES]).try_into().expect("a full block");
+                    if row1.is_empty() {
+                        block::<CLAMP, QDQ, SH, false>(&rows, &k, bias, epi, col, out0, &mut last);
+                    } else {
+                        let out1: &mut [f32; LANES] = (&mut row1[col..col + LANES]).try_into().expect("a full block");
+                        block::<CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, out0, out1);
+                    }
+                    col += LANES;
+                }
+                if col < wo {
+                    let mut last0 = [0f32; LANES];
+                    block::<CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, &mut last0, &mut last);
+                    row0[col..].copy_from_slice(&last0[..wo - col]);
+                    if !row1.is_empty() {
+                        row1[col..].copy_from_slice(&last[..wo - col]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(&self, x: &[f32], out: &mut [f32], first: usize) {
+        let clamp = self.clamp != (f32::NEG_INFINITY, f32::INFINITY);
+        match (clamp, self.qdq.is_some(), self.strides[0] == 2) {
+            (true, false, false) => run_fast::<true, false, 1>(self, x, out, first),
+            (true, false, true) => run_fast::<true, false, 2>(self, x, out, first),
+            (false, true, false) => run_fast::<false, true, 1>(self, x, out, first),
+            (false, true, true) => run_fast::<false, true, 2>(self, x, out, first),
+            (true, true, false) => run_fast::<true, true, 1>(self, x, out, first),
+            (true, true, true) => run_fast::<true, true, 2>(self, x, out, first),
+            (false, false, false) => run_fast::<false, false, 1>(self, x, out, first),
+            (false, false, true) => run_fast::<false, false, 2>(self, x, out, first),
+        }
+    }
+}
+
+/// `LANES` outputs from column `col` on, of one output row (`rows[..K]`) or, with
+/// `TWO`, of the next one too (`rows[SH..SH + K]`): each the bias plus
+/// nine fused multiply-adds in row-major tap order, then the epilogue.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
+    rows: &[[&[f32]; K]; K + 2],
+    k: &[f32; K * K],
+    bias: f32,
+    epi: Epilogue,
+    col: usize,
+    out0: &mut [f32; LANES],
+    out1: &mut [f32; LANES],
+) {
+    let mut acc0 = [bias; LANES];
+    let mut acc1 = [bias; LANES];
+    let used = if TWO { SH + K } else { K };
+    for (i, row) in rows.iter().enumerate().take(used) {
+        for (dx, taps) in row.iter().enumerate() {
+            let src: &[f32; LANES] = taps[col..col + LANES].try_into().expect("taps cover whole blocks");
+            if i < K {
+                let w = k[i * K + dx];
+                for l in 0..LANES {
+                    acc0[l] = src[l].mul_add(w, acc0[l]);
+                }
+            }
+            if TWO && i >= SH {
+                let w = k[(i - SH) * K + dx];
+                for l in 0..LANES {
+                    acc1[l] = src[l].mul_add(w, acc1[l]);
+                }
+            }
+        }
+    }
+    for (o, a) in out0.iter_mut().zip(acc0) {
+        *o = epi.apply::<CLAMP, QDQ>(a);
+    }
+    if TWO {
+        for (o, a) in out1.iter_mut().zip(acc1) {
+            *o = epi.apply::<CLAMP, QDQ>(a);
+        }
+    }
+}
+
+/// What is applied to each sum before it is stored, held by value.
+#[derive(Clone, Copy)]
+struct Epilogue {
+    clamp: (f32, f32),
+    qd: QuantDequant,
+}
+
+impl Epilogue {
+    /// The clip (as tract's Max then Min), then the quantize/dequantize pair;
+    /// each only when the op has it (`CLAMP`, `QDQ`).
+    #[inline(always)]
+    fn apply<const CLAMP: bool, const QDQ: bool>(self, v: f32) -> f32 {
+        let v = if CLAMP { v.max(self.clamp.0).min(self.clamp.1) } else { v };
+        if QDQ {
+            self.qd.one(v)
+        } else {
+            v
+        }
+    }
+}
+
+/// The channel loop compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    op: &Depthwise,
+    x: &[f32],
+    out: &mut [f32],
+    first: usize,
+) {
+    #[target_feature(enable = "avx2,fma")]
+    fn run_avx2_fma<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        op: &Depthwise,
+        x: &[f32],
+        out: &mut [f32],
+        first: usize,
+    ) {
+        op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+    }
+    // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
+    unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first) }
+}
+
+/// The channel loop elsewhere (unused: `cpu_supported` keeps the op out of
+/// graphs there), so that the crate builds on every target.
+#[cfg(not(target_arch = "x86_64"))]
+fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    op: &Depthwise,
+    x: &[f32],
+    out: &mut [f32],
+    first: usize,
+) {
+    op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+}
+
+/// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
+/// time). Where tract-linalg has a channels-last depthwise kernel (aarch64),
+/// tract's declutter lays depthwise convolutions out channels-last for it,
+/// so they would not match here (16 of MobileNetV2's 17 under qemu); armv7's
+/// baseline has no NEON. There tract's own convolution stays.
+pub fn cpu_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Op for Depthwise {
+    fn name(&self) -> StaticName {
+        OP_NAME.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let [sh, sw] = self.strides;
+        let (lo, hi) = self.clamp;
+        let mut info = vec![format!("3x3 stride {sh}x{sw} pad {:?}, clip [{lo}, {hi}]", self.pad)];
+        if let Some(qd) = &self.qdq {
+            info.push(format!("then quantize/dequantize, scale {} range [{}, {}]", qd.scale, qd.lo, qd.hi));
+        }
+        Ok(info)
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for Depthwise {
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let view = input.try_as_plain_ram()?;
+        let x = view.as_slice::<f32>()?;
+        let [h, w] = self.in_hw;
+        tract_core::internal::ensure!(
+            x.len() == self.channels * h * w,
+            "{OP_NAME}: input of {} values, expected {}x{h}x{w}",
+            x.len(),
+            self.channels
+        );
+        // SAFETY: every value is written below, one plane per channel.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            let out = out_view.as_slice_mut::<f32>()?;
+            let plane = self.out_hw[0] * self.out_hw[1];
+            let work = out.len() * K * K;
+            tract_linalg::multithread::par_chunks_mut(out, plane, work, |first, chunk| {
+                self.run(x, chunk, first);
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
+    }
+}
+
+impl TypedOp for Depthwise {
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
+        Ok(tvec!(DatumType::F32.fact(&*self.out_shape)))
+    }
+}
+
+/// The f32 value of a single-valued constant, if `outlet` is one.
+fn scalar_const(model: &TypedModel, outlet: OutletId) -> Option<f32> {
+    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
+    if konst.datum_type() != DatumType::F32 || konst.len() != 1 {
+        return None;
+    }
+    Some(konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?[0])
+}
+
+/// The whole f32 contents of a constant with `len` values.
+fn const_values(model: &TypedModel, outlet: OutletId, len: usize) -> Option<Vec<f32>> {
+    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
+    if konst.datum_type() != DatumType::F32 || konst.len() != len {
+        return None;
+    }
+    Some(konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
+}
+
+/// The operator for the `Conv` at `node`, if it is a 3x3 f32 depthwise
+/// convolution of one channels-first image this module computes.
+fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
+    let node = model.node(node);
+    let conv = node.op_as::<Conv>()?;
+    let spec = &conv.pool_spec;
+    let channels = spec.input_channels;
+    let plain = conv.q_params.is_none() && conv.kernel_fmt == KernelFormat::OIHW && node.inputs.len() == 3;
+    let depthwise = conv.group == channels && spec.output_channels == channels && channels > 0;
+    if !plain || !depthwise || spec.kernel_shape.as_slice() != [K, K] {
+        return None;
+    }
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+    let strides = match spec.strides.as_deref() {
+        None => [1, 1],
+        Some(&[sh, sw]) if (1..=2).contains(&sh) && (1..=2).contains(&sw) => [sh, sw],
+        _ => return None,
+    };
+    if !ones(&spec.dilations) {
+        return None;
+    }
+    let pad = match &spec.padding {
+        PaddingSpec::Valid => [0; 4],
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, false) if b.len() == 2 && a.len() == 2 => {
+            [b[0], b[1], a[0], a[1]]
+        }
+        _ => return None,
+    };
+    let input = model.outlet_fact(node.inputs[0]).ok()?;
+    let in_shape = input.shape.as_concrete()?;
+    let hw = match (spec.data_format, in_shape) {
+        (DataFormat::NCHW, &[1, c, h, w]) | (DataFormat::CHW, &[c, h, w]) if c == channels => [h, w],
+        _ => return None,
+    };
+    if input.datum_type != DatumType::F32 || hw[0] + pad[0] + pad[2] < K || hw[1] + pad[1] + pad[3] < K {
+        return None;
+    }
+    let out_hw = [(hw[0] + pad[0] + pad[2] - K) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - K) / strides[1] + 1];
+    let output = &node.outputs[0].fact;
+    let out_shape: TVec<usize> = output.shape.as_concrete()?.into();
+    if output.datum_type != DatumType::F32 || out_shape[out_shape.len() - 2..] != out_hw {
+        return None;
+    }
+    // OIHW with one input channel per group: [C, 1, 3, 3].
+    if model.outlet_fact(node.inputs[1]).ok()?.shape.as_concrete()? != [channels, 1, K, K] {
+        return None;
+    }
+    let weights = const_values(model, node.inputs[1], channels * K * K)?;
+    let bias = match const_values(model, node.inputs[2], channels) {
+        Some(b) => b,
+        None => vec![scalar_const(model, node.inputs[2])?; channels],
+    };
+    Some(Depthwise {
+        channels,
+        in_hw: hw,
+        out_hw,
+        strides,
+        pad,
+        weights: weights.into(),
+        bias: bias.into(),
+        clamp: (f32::NEG_INFINITY, f32::INFINITY),
+        qdq: None,
+        out_shape,
+    })
+}
+
+/// Follows the only consumers of `op`'s output while they are a clip bound
+/// (`Max` or `Min` with a single-valued constant), one quantize/dequantize
+/// pair, or axis changes between them, and folds the element-wise ones into
+/// `op`. Returns the last outlet folded in (the convolution's own when
+/// nothing was) and the axis changes to apply after the operator.
+fn fold_epilogue(model: &TypedModel, conv: usize, op: &mut Depthwise) -> (OutletId, Vec<(String, AxisOp)>) {
+    let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
+    let mut end = OutletId::new(conv, 0);
+    let mut axes = Vec::new();
+    let mut pending = Vec::new();
+    let mut cur = end;
+    loop {
+        let node = model.node(cur.node);
+        let succs = &node.outputs[cur.slot].successors;
+        if outputs.contains(&cur) || succs.len() != 1 {
+            break;
+        }
+        let next = model.node(succs[0].node);
+        if let Some(axis) = next.op_as::<AxisOp>() {
+            pending.push((next.name.clone(), axis.clone()));
+        } else if let Some(bin) =
+            next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && op.qdq.is_none() && next.inputs.len() == 2)
+        {
+            let other = next.inputs.iter().copied().find(|&i| i != cur);
+            let Some(value) = other.and_then(|o| scalar_const(model, o)) else { break };
+            let same_shape = next.outputs[0].fact.shape == node.outputs[cur.slot].fact.shape;
+            let (lo, hi) = op.clamp;
+            // max(clamp(x, lo, hi), v) is clamp(x, max(lo, v), max(hi, v)), and
+            // min(clamp(x, lo, hi), v) is clamp(x, min(lo, v), min(hi, v)).
+            op.clamp = match bin.0.name() {
+                "Max" if same_shape => (lo.max(value), hi.max(value)),
+                "Min" if same_shape => (lo.min(value), hi.min(value)),
+                _ => break,
+            };
+            axes.append(&mut pending);
+            end = OutletId::new(next.id, 0);
+        } else if let Some(qd) = next
+            .op_as::<ElementWiseOp>()
+            .filter(|ew| ew.1.is_none() && op.qdq.is_none())
+            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
+        {
+            op.qdq = Some(*qd);
+            axes.append(&mut pending);
+            end = OutletId::new(next.id, 0);
+        } else {
+            break;
+        }
+        cur = OutletId::new(next.id, 0);
+    }
+    (end, axes)
+}
+
+/// Replaces each 3x3 f32 depthwise `Conv` of a decluttered graph, and the
+/// clip or quantize/dequantize pair after it, by [`Depthwise`]; runs before
+/// tract's code generation. Returns how many convolutions were replaced.
+pub fn use_for_depthwise_convs(model: &mut TypedModel) -> TractResult<usize> {
+    if !cpu_supported() {
+        return Ok(0);
+    }
+    replace(model, true)
+}
+
+/// The replacement, with or without folding what follows (the tests compare both).
+fn replace(model: &mut TypedModel, fold: bool) -> TractResult<usize> {
+    let convs: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
+    let mut replaced = 0;
+    for id in convs {
+        let Some(mut op) = for_conv(model, id) else { continue };
+        let (end, axes) = if fold { fold_epilogue(model, id, &mut op) } else { (OutletId::new(id, 0), vec![]) };
+        let node = model.node(id);
+        let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
+        let tap = patch.tap_model(model, node.inputs[0])?;
+        let mut wire = patch.wire_node(&node.name, op, &[tap])?[0];
+        for (name, axis) in axes {
+            wire = patch.wire_node(name, axis, &[wire])?[0];
+        }
+        patch.shunt_outside(model, end, wire)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::internal::{tensor0, IntoRunnable, SpecialOps};
+    use tract_core::ops::cnn::PoolSpec;
+    use tract_core::ops::math::{Max, Min};
+
+    /// A deterministic spread of values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 20_000) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// What follows the convolution in a test graph.
+    #[derive(Clone, Copy)]
+    enum Then {
+        Max(f32),
+        Min(f32),
+        QuantDequant(f32, f32, f32),
+        DropBatchAxis,
+    }
+
+    struct Case {
+        channels: usize,
+        hw: [usize; 2],
+        strides: [usize; 2],
+        pad: [usize; 4],
+        batch_axis: bool,
+    }
+
+    /// A graph of one depthwise convolution and `then`, and an input for it.
+    fn graph(case: &Case, then: &[Then]) -> (TypedModel, Tensor) {
+        let Case { channels: c, hw: [h, w], strides, pad, batch_axis } = *case;
+        let mut shape: TVec<usize> = tvec![c, h, w];
+        if batch_axis {
+            shape.insert(0, 1);
+        }
+        let mut model = TypedModel::default();
+        let mut wire = model.add_source("x", DatumType::F32.fact(&*shape)).unwrap();
+        let kernel = Tensor::from_shape(&[c, 1, K, K], &values(c * K * K, 7)).unwrap();
+        let bias = Tensor::from_shape(&[c], &values(c, 11)).unwrap();
+        let kernel = model.add_const("kernel", kernel).unwrap();
+        let bias = model.add_const("bias", bias).unwrap();
+        let fmt = if batch_axis { DataFormat::NCHW } else { DataFormat::CHW };
+        let padding = PaddingSpec::Explicit(tvec![pad[0], pad[1]], tvec![pad[2], pad[3]]);
+        let spec = PoolSpec::new(fmt, tvec![K, K], padding, None, Some(tvec![strides[0], strides[1]]), c, c);
+        let conv = Conv::new(spec, KernelFormat::OIHW, c, None);
+        wire = model.wire_node("conv", conv, &[wire, kernel, bias]).unwrap()[0];
+        for (i, step) in then.iter().enumerate() {
+            let rank = model.outlet_fact(wire).unwrap().rank();
+            let bound = |model: &mut TypedModel, v: f32| {
+                let t = tensor0(v).broadcast_into_rank(rank).unwrap();
+                model.add_const(format!("bound{i}"), t).unwrap()
+            };
+            wire = match *step {
+                Then::Max(v) => {
+                    let b = bound(&mut model, v);
+                    model.wire_node(format!("max{i}"), TypedBinOp(Box::new(Max), None), &[wire, b]).unwrap()[0]
+                }
+                Then::Min(v) => {
+                    let b = bound(&mut model, v);
+                    model.wire_node(format!("min{i}"), TypedBinOp(Box::new(Min), None), &[b, wire]).unwrap()[0]
+                }
+                Then::QuantDequant(scale, lo, hi) => {
+                    let op = ElementWiseOp(Box::new(QuantDequant::new(scale, lo, hi)), None);
+                    model.wire_node(format!("qdq{i}"), op, &[wire]).unwrap()[0]
+                }
+                Then::DropBatchAxis => model.wire_node(format!("rm{i}"), AxisOp::Rm(0), &[wire]).unwrap()[0],
+            };
+        }
+        model.select_output_outlets(&[wire]).unwrap();
+        let input = Tensor::from_shape(&shape, &values(shape.iter().product(), 3)).unwrap();
+        (model, input)
+    }
+
+    /// Optimises `model` (with ours when `ours` says how) and runs it.
+    fn run(mut model: TypedModel, input: &Tensor, ours: Option<bool>) -> (Vec<f32>, Vec<String>) {
+        model.declutter().unwrap();
+        if let Some(fold) = ours {
+            assert_eq!(replace(&mut model, fold).unwrap(), 1, "the convolution is replaced");
+        }
+        model.optimize().unwrap();
+        let ops = model.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+        (out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(), ops)
+    }
+
+    fn cases() -> Vec<Case> {
+        let case = |channels, hw, strides, pad, batch_axis| Case { channels, hw, strides, pad, batch_axis };
+        vec![
+            case(5, [7, 9], [1, 1], [1, 1, 1, 1], true),
+            case(4, [8, 8], [2, 2], [1, 1, 1, 1], true),
+            case(3, [9, 11], [2, 2], [1, 1, 1, 1], false),
+            // Wider than one block of LANES, asymmetric padding, mixed strides.
+            case(4, [6, 37], [1, 2], [0, 1, 1, 0], true),
+            case(2, [5, 40], [2, 1], [0, 0, 0, 0], false),
+            case(3, [3, 3], [1, 1], [0, 0, 0, 0], true),
+        ]
+    }
+
+    #[test]
+    fn matches_tracts_depthwise_convolution() {
+        if !cpu_supported() {
+            eprintln!("skipped: {OP_NAME} is not used on this CPU");
+            return;
+        }
+        for case in cases() {
+            let (model, input) = graph(&case, &[]);
+            let (want, _) = run(model.clone(), &input, None);
+            let (got, ops) = run(model, &input, Some(true));
+            assert!(ops.iter().any(|o| o == OP_NAME) && !ops.iter().any(|o| o.contains("DepthWise")), "{ops:?}");
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5, "case {:?} {:?} value {i}: {g} against {w}", case.hw, case.strides);
+            }
+        }
+    }
+
+    #[test]
+    fn folds_clips_and_the_quantize_dequantize_pair_with_their_own_arithmetic() {
+        if !cpu_supported() {
+            eprintln!("skipped: {OP_NAME} is not used on this CPU");
+            return;
+        }
+        let qdq = Then::QuantDequant(6.0 / 255.0, 0.0, 255.0);
+        let chains: Vec<Vec<Then>> = vec![
+            vec![Then::Max(0.0), Then::Min(6.0)],
+            vec![Then::DropBatchAxis, Then::Max(0.0), Then::Min(0.5)],
+            vec![Then::Min(0.25), Then::Max(-0.25)],
+            // Bounds that cross: the result is the last bound everywhere.
+            vec![Then::Max(0.5), Then::Min(0.1)],
+            vec![Then::DropBatchAxis, qdq],
+            vec![Then::Max(0.0), Then::DropBatchAxis, Then::Min(0.6), qdq],
+        ];
+        for chain in chains {
+            let case = Case { channels: 6, hw: [10, 35], strides: [1, 1], pad: [1, 1, 1, 1], batch_axis: true };
+            let (model, input) = graph(&case, &chain);
+            let (fused, ops) = run(model.clone(), &input, Some(true));
+            let (apart, apart_ops) = run(model.clone(), &input, Some(false));
+            let (tract, _) = run(model, &input, None);
+            // Folded: no element-wise pass is left after the convolution.
+            assert!(
+                !ops.iter().any(|o| o.contains("Max") || o.contains("Min") || o.contains("QuantDequant")),
+                "{ops:?}"
+            );
+            assert!(apart_ops.len() > ops.len(), "{apart_ops:?} against {ops:?}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused), bits(&apart), "folding changed a value");
+            // Against tract's convolution, the sums may differ in their last
+            // bits, so a value may land one quantization step away, rarely.
+            let step = 6.0 / 255.0 + 1e-6;
+            let off = fused.iter().zip(&tract).filter(|(f, t)| (*f - *t).abs() > 1e-5).count();
+            assert!(fused.iter().zip(&tract).all(|(f, t)| (f - t).abs() <= step), "more than one step away");
+            assert!(off * 100 <= fused.len(), "{off} of {} values differ from tract's", fused.len());
+        }
+    }
+}
