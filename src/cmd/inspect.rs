@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use crate::engine::{LoadOptions, Model, Origin, TensorSpec};
+use crate::engine::{self, LoadOptions, Model, Origin, TensorSpec};
 
 /// Loads the model (without warm-up) and describes it, as text or JSON.
 pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()> {
@@ -82,6 +82,11 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
         writeln!(out, "note         the model's value_info conflicted with its graph and was ignored")?;
     }
     writeln!(out, "optimized    {} nodes in tract's plan", info.optimized_nodes)?;
+    let count = |op: &str| info.optimized_ops.get(op).copied().unwrap_or(0);
+    let (ours, tracts) = (count(engine::DEPTHWISE_OP), count(engine::TRACT_DEPTHWISE_OP));
+    if ours + tracts > 0 {
+        writeln!(out, "depthwise    {ours} convolutions on edgeinfer's 3x3 kernel, {tracts} on tract's")?;
+    }
     let t = info.timings;
     writeln!(
         out,

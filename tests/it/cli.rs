@@ -194,6 +194,21 @@ fn inspect_json_describes_io_quantization_and_rewrites() {
 }
 
 #[test]
+fn inspect_says_where_depthwise_convolutions_run() {
+    let out = edgeinfer(&["inspect", path(&crate::model("mobilenetv2_int8.onnx"))]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("depthwise    ")).unwrap_or_else(|| panic!("{stdout}"));
+    // "depthwise    N convolutions on edgeinfer's 3x3 kernel, M on tract's": MobileNetV2 has 17.
+    let numbers: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    assert_eq!(numbers[0] + numbers[1], 17, "{line}");
+    // A model without depthwise convolutions has no such line.
+    let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_f32.onnx"))]);
+    assert!(!text(&out.stdout).contains("depthwise"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn bench_json_has_the_documented_figures() {
     let out =
         edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
