@@ -638,6 +638,13 @@ mod tests {
         (out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(), ops)
     }
 
+    /// `run` with our operator, on a pool of `threads` threads.
+    #[cfg(feature = "threads")]
+    fn run_on_threads(model: TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        multithread_tract_scope(Executor::multithread(threads), || run(model, input, Some(true)).0)
+    }
+
     fn cases() -> Vec<Case> {
         let case = |channels, hw, strides, pad, batch_axis| Case { channels, hw, strides, pad, batch_axis };
         vec![
@@ -666,6 +673,24 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 1e-5, "case {:?} {:?} value {i}: {g} against {w}", case.hw, case.strides);
             }
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "threads")]
+    fn splits_channels_across_threads_with_the_same_values() {
+        if !cpu_supported() {
+            eprintln!("skipped: {OP_NAME} is not used on this CPU");
+            return;
+        }
+        // Large enough for tract's threading threshold (32768 values of work).
+        for strides in [[1, 1], [2, 2]] {
+            let case = Case { channels: 8, hw: [24, 40], strides, pad: [1, 1, 1, 1], batch_axis: true };
+            let (model, input) = graph(&case, &[Then::Max(0.0), Then::Min(6.0)]);
+            let one = run_on_threads(model.clone(), &input, 1);
+            let two = run_on_threads(model, &input, 2);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&two), "strides {strides:?}");
         }
     }
 
