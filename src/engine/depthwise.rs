@@ -49,7 +49,6 @@ const LANES: usize = 8;
 pub struct Depthwise {
     channels: usize,
     in_hw: [usize; 2],
-    out_hw: [usize; 2],
     strides: [usize; 2],
     /// Zero padding: top, left, bottom, right.
     pad: [usize; 4],
@@ -67,7 +66,6 @@ impl PartialEq for Depthwise {
         let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.channels == other.channels
             && self.in_hw == other.in_hw
-            && self.out_hw == other.out_hw
             && self.strides == other.strides
             && self.pad == other.pad
             && bits(&self.weights) == bits(&other.weights)
@@ -83,13 +81,19 @@ impl PartialEq for Depthwise {
 impl Eq for Depthwise {}
 
 impl Depthwise {
+    /// Output height and width: the last two axes of the output.
+    fn out_hw(&self) -> [usize; 2] {
+        let n = self.out_shape.len();
+        [self.out_shape[n - 2], self.out_shape[n - 1]]
+    }
+
     /// The padded planes' layout: height, the row length of each column
     /// phase (wide enough for whole blocks of `LANES` outputs), the output
     /// width rounded up to whole blocks.
     fn layout(&self) -> (usize, usize, usize) {
         let hp = self.in_hw[0] + self.pad[0] + self.pad[2];
         let wp = self.in_hw[1] + self.pad[1] + self.pad[3];
-        let wo_blocks = self.out_hw[1].next_multiple_of(LANES);
+        let wo_blocks = self.out_hw()[1].next_multiple_of(LANES);
         let row = wp.div_ceil(self.strides[1]).max((K - 1) / self.strides[1] + wo_blocks);
         (hp, row, wo_blocks)
     }
@@ -105,7 +109,7 @@ impl Depthwise {
         // Copied out of `self` so the hot loop keeps them in registers.
         let epi = Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY) };
         let [h, w] = self.in_hw;
-        let [ho, wo] = self.out_hw;
+        let [ho, wo] = self.out_hw();
         let sw = self.strides[1];
         let (hp, row_len, wo_blocks) = self.layout();
         let phase = hp * row_len;
@@ -258,36 +262,30 @@ impl Epilogue {
     }
 }
 
-/// The channel loop compiled for AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
+/// The channel loop, compiled for AVX2 and FMA on x86-64; elsewhere plain
+/// (unused there: `cpu_supported` keeps the op out of graphs, but the crate
+/// builds on every target).
 fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
     op: &Depthwise,
     x: &[f32],
     out: &mut [f32],
     first: usize,
 ) {
-    #[target_feature(enable = "avx2,fma")]
-    fn run_avx2_fma<const CLAMP: bool, const QDQ: bool, const SH: usize>(
-        op: &Depthwise,
-        x: &[f32],
-        out: &mut [f32],
-        first: usize,
-    ) {
-        op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn run_avx2_fma<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+            op: &Depthwise,
+            x: &[f32],
+            out: &mut [f32],
+            first: usize,
+        ) {
+            op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+        }
+        // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
+        unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first) }
     }
-    // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
-    unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first) }
-}
-
-/// The channel loop elsewhere (unused: `cpu_supported` keeps the op out of
-/// graphs there), so that the crate builds on every target.
-#[cfg(not(target_arch = "x86_64"))]
-fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
-    op: &Depthwise,
-    x: &[f32],
-    out: &mut [f32],
-    first: usize,
-) {
+    #[cfg(not(target_arch = "x86_64"))]
     op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
 }
 
@@ -344,7 +342,8 @@ impl EvalOp for Depthwise {
         {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = out_view.as_slice_mut::<f32>()?;
-            let plane = self.out_hw[0] * self.out_hw[1];
+            let [ho, wo] = self.out_hw();
+            let plane = ho * wo;
             let work = out.len() * K * K;
             tract_linalg::multithread::par_chunks_mut(out, plane, work, |first, chunk| {
                 self.run(x, chunk, first);
@@ -447,7 +446,6 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
     Some(Depthwise {
         channels,
         in_hw: hw,
-        out_hw,
         strides,
         pad,
         weights: weights.into(),
