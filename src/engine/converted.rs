@@ -10,7 +10,7 @@
 //! NNEF reader skips files it has no loader for, so the archive stays a valid
 //! NNEF model for tract's own tools.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use tract_core::prelude::{Framework, TypedModel};
@@ -162,18 +162,36 @@ pub(super) struct Unpacked {
     pub build_ms: f64,
 }
 
-/// Reads a converted model from its bytes (gzipped or not).
-pub(super) fn read(bytes: &[u8]) -> Result<Unpacked, String> {
+/// Reads a converted model (gzipped or not) from `src`, streaming: the weights
+/// go from the file straight into their tensors, and the NNEF text is parsed
+/// on a second thread while they are read (tract's parser takes about as long
+/// as reading MobileNetV2's weights). An archive with entries this reader does
+/// not know (a sub-model directory) is read again from the start by tract's
+/// own reader.
+pub(super) fn read<R: Read + Seek>(mut src: R) -> Result<Unpacked, String> {
     let t = std::time::Instant::now();
-    let sidecar = read_sidecar(bytes)?;
-    if sidecar.format > FORMAT {
-        return Err(format!(
-            "its {SIDECAR} has format {} and this edgeinfer reads up to {FORMAT}; convert it again with this version",
-            sidecar.format
-        ));
-    }
-    let nnef = reader();
-    let proto = nnef.proto_model_for_read(&mut &bytes[..]).map_err(tract_err)?;
+    let mut magic = Vec::with_capacity(2);
+    (&mut src).take(2).read_to_end(&mut magic).map_err(|e| e.to_string())?;
+    src.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    // Building the reader's operator registries takes a few milliseconds of
+    // its own; it overlaps the unpacking, which does not need them.
+    let (nnef, unpacked) = std::thread::scope(|scope| {
+        let building = scope.spawn(reader);
+        let buffered = std::io::BufReader::with_capacity(1 << 16, &mut src);
+        let stream: Box<dyn Read + '_> =
+            if magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(buffered)) } else { Box::new(buffered) };
+        let unpacked = unpack(stream);
+        (building.join(), unpacked)
+    });
+    let nnef = nnef.map_err(|p| format!("building the NNEF reader: {}", super::panic_text(p)))?;
+    let (sidecar, proto) = unpacked?;
+    let proto = match proto {
+        Some(proto) => proto,
+        None => {
+            src.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+            nnef.proto_model_for_read(&mut std::io::BufReader::new(&mut src)).map_err(tract_err)?
+        }
+    };
     let unpack_ms = super::ms(t.elapsed());
     let t = std::time::Instant::now();
     let model = nnef.model_for_proto_model(&proto).map_err(tract_err)?;
@@ -189,15 +207,90 @@ pub(super) fn read(bytes: &[u8]) -> Result<Unpacked, String> {
     Ok(Unpacked { model, sidecar, unpack_ms, build_ms })
 }
 
-fn read_sidecar(bytes: &[u8]) -> Result<Sidecar, String> {
-    let stream: Box<dyn Read + '_> =
-        if bytes.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(bytes)) } else { Box::new(bytes) };
+/// The sidecar, then tract's NNEF document as tract's reader would build it
+/// from the same archive; `None` for the document when the archive holds an
+/// entry other than `graph.nnef`, `graph.quant` and `.dat` tensors (a
+/// sub-model directory, say), which only tract's reader assembles.
+fn unpack(stream: impl Read) -> Result<(Sidecar, Option<tract_nnef::ast::ProtoModel>), String> {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use tract_nnef::ast::{Identifier, ProtoModel};
+    use tract_nnef::resource::{GraphQuantLoader, Resource, ResourceLoader, GRAPH_NNEF_FILENAME, GRAPH_QUANT_FILENAME};
+
     let mut archive = tar::Archive::new(stream);
     let mut entries = archive.entries().map_err(|e| format!("not a tar archive: {e}"))?;
-    let mut first = match entries.next() {
-        Some(entry) => entry.map_err(|e| format!("not a tar archive: {e}"))?,
+    let sidecar = match entries.next() {
+        Some(entry) => read_sidecar(entry.map_err(|e| format!("not a tar archive: {e}"))?)?,
         None => return Err("empty archive".into()),
     };
+    if sidecar.format > FORMAT {
+        return Err(format!(
+            "its {SIDECAR} has format {} and this edgeinfer reads up to {FORMAT}; convert it again with this version",
+            sidecar.format
+        ));
+    }
+    let mut tensors = HashMap::new();
+    let mut resources: HashMap<String, Arc<dyn Resource>> = HashMap::new();
+    // The loader takes a framework it does not use; an empty one costs nothing to build.
+    let empty = tract_nnef::framework::Nnef {
+        stdlib: Vec::new(),
+        registries: Vec::new(),
+        resource_loaders: Vec::new(),
+        allow_extended_identifier_syntax: true,
+        extern_all_constants: false,
+    };
+    let doc = std::thread::scope(|scope| {
+        let mut parsing = None;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| e.to_string())?;
+            let raw = entry.path().map_err(|e| e.to_string())?.into_owned();
+            let path = raw.strip_prefix("./").unwrap_or(&raw).to_path_buf();
+            // As tract's reader: names starting with a dot are skipped (macOS tar's extras).
+            if path.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.')) {
+                continue;
+            }
+            let known = path == Path::new(GRAPH_NNEF_FILENAME)
+                || path == Path::new(GRAPH_QUANT_FILENAME)
+                || path.extension().is_some_and(|e| e == "dat");
+            if path.components().count() > 1 || !known {
+                return Ok(None);
+            }
+            let what = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+            if path == Path::new(GRAPH_NNEF_FILENAME) {
+                let mut text = String::new();
+                entry.read_to_string(&mut text).map_err(|e| what(&e))?;
+                parsing = Some(scope.spawn(move || tract_nnef::ast::parse::parse_document(&text)));
+            } else if path.extension().is_some_and(|e| e == "dat") {
+                let tensor = tract_nnef::tensors::read_tensor(&mut entry).map_err(|e| what(&e))?;
+                let id = tract_nnef::resource::resource_path_to_id(&path).map_err(|e| what(&e))?;
+                if tensors.insert(Identifier::from(&*id), Arc::new(tensor)).is_some() {
+                    return Err(format!("{} is in the archive twice", path.display()));
+                }
+            } else {
+                let table = GraphQuantLoader.try_load(&path, &mut entry, &empty).map_err(|e| what(&e))?;
+                resources.extend(table);
+            }
+        }
+        let parsing = parsing.ok_or_else(|| format!("no {GRAPH_NNEF_FILENAME} in the archive"))?;
+        let doc = parsing.join().map_err(|p| format!("parsing {GRAPH_NNEF_FILENAME}: {}", super::panic_text(p)))?;
+        doc.map(Some).map_err(|e| format!("{GRAPH_NNEF_FILENAME}: {}", tract_err(e)))
+    })?;
+    let Some(doc) = doc else { return Ok((sidecar, None)) };
+    let quantization = match resources.remove(GRAPH_QUANT_FILENAME) {
+        Some(q) => {
+            let q = q
+                .downcast_arc::<HashMap<String, tract_nnef::ast::QuantFormat>>()
+                .map_err(|_| format!("{GRAPH_QUANT_FILENAME} is not a quantization table"))?;
+            Some(q.iter().map(|(k, v)| (Identifier(k.clone()), v.clone())).collect())
+        }
+        None => None,
+    };
+    let proto = ProtoModel { doc, tensors, quantization, resources };
+    proto.validate().map_err(tract_err)?;
+    Ok((sidecar, Some(proto)))
+}
+
+fn read_sidecar<R: Read>(mut first: tar::Entry<'_, R>) -> Result<Sidecar, String> {
     let name = first.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     if name.trim_start_matches("./") != SIDECAR {
         return Err(format!(
@@ -225,5 +318,97 @@ mod tests {
         assert_eq!(loaders(&reader), loaders(&full));
         assert_eq!(reader.allow_extended_identifier_syntax, full.allow_extended_identifier_syntax);
         assert_eq!(reader.extern_all_constants, full.extern_all_constants);
+    }
+
+    /// x + w, with w a constant big enough to be written as a `.dat` entry.
+    fn archive(compress: bool) -> (TypedModel, Vec<u8>) {
+        use tract_core::internal::*;
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 64])).unwrap();
+        let w: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let w = model.add_const("w", tract_ndarray::Array2::from_shape_vec((1, 64), w).unwrap()).unwrap();
+        let y = model.wire_node("y", tract_core::ops::math::add(), &[x, w]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let mut meta = super::super::tests::meta_for_tests();
+        meta.outputs.push(super::super::OutputMeta { name: "y".into(), quantization: None });
+        let sidecar =
+            Sidecar { format: FORMAT, edgeinfer_version: "test".into(), tract_version: TRACT_VERSION.into(), meta };
+        let mut bytes = Vec::new();
+        if compress {
+            let mut gz = flate2::write::GzEncoder::new(&mut bytes, flate2::Compression::fast());
+            write_archive(&model, &sidecar, &mut gz).unwrap();
+            gz.finish().unwrap();
+        } else {
+            write_archive(&model, &sidecar, &mut bytes).unwrap();
+        }
+        (model, bytes)
+    }
+
+    /// A graph's nodes, wiring and properties (sorted: tract keeps them in a HashMap).
+    fn shown(m: &TypedModel) -> String {
+        let props: std::collections::BTreeMap<_, _> = m.properties.iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
+        format!("{:?} {:?} {:?} {props:?}", m.nodes(), m.inputs, m.outputs)
+    }
+
+    #[test]
+    fn the_streaming_reader_builds_what_tracts_reader_builds() {
+        let (model, plain) = archive(false);
+        let nnef = reader();
+        let (sidecar, ours) = unpack(&plain[..]).unwrap();
+        assert_eq!(sidecar.meta.outputs.len(), 1);
+        let ours = ours.expect("a flat archive is read by the streaming reader");
+        let tracts = nnef.proto_model_for_read(&mut &plain[..]).unwrap();
+        assert_eq!(ours.doc, tracts.doc);
+        assert_eq!(ours.tensors.len(), 1, "{:?}", ours.tensors.keys());
+        assert_eq!(ours.tensors, tracts.tensors);
+        assert_eq!(ours.quantization, tracts.quantization);
+        let keys = |r: &std::collections::HashMap<String, _>| {
+            let mut k: Vec<String> = r.keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&ours.resources), keys(&tracts.resources));
+
+        // Both forms read back to the same graph, from any Read + Seek.
+        for compress in [false, true] {
+            let (_, bytes) = archive(compress);
+            let tracts = nnef.model_for_read(&mut &bytes[..]).unwrap();
+            let read_back = read(std::io::Cursor::new(bytes)).unwrap().model;
+            assert_eq!(shown(&read_back), shown(&tracts), "compressed: {compress}");
+            let input = tract_core::prelude::tensor2(&[[1f32; 64]]);
+            let run = |m: TypedModel| {
+                use tract_core::prelude::*;
+                m.into_runnable().unwrap().run(tvec!(input.clone().into())).unwrap().remove(0)
+            };
+            assert_eq!(run(read_back), run(model.clone()), "compressed: {compress}");
+        }
+    }
+
+    #[test]
+    fn archives_with_sub_directories_are_left_to_tracts_reader() {
+        let (model, plain) = archive(false);
+        let mut rebuilt = tar::Builder::new(Vec::new());
+        let mut source = tar::Archive::new(&plain[..]);
+        for (i, entry) in source.entries().unwrap().enumerate() {
+            let mut entry = entry.unwrap();
+            let mut header = entry.header().clone();
+            let path = entry.path().unwrap().into_owned();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            rebuilt.append_data(&mut header, path, &data[..]).unwrap();
+            if i == 0 {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(2);
+                h.set_cksum();
+                rebuilt.append_data(&mut h, "extra/notes.txt", &b"hi"[..]).unwrap();
+            }
+        }
+        let bytes = rebuilt.into_inner().unwrap();
+        let (_, proto) = unpack(&bytes[..]).unwrap();
+        assert!(proto.is_none());
+        let read_back = read(std::io::Cursor::new(&bytes)).unwrap().model;
+        let tracts = reader().model_for_read(&mut &plain[..]).unwrap();
+        assert_eq!(shown(&read_back), shown(&tracts));
+        assert_eq!(read_back.output_outlets().unwrap().len(), model.output_outlets().unwrap().len());
     }
 }

@@ -481,6 +481,28 @@ fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
     std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })
 }
 
+fn open_file(path: &Path) -> Result<std::fs::File, EngineError> {
+    std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// The SHA-256 of a file, read in blocks: a cache hit then never holds the
+/// ONNX bytes it does not parse.
+fn sha256_of_file(path: &Path) -> Result<String, EngineError> {
+    use std::io::Read;
+    let io = |e: std::io::Error| EngineError::Io { path: path.display().to_string(), reason: e.to_string() };
+    let mut file = open_file(path)?;
+    let mut h = Sha256::new();
+    let mut block = vec![0u8; 1 << 16];
+    loop {
+        match file.read(&mut block) {
+            Ok(0) => return Ok(hex(&h.finalize())),
+            Ok(n) => h.update(&block[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+}
+
 impl Model {
     /// Loads, checks, pins, optimises and warms up a model file: ONNX, or a
     /// converted model (`.nnef.tgz` / `.nnef.tar`, from `edgeinfer convert`).
@@ -505,10 +527,10 @@ impl Model {
     fn load_converted(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
         let shown = path.display().to_string();
         let t = Instant::now();
-        let bytes = read_file(path)?;
+        let file = open_file(path)?;
         let read_ms = ms(t.elapsed());
         let unpacked =
-            converted::read(&bytes).map_err(|reason| EngineError::Converted { path: shown.clone(), reason })?;
+            converted::read(file).map_err(|reason| EngineError::Converted { path: shown.clone(), reason })?;
         if unpacked.sidecar.tract_version != TRACT_VERSION {
             log::warn!(
                 "{shown}: converted with tract {}, running on tract {TRACT_VERSION}; convert it again if results differ",
@@ -533,14 +555,13 @@ impl Model {
     fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model, EngineError> {
         let shown = path.display().to_string();
         let t = Instant::now();
-        let bytes = read_file(path)?;
-        let sha256 = hex(&Sha256::digest(&bytes));
-        let read_ms = ms(t.elapsed());
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-        let entry = opts.cache_dir.as_ref().map(|dir| cache::entry_path(dir, &name, &cache::key(&sha256, opts)));
         let mut cache_note = None;
-        if let Some(entry) = &entry {
-            match Self::read_cache_entry(entry, &sha256) {
+        if let Some(dir) = &opts.cache_dir {
+            let sha256 = sha256_of_file(path)?;
+            let read_ms = ms(t.elapsed());
+            let entry = cache::entry_path(dir, &name, &cache::key(&sha256, opts));
+            match Self::read_cache_entry(&entry, &sha256) {
                 Ok(Some((model, mut meta, unpack_ms, build_ms))) => {
                     meta.onnx_path = path.to_path_buf();
                     let timings =
@@ -556,6 +577,12 @@ impl Model {
                 }
             }
         }
+        // A miss hashes the bytes it parses again, so that the entry it writes is
+        // keyed by them even if the file was replaced in between.
+        let bytes = read_file(path)?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let read_ms = ms(t.elapsed());
+        let entry = opts.cache_dir.as_ref().map(|dir| cache::entry_path(dir, &name, &cache::key(&sha256, opts)));
         let typed = parse_onnx(path, &bytes, sha256, opts)?;
         let mut timings =
             LoadTimings { read_ms: read_ms + typed.decode_ms, analyse_ms: typed.analyse_ms, ..Default::default() };
@@ -596,8 +623,8 @@ impl Model {
     #[allow(clippy::type_complexity)]
     fn read_cache_entry(entry: &Path, sha256: &str) -> Result<Option<(TypedModel, ModelMeta, f64, f64)>, String> {
         let t = Instant::now();
-        let bytes = match std::fs::read(entry) {
-            Ok(b) => b,
+        let file = match std::fs::File::open(entry) {
+            Ok(f) => f,
             // No entry yet; a cache path that is no directory is reported when writing.
             Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
                 return Ok(None)
@@ -606,7 +633,7 @@ impl Model {
         };
         let read_ms = ms(t.elapsed());
         // tract may assert on a damaged graph: a cache must never take the daemon down.
-        let unpacked = std::panic::catch_unwind(AssertUnwindSafe(|| converted::read(&bytes)))
+        let unpacked = std::panic::catch_unwind(AssertUnwindSafe(|| converted::read(file)))
             .map_err(|p| format!("internal error in the engine: {}", panic_text(p)))??;
         if unpacked.sidecar.meta.sha256 != sha256 {
             return Err(format!("it was made from another file (sha256 {})", unpacked.sidecar.meta.sha256));
@@ -1007,9 +1034,9 @@ mod tests {
         assert_eq!(locked.as_deref(), Some(TRACT_VERSION));
     }
 
-    #[test]
-    fn converted_options_must_match_the_pinned_model() {
-        let meta = ModelMeta {
+    /// A meta for a model with one f32 input `x` of shape [1, 3] and no outputs.
+    pub(in crate::engine) fn meta_for_tests() -> ModelMeta {
+        ModelMeta {
             onnx_path: "m.onnx".into(),
             sha256: "00".into(),
             size_bytes: 1,
@@ -1031,7 +1058,12 @@ mod tests {
             qdq_as_float: false,
             batch: 1,
             batch_filled: true,
-        };
+        }
+    }
+
+    #[test]
+    fn converted_options_must_match_the_pinned_model() {
+        let meta = meta_for_tests();
         let ok = |o: &LoadOptions| check_converted_options(&meta, o, "m.nnef.tgz");
         assert!(ok(&LoadOptions::default()).is_ok());
         assert!(ok(&LoadOptions { batch: Some(1), threads: 4, ..Default::default() }).is_ok());
