@@ -488,19 +488,10 @@ fn open_file(path: &Path) -> Result<std::fs::File, EngineError> {
 /// The SHA-256 of a file, read in blocks: a cache hit then never holds the
 /// ONNX bytes it does not parse.
 fn sha256_of_file(path: &Path) -> Result<String, EngineError> {
-    use std::io::Read;
-    let io = |e: std::io::Error| EngineError::Io { path: path.display().to_string(), reason: e.to_string() };
-    let mut file = open_file(path)?;
     let mut h = Sha256::new();
-    let mut block = vec![0u8; 1 << 16];
-    loop {
-        match file.read(&mut block) {
-            Ok(0) => return Ok(hex(&h.finalize())),
-            Ok(n) => h.update(&block[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
+    std::io::copy(&mut open_file(path)?, &mut h)
+        .map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })?;
+    Ok(hex(&h.finalize()))
 }
 
 impl Model {
