@@ -98,13 +98,22 @@ impl Depthwise {
         (hp, row, wo_blocks)
     }
 
-    /// Runs channels `first..first + out.len() / plane` of `x` into `out`.
+    /// Values in the padded planes of one channel: every column phase, plus
+    /// one block of slack that the last blocks of the last row may read.
+    fn planes_len(&self) -> usize {
+        let (hp, row_len, _) = self.layout();
+        self.strides[1] * hp * row_len + LANES
+    }
+
+    /// Runs channels `first..first + out.len() / plane` of `x` into `out`,
+    /// through `planes` ([`Self::planes_len`] zeros).
     #[inline(always)]
     fn run_channels<const CLAMP: bool, const QDQ: bool, const SH: usize>(
         &self,
         x: &[f32],
         out: &mut [f32],
         first: usize,
+        planes: &mut [f32],
     ) {
         // Copied out of `self` so the hot loop keeps them in registers.
         let epi = Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY) };
@@ -113,11 +122,10 @@ impl Depthwise {
         let sw = self.strides[1];
         let (hp, row_len, wo_blocks) = self.layout();
         let phase = hp * row_len;
-        // Zeroed once: each channel writes the same interior positions, so the
-        // padding stays zero. The blocks past the last output of a row read
-        // whatever follows (the next row, or this slack) into values that are
-        // never stored.
-        let mut planes = vec![0f32; sw * phase + LANES];
+        // Zeroed by the caller once: each channel writes the same interior
+        // positions, so the padding stays zero. The blocks past the last
+        // output of a row read whatever follows (the next row, or the slack)
+        // into values that are never stored.
         let taps_at: [usize; K] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
         let mut last = [0f32; LANES];
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
@@ -183,17 +191,27 @@ impl Depthwise {
     }
 
     fn run(&self, x: &[f32], out: &mut [f32], first: usize) {
-        let clamp = self.clamp != (f32::NEG_INFINITY, f32::INFINITY);
-        match (clamp, self.qdq.is_some(), self.strides[0] == 2) {
-            (true, false, false) => run_fast::<true, false, 1>(self, x, out, first),
-            (true, false, true) => run_fast::<true, false, 2>(self, x, out, first),
-            (false, true, false) => run_fast::<false, true, 1>(self, x, out, first),
-            (false, true, true) => run_fast::<false, true, 2>(self, x, out, first),
-            (true, true, false) => run_fast::<true, true, 1>(self, x, out, first),
-            (true, true, true) => run_fast::<true, true, 2>(self, x, out, first),
-            (false, false, false) => run_fast::<false, false, 1>(self, x, out, first),
-            (false, false, true) => run_fast::<false, false, 2>(self, x, out, first),
+        thread_local! {
+            /// The padded planes, kept by each thread between inferences and
+            /// operators so that running one allocates nothing.
+            static PLANES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        PLANES.with_borrow_mut(|planes| {
+            planes.clear();
+            planes.resize(self.planes_len(), 0.0);
+            let p = planes.as_mut_slice();
+            let clamp = self.clamp != (f32::NEG_INFINITY, f32::INFINITY);
+            match (clamp, self.qdq.is_some(), self.strides[0] == 2) {
+                (true, false, false) => run_fast::<true, false, 1>(self, x, out, first, p),
+                (true, false, true) => run_fast::<true, false, 2>(self, x, out, first, p),
+                (false, true, false) => run_fast::<false, true, 1>(self, x, out, first, p),
+                (false, true, true) => run_fast::<false, true, 2>(self, x, out, first, p),
+                (true, true, false) => run_fast::<true, true, 1>(self, x, out, first, p),
+                (true, true, true) => run_fast::<true, true, 2>(self, x, out, first, p),
+                (false, false, false) => run_fast::<false, false, 1>(self, x, out, first, p),
+                (false, false, true) => run_fast::<false, false, 2>(self, x, out, first, p),
+            }
+        })
     }
 }
 
@@ -270,6 +288,7 @@ fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
     x: &[f32],
     out: &mut [f32],
     first: usize,
+    planes: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -279,14 +298,15 @@ fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
             x: &[f32],
             out: &mut [f32],
             first: usize,
+            planes: &mut [f32],
         ) {
-            op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+            op.run_channels::<CLAMP, QDQ, SH>(x, out, first, planes)
         }
         // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
-        unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first) }
+        unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first, planes) }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    op.run_channels::<CLAMP, QDQ, SH>(x, out, first)
+    op.run_channels::<CLAMP, QDQ, SH>(x, out, first, planes)
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
