@@ -87,6 +87,10 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
     if ours + tracts > 0 {
         writeln!(out, "depthwise    {ours} convolutions on edgeinfer's 3x3 kernel, {tracts} on tract's")?;
     }
+    let pointwise = count(engine::POINTWISE_OP);
+    if pointwise > 0 {
+        writeln!(out, "pointwise    {pointwise} int8 1x1 convolutions on edgeinfer's integer kernel (AVX-512 VNNI)")?;
+    }
     let t = info.timings;
     writeln!(
         out,

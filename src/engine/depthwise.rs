@@ -81,6 +81,12 @@ impl PartialEq for Depthwise {
 impl Eq for Depthwise {}
 
 impl Depthwise {
+    /// The grid this operator's output lies on, when it ends in a
+    /// quantize/dequantize pair (the clip comes before it).
+    pub fn output_grid(&self) -> Option<QuantDequant> {
+        self.qdq
+    }
+
     /// Output height and width: the last two axes of the output.
     fn out_hw(&self) -> [usize; 2] {
         let n = self.out_shape.len();

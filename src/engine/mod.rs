@@ -20,6 +20,7 @@ mod depthwise;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 mod onnx;
+mod pointwise;
 #[cfg(feature = "onnx")]
 mod proto;
 mod quant_dequant;
@@ -237,7 +238,8 @@ pub struct ModelInfo {
     /// "float (not quantized)", "QDQ", "QOperator", "dynamic" or a mix.
     pub quantization: String,
     /// Which kernels run the model: "float"; for QDQ and QOperator models float kernels with
-    /// their activation rounding kept or (`qdq_as_float`, QDQ) folded away; "integer (as quantized)".
+    /// their activation rounding kept or (`qdq_as_float`, QDQ) folded away, and how many pointwise
+    /// convolutions run on our integer kernel; "integer (as quantized)".
     pub int8_path: String,
     /// Rewrites applied before tract saw the graph.
     pub rewrites: Vec<String>,
@@ -307,6 +309,9 @@ pub const TRACT_VERSION: &str = "0.23.9";
 
 /// The name our 3x3 depthwise convolution has in `ModelInfo::optimized_ops`.
 pub const DEPTHWISE_OP: &str = depthwise::OP_NAME;
+
+/// The name our int8 1x1 convolution has in `ModelInfo::optimized_ops`.
+pub const POINTWISE_OP: &str = pointwise::OP_NAME;
 
 /// The name of tract's own depthwise convolution there.
 pub const TRACT_DEPTHWISE_OP: &str = "DepthWiseConv";
@@ -640,6 +645,7 @@ impl Model {
         let mut optimized = typed;
         optimized.declutter().map_err(load_err)?;
         depthwise::use_for_depthwise_convs(&mut optimized).map_err(load_err)?;
+        pointwise::use_for_pointwise_convs(&mut optimized).map_err(load_err)?;
         optimized.optimize().map_err(load_err)?;
         quant_dequant::fuse_into_matmuls(&mut optimized).map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
@@ -647,6 +653,12 @@ impl Model {
             *optimized_ops.entry(node.op.name().to_string()).or_insert(0usize) += 1;
         }
         let optimized_nodes = optimized.nodes().len();
+        let pointwise = optimized_ops.get(pointwise::OP_NAME).copied().unwrap_or(0);
+        let int8_path = if pointwise > 0 {
+            format!("{}; {pointwise} pointwise convolutions on integer kernels (AVX-512 VNNI)", meta.int8_path)
+        } else {
+            meta.int8_path
+        };
         let threads = opts.threads.max(1);
         let executor = executor(threads);
         let run_options = RunOptions { executor: Some(executor), ..Default::default() };
@@ -698,7 +710,7 @@ impl Model {
             other_opsets: meta.other_opsets,
             op_counts: meta.op_counts,
             quantization: meta.quantization,
-            int8_path: meta.int8_path,
+            int8_path,
             rewrites: meta.rewrites,
             value_info_ignored: meta.value_info_ignored,
             optimized_nodes,
@@ -1011,6 +1023,28 @@ mod tests {
         } else {
             assert_eq!(count(TRACT_DEPTHWISE_OP), 17, "{ops:?}");
         }
+        if pointwise::cpu_supported() {
+            // All 34 pointwise convolutions (each expand and project, and the last 320 -> 1280).
+            assert_eq!(count(pointwise::OP_NAME), 34, "{ops:?}");
+            assert!(loaded.info().int8_path.contains("34 pointwise convolutions on integer kernels"));
+        } else {
+            assert_eq!(count(pointwise::OP_NAME), 0, "{ops:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "onnx")]
+    fn cached_int8_models_run_pointwise_convolutions_on_integer_kernels_too() {
+        // The cache's graph comes back from NNEF with other einsum axis letters.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mobilenetv2_int8.onnx");
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LoadOptions { skip_warmup: true, cache_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+        let first = Model::load(&path, &opts).unwrap();
+        let again = Model::load(&path, &opts).unwrap();
+        assert_eq!(again.info().origin, Origin::Cache);
+        let count = |m: &Model| m.info().optimized_ops.get(pointwise::OP_NAME).copied().unwrap_or(0);
+        assert_eq!(count(&again), count(&first));
+        assert_eq!(count(&first), if pointwise::cpu_supported() { 34 } else { 0 });
     }
 
     #[test]

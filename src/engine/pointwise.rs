@@ -1,0 +1,865 @@
+//! An int8 1x1 convolution of our own, `EdgeinferPointwiseInt8`, for the
+//! pointwise convolutions of QDQ models: integer multiply-adds on AVX-512
+//! VNNI, with the bias, a clip and the output's quantize/dequantize pair in
+//! the same pass.
+//!
+//! tract runs a QDQ model's convolutions on float kernels: its decluttered
+//! graph holds the weights dequantized, and the activations as f32 values
+//! rounded onto their quantization grid. Both are still integers times a
+//! step, so a 1x1 convolution whose input comes straight from a
+//! quantize/dequantize pair, and whose weights are whole multiples of one
+//! step per output channel, can be computed exactly in integers:
+//! `sum(w * x) = s_w * s_x * sum(q_w * n_x)`. VNNI's `vpdpbusd` does 64 of
+//! those 8-bit multiply-adds per instruction where an AVX-512 FMA does 16
+//! float ones, and the pointwise convolutions are most of a MobileNet's work.
+//!
+//! Each inference packs the input once: every value back to its grid index
+//! (`n - lo`, 0..=255, so unsigned as VNNI wants it), four input channels of
+//! a pixel in one 32-bit word. Then blocks of 8 output channels by 32 pixels
+//! are summed in 16 registers, corrected for the shifted zero (`lo` times
+//! the weights' sum, an integer), scaled to f32 and stored through the
+//! epilogue. The integer sums are exact, so a value can differ from tract's
+//! float sums in its last bits, and after the output's rounding by one
+//! quantization step, rarely.
+//!
+//! [`use_for_pointwise_convs`] swaps tract's `EinSum` (what its declutter
+//! makes of a 1x1 convolution) and what follows it for this operator, before
+//! code generation, on x86-64 CPUs with AVX-512 VNNI only: without VNNI,
+//! 8-bit products need 16-bit intermediate sums that saturate, and tract's
+//! float kernels are as fast. The operator itself computes everywhere (a
+//! plain loop over the same packed data), which the tests compare against.
+
+use std::sync::Arc;
+
+use tract_core::internal::{
+    tvec, DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, Tensor,
+    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
+};
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::einsum::EinSum;
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::prelude::IntoTValue;
+
+use super::depthwise::Depthwise;
+use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
+
+/// The op name tract's plan (and `inspect`'s operator counts) show.
+pub const OP_NAME: &str = "EdgeinferPointwiseInt8";
+
+/// Output channels summed together: one broadcast weight word each.
+const MR: usize = 8;
+
+/// Pixels summed together: two AVX-512 registers of 16 sums.
+const NR: usize = 32;
+
+/// A 1x1 convolution of one `[K, H, W]` or `[1, K, H, W]` f32 tensor whose
+/// values lie on the grid `input`, into `[O, H, W]`: the integer sums, then
+/// `* mul + bias`, `clamp(lo, hi)` and optionally a quantize/dequantize pair.
+#[derive(Debug, Clone)]
+pub struct Pointwise {
+    in_channels: usize,
+    out_channels: usize,
+    pixels: usize,
+    /// The quantize/dequantize pair that produced the input: its grid.
+    input: QuantDequant,
+    /// Integer weights, four input channels per word (little-endian bytes),
+    /// `[ceil(K / 4)][O + MR]`, zero past `K` and `O` so blocks read whole.
+    weights: Arc<[u32]>,
+    /// Per output channel: `lo` times the sum of its integer weights, added
+    /// back because the packed input counts from `lo`, not from zero.
+    corr: Arc<[i32]>,
+    /// Per output channel: the input's step times the weights' step.
+    mul: Arc<[f32]>,
+    /// One bias per output channel.
+    bias: Arc<[f32]>,
+    clamp: (f32, f32),
+    qdq: Option<QuantDequant>,
+    out_shape: TVec<usize>,
+}
+
+impl PartialEq for Pointwise {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.in_channels == other.in_channels
+            && self.out_channels == other.out_channels
+            && self.pixels == other.pixels
+            && self.input == other.input
+            && self.weights == other.weights
+            && self.corr == other.corr
+            && bits(&self.mul) == bits(&other.mul)
+            && bits(&self.bias) == bits(&other.bias)
+            && self.clamp.0.to_bits() == other.clamp.0.to_bits()
+            && self.clamp.1.to_bits() == other.clamp.1.to_bits()
+            && self.qdq == other.qdq
+            && self.out_shape == other.out_shape
+    }
+}
+
+// Equality is on bit patterns, an equivalence even for NaN.
+impl Eq for Pointwise {}
+
+/// What is applied to each sum before it is stored, held by value.
+#[derive(Clone, Copy)]
+struct Epilogue {
+    clamp: (f32, f32),
+    qd: QuantDequant,
+    has_qdq: bool,
+}
+
+impl Epilogue {
+    /// The clip (as tract's Max then Min), then the quantize/dequantize pair.
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        let v = v.max(self.clamp.0).min(self.clamp.1);
+        if self.has_qdq {
+            self.qd.one(v)
+        } else {
+            v
+        }
+    }
+}
+
+impl Pointwise {
+    /// Input channel quads: the packed input's and the weights' rows.
+    fn quads(&self) -> usize {
+        self.in_channels.div_ceil(4)
+    }
+
+    /// Pixels in a packed row: whole blocks of `NR`.
+    fn padded_pixels(&self) -> usize {
+        self.pixels.next_multiple_of(NR)
+    }
+
+    /// The grid this operator's output lies on, when it ends in a pair.
+    pub fn output_grid(&self) -> Option<QuantDequant> {
+        self.qdq
+    }
+
+    fn epilogue(&self) -> Epilogue {
+        Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY), has_qdq: self.qdq.is_some() }
+    }
+
+    /// `v`'s index on the input grid counted from `lo`: the pair's own
+    /// arithmetic, so a value it produced comes back to the integer it was.
+    #[inline(always)]
+    fn grid_index(qd: QuantDequant, v: f32) -> u32 {
+        let q = v * qd.inv_scale;
+        let q = if q < qd.lo { qd.lo } else { q };
+        let q = if q > qd.hi { qd.hi } else { q };
+        (((q + ROUND_MAGIC) - ROUND_MAGIC) - qd.lo) as u32
+    }
+
+    /// Packs `x` (`[K][P]`) into `packed` (`[ceil(K / 4)][padded P]` words).
+    fn pack_plain(&self, x: &[f32], packed: &mut [u32]) {
+        let (k, p, pp) = (self.in_channels, self.pixels, self.padded_pixels());
+        let qd = self.input;
+        for (quad, row) in packed.chunks_exact_mut(pp).enumerate() {
+            row.fill(0);
+            for j in 0..4 {
+                let ch = 4 * quad + j;
+                if ch >= k {
+                    break;
+                }
+                for (word, &v) in row.iter_mut().zip(&x[ch * p..][..p]) {
+                    *word |= Self::grid_index(qd, v) << (8 * j);
+                }
+            }
+        }
+    }
+
+    /// Output channels `first..first + out.len() / P` from `packed`, as plain loops.
+    fn run_plain(&self, packed: &[u32], out: &mut [f32], first: usize) {
+        let (p, pp, opad) = (self.pixels, self.padded_pixels(), self.out_channels + MR);
+        let epi = self.epilogue();
+        for (i, row) in out.chunks_exact_mut(p).enumerate() {
+            let o = first + i;
+            for (px, y) in row.iter_mut().enumerate() {
+                let mut acc = 0i32;
+                for quad in 0..self.quads() {
+                    let xw = packed[quad * pp + px].to_le_bytes();
+                    let ww = self.weights[quad * opad + o].to_le_bytes();
+                    for j in 0..4 {
+                        acc += xw[j] as i32 * ww[j] as i8 as i32;
+                    }
+                }
+                let v = ((acc + self.corr[o]) as f32).mul_add(self.mul[o], self.bias[o]);
+                *y = epi.apply(v);
+            }
+        }
+    }
+
+    fn eval_with(&self, x: &[f32], out: &mut [f32], vnni: bool) -> TractResult<()> {
+        thread_local! {
+            /// The packed input, kept by each thread between inferences so
+            /// that running one allocates nothing.
+            static PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PACKED.with_borrow_mut(|packed| {
+            packed.clear();
+            packed.resize(self.quads() * self.padded_pixels(), 0);
+            #[cfg(target_arch = "x86_64")]
+            if vnni {
+                // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
+                unsafe { vnni::pack(self, x, packed) };
+                let packed = packed.as_slice();
+                let work = out.len() * self.in_channels;
+                return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
+                    // SAFETY: as above.
+                    unsafe { vnni::run(self, packed, chunk, first) };
+                    Ok(())
+                });
+            }
+            let _ = vnni;
+            self.pack_plain(x, packed);
+            self.run_plain(packed, out, 0);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    //! The AVX-512 VNNI packing and block loops.
+
+    use std::arch::x86_64::*;
+
+    use super::{Pointwise, MR, NR};
+
+    /// [`Pointwise::pack_plain`], 16 pixels per step, with the same values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn pack(op: &Pointwise, x: &[f32], packed: &mut [u32]) {
+        let (k, p, pp) = (op.in_channels, op.pixels, op.padded_pixels());
+        let qd = op.input;
+        let inv = _mm512_set1_ps(qd.inv_scale);
+        let lo = _mm512_set1_ps(qd.lo);
+        let hi = _mm512_set1_ps(qd.hi);
+        let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        for quad in 0..op.quads() {
+            let row = packed[quad * pp..][..pp].as_mut_ptr();
+            for px in (0..pp).step_by(16) {
+                let valid = p.saturating_sub(px).min(16);
+                let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+                let mut word = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let ch = 4 * quad + j;
+                    if ch >= k || valid == 0 {
+                        break;
+                    }
+                    let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(ch * p + px));
+                    let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), lo), hi);
+                    let n = _mm512_sub_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), lo);
+                    let n = _mm512_maskz_cvttps_epi32(mask, n);
+                    word = _mm512_or_si512(word, _mm512_sllv_epi32(n, _mm512_set1_epi32(8 * j as i32)));
+                }
+                _mm512_storeu_si512(row.add(px) as *mut _, word);
+            }
+        }
+    }
+
+    /// [`Pointwise::run_plain`] in blocks of `MR` channels by `NR` pixels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run(op: &Pointwise, packed: &[u32], out: &mut [f32], first: usize) {
+        let (p, pp, opad, quads) = (op.pixels, op.padded_pixels(), op.out_channels + MR, op.quads());
+        let channels = out.len() / p;
+        let epi = op.epilogue();
+        let (clo, chi) = (_mm512_set1_ps(epi.clamp.0), _mm512_set1_ps(epi.clamp.1));
+        let inv = _mm512_set1_ps(epi.qd.inv_scale);
+        let (qlo, qhi) = (_mm512_set1_ps(epi.qd.lo), _mm512_set1_ps(epi.qd.hi));
+        let scale = _mm512_set1_ps(epi.qd.scale);
+        let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        for px in (0..p).step_by(NR) {
+            let mut o = 0;
+            while o < channels {
+                let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+                let mut xs = packed.as_ptr().add(px);
+                let mut ws = op.weights.as_ptr().add(first + o);
+                for _ in 0..quads {
+                    let x0 = _mm512_loadu_si512(xs as *const _);
+                    let x1 = _mm512_loadu_si512(xs.add(16) as *const _);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_epi32(*ws.add(r) as i32);
+                        acc[0] = _mm512_dpbusd_epi32(acc[0], x0, w);
+                        acc[1] = _mm512_dpbusd_epi32(acc[1], x1, w);
+                    }
+                    xs = xs.add(pp);
+                    ws = ws.add(opad);
+                }
+                let rows = (channels - o).min(MR);
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let c = first + o + r;
+                    let corr = _mm512_set1_epi32(op.corr[c]);
+                    let (mul, bias) = (_mm512_set1_ps(op.mul[c]), _mm512_set1_ps(op.bias[c]));
+                    for (half, &sums) in acc.iter().enumerate() {
+                        let at = px + 16 * half;
+                        let valid = p.saturating_sub(at).min(16);
+                        if valid == 0 {
+                            break;
+                        }
+                        let v = _mm512_cvtepi32_ps(_mm512_add_epi32(sums, corr));
+                        let mut v = _mm512_fmadd_ps(v, mul, bias);
+                        v = _mm512_min_ps(_mm512_max_ps(v, clo), chi);
+                        if epi.has_qdq {
+                            let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), qlo), qhi);
+                            v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), scale);
+                        }
+                        let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+                        _mm512_mask_storeu_ps(out.as_mut_ptr().add((o + r) * p + at), mask, v);
+                    }
+                }
+                o += MR;
+            }
+        }
+    }
+}
+
+/// CPUs this operator is put in graphs on: x86-64 with AVX-512 VNNI
+/// (checked at run time). Elsewhere tract's float kernels stay.
+pub fn cpu_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Op for Pointwise {
+    fn name(&self) -> StaticName {
+        OP_NAME.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let (lo, hi) = self.clamp;
+        let mut info = vec![format!(
+            "1x1 {} -> {} channels, {} pixels, input step {} range [{}, {}], clip [{lo}, {hi}]",
+            self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
+        )];
+        if let Some(qd) = &self.qdq {
+            info.push(format!("then quantize/dequantize, scale {} range [{}, {}]", qd.scale, qd.lo, qd.hi));
+        }
+        Ok(info)
+    }
+
+    fn as_typed(&self) -> Option<&dyn TypedOp> {
+        Some(self)
+    }
+}
+
+impl EvalOp for Pointwise {
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let view = inputs[0].try_as_plain_ram()?;
+        let x = view.as_slice::<f32>()?;
+        tract_core::internal::ensure!(
+            x.len() == self.in_channels * self.pixels,
+            "{OP_NAME}: input of {} values, expected {}x{}",
+            x.len(),
+            self.in_channels,
+            self.pixels
+        );
+        // SAFETY: `eval_with` writes every value, one row per output channel.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            self.eval_with(x, out_view.as_slice_mut::<f32>()?, cpu_supported())?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
+    }
+}
+
+impl TypedOp for Pointwise {
+    fn as_op(&self) -> &dyn Op {
+        self
+    }
+
+    fn as_op_mut(&mut self) -> &mut dyn Op {
+        self
+    }
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
+        Ok(tvec!(DatumType::F32.fact(&*self.out_shape)))
+    }
+}
+
+/// The constant f32 values at `outlet`, with its shape.
+fn const_f32(model: &TypedModel, outlet: OutletId) -> Option<(TVec<usize>, Vec<f32>)> {
+    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
+    if konst.datum_type() != DatumType::F32 {
+        return None;
+    }
+    let values = konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
+    Some((konst.shape().into(), values))
+}
+
+/// The grid the values at `outlet` lie on: when a quantize/dequantize pair
+/// made them, as its own op or at the end of one of ours. Only grids of at
+/// most 256 integers, which pack into a byte, qualify.
+fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
+    let node = model.node(outlet.node);
+    let grid = if let Some(qd) =
+        node.op_as::<ElementWiseOp>().filter(|ew| ew.1.is_none()).and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
+    {
+        *qd
+    } else if let Some(dw) = node.op_as::<Depthwise>() {
+        dw.output_grid()?
+    } else if let Some(pw) = node.op_as::<Pointwise>() {
+        pw.output_grid()?
+    } else {
+        return None;
+    };
+    // ONNX's 8-bit grids span at most [-255, 255] steps from their zero point;
+    // the bound also keeps the integer sums and corrections within i32.
+    let whole = |v: f32| v.fract() == 0.0 && v.abs() <= 256.0;
+    let fits = whole(grid.lo) && whole(grid.hi) && grid.lo <= grid.hi && grid.hi - grid.lo <= 255.0;
+    let sane = grid.scale.is_finite() && grid.scale > 0.0 && grid.inv_scale.is_finite() && grid.inv_scale > 0.0;
+    (fits && sane).then_some(grid)
+}
+
+/// The weights of one output channel as int8 steps of one scale, if they are
+/// whole multiples of it (what dequantized symmetric int8 weights are): the
+/// scale and the integers. Tries the largest magnitude as 127 steps (how
+/// quantizers scale symmetric weights), then as 128.
+fn integer_weights(row: &[f32]) -> Option<(f32, Vec<i8>)> {
+    let top = row.iter().fold(0f32, |m, w| m.max(w.abs()));
+    if !top.is_finite() {
+        return None;
+    }
+    if top == 0.0 {
+        return Some((0.0, vec![0; row.len()]));
+    }
+    [127f32, 128.0].into_iter().find_map(|steps| {
+        let scale = top / steps;
+        let ints: Option<Vec<i8>> = row
+            .iter()
+            .map(|w| {
+                let q = w / scale;
+                let r = q.round();
+                ((q - r).abs() <= 1e-3 && (-128.0..=127.0).contains(&r)).then_some(r as i8)
+            })
+            .collect();
+        Some((scale, ints?))
+    })
+}
+
+/// Whether `es`, with the activation at input `xi` (rank 3, or 4 with a
+/// leading batch axis of one) and constant `[O, K]` weights at `wi`, is a 1x1
+/// convolution into `[O, H, W]`: the axis letters differ between tract's
+/// ONNX import and its NNEF reader, so the mapping is checked axis by axis.
+fn is_pointwise(es: &EinSum, xi: usize, wi: usize, x_rank: usize) -> bool {
+    let (ins, out) = (InOut::In, InOut::Out(0));
+    let axes = &es.axes;
+    if axes.input_count() != 2 || axes.rank(ins(wi)) != 2 || axes.rank(out) != 3 || !(3..=4).contains(&x_rank) {
+        return false;
+    }
+    let c = x_rank - 3;
+    // Where an axis of an input appears: in the activation, the weights, the output.
+    let at = |io: InOut, pos: usize| {
+        axes.axis((io, pos)).ok().map(|a| (a.inputs[xi].to_vec(), a.inputs[wi].to_vec(), a.outputs[0].to_vec()))
+    };
+    let none: Vec<usize> = vec![];
+    let o_ok = at(ins(wi), 0) == Some((none.clone(), vec![0], vec![0]));
+    let k_ok = at(ins(wi), 1) == Some((vec![c], vec![1], none.clone()));
+    let h_ok = at(ins(xi), c + 1) == Some((vec![c + 1], none.clone(), vec![1]));
+    let w_ok = at(ins(xi), c + 2) == Some((vec![c + 2], none.clone(), vec![2]));
+    // The batch axis of one is summed away.
+    let n_ok = c == 0 || at(ins(xi), 0) == Some((vec![0], none.clone(), none));
+    o_ok && k_ok && h_ok && w_ok && n_ok
+}
+
+/// The operator for the `EinSum` at `node`, if it is a 1x1 convolution of
+/// one channels-first image ([`is_pointwise`]) with constant integer-step
+/// weights and an input on a byte grid; with the activation's input slot.
+fn for_einsum(model: &TypedModel, node: usize) -> Option<(Pointwise, usize)> {
+    let node = model.node(node);
+    let es = node.op_as::<EinSum>()?;
+    if es.q_params.is_some() || es.operating_dt != DatumType::F32 || node.inputs.len() != 2 {
+        return None;
+    }
+    let konst = |i: usize| model.outlet_fact(node.inputs[i]).ok().is_some_and(|f| f.konst.is_some());
+    let (xi, wi) = match (konst(0), konst(1)) {
+        (false, true) => (0, 1),
+        (true, false) => (1, 0),
+        _ => return None,
+    };
+    let input = model.outlet_fact(node.inputs[xi]).ok()?;
+    let in_shape = input.shape.as_concrete()?;
+    if !is_pointwise(es, xi, wi, in_shape.len()) {
+        return None;
+    }
+    let (k, pixels) = match in_shape {
+        &[k, h, w] | &[1, k, h, w] => (k, h * w),
+        _ => return None,
+    };
+    // At most 2^14 input channels: sums of products of a byte and an int8 stay within i32.
+    if input.datum_type != DatumType::F32 || k == 0 || k > 16_384 || pixels == 0 {
+        return None;
+    }
+    let (w_shape, w) = const_f32(model, node.inputs[wi])?;
+    let o = match *w_shape {
+        [o, kk] if kk == k && o > 0 => o,
+        _ => return None,
+    };
+    let out_shape: TVec<usize> = node.outputs[0].fact.shape.as_concrete()?.into();
+    if node.outputs[0].fact.datum_type != DatumType::F32 || out_shape.iter().product::<usize>() != o * pixels {
+        return None;
+    }
+    let grid = grid_of(model, node.inputs[xi])?;
+    let quads = k.div_ceil(4);
+    let opad = o + MR;
+    let mut weights = vec![0u32; quads * opad];
+    let mut corr = Vec::with_capacity(o);
+    let mut mul = Vec::with_capacity(o);
+    for (oc, row) in w.chunks_exact(k).enumerate() {
+        let (scale, ints) = integer_weights(row)?;
+        for (ch, &q) in ints.iter().enumerate() {
+            weights[(ch / 4) * opad + oc] |= (q as u8 as u32) << (8 * (ch % 4));
+        }
+        corr.push(grid.lo as i32 * ints.iter().map(|&q| q as i32).sum::<i32>());
+        mul.push(grid.scale * scale);
+    }
+    Some(Pointwise {
+        in_channels: k,
+        out_channels: o,
+        pixels,
+        input: grid,
+        weights: weights.into(),
+        corr: corr.into(),
+        mul: mul.into(),
+        bias: vec![0.0; o].into(),
+        clamp: (f32::NEG_INFINITY, f32::INFINITY),
+        qdq: None,
+        out_shape,
+    })
+    .map(|op| (op, xi))
+}
+
+/// Follows the only consumers of the sum while they are a bias `Add` (one
+/// constant per output channel, first), clip bounds (`Max`, `Min` with a
+/// single-valued constant) and one quantize/dequantize pair, and folds them
+/// into `op`. Returns the last outlet folded in.
+fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Pointwise) -> OutletId {
+    let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
+    let mut end = OutletId::new(sum, 0);
+    let mut biased = false;
+    loop {
+        let node = model.node(end.node);
+        let succs = &node.outputs[end.slot].successors;
+        if outputs.contains(&end) || succs.len() != 1 {
+            break;
+        }
+        let next = model.node(succs[0].node);
+        let same_shape = next.outputs[0].fact.shape == node.outputs[end.slot].fact.shape;
+        if let Some(bin) = next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && op.qdq.is_none()) {
+            let Some(other) = next.inputs.iter().copied().find(|&i| i != end) else { break };
+            if next.inputs.len() != 2 || !same_shape {
+                break;
+            }
+            let Some((shape, values)) = const_f32(model, other) else { break };
+            let (lo, hi) = op.clamp;
+            let unclipped = lo == f32::NEG_INFINITY && hi == f32::INFINITY;
+            match bin.0.name() {
+                // `[O, 1, 1]` (or with a leading 1): one bias per output channel.
+                "Add" if !biased && unclipped && values.len() == op.out_channels => {
+                    let rank = node.outputs[end.slot].fact.rank();
+                    let per_channel = rank >= 3
+                        && shape.len() == rank
+                        && shape[rank - 3] == op.out_channels
+                        && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
+                    if !per_channel {
+                        break;
+                    }
+                    op.bias = values.into();
+                    biased = true;
+                }
+                // max(clamp(x, lo, hi), v) is clamp(x, max(lo, v), max(hi, v)), and likewise for min.
+                "Max" if values.len() == 1 => op.clamp = (lo.max(values[0]), hi.max(values[0])),
+                "Min" if values.len() == 1 => op.clamp = (lo.min(values[0]), hi.min(values[0])),
+                _ => break,
+            }
+        } else if let Some(qd) = next
+            .op_as::<ElementWiseOp>()
+            .filter(|ew| ew.1.is_none() && op.qdq.is_none() && same_shape)
+            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
+        {
+            op.qdq = Some(*qd);
+        } else {
+            break;
+        }
+        end = OutletId::new(next.id, 0);
+    }
+    end
+}
+
+/// Replaces each int8-representable 1x1 convolution of a decluttered QDQ
+/// graph (tract's `EinSum`), with the bias, clip and quantize/dequantize
+/// pair after it, by [`Pointwise`]; runs after the depthwise pass (whose
+/// outputs feed them) and before tract's code generation. Returns how many
+/// convolutions were replaced.
+pub fn use_for_pointwise_convs(model: &mut TypedModel) -> TractResult<usize> {
+    if !cpu_supported() {
+        return Ok(0);
+    }
+    replace(model)
+}
+
+fn replace(model: &mut TypedModel) -> TractResult<usize> {
+    let sums: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
+    let mut replaced = 0;
+    for id in sums {
+        let Some((mut op, xi)) = for_einsum(model, id) else { continue };
+        let end = fold_epilogue(model, id, &mut op);
+        let node = model.node(id);
+        let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
+        let tap = patch.tap_model(model, node.inputs[xi])?;
+        let wire = patch.wire_node(&node.name, op, &[tap])?[0];
+        patch.shunt_outside(model, end, wire)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::internal::{tensor0, AxesMapping, IntoRunnable, SpecialOps};
+    use tract_core::ops::math::{Add, Max, Min};
+
+    /// A deterministic spread of integers in `lo..=hi`.
+    fn ints(n: usize, seed: u32, lo: i32, hi: i32) -> Vec<i32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                lo + (s % (hi - lo + 1) as u32) as i32
+            })
+            .collect()
+    }
+
+    /// One test graph's shape and what follows the sum.
+    struct Case {
+        k: usize,
+        o: usize,
+        hw: [usize; 2],
+        batch_axis: bool,
+        /// The input grid's range in steps.
+        grid: (f32, f32),
+        bias: bool,
+        clip: Option<(f32, f32)>,
+        qdq: bool,
+    }
+
+    const IN_STEP: f32 = 0.05;
+    const OUT_STEP: f32 = 0.1;
+
+    /// The graph tract's declutter makes of a QDQ 1x1 convolution: a pair, the
+    /// sum, then the bias, a clip and a pair as `case` says; and an input.
+    fn graph(case: &Case) -> (TypedModel, Tensor) {
+        let Case { k, o, hw: [h, w], batch_axis, grid, .. } = *case;
+        let mut shape: TVec<usize> = tvec![k, h, w];
+        if batch_axis {
+            shape.insert(0, 1);
+        }
+        let mut model = TypedModel::default();
+        let mut wire = model.add_source("x", DatumType::F32.fact(&*shape)).unwrap();
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(IN_STEP, grid.0, grid.1)), None);
+        wire = model.wire_node("in_pair", pair, &[wire]).unwrap()[0];
+        // Symmetric int8 weights, each channel with its own step and a largest magnitude of 127.
+        let q = ints(o * k, 5, -127, 127);
+        let mut weights = Vec::with_capacity(o * k);
+        for (oc, row) in q.chunks(k).enumerate() {
+            let step = 0.002 * (1 + oc % 5) as f32;
+            let top = row.iter().map(|v| v.abs()).max().unwrap();
+            weights.extend(row.iter().map(|&v| if top == 0 { 0.0 } else { (v * 127 / top) as f32 * step }));
+        }
+        let weights = model.add_const("w", Tensor::from_shape(&[o, k], &weights).unwrap()).unwrap();
+        let expr = if batch_axis { "NIHW,OI->OHW" } else { "IHW,OI->OHW" };
+        let sum = EinSum { axes: expr.parse::<AxesMapping>().unwrap(), operating_dt: DatumType::F32, q_params: None };
+        wire = model.wire_node("sum", sum, &[wire, weights]).unwrap()[0];
+        if case.bias {
+            let b: Vec<f32> = ints(o, 9, -50, 50).iter().map(|&v| v as f32 * 0.013).collect();
+            let b = model.add_const("b", Tensor::from_shape(&[o, 1, 1], &b).unwrap()).unwrap();
+            wire = model.wire_node("bias", TypedBinOp(Box::new(Add), None), &[wire, b]).unwrap()[0];
+        }
+        if let Some((lo, hi)) = case.clip {
+            let lo = model.add_const("lo", tensor0(lo).broadcast_into_rank(3).unwrap()).unwrap();
+            let hi = model.add_const("hi", tensor0(hi).broadcast_into_rank(3).unwrap()).unwrap();
+            wire = model.wire_node("max", TypedBinOp(Box::new(Max), None), &[wire, lo]).unwrap()[0];
+            wire = model.wire_node("min", TypedBinOp(Box::new(Min), None), &[hi, wire]).unwrap()[0];
+        }
+        if case.qdq {
+            let pair = ElementWiseOp(Box::new(QuantDequant::new(OUT_STEP, -128.0, 127.0)), None);
+            wire = model.wire_node("out_pair", pair, &[wire]).unwrap()[0];
+        }
+        model.select_output_outlets(&[wire]).unwrap();
+        // Values past the grid's ends too: the input pair clips them.
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> =
+            ints(n, 3, grid.0 as i32 - 20, grid.1 as i32 + 20).iter().map(|&v| v as f32 * IN_STEP).collect();
+        (model, Tensor::from_shape(&shape, &x).unwrap())
+    }
+
+    fn values(t: &TValue) -> Vec<f32> {
+        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+    }
+
+    /// Runs `model` through tract's code generation, after our pass when `ours`.
+    fn run(mut model: TypedModel, input: &Tensor, ours: bool) -> (Vec<f32>, Vec<String>) {
+        model.declutter().unwrap();
+        if ours {
+            assert_eq!(replace(&mut model).unwrap(), 1, "the sum is replaced");
+        }
+        model.optimize().unwrap();
+        let ops = model.nodes().iter().map(|n| n.op.name().to_string()).collect();
+        let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+        (values(&out[0]), ops)
+    }
+
+    fn case(k: usize, o: usize, hw: [usize; 2], batch_axis: bool) -> Case {
+        Case { k, o, hw, batch_axis, grid: (-128.0, 127.0), bias: true, clip: None, qdq: true }
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            // Whole blocks: 4-channel quads, 8 output channels, 32 pixels.
+            case(16, 8, [4, 8], false),
+            // Ragged everywhere: 3 and 13 input channels, 5 and 17 outputs, 49 and 1 pixels.
+            case(3, 5, [7, 7], true),
+            case(13, 17, [1, 1], false),
+            case(24, 144, [14, 14], false),
+            Case { grid: (0.0, 255.0), clip: Some((0.0, 6.0)), ..case(96, 24, [5, 11], true) },
+            Case { grid: (-131.0, 124.0), bias: false, qdq: false, ..case(40, 9, [3, 20], false) },
+            Case { clip: Some((-1.0, 0.5)), qdq: false, ..case(7, 12, [2, 17], false) },
+        ]
+    }
+
+    /// The operator built from a case's graph, and that graph's input.
+    fn operator(case: &Case) -> (Pointwise, Tensor) {
+        let (mut model, input) = graph(case);
+        model.declutter().unwrap();
+        let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).expect("a sum").id;
+        let (mut op, _) = for_einsum(&model, id).expect("the sum qualifies");
+        fold_epilogue(&model, id, &mut op);
+        (op, input)
+    }
+
+    #[test]
+    fn matches_tracts_float_sums_within_one_step() {
+        for case in cases() {
+            let (model, input) = graph(&case);
+            let (want, _) = run(model.clone(), &input, false);
+            let (got, ops) = run(model, &input, true);
+            let label = format!("k {} o {} hw {:?}", case.k, case.o, case.hw);
+            // Everything after the sum is folded in: one operator, no passes.
+            let left = ops.iter().filter(|o| !matches!(o.as_str(), "Source" | "Const")).cloned().collect::<Vec<_>>();
+            assert_eq!(left, ["EdgeinferQuantDequant", OP_NAME], "{label}: {ops:?}");
+            assert_eq!(got.len(), want.len());
+            // Exact integer sums against float ones: values agree to rounding,
+            // or, after the output's pair, land one step away, rarely.
+            let tolerance = if case.qdq { OUT_STEP * 1.001 } else { 1e-4 };
+            let off = got.iter().zip(&want).filter(|(g, w)| (*g - *w).abs() > 1e-4).count();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= tolerance, "{label}: value {i}: {g} against tract's {w}");
+            }
+            assert!(off * 50 <= got.len(), "{label}: {off} of {} values differ", got.len());
+        }
+    }
+
+    #[test]
+    fn the_vnni_loops_give_the_plain_loops_values_bit_for_bit() {
+        if !cpu_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI; the plain loops ran in the other tests");
+            return;
+        }
+        for case in cases() {
+            let (op, input) = operator(&case);
+            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let n = op.out_channels * op.pixels;
+            let (mut plain, mut vnni) = (vec![0f32; n], vec![1f32; n]);
+            op.eval_with(&x, &mut plain, false).unwrap();
+            op.eval_with(&x, &mut vnni, true).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&vnni), "k {} o {} hw {:?}", case.k, case.o, case.hw);
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn blocks_starting_at_any_channel_give_the_same_values() {
+        if !cpu_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        // Threads get runs of output channels that need not start on a block of MR.
+        let (op, input) = operator(&case(24, 21, [6, 9], false));
+        let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let p = op.pixels;
+        let mut whole = vec![0f32; op.out_channels * p];
+        op.eval_with(&x, &mut whole, true).unwrap();
+        let mut packed = vec![0u32; op.quads() * op.padded_pixels()];
+        // SAFETY: checked above that the CPU has the features.
+        unsafe { vnni::pack(&op, &x, &mut packed) };
+        for split in [1, 3, 8, 13, 20] {
+            let mut parts = vec![0f32; op.out_channels * p];
+            let (a, b) = parts.split_at_mut(split * p);
+            // SAFETY: as above.
+            unsafe {
+                vnni::run(&op, &packed, a, 0);
+                vnni::run(&op, &packed, b, split);
+            }
+            assert_eq!(parts, whole, "split at channel {split}");
+        }
+    }
+
+    #[test]
+    fn leaves_sums_it_cannot_compute_exactly_to_tract() {
+        // Weights that are no whole multiples of one step per channel.
+        let (mut model, _) = graph(&case(8, 4, [2, 2], false));
+        model.declutter().unwrap();
+        let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).unwrap().id;
+        let w = model.node(id).inputs[1];
+        let mut patch = TypedModelPatch::default();
+        let odd: Vec<f32> = (0..32).map(|i| 0.1 + (i as f32).sqrt() * 0.0137).collect();
+        let konst = patch.add_const("odd", Tensor::from_shape(&[4, 8], &odd).unwrap()).unwrap();
+        patch.shunt_outside(&model, w, konst).unwrap();
+        patch.apply(&mut model).unwrap();
+        assert!(for_einsum(&model, id).is_none(), "off-grid weights");
+
+        // An input that no quantize/dequantize pair produced.
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", DatumType::F32.fact([8, 2, 2])).unwrap();
+        let w = model.add_const("w", Tensor::from_shape(&[4, 8], &[0.5f32; 32]).unwrap()).unwrap();
+        let sum = EinSum { axes: "IHW,OI->OHW".parse().unwrap(), operating_dt: DatumType::F32, q_params: None };
+        let out = model.wire_node("sum", sum, &[x, w]).unwrap()[0];
+        model.select_output_outlets(&[out]).unwrap();
+        assert_eq!(replace(&mut model).unwrap(), 0, "input on no grid");
+    }
+
+    #[test]
+    fn integer_weights_recovers_symmetric_int8_steps() {
+        let step = 0.0123f32;
+        let row: Vec<f32> = [-127, -3, 0, 64, 127, 5].iter().map(|&q| q as f32 * step).collect();
+        let (scale, q) = integer_weights(&row).unwrap();
+        assert_eq!(q, [-127, -3, 0, 64, 127, 5]);
+        assert!((scale - step).abs() < 1e-7);
+        // A largest magnitude of 128 steps (-128), as an asymmetric range can give.
+        let row: Vec<f32> = [-128, 100, 1].iter().map(|&q| q as f32 * step).collect();
+        assert_eq!(integer_weights(&row).unwrap().1, [-128, 100, 1]);
+        assert_eq!(integer_weights(&[0.0, 0.0]).unwrap().1, [0, 0]);
+        assert!(integer_weights(&[1.0, 0.3333]).is_none());
+        assert!(integer_weights(&[f32::NAN, 1.0]).is_none());
+    }
+}
