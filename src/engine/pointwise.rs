@@ -49,6 +49,9 @@ pub const OP_NAME: &str = "EdgeinferPointwiseInt8";
 /// Output channels summed together: one broadcast weight word each.
 const MR: usize = 8;
 
+// The VNNI block's epilogue is written out row by row for 8 rows.
+const _: () = assert!(MR == 8);
+
 /// Pixels summed together: two AVX-512 registers of 16 sums.
 const NR: usize = 32;
 
@@ -125,9 +128,17 @@ impl Pointwise {
         self.in_channels.div_ceil(4)
     }
 
-    /// Pixels in a packed row: whole blocks of `NR`.
+    /// Pixels packed: whole blocks of `NR`.
     fn padded_pixels(&self) -> usize {
         self.pixels.next_multiple_of(NR)
+    }
+
+    /// Where the word of channel quad `quad` at pixel `px` is packed: by
+    /// blocks of `NR` pixels, each holding all its quads, so that a block's
+    /// sums read one contiguous run of memory.
+    #[inline(always)]
+    fn word_at(&self, quad: usize, px: usize) -> usize {
+        (px / NR * self.quads() + quad) * NR + px % NR
     }
 
     /// The grid this operator's output lies on, when it ends in a pair.
@@ -149,34 +160,28 @@ impl Pointwise {
         (((q + ROUND_MAGIC) - ROUND_MAGIC) - qd.lo) as u32
     }
 
-    /// Packs `x` (`[K][P]`) into `packed` (`[ceil(K / 4)][padded P]` words).
+    /// Packs `x` (`[K][P]`) into `packed` (ceil(K / 4) x padded P words, [`Self::word_at`]).
     fn pack_plain(&self, x: &[f32], packed: &mut [u32]) {
-        let (k, p, pp) = (self.in_channels, self.pixels, self.padded_pixels());
+        let (k, p) = (self.in_channels, self.pixels);
         let qd = self.input;
-        for (quad, row) in packed.chunks_exact_mut(pp).enumerate() {
-            row.fill(0);
-            for j in 0..4 {
-                let ch = 4 * quad + j;
-                if ch >= k {
-                    break;
-                }
-                for (word, &v) in row.iter_mut().zip(&x[ch * p..][..p]) {
-                    *word |= Self::grid_index(qd, v) << (8 * j);
-                }
+        packed.fill(0);
+        for ch in 0..k {
+            for (px, &v) in x[ch * p..][..p].iter().enumerate() {
+                packed[self.word_at(ch / 4, px)] |= Self::grid_index(qd, v) << (8 * (ch % 4));
             }
         }
     }
 
     /// Output channels `first..first + out.len() / P` from `packed`, as plain loops.
     fn run_plain(&self, packed: &[u32], out: &mut [f32], first: usize) {
-        let (p, pp, opad) = (self.pixels, self.padded_pixels(), self.out_channels + MR);
+        let (p, opad) = (self.pixels, self.out_channels + MR);
         let epi = self.epilogue();
         for (i, row) in out.chunks_exact_mut(p).enumerate() {
             let o = first + i;
             for (px, y) in row.iter_mut().enumerate() {
                 let mut acc = 0i32;
                 for quad in 0..self.quads() {
-                    let xw = packed[quad * pp + px].to_le_bytes();
+                    let xw = packed[self.word_at(quad, px)].to_le_bytes();
                     let ww = self.weights[quad * opad + o].to_le_bytes();
                     for j in 0..4 {
                         acc += xw[j] as i32 * ww[j] as i8 as i32;
@@ -229,16 +234,17 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn pack(op: &Pointwise, x: &[f32], packed: &mut [u32]) {
         let (k, p, pp) = (op.in_channels, op.pixels, op.padded_pixels());
+        debug_assert_eq!(packed.len(), op.quads() * pp);
         let qd = op.input;
         let inv = _mm512_set1_ps(qd.inv_scale);
         let lo = _mm512_set1_ps(qd.lo);
         let hi = _mm512_set1_ps(qd.hi);
         let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        let packed = packed.as_mut_ptr();
         for quad in 0..op.quads() {
-            let row = packed[quad * pp..][..pp].as_mut_ptr();
             for px in (0..pp).step_by(16) {
                 let valid = p.saturating_sub(px).min(16);
-                let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+                let mask = mask(valid);
                 let mut word = _mm512_setzero_si512();
                 for j in 0..4 {
                     let ch = 4 * quad + j;
@@ -251,7 +257,8 @@ mod vnni {
                     let n = _mm512_maskz_cvttps_epi32(mask, n);
                     word = _mm512_or_si512(word, _mm512_sllv_epi32(n, _mm512_set1_epi32(8 * j as i32)));
                 }
-                _mm512_storeu_si512(row.add(px) as *mut _, word);
+                // 16 divides NR: the 16 words are consecutive.
+                _mm512_storeu_si512(packed.add(op.word_at(quad, px)) as *mut _, word);
             }
         }
     }
@@ -259,7 +266,33 @@ mod vnni {
     /// [`Pointwise::run_plain`] in blocks of `MR` channels by `NR` pixels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn run(op: &Pointwise, packed: &[u32], out: &mut [f32], first: usize) {
-        let (p, pp, opad, quads) = (op.pixels, op.padded_pixels(), op.out_channels + MR, op.quads());
+        // The clip and the pair as constants, so a block without them skips their instructions.
+        match (op.clamp != (f32::NEG_INFINITY, f32::INFINITY), op.qdq.is_some()) {
+            (false, false) => run_with::<false, false>(op, packed, out, first),
+            (false, true) => run_with::<false, true>(op, packed, out, first),
+            (true, false) => run_with::<true, false>(op, packed, out, first),
+            (true, true) => run_with::<true, true>(op, packed, out, first),
+        }
+    }
+
+    /// The stores of the first `count` of 16 values.
+    #[inline(always)]
+    fn mask(count: usize) -> __mmask16 {
+        if count >= 16 {
+            0xffff
+        } else {
+            ((1u32 << count) - 1) as u16
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_with<const CLAMP: bool, const QDQ: bool>(
+        op: &Pointwise,
+        packed: &[u32],
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
         let channels = out.len() / p;
         let epi = op.epilogue();
         let (clo, chi) = (_mm512_set1_ps(epi.clamp.0), _mm512_set1_ps(epi.clamp.1));
@@ -267,11 +300,19 @@ mod vnni {
         let (qlo, qhi) = (_mm512_set1_ps(epi.qd.lo), _mm512_set1_ps(epi.qd.hi));
         let scale = _mm512_set1_ps(epi.qd.scale);
         let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        let out = out.as_mut_ptr();
         for px in (0..p).step_by(NR) {
+            let (m0, m1) = (mask(p - px), mask(p.saturating_sub(px + 16)));
             let mut o = 0;
             while o < channels {
+                let rows = (channels - o).min(MR);
+                // The sums start from the zero correction, so the epilogue need not add it.
                 let mut acc = [[_mm512_setzero_si512(); 2]; MR];
-                let mut xs = packed.as_ptr().add(px);
+                for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let corr = _mm512_set1_epi32(op.corr[first + o + r]);
+                    *acc = [corr, corr];
+                }
+                let mut xs = packed.as_ptr().add(op.word_at(0, px));
                 let mut ws = op.weights.as_ptr().add(first + o);
                 for _ in 0..quads {
                     let x0 = _mm512_loadu_si512(xs as *const _);
@@ -281,31 +322,41 @@ mod vnni {
                         acc[0] = _mm512_dpbusd_epi32(acc[0], x0, w);
                         acc[1] = _mm512_dpbusd_epi32(acc[1], x1, w);
                     }
-                    xs = xs.add(pp);
+                    xs = xs.add(NR);
                     ws = ws.add(opad);
                 }
-                let rows = (channels - o).min(MR);
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    let c = first + o + r;
-                    let corr = _mm512_set1_epi32(op.corr[c]);
-                    let (mul, bias) = (_mm512_set1_ps(op.mul[c]), _mm512_set1_ps(op.bias[c]));
-                    for (half, &sums) in acc.iter().enumerate() {
-                        let at = px + 16 * half;
-                        let valid = p.saturating_sub(at).min(16);
-                        if valid == 0 {
-                            break;
+                // One macro use per row, so every index is a constant and the
+                // sums stay in registers.
+                macro_rules! store {
+                    ($r:literal) => {
+                        if $r < rows {
+                            let c = first + o + $r;
+                            let (mul, bias) = (_mm512_set1_ps(op.mul[c]), _mm512_set1_ps(op.bias[c]));
+                            for (half, m) in [(0, m0), (1, m1)] {
+                                if m == 0 {
+                                    continue;
+                                }
+                                let mut v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[$r][half]), mul, bias);
+                                if CLAMP {
+                                    v = _mm512_min_ps(_mm512_max_ps(v, clo), chi);
+                                }
+                                if QDQ {
+                                    let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), qlo), qhi);
+                                    v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), scale);
+                                }
+                                _mm512_mask_storeu_ps(out.add((o + $r) * p + px + 16 * half), m, v);
+                            }
                         }
-                        let v = _mm512_cvtepi32_ps(_mm512_add_epi32(sums, corr));
-                        let mut v = _mm512_fmadd_ps(v, mul, bias);
-                        v = _mm512_min_ps(_mm512_max_ps(v, clo), chi);
-                        if epi.has_qdq {
-                            let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), qlo), qhi);
-                            v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), scale);
-                        }
-                        let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
-                        _mm512_mask_storeu_ps(out.as_mut_ptr().add((o + r) * p + at), mask, v);
-                    }
+                    };
                 }
+                store!(0);
+                store!(1);
+                store!(2);
+                store!(3);
+                store!(4);
+                store!(5);
+                store!(6);
+                store!(7);
                 o += MR;
             }
         }
