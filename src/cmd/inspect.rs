@@ -87,9 +87,10 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
     if ours + tracts > 0 {
         writeln!(out, "depthwise    {ours} convolutions on edgeinfer's 3x3 kernel, {tracts} on tract's")?;
     }
-    let pointwise = count(engine::POINTWISE_OP);
-    if pointwise > 0 {
-        writeln!(out, "pointwise    {pointwise} int8 1x1 convolutions on edgeinfer's integer kernel (AVX-512 VNNI)")?;
+    let int8_convs = count(engine::INT8_CONV_OP);
+    if int8_convs > 0 {
+        let noun = if int8_convs == 1 { "convolution" } else { "convolutions" };
+        writeln!(out, "int8 convs   {int8_convs} {noun} on edgeinfer's integer kernel (AVX-512 VNNI)")?;
     }
     let t = info.timings;
     writeln!(

@@ -17,10 +17,10 @@
 mod cache;
 mod converted;
 mod depthwise;
+mod int8_conv;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 mod onnx;
-mod pointwise;
 #[cfg(feature = "onnx")]
 mod proto;
 mod quant_dequant;
@@ -238,7 +238,7 @@ pub struct ModelInfo {
     /// "float (not quantized)", "QDQ", "QOperator", "dynamic" or a mix.
     pub quantization: String,
     /// Which kernels run the model: "float"; for QDQ and QOperator models float kernels with
-    /// their activation rounding kept or (`qdq_as_float`, QDQ) folded away, and how many pointwise
+    /// their activation rounding kept or (`qdq_as_float`, QDQ) folded away, and how many
     /// convolutions run on our integer kernel; "integer (as quantized)".
     pub int8_path: String,
     /// Rewrites applied before tract saw the graph.
@@ -310,8 +310,8 @@ pub const TRACT_VERSION: &str = "0.23.9";
 /// The name our 3x3 depthwise convolution has in `ModelInfo::optimized_ops`.
 pub const DEPTHWISE_OP: &str = depthwise::OP_NAME;
 
-/// The name our int8 1x1 convolution has in `ModelInfo::optimized_ops`.
-pub const POINTWISE_OP: &str = pointwise::OP_NAME;
+/// The name our int8 convolution has in `ModelInfo::optimized_ops`.
+pub const INT8_CONV_OP: &str = int8_conv::OP_NAME;
 
 /// The name of tract's own depthwise convolution there.
 pub const TRACT_DEPTHWISE_OP: &str = "DepthWiseConv";
@@ -645,7 +645,7 @@ impl Model {
         let mut optimized = typed;
         optimized.declutter().map_err(load_err)?;
         depthwise::use_for_depthwise_convs(&mut optimized).map_err(load_err)?;
-        pointwise::use_for_pointwise_convs(&mut optimized).map_err(load_err)?;
+        int8_conv::use_for_int8_convs(&mut optimized).map_err(load_err)?;
         optimized.optimize().map_err(load_err)?;
         quant_dequant::fuse_into_matmuls(&mut optimized).map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
@@ -653,9 +653,10 @@ impl Model {
             *optimized_ops.entry(node.op.name().to_string()).or_insert(0usize) += 1;
         }
         let optimized_nodes = optimized.nodes().len();
-        let pointwise = optimized_ops.get(pointwise::OP_NAME).copied().unwrap_or(0);
-        let int8_path = if pointwise > 0 {
-            format!("{}; {pointwise} pointwise convolutions on integer kernels (AVX-512 VNNI)", meta.int8_path)
+        let int8_convs = optimized_ops.get(int8_conv::OP_NAME).copied().unwrap_or(0);
+        let int8_path = if int8_convs > 0 {
+            let noun = if int8_convs == 1 { "convolution" } else { "convolutions" };
+            format!("{}; {int8_convs} {noun} on integer kernels (AVX-512 VNNI)", meta.int8_path)
         } else {
             meta.int8_path
         };
@@ -1023,18 +1024,19 @@ mod tests {
         } else {
             assert_eq!(count(TRACT_DEPTHWISE_OP), 17, "{ops:?}");
         }
-        if pointwise::cpu_supported() {
-            // All 34 pointwise convolutions (each expand and project, and the last 320 -> 1280).
-            assert_eq!(count(pointwise::OP_NAME), 34, "{ops:?}");
-            assert!(loaded.info().int8_path.contains("34 pointwise convolutions on integer kernels"));
+        if int8_conv::cpu_supported() {
+            // All 35 other convolutions: the 34 pointwise ones (each expand and
+            // project, and the last 320 -> 1280) and the stem.
+            assert_eq!(count(int8_conv::OP_NAME), 35, "{ops:?}");
+            assert!(loaded.info().int8_path.contains("35 convolutions on integer kernels"));
         } else {
-            assert_eq!(count(pointwise::OP_NAME), 0, "{ops:?}");
+            assert_eq!(count(int8_conv::OP_NAME), 0, "{ops:?}");
         }
     }
 
     #[test]
     #[cfg(feature = "onnx")]
-    fn cached_int8_models_run_pointwise_convolutions_on_integer_kernels_too() {
+    fn cached_int8_models_run_convolutions_on_integer_kernels_too() {
         // The cache's graph comes back from NNEF with other einsum axis letters.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mobilenetv2_int8.onnx");
         let dir = tempfile::tempdir().unwrap();
@@ -1042,9 +1044,9 @@ mod tests {
         let first = Model::load(&path, &opts).unwrap();
         let again = Model::load(&path, &opts).unwrap();
         assert_eq!(again.info().origin, Origin::Cache);
-        let count = |m: &Model| m.info().optimized_ops.get(pointwise::OP_NAME).copied().unwrap_or(0);
+        let count = |m: &Model| m.info().optimized_ops.get(int8_conv::OP_NAME).copied().unwrap_or(0);
         assert_eq!(count(&again), count(&first));
-        assert_eq!(count(&first), if pointwise::cpu_supported() { 34 } else { 0 });
+        assert_eq!(count(&first), if int8_conv::cpu_supported() { 35 } else { 0 });
     }
 
     #[test]

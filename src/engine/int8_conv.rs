@@ -1,33 +1,35 @@
-//! An int8 1x1 convolution of our own, `EdgeinferPointwiseInt8`, for the
-//! pointwise convolutions of QDQ models: integer multiply-adds on AVX-512
-//! VNNI, with the bias, a clip and the output's quantize/dequantize pair in
-//! the same pass.
+//! Int8 convolutions of our own, `EdgeinferConvInt8`, for QDQ models:
+//! integer multiply-adds on AVX-512 VNNI, with the bias, a clip and the
+//! output's quantize/dequantize pair in the same pass.
 //!
 //! tract runs a QDQ model's convolutions on float kernels: its decluttered
 //! graph holds the weights dequantized, and the activations as f32 values
 //! rounded onto their quantization grid. Both are still integers times a
-//! step, so a 1x1 convolution whose input comes straight from a
+//! step, so a convolution whose input comes straight from a
 //! quantize/dequantize pair, and whose weights are whole multiples of one
 //! step per output channel, can be computed exactly in integers:
 //! `sum(w * x) = s_w * s_x * sum(q_w * n_x)`. VNNI's `vpdpbusd` does 64 of
 //! those 8-bit multiply-adds per instruction where an AVX-512 FMA does 16
-//! float ones, and the pointwise convolutions are most of a MobileNet's work.
+//! float ones.
 //!
 //! Each inference packs the input once: every value back to its grid index
-//! (`n - lo`, 0..=255, so unsigned as VNNI wants it), four input channels of
-//! a pixel in one 32-bit word. Then blocks of 8 output channels by 32 pixels
-//! are summed in 16 registers, corrected for the shifted zero (`lo` times
-//! the weights' sum, an integer), scaled to f32 and stored through the
-//! epilogue. The integer sums are exact, so a value can differ from tract's
-//! float sums in its last bits, and after the output's rounding by one
-//! quantization step, rarely.
+//! (`n - lo`, 0..=255, so unsigned as VNNI wants it), four input values of
+//! an output pixel's sum in one 32-bit word: four input channels for a 1x1
+//! convolution (tract's `EinSum`), four kernel taps of the im2col matrix
+//! (padding as the grid index of zero) for any other (`Conv`, 1-D or 2-D,
+//! any stride, dilation and padding, one group). Then blocks of 8 output
+//! channels by 32 pixels are summed in 16 registers, starting from the
+//! shifted zero's correction (`lo` times the weights' sum, an integer),
+//! scaled to f32 and stored through the epilogue. The integer sums are
+//! exact, so a value can differ from tract's float sums in its last bits,
+//! and after the output's rounding by one quantization step, rarely.
 //!
-//! [`use_for_pointwise_convs`] swaps tract's `EinSum` (what its declutter
-//! makes of a 1x1 convolution) and what follows it for this operator, before
-//! code generation, on x86-64 CPUs with AVX-512 VNNI only: without VNNI,
-//! 8-bit products need 16-bit intermediate sums that saturate, and tract's
-//! float kernels are as fast. The operator itself computes everywhere (a
-//! plain loop over the same packed data), which the tests compare against.
+//! [`use_for_int8_convs`] swaps tract's operators, and what follows them,
+//! for this one before code generation, on x86-64 CPUs with AVX-512 VNNI
+//! only: without VNNI, 8-bit products need 16-bit intermediate sums that
+//! saturate, and tract's float kernels are as fast. The operator itself
+//! computes everywhere (plain loops over the same packed data), which the
+//! tests compare against.
 
 use std::sync::Arc;
 
@@ -36,15 +38,17 @@ use tract_core::internal::{
     TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
 };
 use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::nn::DataFormat;
 use tract_core::prelude::IntoTValue;
 
 use super::depthwise::Depthwise;
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
-pub const OP_NAME: &str = "EdgeinferPointwiseInt8";
+pub const OP_NAME: &str = "EdgeinferConvInt8";
 
 /// Output channels summed together: one broadcast weight word each.
 const MR: usize = 8;
@@ -55,18 +59,67 @@ const _: () = assert!(MR == 8);
 /// Pixels summed together: two AVX-512 registers of 16 sums.
 const NR: usize = 32;
 
-/// A 1x1 convolution of one `[K, H, W]` or `[1, K, H, W]` f32 tensor whose
-/// values lie on the grid `input`, into `[O, H, W]`: the integer sums, then
-/// `* mul + bias`, `clamp(lo, hi)` and optionally a quantize/dequantize pair.
+/// Where the values of a convolution other than a 1x1 of stride 1 come from: a 1-D
+/// convolution is one of height 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Im2col {
+    in_hw: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    /// Zero padding before: top, left (after is what the output size leaves).
+    pad: [usize; 2],
+    out_hw: [usize; 2],
+    /// Per tap (input channel, then kernel row and column; whole quads), where
+    /// it reads in the padded planes relative to its output pixel's first
+    /// value. Taps past the depth read the first one, times a zero weight.
+    offsets: Vec<usize>,
+}
+
+impl Im2col {
+    /// The geometry of `c` input channels, with its taps' offsets.
+    fn new(
+        c: usize,
+        in_hw: [usize; 2],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilations: [usize; 2],
+        pad: [usize; 2],
+        out_hw: [usize; 2],
+    ) -> Im2col {
+        let mut g = Im2col { in_hw, kernel, strides, dilations, pad, out_hw, offsets: vec![] };
+        let (hp, wp) = Int8Conv::planes_hw(&g);
+        let ([kh, kw], [dh, dw]) = (kernel, dilations);
+        let depth = c * kh * kw;
+        g.offsets = (0..depth.next_multiple_of(4))
+            .map(|t| {
+                let t = if t < depth { t } else { 0 };
+                let (ch, dy, dx) = (t / (kh * kw), t / kw % kh, t % kw);
+                ch * hp * wp + dy * dh * wp + dx * dw
+            })
+            .collect();
+        g
+    }
+}
+
+/// A convolution of one `[C, ...]` or `[1, C, ...]` f32 tensor whose values
+/// lie on the grid `input`, into `O` channels of `pixels` values: the
+/// integer sums, then `* mul + bias`, `clamp(lo, hi)` and optionally a
+/// quantize/dequantize pair.
 #[derive(Debug, Clone)]
-pub struct Pointwise {
+pub struct Int8Conv {
     in_channels: usize,
     out_channels: usize,
+    /// Output values per channel.
     pixels: usize,
+    /// The kernel's geometry; `None` for a 1x1 convolution of stride 1 (the
+    /// packed words are then read straight from the input's channels).
+    im2col: Option<Im2col>,
     /// The quantize/dequantize pair that produced the input: its grid.
     input: QuantDequant,
-    /// Integer weights, four input channels per word (little-endian bytes),
-    /// `[ceil(K / 4)][O + MR]`, zero past `K` and `O` so blocks read whole.
+    /// Integer weights, four of an output channel's per word (little-endian
+    /// bytes, in the order of the packed input), `[ceil(depth / 4)][O + MR]`,
+    /// zero past the depth and `O` so that blocks read whole.
     weights: Arc<[u32]>,
     /// Per output channel: `lo` times the sum of its integer weights, added
     /// back because the packed input counts from `lo`, not from zero.
@@ -80,12 +133,13 @@ pub struct Pointwise {
     out_shape: TVec<usize>,
 }
 
-impl PartialEq for Pointwise {
+impl PartialEq for Int8Conv {
     fn eq(&self, other: &Self) -> bool {
         let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.in_channels == other.in_channels
             && self.out_channels == other.out_channels
             && self.pixels == other.pixels
+            && self.im2col == other.im2col
             && self.input == other.input
             && self.weights == other.weights
             && self.corr == other.corr
@@ -99,7 +153,7 @@ impl PartialEq for Pointwise {
 }
 
 // Equality is on bit patterns, an equivalence even for NaN.
-impl Eq for Pointwise {}
+impl Eq for Int8Conv {}
 
 /// What is applied to each sum before it is stored, held by value.
 #[derive(Clone, Copy)]
@@ -122,10 +176,20 @@ impl Epilogue {
     }
 }
 
-impl Pointwise {
-    /// Input channel quads: the packed input's and the weights' rows.
+impl Int8Conv {
+    /// Input values per output value: the input channels times the kernel's taps.
+    fn depth(&self) -> usize {
+        self.in_channels * self.im2col.as_ref().map_or(1, |g| g.kernel[0] * g.kernel[1])
+    }
+
+    /// Input values per input channel.
+    fn in_pixels(&self) -> usize {
+        self.im2col.as_ref().map_or(self.pixels, |g| g.in_hw[0] * g.in_hw[1])
+    }
+
+    /// Quads of the depth: the packed input's and the weights' rows.
     fn quads(&self) -> usize {
-        self.in_channels.div_ceil(4)
+        self.depth().div_ceil(4)
     }
 
     /// Pixels packed: whole blocks of `NR`.
@@ -172,6 +236,88 @@ impl Pointwise {
         }
     }
 
+    /// The zero-padded planes [`Self::pack_im2col`] reads: height, width.
+    fn planes_hw(g: &Im2col) -> (usize, usize) {
+        let ([h, w], [kh, kw], [sh, sw], [dh, dw], [pt, pl], [ho, wo]) =
+            (g.in_hw, g.kernel, g.strides, g.dilations, g.pad, g.out_hw);
+        // As far as the last output's taps reach, and at least the input.
+        let hp = ((ho - 1) * sh + (kh - 1) * dh + 1).max(pt + h);
+        let wp = ((wo - 1) * sw + (kw - 1) * dw + 1).max(pl + w);
+        (hp, wp)
+    }
+
+    /// Fills `bytes` with the input's grid indices in zero-padded planes
+    /// (padding is the value 0, at index `-lo`).
+    fn fill_planes(&self, g: &Im2col, x: &[f32], bytes: &mut Vec<u8>) {
+        let ([h, w], [pt, pl]) = (g.in_hw, g.pad);
+        let (hp, wp) = Self::planes_hw(g);
+        let qd = self.input;
+        bytes.clear();
+        bytes.resize(self.in_channels * hp * wp, (-qd.lo) as u8);
+        for (plane, channel) in bytes.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
+            for (row, line) in plane[pt * wp..].chunks_exact_mut(wp).zip(channel.chunks_exact(w)) {
+                for (b, &v) in row[pl..pl + w].iter_mut().zip(line) {
+                    *b = Self::grid_index(qd, v) as u8;
+                }
+            }
+        }
+    }
+
+    /// Packs the im2col matrix of the planes in `bytes` ([`Self::fill_planes`])
+    /// for `g` into `packed`: four kernel taps of each output pixel to a
+    /// word, read at fixed offsets with no border cases. Plain loops,
+    /// compiled for AVX-512 too (`pack_im2col_avx512`).
+    #[inline(always)]
+    fn pack_im2col(&self, g: &Im2col, bytes: &[u8], packed: &mut [u32]) {
+        let depth = self.depth();
+        let ([sh, sw], [ho, wo]) = (g.strides, g.out_hw);
+        let (_, wp) = Self::planes_hw(g);
+        let src = bytes;
+        // The farthest read: the last pixel's last tap, inside the planes by
+        // their size. Checked once, so the loop below reads unchecked.
+        let last = (ho - 1) * sh * wp + (wo - 1) * sw + g.offsets[depth - 1];
+        assert!(last < src.len(), "{OP_NAME}: im2col read {last} of {}", src.len());
+        let get = |at: usize| -> u32 {
+            debug_assert!(at <= last);
+            // SAFETY: every `at` is a pixel's position plus a tap's offset, at most `last`.
+            unsafe { *src.get_unchecked(at) as u32 }
+        };
+        for quad in 0..self.quads() {
+            let &[o0, o1, o2, o3] = &g.offsets[4 * quad..4 * quad + 4] else { unreachable!("whole quads") };
+            for oy in 0..ho {
+                let row = oy * sh * wp;
+                let mut ox = 0;
+                while ox < wo {
+                    // Up to the end of the row or of the pixel block, whichever is first.
+                    let px = oy * wo + ox;
+                    let n = (wo - ox).min(NR - px % NR);
+                    let at = self.word_at(quad, px);
+                    let start = row + ox * sw;
+                    let words = &mut packed[at..at + n];
+                    if sw == 1 {
+                        // Contiguous reads: the compiler vectorises this form.
+                        for (i, word) in words.iter_mut().enumerate() {
+                            let pos = start + i;
+                            *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
+                        }
+                    } else {
+                        for (i, word) in words.iter_mut().enumerate() {
+                            let pos = start + i * sw;
+                            *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
+                        }
+                    }
+                    ox += n;
+                }
+            }
+            // The last block's pixels past the output: any value, never stored.
+            let p = self.pixels;
+            if !p.is_multiple_of(NR) {
+                let at = self.word_at(quad, p);
+                packed[at..at + NR - p % NR].fill(0);
+            }
+        }
+    }
+
     /// Output channels `first..first + out.len() / P` from `packed`, as plain loops.
     fn run_plain(&self, packed: &[u32], out: &mut [f32], first: usize) {
         let (p, opad) = (self.pixels, self.out_channels + MR);
@@ -195,19 +341,32 @@ impl Pointwise {
 
     fn eval_with(&self, x: &[f32], out: &mut [f32], vnni: bool) -> TractResult<()> {
         thread_local! {
-            /// The packed input, kept by each thread between inferences so
-            /// that running one allocates nothing.
-            static PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+            /// The packed input and the im2col bytes, kept by each thread
+            /// between inferences so that running one allocates nothing.
+            static BUFFERS: std::cell::RefCell<(Vec<u32>, Vec<u8>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
-        PACKED.with_borrow_mut(|packed| {
-            packed.clear();
-            packed.resize(self.quads() * self.padded_pixels(), 0);
+        BUFFERS.with_borrow_mut(|(packed, bytes)| {
+            // Every word is written by the packing: no need to clear.
+            let len = self.quads() * self.padded_pixels();
+            if packed.len() < len {
+                packed.resize(len, 0);
+            }
+            let packed = &mut packed[..len];
             #[cfg(target_arch = "x86_64")]
             if vnni {
                 // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
-                unsafe { vnni::pack(self, x, packed) };
-                let packed = packed.as_slice();
-                let work = out.len() * self.in_channels;
+                unsafe {
+                    match &self.im2col {
+                        Some(g) => {
+                            vnni::fill_planes(self, g, x, bytes);
+                            vnni::pack_im2col_avx512(self, g, bytes, packed)
+                        }
+                        None => vnni::pack(self, x, packed),
+                    }
+                }
+                let packed = &*packed;
+                let work = out.len() * self.depth();
                 return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
                     // SAFETY: as above.
                     unsafe { vnni::run(self, packed, chunk, first) };
@@ -215,7 +374,13 @@ impl Pointwise {
                 });
             }
             let _ = vnni;
-            self.pack_plain(x, packed);
+            match &self.im2col {
+                Some(g) => {
+                    self.fill_planes(g, x, bytes);
+                    self.pack_im2col(g, bytes, packed)
+                }
+                None => self.pack_plain(x, packed),
+            }
             self.run_plain(packed, out, 0);
             Ok(())
         })
@@ -228,11 +393,41 @@ mod vnni {
 
     use std::arch::x86_64::*;
 
-    use super::{Pointwise, MR, NR};
+    use super::{Im2col, Int8Conv, MR, NR};
 
-    /// [`Pointwise::pack_plain`], 16 pixels per step, with the same values.
+    /// [`Int8Conv::pack_im2col`] compiled for AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_im2col_avx512(op: &Int8Conv, g: &Im2col, bytes: &[u8], packed: &mut [u32]) {
+        op.pack_im2col(g, bytes, packed)
+    }
+
+    /// [`Int8Conv::fill_planes`], 16 values per step, with the same values.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn fill_planes(op: &Int8Conv, g: &Im2col, x: &[f32], bytes: &mut Vec<u8>) {
+        let ([h, w], [pt, pl]) = (g.in_hw, g.pad);
+        let (hp, wp) = Int8Conv::planes_hw(g);
+        let qd = op.input;
+        bytes.clear();
+        bytes.resize(op.in_channels * hp * wp, (-qd.lo) as u8);
+        let (inv, lo, hi) = (_mm512_set1_ps(qd.inv_scale), _mm512_set1_ps(qd.lo), _mm512_set1_ps(qd.hi));
+        let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        for (plane, channel) in bytes.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
+            for (row, line) in plane[pt * wp..].chunks_exact_mut(wp).zip(channel.chunks_exact(w)) {
+                let dst = row[pl..pl + w].as_mut_ptr();
+                for at in (0..w).step_by(16) {
+                    let m = mask(w - at);
+                    let v = _mm512_maskz_loadu_ps(m, line.as_ptr().add(at));
+                    let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), lo), hi);
+                    let n = _mm512_sub_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), lo);
+                    _mm512_mask_cvtepi32_storeu_epi8(dst.add(at) as *mut _, m, _mm512_cvttps_epi32(n));
+                }
+            }
+        }
+    }
+
+    /// [`Int8Conv::pack_plain`], 16 pixels per step, with the same values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn pack(op: &Pointwise, x: &[f32], packed: &mut [u32]) {
+    pub(super) unsafe fn pack(op: &Int8Conv, x: &[f32], packed: &mut [u32]) {
         let (k, p, pp) = (op.in_channels, op.pixels, op.padded_pixels());
         debug_assert_eq!(packed.len(), op.quads() * pp);
         let qd = op.input;
@@ -263,9 +458,9 @@ mod vnni {
         }
     }
 
-    /// [`Pointwise::run_plain`] in blocks of `MR` channels by `NR` pixels.
+    /// [`Int8Conv::run_plain`] in blocks of `MR` channels by `NR` pixels.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run(op: &Pointwise, packed: &[u32], out: &mut [f32], first: usize) {
+    pub(super) unsafe fn run(op: &Int8Conv, packed: &[u32], out: &mut [f32], first: usize) {
         // The clip and the pair as constants, so a block without them skips their instructions.
         match (op.clamp != (f32::NEG_INFINITY, f32::INFINITY), op.qdq.is_some()) {
             (false, false) => run_with::<false, false>(op, packed, out, first),
@@ -287,7 +482,7 @@ mod vnni {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn run_with<const CLAMP: bool, const QDQ: bool>(
-        op: &Pointwise,
+        op: &Int8Conv,
         packed: &[u32],
         out: &mut [f32],
         first: usize,
@@ -378,15 +573,22 @@ pub fn cpu_supported() -> bool {
     }
 }
 
-impl Op for Pointwise {
+impl Op for Int8Conv {
     fn name(&self) -> StaticName {
         OP_NAME.into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
         let (lo, hi) = self.clamp;
+        let kernel = match &self.im2col {
+            Some(g) => format!(
+                "{}x{} stride {:?} dilation {:?} pad {:?}",
+                g.kernel[0], g.kernel[1], g.strides, g.dilations, g.pad
+            ),
+            None => "1x1".to_string(),
+        };
         let mut info = vec![format!(
-            "1x1 {} -> {} channels, {} pixels, input step {} range [{}, {}], clip [{lo}, {hi}]",
+            "{kernel}, {} -> {} channels, {} pixels, input step {} range [{}, {}], clip [{lo}, {hi}]",
             self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
         )];
         if let Some(qd) = &self.qdq {
@@ -400,16 +602,16 @@ impl Op for Pointwise {
     }
 }
 
-impl EvalOp for Pointwise {
+impl EvalOp for Int8Conv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let view = inputs[0].try_as_plain_ram()?;
         let x = view.as_slice::<f32>()?;
         tract_core::internal::ensure!(
-            x.len() == self.in_channels * self.pixels,
+            x.len() == self.in_channels * self.in_pixels(),
             "{OP_NAME}: input of {} values, expected {}x{}",
             x.len(),
             self.in_channels,
-            self.pixels
+            self.in_pixels()
         );
         // SAFETY: `eval_with` writes every value, one row per output channel.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
@@ -425,7 +627,7 @@ impl EvalOp for Pointwise {
     }
 }
 
-impl TypedOp for Pointwise {
+impl TypedOp for Int8Conv {
     fn as_op(&self) -> &dyn Op {
         self
     }
@@ -461,7 +663,7 @@ fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
         *qd
     } else if let Some(dw) = node.op_as::<Depthwise>() {
         dw.output_grid()?
-    } else if let Some(pw) = node.op_as::<Pointwise>() {
+    } else if let Some(pw) = node.op_as::<Int8Conv>() {
         pw.output_grid()?
     } else {
         return None;
@@ -502,33 +704,40 @@ fn integer_weights(row: &[f32]) -> Option<(f32, Vec<i8>)> {
 
 /// Whether `es`, with the activation at input `xi` (rank 3, or 4 with a
 /// leading batch axis of one) and constant `[O, K]` weights at `wi`, is a 1x1
-/// convolution into `[O, H, W]`: the axis letters differ between tract's
-/// ONNX import and its NNEF reader, so the mapping is checked axis by axis.
+/// convolution into `[O, H, W]` (or `[1, O, H, W]` when the batch axis is
+/// kept): the axis letters differ between tract's ONNX import and its NNEF
+/// reader, so the mapping is checked axis by axis.
 fn is_pointwise(es: &EinSum, xi: usize, wi: usize, x_rank: usize) -> bool {
     let (ins, out) = (InOut::In, InOut::Out(0));
     let axes = &es.axes;
-    if axes.input_count() != 2 || axes.rank(ins(wi)) != 2 || axes.rank(out) != 3 || !(3..=4).contains(&x_rank) {
+    let out_rank = axes.rank(out);
+    if axes.input_count() != 2
+        || axes.rank(ins(wi)) != 2
+        || !(3..=4).contains(&x_rank)
+        || !(3..=x_rank).contains(&out_rank)
+    {
         return false;
     }
-    let c = x_rank - 3;
+    let (c, oc) = (x_rank - 3, out_rank - 3);
     // Where an axis of an input appears: in the activation, the weights, the output.
     let at = |io: InOut, pos: usize| {
         axes.axis((io, pos)).ok().map(|a| (a.inputs[xi].to_vec(), a.inputs[wi].to_vec(), a.outputs[0].to_vec()))
     };
     let none: Vec<usize> = vec![];
-    let o_ok = at(ins(wi), 0) == Some((none.clone(), vec![0], vec![0]));
+    let o_ok = at(ins(wi), 0) == Some((none.clone(), vec![0], vec![oc]));
     let k_ok = at(ins(wi), 1) == Some((vec![c], vec![1], none.clone()));
-    let h_ok = at(ins(xi), c + 1) == Some((vec![c + 1], none.clone(), vec![1]));
-    let w_ok = at(ins(xi), c + 2) == Some((vec![c + 2], none.clone(), vec![2]));
-    // The batch axis of one is summed away.
-    let n_ok = c == 0 || at(ins(xi), 0) == Some((vec![0], none.clone(), none));
+    let h_ok = at(ins(xi), c + 1) == Some((vec![c + 1], none.clone(), vec![oc + 1]));
+    let w_ok = at(ins(xi), c + 2) == Some((vec![c + 2], none.clone(), vec![oc + 2]));
+    // The batch axis of one is summed away, or kept in front.
+    let n_out = if oc == 1 { vec![0] } else { none.clone() };
+    let n_ok = c == 0 || at(ins(xi), 0) == Some((vec![0], none, n_out));
     o_ok && k_ok && h_ok && w_ok && n_ok
 }
 
 /// The operator for the `EinSum` at `node`, if it is a 1x1 convolution of
 /// one channels-first image ([`is_pointwise`]) with constant integer-step
 /// weights and an input on a byte grid; with the activation's input slot.
-fn for_einsum(model: &TypedModel, node: usize) -> Option<(Pointwise, usize)> {
+fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
     let node = model.node(node);
     let es = node.op_as::<EinSum>()?;
     if es.q_params.is_some() || es.operating_dt != DatumType::F32 || node.inputs.len() != 2 {
@@ -563,43 +772,138 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Pointwise, usize)> {
         return None;
     }
     let grid = grid_of(model, node.inputs[xi])?;
-    let quads = k.div_ceil(4);
+    let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], out_shape)?;
+    Some((op, xi))
+}
+
+/// The operator for the `Conv` at `node`, if it is a one-group f32
+/// convolution (1-D or 2-D, explicit or no padding) of one channels-first
+/// input on a byte grid, with constant integer-step weights and bias.
+fn for_conv(model: &TypedModel, node: usize) -> Option<Int8Conv> {
+    let node = model.node(node);
+    let conv = node.op_as::<Conv>()?;
+    let spec = &conv.pool_spec;
+    let plain = conv.q_params.is_none() && conv.kernel_fmt == KernelFormat::OIHW && node.inputs.len() == 3;
+    let rank = spec.kernel_shape.len();
+    if !plain || conv.group != 1 || !(1..=2).contains(&rank) {
+        return None;
+    }
+    // Everything as 2-D: a 1-D convolution is one of height 1.
+    let two = |v: &[usize], fill: usize| if v.len() == 1 { [fill, v[0]] } else { [v[0], v[1]] };
+    let kernel = two(&spec.kernel_shape, 1);
+    let strides = spec.strides.as_deref().map_or([1, 1], |s| two(s, 1));
+    let dilations = spec.dilations.as_deref().map_or([1, 1], |d| two(d, 1));
+    let (before, after) = match &spec.padding {
+        PaddingSpec::Valid => ([0, 0], [0, 0]),
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, false)
+            if b.len() == rank && a.len() == rank =>
+        {
+            (two(b, 0), two(a, 0))
+        }
+        _ => return None,
+    };
+    let input = model.outlet_fact(node.inputs[0]).ok()?;
+    let in_shape = input.shape.as_concrete()?;
+    let batch = match spec.data_format {
+        DataFormat::NCHW => 1,
+        DataFormat::CHW => 0,
+        _ => return None,
+    };
+    if in_shape.len() != batch + 1 + rank || (batch == 1 && in_shape[0] != 1) {
+        return None;
+    }
+    let c = in_shape[batch];
+    let in_hw = two(&in_shape[batch + 1..], 1);
+    let o = spec.output_channels;
+    let out_shape: TVec<usize> = node.outputs[0].fact.shape.as_concrete()?.into();
+    if out_shape.len() != in_shape.len() || out_shape[batch] != o || c != spec.input_channels {
+        return None;
+    }
+    let out_hw = two(&out_shape[batch + 1..], 1);
+    let fits = (0..2).all(|i| {
+        let span = dilations[i] * (kernel[i] - 1) + 1;
+        let padded = in_hw[i] + before[i] + after[i];
+        strides[i] > 0 && kernel[i] > 0 && padded >= span && out_hw[i] == (padded - span) / strides[i] + 1
+    });
+    let depth = c * kernel[0] * kernel[1];
+    // At most 2^14 values per sum: sums of products of a byte and an int8 stay within i32.
+    if !fits || input.datum_type != DatumType::F32 || node.outputs[0].fact.datum_type != DatumType::F32 {
+        return None;
+    }
+    if c == 0 || o == 0 || depth > 16_384 || out_hw[0] * out_hw[1] == 0 {
+        return None;
+    }
+    let (w_shape, w) = const_f32(model, node.inputs[1])?;
+    if w_shape.iter().product::<usize>() != o * depth || w_shape.first() != Some(&o) {
+        return None;
+    }
+    let bias = match const_f32(model, node.inputs[2])? {
+        (_, b) if b.len() == o => b,
+        (_, b) if b.len() == 1 => vec![b[0]; o],
+        _ => return None,
+    };
+    let grid = grid_of(model, node.inputs[0])?;
+    let g = Im2col::new(c, in_hw, kernel, strides, dilations, before, out_hw);
+    build(grid, c, o, out_hw[0] * out_hw[1], Some(g), &w, bias, out_shape)
+}
+
+/// The operator for `o` output channels of `pixels` values from `c` input
+/// channels on `grid`: the weights (`o` rows of the depth) as int8 steps and
+/// their corrections, if every row is whole steps. Not for fewer than 16
+/// pixels: blocks of 32 would compute mostly padding (a 2x2 output, 8
+/// times its work), and tract's float kernels are faster there.
+#[allow(clippy::too_many_arguments)]
+fn build(
+    grid: QuantDequant,
+    c: usize,
+    o: usize,
+    pixels: usize,
+    im2col: Option<Im2col>,
+    w: &[f32],
+    bias: Vec<f32>,
+    out_shape: TVec<usize>,
+) -> Option<Int8Conv> {
+    if pixels.next_multiple_of(NR) > 2 * pixels {
+        return None;
+    }
+    let depth = c * im2col.as_ref().map_or(1, |g| g.kernel[0] * g.kernel[1]);
+    let quads = depth.div_ceil(4);
     let opad = o + MR;
     let mut weights = vec![0u32; quads * opad];
     let mut corr = Vec::with_capacity(o);
     let mut mul = Vec::with_capacity(o);
-    for (oc, row) in w.chunks_exact(k).enumerate() {
+    for (oc, row) in w.chunks_exact(depth).enumerate() {
         let (scale, ints) = integer_weights(row)?;
-        for (ch, &q) in ints.iter().enumerate() {
-            weights[(ch / 4) * opad + oc] |= (q as u8 as u32) << (8 * (ch % 4));
+        for (i, &q) in ints.iter().enumerate() {
+            weights[(i / 4) * opad + oc] |= (q as u8 as u32) << (8 * (i % 4));
         }
         corr.push(grid.lo as i32 * ints.iter().map(|&q| q as i32).sum::<i32>());
         mul.push(grid.scale * scale);
     }
-    Some(Pointwise {
-        in_channels: k,
+    Some(Int8Conv {
+        in_channels: c,
         out_channels: o,
         pixels,
+        im2col,
         input: grid,
         weights: weights.into(),
         corr: corr.into(),
         mul: mul.into(),
-        bias: vec![0.0; o].into(),
+        bias: bias.into(),
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
         qdq: None,
         out_shape,
     })
-    .map(|op| (op, xi))
 }
 
 /// Follows the only consumers of the sum while they are a bias `Add` (one
-/// constant per output channel, first), clip bounds (`Max`, `Min` with a
-/// single-valued constant) and one quantize/dequantize pair, and folds them
-/// into `op`. Returns the last outlet folded in.
-fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Pointwise) -> OutletId {
+/// constant per output channel, first, unless `biased` already), clip
+/// bounds (`Max`, `Min` with a single-valued constant) and one
+/// quantize/dequantize pair, and folds them into `op`. Returns the last
+/// outlet folded in.
+fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Int8Conv, mut biased: bool) -> OutletId {
     let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
     let mut end = OutletId::new(sum, 0);
-    let mut biased = false;
     loop {
         let node = model.node(end.node);
         let succs = &node.outputs[end.slot].successors;
@@ -649,12 +953,12 @@ fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Pointwise) -> OutletId
     end
 }
 
-/// Replaces each int8-representable 1x1 convolution of a decluttered QDQ
-/// graph (tract's `EinSum`), with the bias, clip and quantize/dequantize
-/// pair after it, by [`Pointwise`]; runs after the depthwise pass (whose
-/// outputs feed them) and before tract's code generation. Returns how many
-/// convolutions were replaced.
-pub fn use_for_pointwise_convs(model: &mut TypedModel) -> TractResult<usize> {
+/// Replaces each int8-representable convolution of a decluttered QDQ graph
+/// (tract's `EinSum` for a 1x1 one, `Conv` for the others), with the bias,
+/// clip and quantize/dequantize pair after it, by [`Int8Conv`]; runs after
+/// the depthwise pass (whose outputs feed them) and before tract's code
+/// generation. Returns how many convolutions were replaced.
+pub fn use_for_int8_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !cpu_supported() {
         return Ok(0);
     }
@@ -662,11 +966,16 @@ pub fn use_for_pointwise_convs(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 fn replace(model: &mut TypedModel) -> TractResult<usize> {
-    let sums: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<EinSum>()).map(|n| n.id).collect();
+    let ids: Vec<usize> =
+        model.nodes().iter().filter(|n| n.op_is::<EinSum>() || n.op_is::<Conv>()).map(|n| n.id).collect();
     let mut replaced = 0;
-    for id in sums {
-        let Some((mut op, xi)) = for_einsum(model, id) else { continue };
-        let end = fold_epilogue(model, id, &mut op);
+    for id in ids {
+        let found = match for_conv(model, id) {
+            Some(op) => Some((op, 0, true)),
+            None => for_einsum(model, id).map(|(op, xi)| (op, xi, false)),
+        };
+        let Some((mut op, xi, biased)) = found else { continue };
+        let end = fold_epilogue(model, id, &mut op, biased);
         let node = model.node(id);
         let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
         let tap = patch.tap_model(model, node.inputs[xi])?;
@@ -787,9 +1096,9 @@ mod tests {
         vec![
             // Whole blocks: 4-channel quads, 8 output channels, 32 pixels.
             case(16, 8, [4, 8], false),
-            // Ragged everywhere: 3 and 13 input channels, 5 and 17 outputs, 49 and 1 pixels.
+            // Ragged everywhere: 3 and 13 input channels, 5 and 17 outputs, 49 and 20 pixels.
             case(3, 5, [7, 7], true),
-            case(13, 17, [1, 1], false),
+            case(13, 17, [4, 5], false),
             case(24, 144, [14, 14], false),
             Case { grid: (0.0, 255.0), clip: Some((0.0, 6.0)), ..case(96, 24, [5, 11], true) },
             Case { grid: (-131.0, 124.0), bias: false, qdq: false, ..case(40, 9, [3, 20], false) },
@@ -797,36 +1106,158 @@ mod tests {
         ]
     }
 
-    /// The operator built from a case's graph, and that graph's input.
-    fn operator(case: &Case) -> (Pointwise, Tensor) {
-        let (mut model, input) = graph(case);
+    /// The operator our pass builds from a graph's only convolution.
+    fn operator_of(mut model: TypedModel) -> Int8Conv {
         model.declutter().unwrap();
-        let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).expect("a sum").id;
-        let (mut op, _) = for_einsum(&model, id).expect("the sum qualifies");
-        fold_epilogue(&model, id, &mut op);
-        (op, input)
+        let id = model.nodes().iter().find(|n| n.op_is::<EinSum>() || n.op_is::<Conv>()).expect("a convolution").id;
+        let (mut op, biased) = match for_conv(&model, id) {
+            Some(op) => (op, true),
+            None => (for_einsum(&model, id).expect("the convolution qualifies").0, false),
+        };
+        fold_epilogue(&model, id, &mut op, biased);
+        op
+    }
+
+    /// The operator built from a case's graph, and that graph's input.
+    fn operator(case: &Case) -> (Int8Conv, Tensor) {
+        let (model, input) = graph(case);
+        (operator_of(model), input)
+    }
+
+    /// One `Conv` graph's geometry (1-D when `in_hw` has one value).
+    struct ConvCase {
+        c: usize,
+        o: usize,
+        in_hw: Vec<usize>,
+        kernel: Vec<usize>,
+        strides: Vec<usize>,
+        dilations: Vec<usize>,
+        before: Vec<usize>,
+        after: Vec<usize>,
+        batch_axis: bool,
+    }
+
+    fn conv_cases() -> Vec<ConvCase> {
+        let cc = |c,
+                  o,
+                  in_hw: &[usize],
+                  kernel: &[usize],
+                  strides: &[usize],
+                  dilations: &[usize],
+                  pad: (&[usize], &[usize])| {
+            ConvCase {
+                c,
+                o,
+                in_hw: in_hw.to_vec(),
+                kernel: kernel.to_vec(),
+                strides: strides.to_vec(),
+                dilations: dilations.to_vec(),
+                before: pad.0.to_vec(),
+                after: pad.1.to_vec(),
+                batch_axis: true,
+            }
+        };
+        vec![
+            cc(3, 16, &[9, 11], &[3, 3], &[1, 1], &[1, 1], (&[1, 1], &[1, 1])),
+            // MobileNet's stem: stride 2, three input channels (a depth of 27, not whole quads).
+            cc(3, 32, &[15, 15], &[3, 3], &[2, 2], &[1, 1], (&[1, 1], &[1, 1])),
+            // The vibration model's Gabor bank: 1-D, 41 taps, padded by 20.
+            cc(3, 10, &[50], &[41], &[1], &[1], (&[20], &[20])),
+            ConvCase { batch_axis: false, ..cc(5, 9, &[12, 10], &[3, 3], &[1, 1], &[2, 2], (&[0, 0], &[0, 0])) },
+            cc(4, 7, &[7, 9], &[3, 2], &[2, 1], &[1, 1], (&[0, 1], &[1, 0])),
+            // A 1x1 convolution of stride 2 stays a `Conv` in tract's graph.
+            cc(6, 8, &[9, 9], &[1, 1], &[2, 2], &[1, 1], (&[0, 0], &[0, 0])),
+            cc(40, 20, &[6, 6], &[3, 3], &[1, 1], &[1, 1], (&[1, 1], &[1, 1])),
+        ]
+    }
+
+    /// A QDQ `Conv` as tract's declutter leaves it: a pair, the convolution
+    /// with its bias, a pair; and an input.
+    fn conv_graph(cc: &ConvCase) -> (TypedModel, Tensor) {
+        let mut shape: TVec<usize> = tvec![cc.c];
+        shape.extend(cc.in_hw.iter().copied());
+        if cc.batch_axis {
+            shape.insert(0, 1);
+        }
+        let mut model = TypedModel::default();
+        let mut wire = model.add_source("x", DatumType::F32.fact(&*shape)).unwrap();
+        // A grid whose zero is not its low end, so the padding's index (100) matters.
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(IN_STEP, -100.0, 155.0)), None);
+        wire = model.wire_node("in_pair", pair, &[wire]).unwrap()[0];
+        let depth = cc.c * cc.kernel.iter().product::<usize>();
+        let q = ints(cc.o * depth, 13, -127, 127);
+        let mut weights = Vec::with_capacity(q.len());
+        for (oc, row) in q.chunks(depth).enumerate() {
+            let step = 0.001 * (1 + oc % 3) as f32;
+            let top = row.iter().map(|v| v.abs()).max().unwrap();
+            weights.extend(row.iter().map(|&v| if top == 0 { 0.0 } else { (v * 127 / top) as f32 * step }));
+        }
+        let mut w_shape = vec![cc.o, cc.c];
+        w_shape.extend(cc.kernel.iter().copied());
+        let w = model.add_const("w", Tensor::from_shape(&w_shape, &weights).unwrap()).unwrap();
+        let b: Vec<f32> = ints(cc.o, 17, -50, 50).iter().map(|&v| v as f32 * 0.01).collect();
+        let b = model.add_const("b", Tensor::from_shape(&[cc.o], &b).unwrap()).unwrap();
+        let fmt = if cc.batch_axis { DataFormat::NCHW } else { DataFormat::CHW };
+        let padding = PaddingSpec::Explicit(cc.before.iter().copied().collect(), cc.after.iter().copied().collect());
+        let spec = tract_core::ops::cnn::PoolSpec::new(
+            fmt,
+            cc.kernel.iter().copied().collect(),
+            padding,
+            Some(cc.dilations.iter().copied().collect()),
+            Some(cc.strides.iter().copied().collect()),
+            cc.c,
+            cc.o,
+        );
+        wire = model.wire_node("conv", Conv::new(spec, KernelFormat::OIHW, 1, None), &[wire, w, b]).unwrap()[0];
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(OUT_STEP, -128.0, 127.0)), None);
+        wire = model.wire_node("out_pair", pair, &[wire]).unwrap()[0];
+        model.select_output_outlets(&[wire]).unwrap();
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> = ints(n, 3, -120, 175).iter().map(|&v| v as f32 * IN_STEP).collect();
+        (model, Tensor::from_shape(&shape, &x).unwrap())
+    }
+
+    /// Our operator's values against tract's float graph: equal to rounding,
+    /// or one output step away for at most 2% of them.
+    fn assert_close(got: &[f32], want: &[f32], tolerance: f32, label: &str) {
+        assert_eq!(got.len(), want.len(), "{label}");
+        let off = got.iter().zip(want).filter(|(g, w)| (*g - *w).abs() > 1e-4).count();
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tolerance, "{label}: value {i}: {g} against tract's {w}");
+        }
+        assert!(off * 50 <= got.len(), "{label}: {off} of {} values differ", got.len());
+    }
+
+    #[test]
+    fn convolutions_match_tracts_float_sums_within_one_step() {
+        for cc in conv_cases() {
+            let (model, input) = conv_graph(&cc);
+            let label =
+                format!("c {} o {} in {:?} kernel {:?} strides {:?}", cc.c, cc.o, cc.in_hw, cc.kernel, cc.strides);
+            assert_replaced_and_close(model, &input, OUT_STEP * 1.001, &label);
+        }
     }
 
     #[test]
     fn matches_tracts_float_sums_within_one_step() {
         for case in cases() {
             let (model, input) = graph(&case);
-            let (want, _) = run(model.clone(), &input, false);
-            let (got, ops) = run(model, &input, true);
-            let label = format!("k {} o {} hw {:?}", case.k, case.o, case.hw);
-            // Everything after the sum is folded in: one operator, no passes.
-            let left = ops.iter().filter(|o| !matches!(o.as_str(), "Source" | "Const")).cloned().collect::<Vec<_>>();
-            assert_eq!(left, ["EdgeinferQuantDequant", OP_NAME], "{label}: {ops:?}");
-            assert_eq!(got.len(), want.len());
             // Exact integer sums against float ones: values agree to rounding,
             // or, after the output's pair, land one step away, rarely.
             let tolerance = if case.qdq { OUT_STEP * 1.001 } else { 1e-4 };
-            let off = got.iter().zip(&want).filter(|(g, w)| (*g - *w).abs() > 1e-4).count();
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= tolerance, "{label}: value {i}: {g} against tract's {w}");
-            }
-            assert!(off * 50 <= got.len(), "{label}: {off} of {} values differ", got.len());
+            assert_replaced_and_close(model, &input, tolerance, &format!("k {} o {} hw {:?}", case.k, case.o, case.hw));
         }
+    }
+
+    /// Runs `model` with and without our pass: everything after the input's
+    /// pair is our one operator (tract's downsampling for a strided 1x1
+    /// aside), and its values are [`assert_close`] to tract's.
+    fn assert_replaced_and_close(model: TypedModel, input: &Tensor, tolerance: f32, label: &str) {
+        let (want, _) = run(model.clone(), input, false);
+        let (got, ops) = run(model, input, true);
+        let left = ops.iter().filter(|o| !matches!(o.as_str(), "Source" | "Const" | "Downsample")).cloned();
+        assert_eq!(left.collect::<Vec<_>>(), ["EdgeinferQuantDequant", OP_NAME], "{label}: {ops:?}");
+        assert_close(&got, &want, tolerance, label);
     }
 
     #[test]
@@ -837,14 +1268,26 @@ mod tests {
         }
         for case in cases() {
             let (op, input) = operator(&case);
-            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-            let n = op.out_channels * op.pixels;
-            let (mut plain, mut vnni) = (vec![0f32; n], vec![1f32; n]);
-            op.eval_with(&x, &mut plain, false).unwrap();
-            op.eval_with(&x, &mut vnni, true).unwrap();
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&plain), bits(&vnni), "k {} o {} hw {:?}", case.k, case.o, case.hw);
+            assert_vnni_gives_plain_values(&op, &input, &format!("k {} o {} hw {:?}", case.k, case.o, case.hw));
         }
+        for cc in conv_cases() {
+            let (model, input) = conv_graph(&cc);
+            let op = operator_of(model);
+            // The 1x1 convolution of stride 2 is a downsampling then a pointwise sum in tract's graph.
+            assert_eq!(op.im2col.is_some(), cc.kernel.iter().product::<usize>() > 1);
+            assert_vnni_gives_plain_values(&op, &input, &format!("in {:?} kernel {:?}", cc.in_hw, cc.kernel));
+        }
+    }
+
+    /// `op` on `input` through the VNNI loops and through the plain ones: the same bits.
+    fn assert_vnni_gives_plain_values(op: &Int8Conv, input: &Tensor, label: &str) {
+        let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let n = op.out_channels * op.pixels;
+        let (mut plain, mut vnni) = (vec![0f32; n], vec![1f32; n]);
+        op.eval_with(&x, &mut plain, false).unwrap();
+        op.eval_with(&x, &mut vnni, true).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain), bits(&vnni), "{label}");
     }
 
     #[test]
@@ -897,6 +1340,11 @@ mod tests {
         let out = model.wire_node("sum", sum, &[x, w]).unwrap()[0];
         model.select_output_outlets(&[out]).unwrap();
         assert_eq!(replace(&mut model).unwrap(), 0, "input on no grid");
+
+        // Too few pixels for blocks of 32: 2x2.
+        let (model, _) = graph(&case(8, 4, [2, 2], false));
+        let mut model = model.into_decluttered().unwrap();
+        assert_eq!(replace(&mut model).unwrap(), 0, "4 pixels");
     }
 
     #[test]
