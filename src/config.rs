@@ -182,7 +182,7 @@ impl Default for MqttConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Threads for tract's matrix products, per pipeline (a pipeline's `threads` overrides it).
+    /// Threads for tract's matrix products and edgeinfer's convolutions, per pipeline (a pipeline's `threads` overrides it).
     pub threads: usize,
     /// Start-up cache directory (relative: to the config file); absent: no cache.
     pub cache_dir: Option<PathBuf>,

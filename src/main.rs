@@ -96,7 +96,7 @@ struct ShapeArgs {
     /// Run a QDQ int8 model on float kernels: fold activation quantize/dequantize pairs into Clips.
     #[arg(long)]
     qdq_as_float: bool,
-    /// Threads for tract's matrix products (1: no thread pool).
+    /// Threads for tract's matrix products and edgeinfer's convolutions (1: no thread pool).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
     /// Start-up cache: load an ONNX model's cached analysed graph from DIR, or write it there.

@@ -5,7 +5,10 @@
 //! operator is known, pin every input to a concrete shape and build tract's
 //! typed graph. A converted model (`converted`: NNEF made by `edgeinfer
 //! convert`, or a start-up `cache` entry) gives the same typed graph without
-//! the ONNX parser. Either way the graph is then optimised and planned once.
+//! the ONNX parser. Either way the graph is then optimised and planned once,
+//! after our own operators replace tract's where the CPU suits them: 3x3
+//! depthwise convolutions (`depthwise`) and int8 convolutions on integer
+//! kernels (`int8_conv`).
 //! A [`Model`] is shareable across threads; each worker makes its own
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
@@ -156,7 +159,7 @@ pub struct LoadOptions {
     pub skip_warmup: bool,
     /// Run QDQ models on the float path (activation Q/DQ pairs folded into Clips).
     pub qdq_as_float: bool,
-    /// Threads for tract's matrix products; 0 and 1 both mean one (no thread pool).
+    /// Threads for tract's matrix products and edgeinfer's convolutions; 0 and 1 both mean one (no thread pool).
     pub threads: usize,
     /// Start-up cache directory for ONNX models (see `cache`); `None`: no cache.
     pub cache_dir: Option<PathBuf>,
