@@ -676,20 +676,27 @@ fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
     (fits && sane).then_some(grid)
 }
 
+/// The largest magnitude of `values` (infinite or NaN when one is).
+fn largest(values: &[f32]) -> f32 {
+    values.iter().fold(0f32, |m, w| if w.is_finite() { m.max(w.abs()) } else { f32::NAN })
+}
+
 /// The weights of one output channel as int8 steps of one scale, if they are
 /// whole multiples of it (what dequantized symmetric int8 weights are): the
-/// scale and the integers. Tries the largest magnitude as 127 steps (how
-/// quantizers scale symmetric weights), then as 128.
-fn integer_weights(row: &[f32]) -> Option<(f32, Vec<i8>)> {
-    let top = row.iter().fold(0f32, |m, w| m.max(w.abs()));
+/// scale and the integers. Tries the channel's largest magnitude as 127 steps
+/// (how quantizers scale symmetric per-channel weights), then as 128; then
+/// the same with `tensor_top`, the whole tensor's largest magnitude (weights
+/// quantized per tensor, where a channel's largest is fewer steps).
+fn integer_weights(row: &[f32], tensor_top: f32) -> Option<(f32, Vec<i8>)> {
+    let top = largest(row);
     if !top.is_finite() {
         return None;
     }
     if top == 0.0 {
         return Some((0.0, vec![0; row.len()]));
     }
-    [127f32, 128.0].into_iter().find_map(|steps| {
-        let scale = top / steps;
+    let candidates = [top / 127.0, top / 128.0, tensor_top / 127.0, tensor_top / 128.0];
+    candidates.into_iter().filter(|s| s.is_finite() && *s > 0.0).find_map(|scale| {
         let ints: Option<Vec<i8>> = row
             .iter()
             .map(|w| {
@@ -872,8 +879,9 @@ fn build(
     let mut weights = vec![0u32; quads * opad];
     let mut corr = Vec::with_capacity(o);
     let mut mul = Vec::with_capacity(o);
+    let tensor_top = largest(w);
     for (oc, row) in w.chunks_exact(depth).enumerate() {
-        let (scale, ints) = integer_weights(row)?;
+        let (scale, ints) = integer_weights(row, tensor_top)?;
         for (i, &q) in ints.iter().enumerate() {
             weights[(i / 4) * opad + oc] |= (q as u8 as u32) << (8 * (i % 4));
         }
@@ -1020,6 +1028,8 @@ mod tests {
         bias: bool,
         clip: Option<(f32, f32)>,
         qdq: bool,
+        /// Weights quantized per tensor (one step) instead of per channel.
+        per_tensor: bool,
     }
 
     const IN_STEP: f32 = 0.05;
@@ -1037,10 +1047,16 @@ mod tests {
         let mut wire = model.add_source("x", DatumType::F32.fact(&*shape)).unwrap();
         let pair = ElementWiseOp(Box::new(QuantDequant::new(IN_STEP, grid.0, grid.1)), None);
         wire = model.wire_node("in_pair", pair, &[wire]).unwrap()[0];
-        // Symmetric int8 weights, each channel with its own step and a largest magnitude of 127.
+        // Symmetric int8 weights, each channel with its own step and a largest
+        // magnitude of 127; or one step for all, each channel with its own range.
         let q = ints(o * k, 5, -127, 127);
         let mut weights = Vec::with_capacity(o * k);
         for (oc, row) in q.chunks(k).enumerate() {
+            if case.per_tensor {
+                let range = 127 - 20 * (oc as i32 % 5);
+                weights.extend(row.iter().map(|&v| (v * range / 127) as f32 * 0.003));
+                continue;
+            }
             let step = 0.002 * (1 + oc % 5) as f32;
             let top = row.iter().map(|v| v.abs()).max().unwrap();
             weights.extend(row.iter().map(|&v| if top == 0 { 0.0 } else { (v * 127 / top) as f32 * step }));
@@ -1089,7 +1105,7 @@ mod tests {
     }
 
     fn case(k: usize, o: usize, hw: [usize; 2], batch_axis: bool) -> Case {
-        Case { k, o, hw, batch_axis, grid: (-128.0, 127.0), bias: true, clip: None, qdq: true }
+        Case { k, o, hw, batch_axis, grid: (-128.0, 127.0), bias: true, clip: None, qdq: true, per_tensor: false }
     }
 
     fn cases() -> Vec<Case> {
@@ -1100,6 +1116,7 @@ mod tests {
             case(3, 5, [7, 7], true),
             case(13, 17, [4, 5], false),
             case(24, 144, [14, 14], false),
+            Case { per_tensor: true, ..case(32, 12, [6, 6], false) },
             Case { grid: (0.0, 255.0), clip: Some((0.0, 6.0)), ..case(96, 24, [5, 11], true) },
             Case { grid: (-131.0, 124.0), bias: false, qdq: false, ..case(40, 9, [3, 20], false) },
             Case { clip: Some((-1.0, 0.5)), qdq: false, ..case(7, 12, [2, 17], false) },
@@ -1351,14 +1368,17 @@ mod tests {
     fn integer_weights_recovers_symmetric_int8_steps() {
         let step = 0.0123f32;
         let row: Vec<f32> = [-127, -3, 0, 64, 127, 5].iter().map(|&q| q as f32 * step).collect();
-        let (scale, q) = integer_weights(&row).unwrap();
+        let (scale, q) = integer_weights(&row, largest(&row)).unwrap();
         assert_eq!(q, [-127, -3, 0, 64, 127, 5]);
         assert!((scale - step).abs() < 1e-7);
         // A largest magnitude of 128 steps (-128), as an asymmetric range can give.
         let row: Vec<f32> = [-128, 100, 1].iter().map(|&q| q as f32 * step).collect();
-        assert_eq!(integer_weights(&row).unwrap().1, [-128, 100, 1]);
-        assert_eq!(integer_weights(&[0.0, 0.0]).unwrap().1, [0, 0]);
-        assert!(integer_weights(&[1.0, 0.3333]).is_none());
-        assert!(integer_weights(&[f32::NAN, 1.0]).is_none());
+        assert_eq!(integer_weights(&row, 128.0 * step).unwrap().1, [-128, 100, 1]);
+        // Per tensor: this channel's largest is 60 steps of the tensor's 127.
+        let row: Vec<f32> = [-60, 3, 17].iter().map(|&q| q as f32 * step).collect();
+        assert_eq!(integer_weights(&row, 127.0 * step).unwrap().1, [-60, 3, 17]);
+        assert_eq!(integer_weights(&[0.0, 0.0], 1.0).unwrap().1, [0, 0]);
+        assert!(integer_weights(&[1.0, 0.3333], 1.0).is_none());
+        assert!(integer_weights(&[f32::NAN, 1.0], f32::NAN).is_none());
     }
 }
