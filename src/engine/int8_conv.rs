@@ -375,13 +375,7 @@ impl Int8Conv {
                 let work = out.len() * self.depth();
                 return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
                     // SAFETY: as above.
-                    unsafe {
-                        if self.pixels < SMALL {
-                            vnni::run_small(self, packed, chunk, first)
-                        } else {
-                            vnni::run(self, packed, chunk, first)
-                        }
-                    };
+                    unsafe { vnni::run(self, packed, chunk, first) };
                     Ok(())
                 });
             }
@@ -475,10 +469,68 @@ mod vnni {
     pub(super) unsafe fn run(op: &Int8Conv, packed: &[u32], out: &mut [f32], first: usize) {
         // The clip and the pair as constants, so a block without them skips their instructions.
         match (op.clamp != (f32::NEG_INFINITY, f32::INFINITY), op.qdq.is_some()) {
-            (false, false) => run_with::<false, false>(op, packed, out, first),
-            (false, true) => run_with::<false, true>(op, packed, out, first),
-            (true, false) => run_with::<true, false>(op, packed, out, first),
-            (true, true) => run_with::<true, true>(op, packed, out, first),
+            (false, false) => run_kind::<false, false>(op, packed, out, first),
+            (false, true) => run_kind::<false, true>(op, packed, out, first),
+            (true, false) => run_kind::<true, false>(op, packed, out, first),
+            (true, true) => run_kind::<true, true>(op, packed, out, first),
+        }
+    }
+
+    /// The blocks for the output's size: pixels in lanes, or channels in lanes for few pixels.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_kind<const CLAMP: bool, const QDQ: bool>(
+        op: &Int8Conv,
+        packed: &[u32],
+        out: &mut [f32],
+        first: usize,
+    ) {
+        if op.pixels < super::SMALL {
+            run_small::<CLAMP, QDQ>(op, packed, out, first)
+        } else {
+            run_with::<CLAMP, QDQ>(op, packed, out, first)
+        }
+    }
+
+    /// The epilogue's constants, in registers.
+    #[derive(Clone, Copy)]
+    struct Regs {
+        clo: __m512,
+        chi: __m512,
+        inv: __m512,
+        qlo: __m512,
+        qhi: __m512,
+        scale: __m512,
+        magic: __m512,
+    }
+
+    impl Regs {
+        #[target_feature(enable = "avx512f")]
+        fn new(op: &Int8Conv) -> Regs {
+            let epi = op.epilogue();
+            Regs {
+                clo: _mm512_set1_ps(epi.clamp.0),
+                chi: _mm512_set1_ps(epi.clamp.1),
+                inv: _mm512_set1_ps(epi.qd.inv_scale),
+                qlo: _mm512_set1_ps(epi.qd.lo),
+                qhi: _mm512_set1_ps(epi.qd.hi),
+                scale: _mm512_set1_ps(epi.qd.scale),
+                magic: _mm512_set1_ps(super::ROUND_MAGIC),
+            }
+        }
+
+        /// `sums * mul + bias`, the clip (`CLAMP`), the pair (`QDQ`): [`super::Epilogue::apply`]'s arithmetic.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn apply<const CLAMP: bool, const QDQ: bool>(self, sums: __m512i, mul: __m512, bias: __m512) -> __m512 {
+            let mut v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), mul, bias);
+            if CLAMP {
+                v = _mm512_min_ps(_mm512_max_ps(v, self.clo), self.chi);
+            }
+            if QDQ {
+                let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, self.inv), self.qlo), self.qhi);
+                v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, self.magic), self.magic), self.scale);
+            }
+            v
         }
     }
 
@@ -487,17 +539,17 @@ mod vnni {
     /// consecutive), up to 4 such registers by up to 4 pixels at a time, each
     /// pixel's input word broadcast.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run_small(op: &Int8Conv, packed: &[u32], out: &mut [f32], first: usize) {
+    unsafe fn run_small<const CLAMP: bool, const QDQ: bool>(
+        op: &Int8Conv,
+        packed: &[u32],
+        out: &mut [f32],
+        first: usize,
+    ) {
         const CV: usize = 4;
         const PX: usize = 4;
         let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
         let channels = out.len() / p;
-        let epi = op.epilogue();
-        let (clo, chi) = (_mm512_set1_ps(epi.clamp.0), _mm512_set1_ps(epi.clamp.1));
-        let inv = _mm512_set1_ps(epi.qd.inv_scale);
-        let (qlo, qhi) = (_mm512_set1_ps(epi.qd.lo), _mm512_set1_ps(epi.qd.hi));
-        let scale = _mm512_set1_ps(epi.qd.scale);
-        let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        let regs = Regs::new(op);
         // Output channel `lane` of a register goes `lane * p` values further.
         let stride = _mm512_mullo_epi32(
             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -535,12 +587,7 @@ mod vnni {
                     let mul = _mm512_maskz_loadu_ps(m, op.mul.as_ptr().add(c));
                     let bias = _mm512_maskz_loadu_ps(m, op.bias.as_ptr().add(c));
                     for (j, acc) in acc.iter().enumerate().take(pxs) {
-                        let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[v]), mul, bias);
-                        y = _mm512_min_ps(_mm512_max_ps(y, clo), chi);
-                        if epi.has_qdq {
-                            let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(y, inv), qlo), qhi);
-                            y = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), scale);
-                        }
+                        let y = regs.apply::<CLAMP, QDQ>(acc[v], mul, bias);
                         let base = out.add((o + 16 * v) * p + px0 + j);
                         _mm512_mask_i32scatter_ps::<4>(base, m, stride, y);
                     }
@@ -569,12 +616,7 @@ mod vnni {
     ) {
         let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
         let channels = out.len() / p;
-        let epi = op.epilogue();
-        let (clo, chi) = (_mm512_set1_ps(epi.clamp.0), _mm512_set1_ps(epi.clamp.1));
-        let inv = _mm512_set1_ps(epi.qd.inv_scale);
-        let (qlo, qhi) = (_mm512_set1_ps(epi.qd.lo), _mm512_set1_ps(epi.qd.hi));
-        let scale = _mm512_set1_ps(epi.qd.scale);
-        let magic = _mm512_set1_ps(super::ROUND_MAGIC);
+        let regs = Regs::new(op);
         let out = out.as_mut_ptr();
         for px in (0..p).step_by(NR) {
             let (m0, m1) = (mask(p - px), mask(p.saturating_sub(px + 16)));
@@ -611,14 +653,7 @@ mod vnni {
                                 if m == 0 {
                                     continue;
                                 }
-                                let mut v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[$r][half]), mul, bias);
-                                if CLAMP {
-                                    v = _mm512_min_ps(_mm512_max_ps(v, clo), chi);
-                                }
-                                if QDQ {
-                                    let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), qlo), qhi);
-                                    v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), scale);
-                                }
+                                let v = regs.apply::<CLAMP, QDQ>(acc[$r][half], mul, bias);
                                 _mm512_mask_storeu_ps(out.add((o + $r) * p + px + 16 * half), m, v);
                             }
                         }
@@ -1439,43 +1474,30 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
         }
-        // Threads get runs of output channels that need not start on a block of MR.
-        let (op, input) = operator(&case(24, 21, [6, 9], false));
-        let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-        let p = op.pixels;
-        let mut whole = vec![0f32; op.out_channels * p];
-        op.eval_with(&x, &mut whole, true).unwrap();
-        let mut packed = vec![0u32; op.quads() * op.padded_pixels()];
-        // SAFETY: checked above that the CPU has the features.
-        unsafe { vnni::pack(&op, &x, &mut packed) };
-        for split in [1, 3, 8, 13, 20] {
-            let mut parts = vec![0f32; op.out_channels * p];
-            let (a, b) = parts.split_at_mut(split * p);
-            // SAFETY: as above.
-            unsafe {
-                vnni::run(&op, &packed, a, 0);
-                vnni::run(&op, &packed, b, split);
+        // Threads get runs of output channels that need not start on a block:
+        // of MR channels, or of 64 for the kernel for few pixels.
+        for (case, splits) in [
+            (case(24, 21, [6, 9], false), &[1, 3, 8, 13, 20][..]),
+            (case(24, 150, [1, 3], false), &[1, 16, 63, 64, 100, 149][..]),
+        ] {
+            let (op, input) = operator(&case);
+            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let p = op.pixels;
+            let mut whole = vec![0f32; op.out_channels * p];
+            op.eval_with(&x, &mut whole, true).unwrap();
+            let mut packed = vec![0u32; op.quads() * op.padded_pixels()];
+            // SAFETY: checked above that the CPU has the features.
+            unsafe { vnni::pack(&op, &x, &mut packed) };
+            for &split in splits {
+                let mut parts = vec![0f32; op.out_channels * p];
+                let (a, b) = parts.split_at_mut(split * p);
+                // SAFETY: as above.
+                unsafe {
+                    vnni::run(&op, &packed, a, 0);
+                    vnni::run(&op, &packed, b, split);
+                }
+                assert_eq!(parts, whole, "{} pixels, split at channel {split}", p);
             }
-            assert_eq!(parts, whole, "split at channel {split}");
-        }
-        // The same for the kernel for few pixels, whose blocks are 64 channels.
-        let (op, input) = operator(&case(24, 150, [1, 3], false));
-        let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-        let p = op.pixels;
-        let mut whole = vec![0f32; op.out_channels * p];
-        op.eval_with(&x, &mut whole, true).unwrap();
-        let mut packed = vec![0u32; op.quads() * op.padded_pixels()];
-        // SAFETY: as above.
-        unsafe { vnni::pack(&op, &x, &mut packed) };
-        for split in [1, 16, 63, 64, 100, 149] {
-            let mut parts = vec![0f32; op.out_channels * p];
-            let (a, b) = parts.split_at_mut(split * p);
-            // SAFETY: as above.
-            unsafe {
-                vnni::run_small(&op, &packed, a, 0);
-                vnni::run_small(&op, &packed, b, split);
-            }
-            assert_eq!(parts, whole, "split at channel {split}");
         }
     }
 
