@@ -352,44 +352,58 @@ impl Int8Conv {
             static BUFFERS: std::cell::RefCell<(Vec<u32>, Vec<u8>)> =
                 const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
-        BUFFERS.with_borrow_mut(|(packed, bytes)| {
-            // Every word is written by the packing: no need to clear.
-            let len = self.quads() * self.padded_pixels();
-            if packed.len() < len {
-                packed.resize(len, 0);
-            }
-            let packed = &mut packed[..len];
-            #[cfg(target_arch = "x86_64")]
-            if vnni {
-                // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
-                unsafe {
-                    match &self.im2col {
-                        Some(g) => {
-                            vnni::fill_planes(self, g, x, bytes);
-                            vnni::pack_im2col_avx512(self, g, bytes, packed)
-                        }
-                        None => vnni::pack(self, x, packed),
+        // Taken out rather than borrowed across the threaded part: a thread
+        // that runs another job while it waits finds them empty, not locked.
+        let (mut packed_buf, mut bytes) = BUFFERS.take();
+        // Every word is written by the packing: no need to clear.
+        let len = self.quads() * self.padded_pixels();
+        if packed_buf.len() < len {
+            packed_buf.resize(len, 0);
+        }
+        let packed = &mut packed_buf[..len];
+        let result = self.pack_and_run(x, out, vnni, packed, &mut bytes);
+        BUFFERS.set((packed_buf, bytes));
+        result
+    }
+
+    fn pack_and_run(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        vnni: bool,
+        packed: &mut [u32],
+        bytes: &mut Vec<u8>,
+    ) -> TractResult<()> {
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
+            unsafe {
+                match &self.im2col {
+                    Some(g) => {
+                        vnni::fill_planes(self, g, x, bytes);
+                        vnni::pack_im2col_avx512(self, g, bytes, packed)
                     }
+                    None => vnni::pack(self, x, packed),
                 }
-                let packed = &*packed;
-                let work = out.len() * self.depth();
-                return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
-                    // SAFETY: as above.
-                    unsafe { vnni::run(self, packed, chunk, first) };
-                    Ok(())
-                });
             }
-            let _ = vnni;
-            match &self.im2col {
-                Some(g) => {
-                    self.fill_planes(g, x, bytes);
-                    self.pack_im2col(g, bytes, packed)
-                }
-                None => self.pack_plain(x, packed),
+            let packed = &*packed;
+            let work = out.len() * self.depth();
+            return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
+                // SAFETY: as above.
+                unsafe { vnni::run(self, packed, chunk, first) };
+                Ok(())
+            });
+        }
+        let _ = vnni;
+        match &self.im2col {
+            Some(g) => {
+                self.fill_planes(g, x, bytes);
+                self.pack_im2col(g, bytes, packed)
             }
-            self.run_plain(packed, out, 0);
-            Ok(())
-        })
+            None => self.pack_plain(x, packed),
+        }
+        self.run_plain(packed, out, 0);
+        Ok(())
     }
 }
 
