@@ -26,12 +26,11 @@ use tract_core::internal::{
     tvec, AxisOp, DatumType, DatumTypeExt, EvalContext, EvalOp, Op, OutletId, StaticName, TValue, TVec, Tensor,
     TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
 };
-use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
-use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::DataFormat;
 use tract_core::prelude::IntoTValue;
 
+use super::epilogue::{const_f32, scalar_const, Applied, Epilogue};
 use super::quant_dequant::QuantDequant;
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -56,8 +55,7 @@ pub struct Depthwise {
     weights: Arc<[f32]>,
     /// One bias per channel.
     bias: Arc<[f32]>,
-    clamp: (f32, f32),
-    qdq: Option<QuantDequant>,
+    epi: Epilogue,
     out_shape: TVec<usize>,
 }
 
@@ -70,9 +68,7 @@ impl PartialEq for Depthwise {
             && self.pad == other.pad
             && bits(&self.weights) == bits(&other.weights)
             && bits(&self.bias) == bits(&other.bias)
-            && self.clamp.0.to_bits() == other.clamp.0.to_bits()
-            && self.clamp.1.to_bits() == other.clamp.1.to_bits()
-            && self.qdq == other.qdq
+            && self.epi == other.epi
             && self.out_shape == other.out_shape
     }
 }
@@ -84,7 +80,7 @@ impl Depthwise {
     /// The grid this operator's output lies on, when it ends in a
     /// quantize/dequantize pair (the clip comes before it).
     pub fn output_grid(&self) -> Option<QuantDequant> {
-        self.qdq
+        self.epi.qdq
     }
 
     /// Output height and width: the last two axes of the output.
@@ -122,7 +118,7 @@ impl Depthwise {
         planes: &mut [f32],
     ) {
         // Copied out of `self` so the hot loop keeps them in registers.
-        let epi = Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY) };
+        let epi = self.epi.by_value();
         let [h, w] = self.in_hw;
         let [ho, wo] = self.out_hw();
         let sw = self.strides[1];
@@ -206,8 +202,7 @@ impl Depthwise {
             planes.clear();
             planes.resize(self.planes_len(), 0.0);
             let p = planes.as_mut_slice();
-            let clamp = self.clamp != (f32::NEG_INFINITY, f32::INFINITY);
-            match (clamp, self.qdq.is_some(), self.strides[0] == 2) {
+            match (self.epi.clamps(), self.epi.qdq.is_some(), self.strides[0] == 2) {
                 (true, false, false) => run_fast::<true, false, 1>(self, x, out, first, p),
                 (true, false, true) => run_fast::<true, false, 2>(self, x, out, first, p),
                 (false, true, false) => run_fast::<false, true, 1>(self, x, out, first, p),
@@ -230,7 +225,7 @@ fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
     rows: &[[&[f32]; K]; K + 2],
     k: &[f32; K * K],
     bias: f32,
-    epi: Epilogue,
+    epi: Applied,
     col: usize,
     out0: &mut [f32; LANES],
     out1: &mut [f32; LANES],
@@ -261,27 +256,6 @@ fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
     if TWO {
         for (o, a) in out1.iter_mut().zip(acc1) {
             *o = epi.apply::<CLAMP, QDQ>(a);
-        }
-    }
-}
-
-/// What is applied to each sum before it is stored, held by value.
-#[derive(Clone, Copy)]
-struct Epilogue {
-    clamp: (f32, f32),
-    qd: QuantDequant,
-}
-
-impl Epilogue {
-    /// The clip (as tract's Max then Min), then the quantize/dequantize pair;
-    /// each only when the op has it (`CLAMP`, `QDQ`).
-    #[inline(always)]
-    fn apply<const CLAMP: bool, const QDQ: bool>(self, v: f32) -> f32 {
-        let v = if CLAMP { v.max(self.clamp.0).min(self.clamp.1) } else { v };
-        if QDQ {
-            self.qd.one(v)
-        } else {
-            v
         }
     }
 }
@@ -338,12 +312,8 @@ impl Op for Depthwise {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let [sh, sw] = self.strides;
-        let (lo, hi) = self.clamp;
-        let mut info = vec![format!("3x3 stride {sh}x{sw} pad {:?}, clip [{lo}, {hi}]", self.pad)];
-        if let Some(qd) = &self.qdq {
-            info.push(format!("then quantize/dequantize, scale {} range [{}, {}]", qd.scale, qd.lo, qd.hi));
-        }
-        Ok(info)
+        let (clip, pair) = self.epi.describe();
+        Ok([format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad)].into_iter().chain(pair).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -399,22 +369,9 @@ impl TypedOp for Depthwise {
     }
 }
 
-/// The f32 value of a single-valued constant, if `outlet` is one.
-fn scalar_const(model: &TypedModel, outlet: OutletId) -> Option<f32> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
-    if konst.datum_type() != DatumType::F32 || konst.len() != 1 {
-        return None;
-    }
-    Some(konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?[0])
-}
-
 /// The whole f32 contents of a constant with `len` values.
 fn const_values(model: &TypedModel, outlet: OutletId, len: usize) -> Option<Vec<f32>> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
-    if konst.datum_type() != DatumType::F32 || konst.len() != len {
-        return None;
-    }
-    Some(konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec())
+    const_f32(model, outlet).map(|(_, v)| v).filter(|v| v.len() == len)
 }
 
 /// The operator for the `Conv` at `node`, if it is a 3x3 f32 depthwise
@@ -476,8 +433,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
         pad,
         weights: weights.into(),
         bias: bias.into(),
-        clamp: (f32::NEG_INFINITY, f32::INFINITY),
-        qdq: None,
+        epi: Epilogue::NONE,
         out_shape,
     })
 }
@@ -502,28 +458,7 @@ fn fold_epilogue(model: &TypedModel, conv: usize, op: &mut Depthwise) -> (Outlet
         let next = model.node(succs[0].node);
         if let Some(axis) = next.op_as::<AxisOp>() {
             pending.push((next.name.clone(), axis.clone()));
-        } else if let Some(bin) =
-            next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && op.qdq.is_none() && next.inputs.len() == 2)
-        {
-            let other = next.inputs.iter().copied().find(|&i| i != cur);
-            let Some(value) = other.and_then(|o| scalar_const(model, o)) else { break };
-            let same_shape = next.outputs[0].fact.shape == node.outputs[cur.slot].fact.shape;
-            let (lo, hi) = op.clamp;
-            // max(clamp(x, lo, hi), v) is clamp(x, max(lo, v), max(hi, v)), and
-            // min(clamp(x, lo, hi), v) is clamp(x, min(lo, v), min(hi, v)).
-            op.clamp = match bin.0.name() {
-                "Max" if same_shape => (lo.max(value), hi.max(value)),
-                "Min" if same_shape => (lo.min(value), hi.min(value)),
-                _ => break,
-            };
-            axes.append(&mut pending);
-            end = OutletId::new(next.id, 0);
-        } else if let Some(qd) = next
-            .op_as::<ElementWiseOp>()
-            .filter(|ew| ew.1.is_none() && op.qdq.is_none())
-            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
-        {
-            op.qdq = Some(*qd);
+        } else if op.epi.fold(model, cur, next) {
             axes.append(&mut pending);
             end = OutletId::new(next.id, 0);
         } else {
@@ -572,7 +507,9 @@ fn replace(model: &mut TypedModel, fold: bool) -> TractResult<usize> {
 mod tests {
     use super::*;
     use tract_core::internal::{tensor0, IntoRunnable, SpecialOps};
+    use tract_core::ops::binary::TypedBinOp;
     use tract_core::ops::cnn::PoolSpec;
+    use tract_core::ops::element_wise::ElementWiseOp;
     use tract_core::ops::math::{Max, Min};
 
     /// A deterministic spread of values in [-1, 1).

@@ -35,16 +35,16 @@ use std::sync::Arc;
 
 use tract_core::internal::{
     tvec, DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, Tensor,
-    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
+    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedNode, TypedOp,
 };
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::einsum::EinSum;
-use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::DataFormat;
 use tract_core::prelude::IntoTValue;
 
 use super::depthwise::Depthwise;
+use super::epilogue::{const_f32, Epilogue};
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -83,28 +83,19 @@ struct Im2col {
 }
 
 impl Im2col {
-    /// The geometry of `c` input channels, with its taps' offsets.
-    fn new(
-        c: usize,
-        in_hw: [usize; 2],
-        kernel: [usize; 2],
-        strides: [usize; 2],
-        dilations: [usize; 2],
-        pad: [usize; 2],
-        out_hw: [usize; 2],
-    ) -> Im2col {
-        let mut g = Im2col { in_hw, kernel, strides, dilations, pad, out_hw, offsets: vec![] };
-        let (hp, wp) = Int8Conv::planes_hw(&g);
-        let ([kh, kw], [dh, dw]) = (kernel, dilations);
+    /// The geometry with its taps' offsets filled in, for `c` input channels.
+    fn with_offsets(mut self, c: usize) -> Im2col {
+        let (hp, wp) = Int8Conv::planes_hw(&self);
+        let ([kh, kw], [dh, dw]) = (self.kernel, self.dilations);
         let depth = c * kh * kw;
-        g.offsets = (0..depth.next_multiple_of(4))
+        self.offsets = (0..depth.next_multiple_of(4))
             .map(|t| {
                 let t = if t < depth { t } else { 0 };
                 let (ch, dy, dx) = (t / (kh * kw), t / kw % kh, t % kw);
                 ch * hp * wp + dy * dh * wp + dx * dw
             })
             .collect();
-        g
+        self
     }
 }
 
@@ -134,8 +125,7 @@ pub struct Int8Conv {
     mul: Arc<[f32]>,
     /// One bias per output channel.
     bias: Arc<[f32]>,
-    clamp: (f32, f32),
-    qdq: Option<QuantDequant>,
+    epi: Epilogue,
     out_shape: TVec<usize>,
 }
 
@@ -151,36 +141,13 @@ impl PartialEq for Int8Conv {
             && self.corr == other.corr
             && bits(&self.mul) == bits(&other.mul)
             && bits(&self.bias) == bits(&other.bias)
-            && self.clamp.0.to_bits() == other.clamp.0.to_bits()
-            && self.clamp.1.to_bits() == other.clamp.1.to_bits()
-            && self.qdq == other.qdq
+            && self.epi == other.epi
             && self.out_shape == other.out_shape
     }
 }
 
 // Equality is on bit patterns, an equivalence even for NaN.
 impl Eq for Int8Conv {}
-
-/// What is applied to each sum before it is stored, held by value.
-#[derive(Clone, Copy)]
-struct Epilogue {
-    clamp: (f32, f32),
-    qd: QuantDequant,
-    has_qdq: bool,
-}
-
-impl Epilogue {
-    /// The clip (as tract's Max then Min), then the quantize/dequantize pair.
-    #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
-        let v = v.max(self.clamp.0).min(self.clamp.1);
-        if self.has_qdq {
-            self.qd.one(v)
-        } else {
-            v
-        }
-    }
-}
 
 impl Int8Conv {
     /// Input values per output value: the input channels times the kernel's taps.
@@ -213,11 +180,7 @@ impl Int8Conv {
 
     /// The grid this operator's output lies on, when it ends in a pair.
     pub fn output_grid(&self) -> Option<QuantDequant> {
-        self.qdq
-    }
-
-    fn epilogue(&self) -> Epilogue {
-        Epilogue { clamp: self.clamp, qd: self.qdq.unwrap_or(QuantDequant::IDENTITY), has_qdq: self.qdq.is_some() }
+        self.epi.qdq
     }
 
     /// `v`'s index on the input grid counted from `lo`: the pair's own
@@ -327,7 +290,6 @@ impl Int8Conv {
     /// Output channels `first..first + out.len() / P` from `packed`, as plain loops.
     fn run_plain(&self, packed: &[u32], out: &mut [f32], first: usize) {
         let (p, opad) = (self.pixels, self.out_channels + MR);
-        let epi = self.epilogue();
         for (i, row) in out.chunks_exact_mut(p).enumerate() {
             let o = first + i;
             for (px, y) in row.iter_mut().enumerate() {
@@ -340,7 +302,7 @@ impl Int8Conv {
                     }
                 }
                 let v = ((acc + self.corr[o]) as f32).mul_add(self.mul[o], self.bias[o]);
-                *y = epi.apply(v);
+                *y = self.epi.apply(v);
             }
         }
     }
@@ -482,7 +444,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn run(op: &Int8Conv, packed: &[u32], out: &mut [f32], first: usize) {
         // The clip and the pair as constants, so a block without them skips their instructions.
-        match (op.clamp != (f32::NEG_INFINITY, f32::INFINITY), op.qdq.is_some()) {
+        match (op.epi.clamps(), op.epi.qdq.is_some()) {
             (false, false) => run_kind::<false, false>(op, packed, out, first),
             (false, true) => run_kind::<false, true>(op, packed, out, first),
             (true, false) => run_kind::<true, false>(op, packed, out, first),
@@ -520,10 +482,10 @@ mod vnni {
     impl Regs {
         #[target_feature(enable = "avx512f")]
         fn new(op: &Int8Conv) -> Regs {
-            let epi = op.epilogue();
+            let epi = op.epi.by_value();
             Regs {
-                clo: _mm512_set1_ps(epi.clamp.0),
-                chi: _mm512_set1_ps(epi.clamp.1),
+                clo: _mm512_set1_ps(epi.clamp().0),
+                chi: _mm512_set1_ps(epi.clamp().1),
                 inv: _mm512_set1_ps(epi.qd.inv_scale),
                 qlo: _mm512_set1_ps(epi.qd.lo),
                 qhi: _mm512_set1_ps(epi.qd.hi),
@@ -532,7 +494,7 @@ mod vnni {
             }
         }
 
-        /// `sums * mul + bias`, the clip (`CLAMP`), the pair (`QDQ`): [`super::Epilogue::apply`]'s arithmetic.
+        /// `sums * mul + bias`, the clip (`CLAMP`), the pair (`QDQ`): [`super::Applied::apply`]'s arithmetic.
         #[target_feature(enable = "avx512f")]
         #[inline]
         fn apply<const CLAMP: bool, const QDQ: bool>(self, sums: __m512i, mul: __m512, bias: __m512) -> __m512 {
@@ -708,7 +670,6 @@ impl Op for Int8Conv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let (lo, hi) = self.clamp;
         let kernel = match &self.im2col {
             Some(g) => format!(
                 "{}x{} stride {:?} dilation {:?} pad {:?}",
@@ -716,14 +677,12 @@ impl Op for Int8Conv {
             ),
             None => "1x1".to_string(),
         };
-        let mut info = vec![format!(
-            "{kernel}, {} -> {} channels, {} pixels, input step {} range [{}, {}], clip [{lo}, {hi}]",
+        let (clip, pair) = self.epi.describe();
+        let first = format!(
+            "{kernel}, {} -> {} channels, {} pixels, input step {} range [{}, {}], {clip}",
             self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
-        )];
-        if let Some(qd) = &self.qdq {
-            info.push(format!("then quantize/dequantize, scale {} range [{}, {}]", qd.scale, qd.lo, qd.hi));
-        }
-        Ok(info)
+        );
+        Ok([first].into_iter().chain(pair).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -771,25 +730,13 @@ impl TypedOp for Int8Conv {
     }
 }
 
-/// The constant f32 values at `outlet`, with its shape.
-fn const_f32(model: &TypedModel, outlet: OutletId) -> Option<(TVec<usize>, Vec<f32>)> {
-    let konst = model.outlet_fact(outlet).ok()?.konst.as_ref()?;
-    if konst.datum_type() != DatumType::F32 {
-        return None;
-    }
-    let values = konst.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
-    Some((konst.shape().into(), values))
-}
-
 /// The grid the values at `outlet` lie on: when a quantize/dequantize pair
 /// made them, as its own op or at the end of one of ours. Only grids of at
 /// most 256 integers, which pack into a byte, qualify.
 fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
     let node = model.node(outlet.node);
-    let grid = if let Some(qd) =
-        node.op_as::<ElementWiseOp>().filter(|ew| ew.1.is_none()).and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
-    {
-        *qd
+    let grid = if let Some(qd) = QuantDequant::of(node) {
+        qd
     } else if let Some(dw) = node.op_as::<Depthwise>() {
         dw.output_grid()?
     } else if let Some(pw) = node.op_as::<Int8Conv>() {
@@ -1016,7 +963,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Int8Conv> {
         _ => return None,
     };
     let grid = grid_of(model, node.inputs[0])?;
-    let g = Im2col::new(c, in_hw, kernel, strides, dilations, before, out_hw);
+    let g = Im2col { in_hw, kernel, strides, dilations, pad: before, out_hw, offsets: vec![] }.with_offsets(c);
     build(grid, c, o, out_hw[0] * out_hw[1], Some(g), &w, bias, out_shape)
 }
 
@@ -1060,10 +1007,28 @@ fn build(
         corr: corr.into(),
         mul: mul.into(),
         bias: bias.into(),
-        clamp: (f32::NEG_INFINITY, f32::INFINITY),
-        qdq: None,
+        epi: Epilogue::NONE,
         out_shape,
     })
+}
+
+/// The bias values when `next`, the only consumer of `cur` (the sum of `o`
+/// channels of `pixels` values), adds one constant per output channel:
+/// `[O, 1, 1]`, or with a leading 1; any shape of `O` values for one pixel.
+fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o: usize) -> Option<Vec<f32>> {
+    next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && b.0.name() == "Add" && next.inputs.len() == 2)?;
+    let fact = model.outlet_fact(cur).ok()?;
+    if fact.shape != next.outputs[0].fact.shape {
+        return None;
+    }
+    let (shape, values) = const_f32(model, next.inputs.iter().copied().find(|&i| i != cur)?)?;
+    let rank = fact.rank();
+    let single = pixels == 1 && shape.iter().filter(|&&d| d != 1).count() <= 1;
+    let per_channel = rank >= 3
+        && shape.len() == rank
+        && shape[rank - 3] == o
+        && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
+    (values.len() == o && (single || per_channel)).then_some(values)
 }
 
 /// Follows the only consumers of the sum while they are a bias `Add` (one
@@ -1081,44 +1046,12 @@ fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Int8Conv, mut biased: 
             break;
         }
         let next = model.node(succs[0].node);
-        let same_shape = next.outputs[0].fact.shape == node.outputs[end.slot].fact.shape;
-        if let Some(bin) = next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && op.qdq.is_none()) {
-            let Some(other) = next.inputs.iter().copied().find(|&i| i != end) else { break };
-            if next.inputs.len() != 2 || !same_shape {
-                break;
-            }
-            let Some((shape, values)) = const_f32(model, other) else { break };
-            let (lo, hi) = op.clamp;
-            let unclipped = lo == f32::NEG_INFINITY && hi == f32::INFINITY;
-            match bin.0.name() {
-                // `[O, 1, 1]` (or with a leading 1): one bias per output channel.
-                "Add" if !biased && unclipped && values.len() == op.out_channels => {
-                    let rank = node.outputs[end.slot].fact.rank();
-                    // One value per output: with one pixel, any shape of `O` values is per channel.
-                    let single = op.pixels == 1 && shape.iter().filter(|&&d| d != 1).count() <= 1;
-                    let per_channel = single
-                        || rank >= 3
-                            && shape.len() == rank
-                            && shape[rank - 3] == op.out_channels
-                            && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
-                    if !per_channel {
-                        break;
-                    }
-                    op.bias = values.into();
-                    biased = true;
-                }
-                // max(clamp(x, lo, hi), v) is clamp(x, max(lo, v), max(hi, v)), and likewise for min.
-                "Max" if values.len() == 1 => op.clamp = (lo.max(values[0]), hi.max(values[0])),
-                "Min" if values.len() == 1 => op.clamp = (lo.min(values[0]), hi.min(values[0])),
-                _ => break,
-            }
-        } else if let Some(qd) = next
-            .op_as::<ElementWiseOp>()
-            .filter(|ew| ew.1.is_none() && op.qdq.is_none() && same_shape)
-            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
-        {
-            op.qdq = Some(*qd);
-        } else {
+        // The bias comes first: before a clip or a pair it is no longer a bias.
+        let bias = (!biased && op.epi == Epilogue::NONE).then(|| bias_of(model, end, next, op.pixels, op.out_channels));
+        if let Some(values) = bias.flatten() {
+            op.bias = values.into();
+            biased = true;
+        } else if !op.epi.fold(model, end, next) {
             break;
         }
         end = OutletId::new(next.id, 0);
@@ -1167,6 +1100,7 @@ fn replace(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
     use tract_core::internal::{tensor0, AxesMapping, IntoRunnable, SpecialOps};
+    use tract_core::ops::element_wise::ElementWiseOp;
     use tract_core::ops::math::{Add, Max, Min};
 
     /// A deterministic spread of integers in `lo..=hi`.

@@ -20,6 +20,7 @@
 mod cache;
 mod converted;
 mod depthwise;
+mod epilogue;
 mod int8_conv;
 mod nnef_ops;
 #[cfg(feature = "onnx")]

@@ -101,6 +101,14 @@ impl QuantDequant {
             && self.hi <= LIMIT
     }
 
+    /// The parameters of `node`, if it is this operator (with no output type change).
+    pub fn of(node: &TypedNode) -> Option<QuantDequant> {
+        node.op_as::<ElementWiseOp>()
+            .filter(|ew| ew.1.is_none())
+            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
+            .copied()
+    }
+
     fn bits(&self) -> [u32; 4] {
         [self.scale.to_bits(), self.inv_scale.to_bits(), self.lo.to_bits(), self.hi.to_bits()]
     }
@@ -153,18 +161,12 @@ pub fn fuse_into_matmuls(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let succ = model.node(node.outputs[0].successors[0].node);
-        let Some(qd) = succ
-            .op_as::<ElementWiseOp>()
-            .filter(|ew| ew.1.is_none())
-            .and_then(|ew| ew.0.downcast_ref::<QuantDequant>())
-        else {
-            continue;
-        };
+        let Some(qd) = QuantDequant::of(succ) else { continue };
         let fact = &succ.outputs[0].fact;
         let f32_kernels = mm.mmm.iter().all(|k| k.internal_type() == DatumType::F32);
         let stores_last = matches!(mm.micro_ops.last(), Some(ProtoFusedSpec::Store(_)));
         if f32_kernels && stores_last && fact.datum_type == DatumType::F32 && fact.shape == mm.c_fact.shape {
-            found.push((node.id, succ.id, *qd));
+            found.push((node.id, succ.id, qd));
         }
     }
     for (mm_id, succ_id, qd) in &found {

@@ -209,6 +209,32 @@ fn inspect_says_where_depthwise_convolutions_run() {
 }
 
 #[test]
+fn inspect_says_which_int8_convolutions_run_on_integer_kernels() {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    let out = edgeinfer(&["inspect", path(&crate::model("mobilenetv2_int8.onnx"))]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("int8 convs   "));
+    let kernels = stdout.lines().find(|l| l.starts_with("kernels ")).unwrap_or_else(|| panic!("{stdout}"));
+    if vnni {
+        // Its 35 non-depthwise convolutions and its classifier.
+        let line = line.unwrap_or_else(|| panic!("{stdout}"));
+        assert!(line.starts_with("int8 convs   36 convolutions on edgeinfer's integer kernel"), "{line}");
+        assert!(kernels.ends_with("; 36 convolutions on integer kernels (AVX-512 VNNI)"), "{kernels}");
+    } else {
+        assert!(line.is_none() && !kernels.contains("integer kernels"), "{stdout}");
+    }
+    // A float model never has the line.
+    let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_f32.onnx"))]);
+    assert!(!text(&out.stdout).contains("int8 convs"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn bench_json_has_the_documented_figures() {
     let out =
         edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
