@@ -57,7 +57,7 @@ features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing), the
 # start-up cache's streamed reader (threads, weights read into tensors: what a
 # board with `cache_dir` runs at every start), plus the integration subset. The fetched detector must be present (.ci/run fetches it).
-lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise:: engine::converted:: engine::int8_conv::
+lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise:: engine::converted:: engine::int8_conv:: engine::pointwise::
     engine::tests::threads_above_one_need_the_threads_feature
     engine::tests::loading_runs_depthwise_convolutions_on_our_operator)
 it_filters=(parity:: daemon::files_source_publishes_what_infer_gives_in_order systemd::

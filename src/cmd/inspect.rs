@@ -92,6 +92,11 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
         let noun = if int8_convs == 1 { "convolution" } else { "convolutions" };
         writeln!(out, "int8 convs   {int8_convs} {noun} on edgeinfer's integer kernel (AVX-512 VNNI)")?;
     }
+    let pointwise = count(engine::POINTWISE_OP);
+    if pointwise > 0 {
+        let noun = if pointwise == 1 { "convolution" } else { "convolutions" };
+        writeln!(out, "1x1 convs    {pointwise} float {noun} on edgeinfer's 1x1 kernel (AVX-512)")?;
+    }
     let t = info.timings;
     writeln!(
         out,

@@ -23,14 +23,13 @@
 use std::sync::Arc;
 
 use tract_core::internal::{
-    tvec, AxisOp, DatumType, DatumTypeExt, EvalContext, EvalOp, Op, OutletId, StaticName, TValue, TVec, Tensor,
-    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedOp,
+    AxisOp, DatumType, EvalContext, EvalOp, Op, OutletId, StaticName, TValue, TVec, TractResult, TypedFact, TypedModel,
+    TypedModelPatch, TypedOp,
 };
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
-use tract_core::prelude::IntoTValue;
 
-use super::epilogue::{const_f32, scalar_const, Applied, Epilogue};
+use super::epilogue::{const_f32, eval_f32, f32_output, scalar_const, Applied, Epilogue};
 use super::quant_dequant::QuantDequant;
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -323,30 +322,16 @@ impl Op for Depthwise {
 
 impl EvalOp for Depthwise {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = &inputs[0];
-        let view = input.try_as_plain_ram()?;
-        let x = view.as_slice::<f32>()?;
         let [h, w] = self.in_hw;
-        tract_core::internal::ensure!(
-            x.len() == self.channels * h * w,
-            "{OP_NAME}: input of {} values, expected {}x{h}x{w}",
-            x.len(),
-            self.channels
-        );
-        // SAFETY: every value is written below, one plane per channel.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
-        {
-            let mut out_view = output.try_as_plain_ram_mut()?;
-            let out = out_view.as_slice_mut::<f32>()?;
+        eval_f32(OP_NAME, &inputs, self.channels * h * w, &self.out_shape, |x, out| {
             let [ho, wo] = self.out_hw();
-            let plane = ho * wo;
             let work = out.len() * K * K;
-            tract_linalg::multithread::par_chunks_mut(out, plane, work, |first, chunk| {
+            // One plane per channel.
+            tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
                 self.run(x, chunk, first);
                 Ok(())
-            })?;
-        }
-        Ok(tvec!(output.into_tvalue()))
+            })
+        })
     }
 
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
@@ -364,8 +349,7 @@ impl TypedOp for Depthwise {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
-        Ok(tvec!(DatumType::F32.fact(&*self.out_shape)))
+        f32_output(inputs, &self.out_shape)
     }
 }
 
@@ -504,16 +488,17 @@ fn replace(model: &mut TypedModel, fold: bool) -> TractResult<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
-    use tract_core::internal::{tensor0, IntoRunnable, SpecialOps};
+    use tract_core::internal::{tensor0, tvec, DatumTypeExt, IntoRunnable, SpecialOps, Tensor};
     use tract_core::ops::binary::TypedBinOp;
     use tract_core::ops::cnn::PoolSpec;
     use tract_core::ops::element_wise::ElementWiseOp;
     use tract_core::ops::math::{Max, Min};
+    use tract_core::prelude::IntoTValue;
 
     /// A deterministic spread of values in [-1, 1).
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(in crate::engine) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
             .map(|_| {

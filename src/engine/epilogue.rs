@@ -1,9 +1,13 @@
-//! What our convolution operators (`depthwise`, `int8_conv`) apply to each
+//! What our convolution operators (`depthwise`, `int8_conv`, `pointwise`) apply to each
 //! sum before they store it: a clip and a quantize/dequantize pair, folded
 //! in from the operators that followed the convolution in tract's graph.
 
-use tract_core::internal::{DatumType, OutletId, TypedModel, TypedNode};
+use tract_core::internal::{
+    tvec, DatumType, DatumTypeExt, OutletId, TValue, TVec, Tensor, TractResult, TypedFact, TypedModel, TypedModelPatch,
+    TypedNode, TypedOp,
+};
 use tract_core::ops::binary::TypedBinOp;
+use tract_core::prelude::IntoTValue;
 
 use super::quant_dequant::QuantDequant;
 
@@ -94,11 +98,6 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// The clip's bounds.
-    pub fn clamp(&self) -> (f32, f32) {
-        self.clamp
-    }
-
     /// The clip, then the pair; each only when the op has it (`CLAMP`, `QDQ`).
     #[inline(always)]
     pub fn apply<const CLAMP: bool, const QDQ: bool>(self, v: f32) -> f32 {
@@ -109,6 +108,104 @@ impl Applied {
             v
         }
     }
+}
+
+/// What a convolution's sum flows into, folded into its operator: found by
+/// [`Folded::after`].
+pub struct Folded {
+    /// The bias, when an `Add` of one constant per output channel came first.
+    pub bias: Option<Vec<f32>>,
+    /// The clip and pair folded in.
+    pub epi: Epilogue,
+    /// The last outlet folded in: the operator's output replaces it.
+    pub end: OutletId,
+}
+
+impl Folded {
+    /// Follows the only consumers of the sum (node `sum`, `o` channels of
+    /// `pixels` values) while they are a bias `Add` (first, unless `biased`
+    /// already), clip bounds (`Max`, `Min` with a single-valued constant) and
+    /// one quantize/dequantize pair.
+    pub fn after(model: &TypedModel, sum: usize, pixels: usize, o: usize, mut biased: bool) -> Folded {
+        let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
+        let mut folded = Folded { bias: None, epi: Epilogue::NONE, end: OutletId::new(sum, 0) };
+        loop {
+            let end = folded.end;
+            let succs = &model.node(end.node).outputs[end.slot].successors;
+            if outputs.contains(&end) || succs.len() != 1 {
+                break;
+            }
+            let next = model.node(succs[0].node);
+            // The bias comes first: before a clip or a pair it is no longer a bias.
+            let bias = (!biased && folded.epi == Epilogue::NONE).then(|| bias_of(model, end, next, pixels, o));
+            if let Some(values) = bias.flatten() {
+                folded.bias = Some(values);
+                biased = true;
+            } else if !folded.epi.fold(model, end, next) {
+                break;
+            }
+            folded.end = OutletId::new(next.id, 0);
+        }
+        folded
+    }
+}
+
+/// Runs `f` from the f32 input of `len` values (an error naming `op` when it
+/// has another length) into a new f32 tensor of `shape`, all of whose
+/// values `f` writes: our operators' `eval`.
+pub fn eval_f32(
+    op: &str,
+    inputs: &[TValue],
+    len: usize,
+    shape: &[usize],
+    f: impl FnOnce(&[f32], &mut [f32]) -> TractResult<()>,
+) -> TractResult<TVec<TValue>> {
+    let view = inputs[0].try_as_plain_ram()?;
+    let x = view.as_slice::<f32>()?;
+    tract_core::internal::ensure!(x.len() == len, "{op}: input of {} values, expected {len}", x.len());
+    // SAFETY: `f` writes every value (the contract above).
+    let mut output = unsafe { Tensor::uninitialized::<f32>(shape)? };
+    {
+        let mut out_view = output.try_as_plain_ram_mut()?;
+        f(x, out_view.as_slice_mut::<f32>()?)?;
+    }
+    Ok(tvec!(output.into_tvalue()))
+}
+
+/// The output fact of an operator from one f32 input to an f32 tensor of `shape`.
+pub fn f32_output(inputs: &[&TypedFact], shape: &[usize]) -> TractResult<TVec<TypedFact>> {
+    tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
+    Ok(tvec!(DatumType::F32.fact(shape)))
+}
+
+/// Puts `op` in the place of node `id`, reading its input `xi`, and of
+/// everything folded into it up to `end`.
+pub fn swap_in(model: &mut TypedModel, id: usize, xi: usize, op: impl TypedOp, end: OutletId) -> TractResult<()> {
+    let node = model.node(id);
+    let mut patch = TypedModelPatch::new(format!("{} for {}", op.name(), node.name));
+    let tap = patch.tap_model(model, node.inputs[xi])?;
+    let wire = patch.wire_node(&node.name, op, &[tap])?[0];
+    patch.shunt_outside(model, end, wire)?;
+    patch.apply(model)
+}
+
+/// The bias values when `next`, the only consumer of `cur` (the sum of `o`
+/// channels of `pixels` values), adds one constant per output channel:
+/// `[O, 1, 1]`, or with a leading 1; any shape of `O` values for one pixel.
+fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o: usize) -> Option<Vec<f32>> {
+    next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && b.0.name() == "Add" && next.inputs.len() == 2)?;
+    let fact = model.outlet_fact(cur).ok()?;
+    if fact.shape != next.outputs[0].fact.shape {
+        return None;
+    }
+    let (shape, values) = const_f32(model, next.inputs.iter().copied().find(|&i| i != cur)?)?;
+    let rank = fact.rank();
+    let single = pixels == 1 && shape.iter().filter(|&&d| d != 1).count() <= 1;
+    let per_channel = rank >= 3
+        && shape.len() == rank
+        && shape[rank - 3] == o
+        && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
+    (values.len() == o && (single || per_channel)).then_some(values)
 }
 
 /// The shape and values of the f32 constant at `outlet`, if it is one.
@@ -126,5 +223,57 @@ pub fn scalar_const(model: &TypedModel, outlet: OutletId) -> Option<f32> {
     match const_f32(model, outlet)? {
         (_, values) if values.len() == 1 => Some(values[0]),
         _ => None,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx512 {
+    //! The epilogue on 16 values of an AVX-512 register.
+
+    use std::arch::x86_64::*;
+
+    use super::Epilogue;
+
+    /// An epilogue's constants, in registers.
+    #[derive(Clone, Copy)]
+    pub struct Regs {
+        clo: __m512,
+        chi: __m512,
+        inv: __m512,
+        qlo: __m512,
+        qhi: __m512,
+        scale: __m512,
+        magic: __m512,
+    }
+
+    impl Regs {
+        /// `epi`'s clip bounds and pair parameters, broadcast.
+        #[target_feature(enable = "avx512f")]
+        pub fn new(epi: &Epilogue) -> Regs {
+            let qd = epi.by_value().qd;
+            Regs {
+                clo: _mm512_set1_ps(epi.clamp.0),
+                chi: _mm512_set1_ps(epi.clamp.1),
+                inv: _mm512_set1_ps(qd.inv_scale),
+                qlo: _mm512_set1_ps(qd.lo),
+                qhi: _mm512_set1_ps(qd.hi),
+                scale: _mm512_set1_ps(qd.scale),
+                magic: _mm512_set1_ps(super::super::quant_dequant::ROUND_MAGIC),
+            }
+        }
+
+        /// The clip (`CLAMP`), then the pair (`QDQ`): [`super::Applied::apply`]'s arithmetic.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub fn apply<const CLAMP: bool, const QDQ: bool>(self, mut v: __m512) -> __m512 {
+            if CLAMP {
+                v = _mm512_min_ps(_mm512_max_ps(v, self.clo), self.chi);
+            }
+            if QDQ {
+                let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, self.inv), self.qlo), self.qhi);
+                v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, self.magic), self.magic), self.scale);
+            }
+            v
+        }
     }
 }

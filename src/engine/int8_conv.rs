@@ -34,17 +34,15 @@
 use std::sync::Arc;
 
 use tract_core::internal::{
-    tvec, DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, Tensor,
-    TractResult, TypedFact, TypedModel, TypedModelPatch, TypedNode, TypedOp,
+    DatumType, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, TractResult, TypedFact, TypedModel,
+    TypedNode, TypedOp,
 };
-use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::DataFormat;
-use tract_core::prelude::IntoTValue;
 
 use super::depthwise::Depthwise;
-use super::epilogue::{const_f32, Epilogue};
+use super::epilogue::{const_f32, eval_f32, f32_output, swap_in, Epilogue, Folded};
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -63,6 +61,7 @@ const NR: usize = 32;
 /// a register's lanes instead ([`vnni::run_small`]): blocks of 32 pixels
 /// would compute mostly padding (a 2x2 output 8 times its work, a classifier
 /// 32 times).
+#[cfg(target_arch = "x86_64")]
 const SMALL: usize = 16;
 
 /// Where the values of a convolution other than a 1x1 of stride 1 come from: a 1-D
@@ -375,6 +374,7 @@ mod vnni {
 
     use std::arch::x86_64::*;
 
+    use super::super::epilogue::avx512::Regs;
     use super::{Im2col, Int8Conv, MR, NR};
 
     /// [`Int8Conv::pack_im2col`] compiled for AVX-512.
@@ -467,49 +467,6 @@ mod vnni {
         }
     }
 
-    /// The epilogue's constants, in registers.
-    #[derive(Clone, Copy)]
-    struct Regs {
-        clo: __m512,
-        chi: __m512,
-        inv: __m512,
-        qlo: __m512,
-        qhi: __m512,
-        scale: __m512,
-        magic: __m512,
-    }
-
-    impl Regs {
-        #[target_feature(enable = "avx512f")]
-        fn new(op: &Int8Conv) -> Regs {
-            let epi = op.epi.by_value();
-            Regs {
-                clo: _mm512_set1_ps(epi.clamp().0),
-                chi: _mm512_set1_ps(epi.clamp().1),
-                inv: _mm512_set1_ps(epi.qd.inv_scale),
-                qlo: _mm512_set1_ps(epi.qd.lo),
-                qhi: _mm512_set1_ps(epi.qd.hi),
-                scale: _mm512_set1_ps(epi.qd.scale),
-                magic: _mm512_set1_ps(super::ROUND_MAGIC),
-            }
-        }
-
-        /// `sums * mul + bias`, the clip (`CLAMP`), the pair (`QDQ`): [`super::Applied::apply`]'s arithmetic.
-        #[target_feature(enable = "avx512f")]
-        #[inline]
-        fn apply<const CLAMP: bool, const QDQ: bool>(self, sums: __m512i, mul: __m512, bias: __m512) -> __m512 {
-            let mut v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), mul, bias);
-            if CLAMP {
-                v = _mm512_min_ps(_mm512_max_ps(v, self.clo), self.chi);
-            }
-            if QDQ {
-                let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, self.inv), self.qlo), self.qhi);
-                v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, self.magic), self.magic), self.scale);
-            }
-            v
-        }
-    }
-
     /// [`Int8Conv::run_plain`] for outputs of fewer than [`SMALL`] pixels:
     /// 16 output channels across a register's lanes (their weight words are
     /// consecutive), up to 4 such registers by up to 4 pixels at a time, each
@@ -525,7 +482,7 @@ mod vnni {
         const PX: usize = 4;
         let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
         let channels = out.len() / p;
-        let regs = Regs::new(op);
+        let regs = Regs::new(&op.epi);
         // Output channel `lane` of a register goes `lane * p` values further.
         let stride = _mm512_mullo_epi32(
             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -563,7 +520,7 @@ mod vnni {
                     let mul = _mm512_maskz_loadu_ps(m, op.mul.as_ptr().add(c));
                     let bias = _mm512_maskz_loadu_ps(m, op.bias.as_ptr().add(c));
                     for (j, acc) in acc.iter().enumerate().take(pxs) {
-                        let y = regs.apply::<CLAMP, QDQ>(acc[v], mul, bias);
+                        let y = regs.apply::<CLAMP, QDQ>(_mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[v]), mul, bias));
                         let base = out.add((o + 16 * v) * p + px0 + j);
                         _mm512_mask_i32scatter_ps::<4>(base, m, stride, y);
                     }
@@ -592,7 +549,7 @@ mod vnni {
     ) {
         let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
         let channels = out.len() / p;
-        let regs = Regs::new(op);
+        let regs = Regs::new(&op.epi);
         let out = out.as_mut_ptr();
         for px in (0..p).step_by(NR) {
             let (m0, m1) = (mask(p - px), mask(p.saturating_sub(px + 16)));
@@ -629,7 +586,11 @@ mod vnni {
                                 if m == 0 {
                                     continue;
                                 }
-                                let v = regs.apply::<CLAMP, QDQ>(acc[$r][half], mul, bias);
+                                let v = regs.apply::<CLAMP, QDQ>(_mm512_fmadd_ps(
+                                    _mm512_cvtepi32_ps(acc[$r][half]),
+                                    mul,
+                                    bias,
+                                ));
                                 _mm512_mask_storeu_ps(out.add((o + $r) * p + px + 16 * half), m, v);
                             }
                         }
@@ -692,22 +653,9 @@ impl Op for Int8Conv {
 
 impl EvalOp for Int8Conv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let view = inputs[0].try_as_plain_ram()?;
-        let x = view.as_slice::<f32>()?;
-        tract_core::internal::ensure!(
-            x.len() == self.in_channels * self.in_pixels(),
-            "{OP_NAME}: input of {} values, expected {}x{}",
-            x.len(),
-            self.in_channels,
-            self.in_pixels()
-        );
-        // SAFETY: `eval_with` writes every value, one row per output channel.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
-        {
-            let mut out_view = output.try_as_plain_ram_mut()?;
-            self.eval_with(x, out_view.as_slice_mut::<f32>()?, cpu_supported())?;
-        }
-        Ok(tvec!(output.into_tvalue()))
+        eval_f32(OP_NAME, &inputs, self.in_channels * self.in_pixels(), &self.out_shape, |x, out| {
+            self.eval_with(x, out, cpu_supported())
+        })
     }
 
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
@@ -725,8 +673,7 @@ impl TypedOp for Int8Conv {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
-        Ok(tvec!(DatumType::F32.fact(&*self.out_shape)))
+        f32_output(inputs, &self.out_shape)
     }
 }
 
@@ -804,7 +751,7 @@ fn integer_weights(row: &[f32], tensor_top: f32) -> Option<(f32, Vec<i8>)> {
 /// convolution into `[O, H, W]` (or `[1, O, H, W]` when the batch axis is
 /// kept): the axis letters differ between tract's ONNX import and its NNEF
 /// reader, so the mapping is checked axis by axis.
-fn is_pointwise(es: &EinSum, xi: usize, wi: usize, x_rank: usize) -> bool {
+pub(super) fn is_pointwise(es: &EinSum, xi: usize, wi: usize, x_rank: usize) -> bool {
     let (ins, out) = (InOut::In, InOut::Out(0));
     let axes = &es.axes;
     let out_rank = axes.rank(out);
@@ -856,44 +803,79 @@ fn is_matvec(es: &EinSum, xi: usize, wi: usize, x: &[usize], y: &[usize]) -> boo
 /// byte grid; with the activation's input slot.
 fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
     let node = model.node(node);
-    let es = node.op_as::<EinSum>()?;
-    if es.q_params.is_some() || es.operating_dt != DatumType::F32 || node.inputs.len() != 2 {
-        return None;
-    }
-    let konst = |i: usize| model.outlet_fact(node.inputs[i]).ok().is_some_and(|f| f.konst.is_some());
-    let (xi, wi) = match (konst(0), konst(1)) {
-        (false, true) => (0, 1),
-        (true, false) => (1, 0),
-        _ => return None,
-    };
-    let input = model.outlet_fact(node.inputs[xi]).ok()?;
-    let in_shape = input.shape.as_concrete()?;
-    let out_shape: TVec<usize> = node.outputs[0].fact.shape.as_concrete()?.into();
-    let (k, pixels) = if is_pointwise(es, xi, wi, in_shape.len()) {
-        match in_shape {
-            &[k, h, w] | &[1, k, h, w] => (k, h * w),
+    let p = Product::of(model, node)?;
+    let (k, pixels) = if is_pointwise(p.es, p.xi, p.wi, p.in_shape.len()) {
+        match *p.in_shape {
+            [k, h, w] | [1, k, h, w] => (k, h * w),
             _ => return None,
         }
-    } else if is_matvec(es, xi, wi, in_shape, &out_shape) {
-        (in_shape.iter().product(), 1)
+    } else if is_matvec(p.es, p.xi, p.wi, &p.in_shape, &p.out_shape) {
+        (p.in_shape.iter().product(), 1)
     } else {
         return None;
     };
     // At most 2^14 input channels: sums of products of a byte and an int8 stay within i32.
-    if input.datum_type != DatumType::F32 || k == 0 || k > 16_384 || pixels == 0 {
+    if k > 16_384 {
         return None;
     }
-    let (w_shape, w) = const_f32(model, node.inputs[wi])?;
-    let o = match *w_shape {
-        [o, kk] if kk == k && o > 0 => o,
-        _ => return None,
-    };
-    if node.outputs[0].fact.datum_type != DatumType::F32 || out_shape.iter().product::<usize>() != o * pixels {
-        return None;
+    let (o, w) = p.weights(model, node, k, pixels)?;
+    let grid = grid_of(model, node.inputs[p.xi])?;
+    let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], p.out_shape)?;
+    Some((op, p.xi))
+}
+
+/// An f32 `EinSum` of one activation by constant weights, both shapes
+/// concrete: what the 1x1 and matrix-vector matchers start from.
+pub(super) struct Product<'a> {
+    pub es: &'a EinSum,
+    /// The activation's input slot.
+    pub xi: usize,
+    /// The weights' input slot.
+    pub wi: usize,
+    pub in_shape: TVec<usize>,
+    pub out_shape: TVec<usize>,
+}
+
+impl<'a> Product<'a> {
+    /// The product at `node`, if it is one.
+    pub fn of(model: &TypedModel, node: &'a TypedNode) -> Option<Product<'a>> {
+        let es = node.op_as::<EinSum>()?;
+        if es.q_params.is_some() || es.operating_dt != DatumType::F32 || node.inputs.len() != 2 {
+            return None;
+        }
+        let konst = |i: usize| model.outlet_fact(node.inputs[i]).ok().is_some_and(|f| f.konst.is_some());
+        let (xi, wi) = match (konst(0), konst(1)) {
+            (false, true) => (0, 1),
+            (true, false) => (1, 0),
+            _ => return None,
+        };
+        let input = model.outlet_fact(node.inputs[xi]).ok()?;
+        let output = &node.outputs[0].fact;
+        if input.datum_type != DatumType::F32 || output.datum_type != DatumType::F32 {
+            return None;
+        }
+        let in_shape = input.shape.as_concrete()?.into();
+        let out_shape = output.shape.as_concrete()?.into();
+        Some(Product { es, xi, wi, in_shape, out_shape })
     }
-    let grid = grid_of(model, node.inputs[xi])?;
-    let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], out_shape)?;
-    Some((op, xi))
+
+    /// The weights as `O` rows of `k`, for an output of `O` channels of
+    /// `pixels` values: `O` and the values.
+    pub fn weights(&self, model: &TypedModel, node: &TypedNode, k: usize, pixels: usize) -> Option<(usize, Vec<f32>)> {
+        let (w_shape, w) = const_f32(model, node.inputs[self.wi])?;
+        match *w_shape {
+            [o, kk]
+                if kk == k
+                    && k > 0
+                    && o > 0
+                    && pixels > 0
+                    && self.out_shape.iter().product::<usize>() == o * pixels =>
+            {
+                Some((o, w))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The operator for the `Conv` at `node`, if it is a one-group f32
@@ -1012,51 +994,15 @@ fn build(
     })
 }
 
-/// The bias values when `next`, the only consumer of `cur` (the sum of `o`
-/// channels of `pixels` values), adds one constant per output channel:
-/// `[O, 1, 1]`, or with a leading 1; any shape of `O` values for one pixel.
-fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o: usize) -> Option<Vec<f32>> {
-    next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && b.0.name() == "Add" && next.inputs.len() == 2)?;
-    let fact = model.outlet_fact(cur).ok()?;
-    if fact.shape != next.outputs[0].fact.shape {
-        return None;
+/// Folds what follows the sum at node `sum` into `op` ([`Folded::after`]);
+/// returns the last outlet folded in.
+fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Int8Conv, biased: bool) -> OutletId {
+    let folded = Folded::after(model, sum, op.pixels, op.out_channels, biased);
+    if let Some(bias) = folded.bias {
+        op.bias = bias.into();
     }
-    let (shape, values) = const_f32(model, next.inputs.iter().copied().find(|&i| i != cur)?)?;
-    let rank = fact.rank();
-    let single = pixels == 1 && shape.iter().filter(|&&d| d != 1).count() <= 1;
-    let per_channel = rank >= 3
-        && shape.len() == rank
-        && shape[rank - 3] == o
-        && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
-    (values.len() == o && (single || per_channel)).then_some(values)
-}
-
-/// Follows the only consumers of the sum while they are a bias `Add` (one
-/// constant per output channel, first, unless `biased` already), clip
-/// bounds (`Max`, `Min` with a single-valued constant) and one
-/// quantize/dequantize pair, and folds them into `op`. Returns the last
-/// outlet folded in.
-fn fold_epilogue(model: &TypedModel, sum: usize, op: &mut Int8Conv, mut biased: bool) -> OutletId {
-    let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
-    let mut end = OutletId::new(sum, 0);
-    loop {
-        let node = model.node(end.node);
-        let succs = &node.outputs[end.slot].successors;
-        if outputs.contains(&end) || succs.len() != 1 {
-            break;
-        }
-        let next = model.node(succs[0].node);
-        // The bias comes first: before a clip or a pair it is no longer a bias.
-        let bias = (!biased && op.epi == Epilogue::NONE).then(|| bias_of(model, end, next, op.pixels, op.out_channels));
-        if let Some(values) = bias.flatten() {
-            op.bias = values.into();
-            biased = true;
-        } else if !op.epi.fold(model, end, next) {
-            break;
-        }
-        end = OutletId::new(next.id, 0);
-    }
-    end
+    op.epi = folded.epi;
+    folded.end
 }
 
 /// Replaces each int8-representable convolution of a decluttered QDQ graph
@@ -1082,12 +1028,7 @@ fn replace(model: &mut TypedModel) -> TractResult<usize> {
         };
         let Some((mut op, xi, biased)) = found else { continue };
         let end = fold_epilogue(model, id, &mut op, biased);
-        let node = model.node(id);
-        let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
-        let tap = patch.tap_model(model, node.inputs[xi])?;
-        let wire = patch.wire_node(&node.name, op, &[tap])?[0];
-        patch.shunt_outside(model, end, wire)?;
-        patch.apply(model)?;
+        swap_in(model, id, xi, op, end)?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -1099,9 +1040,13 @@ fn replace(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_core::internal::{tensor0, AxesMapping, IntoRunnable, SpecialOps};
+    use tract_core::internal::{
+        tensor0, tvec, AxesMapping, DatumTypeExt, IntoRunnable, SpecialOps, Tensor, TypedModelPatch,
+    };
+    use tract_core::ops::binary::TypedBinOp;
     use tract_core::ops::element_wise::ElementWiseOp;
     use tract_core::ops::math::{Add, Max, Min};
+    use tract_core::prelude::IntoTValue;
 
     /// A deterministic spread of integers in `lo..=hi`.
     fn ints(n: usize, seed: u32, lo: i32, hi: i32) -> Vec<i32> {

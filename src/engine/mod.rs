@@ -7,8 +7,8 @@
 //! convert`, or a start-up `cache` entry) gives the same typed graph without
 //! the ONNX parser. Either way the graph is then optimised and planned once,
 //! after our own operators replace tract's where the CPU suits them: 3x3
-//! depthwise convolutions (`depthwise`) and int8 convolutions on integer
-//! kernels (`int8_conv`).
+//! depthwise convolutions (`depthwise`), int8 convolutions on integer
+//! kernels (`int8_conv`) and float 1x1 convolutions (`pointwise`).
 //! A [`Model`] is shareable across threads; each worker makes its own
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
@@ -25,6 +25,7 @@ mod int8_conv;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 mod onnx;
+mod pointwise;
 #[cfg(feature = "onnx")]
 mod proto;
 mod quant_dequant;
@@ -316,6 +317,9 @@ pub const DEPTHWISE_OP: &str = depthwise::OP_NAME;
 
 /// The name our int8 convolution has in `ModelInfo::optimized_ops`.
 pub const INT8_CONV_OP: &str = int8_conv::OP_NAME;
+
+/// The name our float 1x1 convolution has in `ModelInfo::optimized_ops`.
+pub const POINTWISE_OP: &str = pointwise::OP_NAME;
 
 /// The name of tract's own depthwise convolution there.
 pub const TRACT_DEPTHWISE_OP: &str = "DepthWiseConv";
@@ -650,6 +654,7 @@ impl Model {
         optimized.declutter().map_err(load_err)?;
         depthwise::use_for_depthwise_convs(&mut optimized).map_err(load_err)?;
         int8_conv::use_for_int8_convs(&mut optimized).map_err(load_err)?;
+        pointwise::use_for_pointwise_convs(&mut optimized).map_err(load_err)?;
         optimized.optimize().map_err(load_err)?;
         quant_dequant::fuse_into_matmuls(&mut optimized).map_err(load_err)?;
         let mut optimized_ops = BTreeMap::new();
@@ -1036,6 +1041,34 @@ mod tests {
         } else {
             assert_eq!(count(int8_conv::OP_NAME), 0, "{ops:?}");
         }
+        // The float 1x1 operator takes the 34 pointwise ones the integer kernel does not.
+        let pointwise = if !int8_conv::cpu_supported() && pointwise::cpu_supported() { 34 } else { 0 };
+        assert_eq!(count(pointwise::OP_NAME), pointwise, "{ops:?}");
+    }
+
+    #[test]
+    #[cfg(feature = "onnx")]
+    fn float_pointwise_convolutions_run_on_our_operator_from_onnx_and_from_the_cache() {
+        // The detector is fetched from its wheel (models/fetch_detector.py), not committed.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/detector_yolov8n.onnx");
+        if !path.exists() {
+            eprintln!("models/detector_yolov8n.onnx absent; skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let opts = LoadOptions {
+            skip_warmup: true,
+            cache_dir: Some(dir.path().to_path_buf()),
+            input_shapes: HashMap::from([("images".to_string(), vec![1, 3, 160, 160])]),
+            ..Default::default()
+        };
+        let first = Model::load(&path, &opts).unwrap();
+        let again = Model::load(&path, &opts).unwrap();
+        assert_eq!(again.info().origin, Origin::Cache);
+        let count = |m: &Model| m.info().optimized_ops.get(pointwise::OP_NAME).copied().unwrap_or(0);
+        // Its 54 1x1 convolutions, on both kernels: 20x20 and 10x10 outputs as well as larger ones.
+        assert_eq!(count(&first), if pointwise::cpu_supported() { 54 } else { 0 }, "{:?}", first.info().optimized_ops);
+        assert_eq!(count(&again), count(&first));
     }
 
     #[test]

@@ -235,6 +235,44 @@ fn inspect_says_which_int8_convolutions_run_on_integer_kernels() {
 }
 
 #[test]
+fn inspect_says_which_float_1x1_convolutions_run_on_our_kernel() {
+    #[cfg(target_arch = "x86_64")]
+    let (avx512, vnni) = (
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma"),
+        std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni"),
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    let (avx512, vnni) = (false, false);
+    let line_of = |model: &str, extra: &[&str]| {
+        let mut args = vec!["inspect", model];
+        args.extend_from_slice(extra);
+        let out = edgeinfer(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).lines().find(|l| l.starts_with("1x1 convs    ")).map(str::to_string)
+    };
+    // The detector (fetched by models/fetch_detector.py) has 54 1x1 convolutions.
+    let detector = crate::model("detector_yolov8n.onnx");
+    if std::path::Path::new(&detector).exists() {
+        let line = line_of(path(&detector), &["--input-shape", "images=1,3,160,160"]);
+        if avx512 {
+            let line = line.expect("a 1x1 convs line");
+            assert_eq!(line, "1x1 convs    54 float convolutions on edgeinfer's 1x1 kernel (AVX-512)");
+        } else {
+            assert!(line.is_none(), "{line:?}");
+        }
+    }
+    // The int8 MobileNetV2's 34 go to the integer kernel when it runs, else to this one.
+    let line = line_of(path(&crate::model("mobilenetv2_int8.onnx")), &[]);
+    if avx512 && !vnni {
+        assert_eq!(line.as_deref(), Some("1x1 convs    34 float convolutions on edgeinfer's 1x1 kernel (AVX-512)"));
+    } else {
+        assert!(line.is_none(), "{line:?}");
+    }
+    // digits has no 1x1 convolution.
+    assert!(line_of(path(&crate::model("digits_cnn_f32.onnx")), &[]).is_none());
+}
+
+#[test]
 fn bench_json_has_the_documented_figures() {
     let out =
         edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
