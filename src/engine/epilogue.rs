@@ -1,6 +1,8 @@
-//! What our convolution operators (`depthwise`, `int8_conv`, `pointwise`) apply to each
-//! sum before they store it: a clip and a quantize/dequantize pair, folded
-//! in from the operators that followed the convolution in tract's graph.
+//! What our convolution operators (`depthwise`, `int8_conv`, `pointwise`)
+//! apply to each sum before they store it: a bias, a clip and a
+//! quantize/dequantize pair, folded in from the operators that followed the
+//! convolution in tract's graph; and the plumbing they share to swap
+//! themselves into the graph and to run on tract's tensors.
 
 use tract_core::internal::{
     tvec, DatumType, DatumTypeExt, OutletId, TValue, TVec, Tensor, TractResult, TypedFact, TypedModel, TypedModelPatch,
