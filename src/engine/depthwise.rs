@@ -29,7 +29,7 @@ use tract_core::internal::{
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
-use super::epilogue::{const_f32, eval_f32, f32_output, scalar_const, Applied, Epilogue};
+use super::epilogue::{const_f32, eval_f32, eval_into, output_fact, scalar_const, Applied, Epilogue};
 use super::quant_dequant::QuantDequant;
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -55,7 +55,31 @@ pub struct Depthwise {
     /// One bias per channel.
     bias: Arc<[f32]>,
     epi: Epilogue,
+    /// When the input is `u8` indices on this grid (an int8 operator's
+    /// output, [`super::int8_conv`]) instead of f32 values.
+    input_u8: Option<QuantDequant>,
     out_shape: TVec<usize>,
+}
+
+/// What [`Depthwise`] reads: f32 values, or indices on a grid.
+trait Source: Copy + Send + Sync + 'static {
+    /// The value this input stands for on `grid` (unused for f32).
+    fn value(self, grid: QuantDequant) -> f32;
+}
+
+impl Source for f32 {
+    #[inline(always)]
+    fn value(self, _: QuantDequant) -> f32 {
+        self
+    }
+}
+
+impl Source for u8 {
+    /// `(index + lo) * scale`: the pair's own `q * scale`, exactly (the sum is a small integer).
+    #[inline(always)]
+    fn value(self, grid: QuantDequant) -> f32 {
+        (self as f32 + grid.lo) * grid.scale
+    }
 }
 
 impl PartialEq for Depthwise {
@@ -68,6 +92,7 @@ impl PartialEq for Depthwise {
             && bits(&self.weights) == bits(&other.weights)
             && bits(&self.bias) == bits(&other.bias)
             && self.epi == other.epi
+            && self.input_u8 == other.input_u8
             && self.out_shape == other.out_shape
     }
 }
@@ -80,6 +105,12 @@ impl Depthwise {
     /// quantize/dequantize pair (the clip comes before it).
     pub fn output_grid(&self) -> Option<QuantDequant> {
         self.epi.qdq
+    }
+
+    /// This operator reading `u8` indices on `grid` instead of f32 values,
+    /// if it reads f32 values now.
+    pub fn reading_indices(&self, grid: QuantDequant) -> Option<Depthwise> {
+        self.input_u8.is_none().then(|| Depthwise { input_u8: Some(grid), ..self.clone() })
     }
 
     /// Output height and width: the last two axes of the output.
@@ -109,15 +140,16 @@ impl Depthwise {
     /// Runs channels `first..first + out.len() / plane` of `x` into `out`,
     /// through `planes` ([`Self::planes_len`] zeros).
     #[inline(always)]
-    fn run_channels<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    fn run_channels<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
         &self,
-        x: &[f32],
+        x: &[T],
         out: &mut [f32],
         first: usize,
         planes: &mut [f32],
     ) {
         // Copied out of `self` so the hot loop keeps them in registers.
         let epi = self.epi.by_value();
+        let grid = self.input_u8.unwrap_or(QuantDequant::IDENTITY);
         let [h, w] = self.in_hw;
         let [ho, wo] = self.out_hw();
         let sw = self.strides[1];
@@ -135,7 +167,9 @@ impl Depthwise {
             for (y, row) in src.chunks_exact(w).enumerate() {
                 let at = (y + self.pad[0]) * row_len;
                 if sw == 1 {
-                    planes[at + self.pad[1]..][..w].copy_from_slice(row);
+                    for (d, &v) in planes[at + self.pad[1]..][..w].iter_mut().zip(row) {
+                        *d = v.value(grid);
+                    }
                 } else {
                     // Column `col` of the padded row goes to phase `col % 2`, at `col / 2`.
                     let odd_first = self.pad[1] % 2;
@@ -149,11 +183,11 @@ impl Depthwise {
                     let firsts = &mut to_first[at + start..][..w.div_ceil(2)];
                     let seconds = &mut to_second[at + second_start..][..pairs];
                     for ((pair, a), b) in row.chunks_exact(2).zip(firsts.iter_mut()).zip(seconds.iter_mut()) {
-                        *a = pair[0];
-                        *b = pair[1];
+                        *a = pair[0].value(grid);
+                        *b = pair[1].value(grid);
                     }
                     if w % 2 == 1 {
-                        firsts[pairs] = row[w - 1];
+                        firsts[pairs] = row[w - 1].value(grid);
                     }
                 }
             }
@@ -191,7 +225,18 @@ impl Depthwise {
         }
     }
 
-    fn run(&self, x: &[f32], out: &mut [f32], first: usize) {
+    /// Every channel of `x` into `out`, split between threads by channels.
+    fn run_all<T: Source>(&self, x: &[T], out: &mut [f32]) -> TractResult<()> {
+        let [ho, wo] = self.out_hw();
+        let work = out.len() * K * K;
+        // One plane per channel.
+        tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
+            self.run(x, chunk, first);
+            Ok(())
+        })
+    }
+
+    fn run<T: Source>(&self, x: &[T], out: &mut [f32], first: usize) {
         thread_local! {
             /// The padded planes, kept by each thread between inferences and
             /// operators so that running one allocates nothing.
@@ -202,14 +247,14 @@ impl Depthwise {
             planes.resize(self.planes_len(), 0.0);
             let p = planes.as_mut_slice();
             match (self.epi.clamps(), self.epi.qdq.is_some(), self.strides[0] == 2) {
-                (true, false, false) => run_fast::<true, false, 1>(self, x, out, first, p),
-                (true, false, true) => run_fast::<true, false, 2>(self, x, out, first, p),
-                (false, true, false) => run_fast::<false, true, 1>(self, x, out, first, p),
-                (false, true, true) => run_fast::<false, true, 2>(self, x, out, first, p),
-                (true, true, false) => run_fast::<true, true, 1>(self, x, out, first, p),
-                (true, true, true) => run_fast::<true, true, 2>(self, x, out, first, p),
-                (false, false, false) => run_fast::<false, false, 1>(self, x, out, first, p),
-                (false, false, true) => run_fast::<false, false, 2>(self, x, out, first, p),
+                (true, false, false) => run_fast::<T, true, false, 1>(self, x, out, first, p),
+                (true, false, true) => run_fast::<T, true, false, 2>(self, x, out, first, p),
+                (false, true, false) => run_fast::<T, false, true, 1>(self, x, out, first, p),
+                (false, true, true) => run_fast::<T, false, true, 2>(self, x, out, first, p),
+                (true, true, false) => run_fast::<T, true, true, 1>(self, x, out, first, p),
+                (true, true, true) => run_fast::<T, true, true, 2>(self, x, out, first, p),
+                (false, false, false) => run_fast::<T, false, false, 1>(self, x, out, first, p),
+                (false, false, true) => run_fast::<T, false, false, 2>(self, x, out, first, p),
             }
         })
     }
@@ -262,9 +307,9 @@ fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
 /// The channel loop, compiled for AVX2 and FMA on x86-64; elsewhere plain
 /// (unused there: `cpu_supported` keeps the op out of graphs, but the crate
 /// builds on every target).
-fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+fn run_fast<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
     op: &Depthwise,
-    x: &[f32],
+    x: &[T],
     out: &mut [f32],
     first: usize,
     planes: &mut [f32],
@@ -272,20 +317,20 @@ fn run_fast<const CLAMP: bool, const QDQ: bool, const SH: usize>(
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        fn run_avx2_fma<const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        fn run_avx2_fma<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
             op: &Depthwise,
-            x: &[f32],
+            x: &[T],
             out: &mut [f32],
             first: usize,
             planes: &mut [f32],
         ) {
-            op.run_channels::<CLAMP, QDQ, SH>(x, out, first, planes)
+            op.run_channels::<T, CLAMP, QDQ, SH>(x, out, first, planes)
         }
         // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
-        unsafe { run_avx2_fma::<CLAMP, QDQ, SH>(op, x, out, first, planes) }
+        unsafe { run_avx2_fma::<T, CLAMP, QDQ, SH>(op, x, out, first, planes) }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    op.run_channels::<CLAMP, QDQ, SH>(x, out, first, planes)
+    op.run_channels::<T, CLAMP, QDQ, SH>(x, out, first, planes)
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
@@ -312,7 +357,9 @@ impl Op for Depthwise {
     fn info(&self) -> TractResult<Vec<String>> {
         let [sh, sw] = self.strides;
         let (clip, pair) = self.epi.describe();
-        Ok([format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad)].into_iter().chain(pair).collect())
+        let input =
+            self.input_u8.map(|g| format!("input: indices (u8) on step {} range [{}, {}]", g.scale, g.lo, g.hi));
+        Ok([format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad)].into_iter().chain(pair).chain(input).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -323,15 +370,11 @@ impl Op for Depthwise {
 impl EvalOp for Depthwise {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [h, w] = self.in_hw;
-        eval_f32(OP_NAME, &inputs, self.channels * h * w, &self.out_shape, |x, out| {
-            let [ho, wo] = self.out_hw();
-            let work = out.len() * K * K;
-            // One plane per channel.
-            tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
-                self.run(x, chunk, first);
-                Ok(())
-            })
-        })
+        let len = self.channels * h * w;
+        match self.input_u8 {
+            Some(_) => eval_into::<u8, f32>(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.run_all(x, out)),
+            None => eval_f32(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.run_all(x, out)),
+        }
     }
 
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
@@ -349,7 +392,8 @@ impl TypedOp for Depthwise {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        f32_output(inputs, &self.out_shape)
+        let from = if self.input_u8.is_some() { DatumType::U8 } else { DatumType::F32 };
+        output_fact(inputs, from, DatumType::F32, &self.out_shape)
     }
 }
 
@@ -418,6 +462,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
         weights: weights.into(),
         bias: bias.into(),
         epi: Epilogue::NONE,
+        input_u8: None,
         out_shape,
     })
 }

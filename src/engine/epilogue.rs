@@ -5,13 +5,13 @@
 //! themselves into the graph and to run on tract's tensors.
 
 use tract_core::internal::{
-    tvec, DatumType, DatumTypeExt, OutletId, TValue, TVec, Tensor, TractResult, TypedFact, TypedModel, TypedModelPatch,
-    TypedNode, TypedOp,
+    tvec, Datum, DatumType, DatumTypeExt, OutletId, TValue, TVec, Tensor, TractResult, TypedFact, TypedModel,
+    TypedModelPatch, TypedNode, TypedOp,
 };
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::prelude::IntoTValue;
 
-use super::quant_dequant::QuantDequant;
+use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 
 /// `clamp(lo, hi)`, then optionally a quantize/dequantize pair.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +52,18 @@ impl Epilogue {
     pub fn apply(&self, v: f32) -> f32 {
         let v = v.max(self.clamp.0).min(self.clamp.1);
         self.qdq.map_or(v, |qd| qd.one(v))
+    }
+
+    /// The clip, then the pair's index of the result on its grid, counted
+    /// from the grid's low end: what [`Self::apply`] gives is
+    /// `(index + lo) * scale`, exactly. Only for an epilogue with a pair.
+    pub fn index(&self, v: f32) -> u8 {
+        let v = v.max(self.clamp.0).min(self.clamp.1);
+        let qd = self.qdq.unwrap_or(QuantDequant::IDENTITY);
+        let q = v * qd.inv_scale;
+        let q = if q < qd.lo { qd.lo } else { q };
+        let q = if q > qd.hi { qd.hi } else { q };
+        (((q + ROUND_MAGIC) - ROUND_MAGIC) - qd.lo) as u8
     }
 
     /// `clip [lo, hi]` and, with a pair, a second line, for the op's `info`.
@@ -152,9 +164,29 @@ impl Folded {
     }
 }
 
-/// Runs `f` from the f32 input of `len` values (an error naming `op` when it
-/// has another length) into a new f32 tensor of `shape`, all of whose
-/// values `f` writes: our operators' `eval`.
+/// Runs `f` from the input of `len` values of type `I` (an error naming `op`
+/// otherwise) into a new tensor of `O` of `shape`, all of whose values `f`
+/// writes: our operators' `eval`.
+pub fn eval_into<I: Datum, O: Datum>(
+    op: &str,
+    inputs: &[TValue],
+    len: usize,
+    shape: &[usize],
+    f: impl FnOnce(&[I], &mut [O]) -> TractResult<()>,
+) -> TractResult<TVec<TValue>> {
+    let view = inputs[0].try_as_plain_ram()?;
+    let x = view.as_slice::<I>()?;
+    tract_core::internal::ensure!(x.len() == len, "{op}: input of {} values, expected {len}", x.len());
+    // SAFETY: `f` writes every value (the contract above).
+    let mut output = unsafe { Tensor::uninitialized::<O>(shape)? };
+    {
+        let mut out_view = output.try_as_plain_ram_mut()?;
+        f(x, out_view.as_slice_mut::<O>()?)?;
+    }
+    Ok(tvec!(output.into_tvalue()))
+}
+
+/// [`eval_into`] from f32 to f32.
 pub fn eval_f32(
     op: &str,
     inputs: &[TValue],
@@ -162,22 +194,24 @@ pub fn eval_f32(
     shape: &[usize],
     f: impl FnOnce(&[f32], &mut [f32]) -> TractResult<()>,
 ) -> TractResult<TVec<TValue>> {
-    let view = inputs[0].try_as_plain_ram()?;
-    let x = view.as_slice::<f32>()?;
-    tract_core::internal::ensure!(x.len() == len, "{op}: input of {} values, expected {len}", x.len());
-    // SAFETY: `f` writes every value (the contract above).
-    let mut output = unsafe { Tensor::uninitialized::<f32>(shape)? };
-    {
-        let mut out_view = output.try_as_plain_ram_mut()?;
-        f(x, out_view.as_slice_mut::<f32>()?)?;
-    }
-    Ok(tvec!(output.into_tvalue()))
+    eval_into(op, inputs, len, shape, f)
 }
 
-/// The output fact of an operator from one f32 input to an f32 tensor of `shape`.
+/// The output fact of an operator from one input of type `from` to a tensor
+/// of type `to` of `shape`.
+pub fn output_fact(
+    inputs: &[&TypedFact],
+    from: DatumType,
+    to: DatumType,
+    shape: &[usize],
+) -> TractResult<TVec<TypedFact>> {
+    tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == from);
+    Ok(tvec!(to.fact(shape)))
+}
+
+/// [`output_fact`] from f32 to f32.
 pub fn f32_output(inputs: &[&TypedFact], shape: &[usize]) -> TractResult<TVec<TypedFact>> {
-    tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == DatumType::F32);
-    Ok(tvec!(DatumType::F32.fact(shape)))
+    output_fact(inputs, DatumType::F32, DatumType::F32, shape)
 }
 
 /// Puts `op` in the place of node `id`, reading its input `xi`, and of
@@ -260,7 +294,7 @@ pub mod avx512 {
                 qlo: _mm512_set1_ps(qd.lo),
                 qhi: _mm512_set1_ps(qd.hi),
                 scale: _mm512_set1_ps(qd.scale),
-                magic: _mm512_set1_ps(super::super::quant_dequant::ROUND_MAGIC),
+                magic: _mm512_set1_ps(super::ROUND_MAGIC),
             }
         }
 
@@ -276,6 +310,17 @@ pub mod avx512 {
                 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(q, self.magic), self.magic), self.scale);
             }
             v
+        }
+
+        /// The clip (`CLAMP`), then the pair's index on its grid: [`super::Epilogue::index`]'s arithmetic.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        pub fn index<const CLAMP: bool>(self, mut v: __m512) -> __m512i {
+            if CLAMP {
+                v = _mm512_min_ps(_mm512_max_ps(v, self.clo), self.chi);
+            }
+            let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, self.inv), self.qlo), self.qhi);
+            _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_sub_ps(_mm512_add_ps(q, self.magic), self.magic), self.qlo))
         }
     }
 }

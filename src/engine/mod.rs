@@ -1038,6 +1038,15 @@ mod tests {
             // project, and the last 320 -> 1280; and the stem), and the classifier.
             assert_eq!(count(int8_conv::OP_NAME), 36, "{ops:?}");
             assert!(loaded.info().int8_path.contains("36 convolutions on integer kernels"));
+            // The 17 that feed a depthwise convolution (the stem and the 16
+            // expansions) hand it 8-bit indices.
+            let model = loaded.plan.model();
+            let narrow = model
+                .nodes()
+                .iter()
+                .filter(|n| n.op.name() == int8_conv::OP_NAME && n.outputs[0].fact.datum_type == DatumType::U8)
+                .count();
+            assert_eq!(narrow, 17);
         } else {
             assert_eq!(count(int8_conv::OP_NAME), 0, "{ops:?}");
         }
