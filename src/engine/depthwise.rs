@@ -58,7 +58,30 @@ pub struct Depthwise {
     /// When the input is `u8` indices on this grid (an int8 operator's
     /// output, [`super::int8_conv`]) instead of f32 values.
     input_u8: Option<QuantDequant>,
+    /// Whether the output is each value's index on the pair's grid (`u8`,
+    /// for an int8 operator that reads them) instead of the f32 value.
+    out_u8: bool,
     out_shape: TVec<usize>,
+}
+
+/// What [`Depthwise`] stores: f32 values, or indices on its pair's grid.
+trait Sink: Copy + Default + Send + Sync + 'static {
+    /// `v` (a sum) through the epilogue, as stored.
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> Self;
+}
+
+impl Sink for f32 {
+    #[inline(always)]
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> f32 {
+        epi.apply::<CLAMP, QDQ>(v)
+    }
+}
+
+impl Sink for u8 {
+    #[inline(always)]
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> u8 {
+        epi.index::<CLAMP>(v)
+    }
 }
 
 /// What [`Depthwise`] reads: f32 values, or indices on a grid.
@@ -93,6 +116,7 @@ impl PartialEq for Depthwise {
             && bits(&self.bias) == bits(&other.bias)
             && self.epi == other.epi
             && self.input_u8 == other.input_u8
+            && self.out_u8 == other.out_u8
             && self.out_shape == other.out_shape
     }
 }
@@ -111,6 +135,12 @@ impl Depthwise {
     /// if it reads f32 values now.
     pub fn reading_indices(&self, grid: QuantDequant) -> Option<Depthwise> {
         self.input_u8.is_none().then(|| Depthwise { input_u8: Some(grid), ..self.clone() })
+    }
+
+    /// This operator storing its pair's `u8` indices instead of f32 values,
+    /// if it ends in a pair and stores values now.
+    pub fn writing_indices(&self) -> Option<Depthwise> {
+        (self.epi.qdq.is_some() && !self.out_u8).then(|| Depthwise { out_u8: true, ..self.clone() })
     }
 
     /// Output height and width: the last two axes of the output.
@@ -140,10 +170,10 @@ impl Depthwise {
     /// Runs channels `first..first + out.len() / plane` of `x` into `out`,
     /// through `planes` ([`Self::planes_len`] zeros).
     #[inline(always)]
-    fn run_channels<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    fn run_channels<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
         &self,
         x: &[T],
-        out: &mut [f32],
+        out: &mut [U],
         first: usize,
         planes: &mut [f32],
     ) {
@@ -160,7 +190,7 @@ impl Depthwise {
         // output of a row read whatever follows (the next row, or the slack)
         // into values that are never stored.
         let taps_at: [usize; K] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
-        let mut last = [0f32; LANES];
+        let mut last = [U::default(); LANES];
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
             let c = first + ix;
             let src = &x[c * h * w..][..h * w];
@@ -204,18 +234,18 @@ impl Depthwise {
                 let (row0, row1) = out_rows.split_at_mut(wo);
                 let mut col = 0;
                 while col + LANES <= wo {
-                    let out0: &mut [f32; LANES] = (&mut row0[col..col + LANES]).try_into().expect("a full block");
+                    let out0: &mut [U; LANES] = (&mut row0[col..col + LANES]).try_into().expect("a full block");
                     if row1.is_empty() {
-                        block::<CLAMP, QDQ, SH, false>(&rows, &k, bias, epi, col, out0, &mut last);
+                        block::<U, CLAMP, QDQ, SH, false>(&rows, &k, bias, epi, col, out0, &mut last);
                     } else {
-                        let out1: &mut [f32; LANES] = (&mut row1[col..col + LANES]).try_into().expect("a full block");
-                        block::<CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, out0, out1);
+                        let out1: &mut [U; LANES] = (&mut row1[col..col + LANES]).try_into().expect("a full block");
+                        block::<U, CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, out0, out1);
                     }
                     col += LANES;
                 }
                 if col < wo {
-                    let mut last0 = [0f32; LANES];
-                    block::<CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, &mut last0, &mut last);
+                    let mut last0 = [U::default(); LANES];
+                    block::<U, CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, &mut last0, &mut last);
                     row0[col..].copy_from_slice(&last0[..wo - col]);
                     if !row1.is_empty() {
                         row1[col..].copy_from_slice(&last[..wo - col]);
@@ -226,7 +256,7 @@ impl Depthwise {
     }
 
     /// Every channel of `x` into `out`, split between threads by channels.
-    fn run_all<T: Source>(&self, x: &[T], out: &mut [f32]) -> TractResult<()> {
+    fn run_all<T: Source, U: Sink>(&self, x: &[T], out: &mut [U]) -> TractResult<()> {
         let [ho, wo] = self.out_hw();
         let work = out.len() * K * K;
         // One plane per channel.
@@ -236,7 +266,7 @@ impl Depthwise {
         })
     }
 
-    fn run<T: Source>(&self, x: &[T], out: &mut [f32], first: usize) {
+    fn run<T: Source, U: Sink>(&self, x: &[T], out: &mut [U], first: usize) {
         thread_local! {
             /// The padded planes, kept by each thread between inferences and
             /// operators so that running one allocates nothing.
@@ -247,14 +277,14 @@ impl Depthwise {
             planes.resize(self.planes_len(), 0.0);
             let p = planes.as_mut_slice();
             match (self.epi.clamps(), self.epi.qdq.is_some(), self.strides[0] == 2) {
-                (true, false, false) => run_fast::<T, true, false, 1>(self, x, out, first, p),
-                (true, false, true) => run_fast::<T, true, false, 2>(self, x, out, first, p),
-                (false, true, false) => run_fast::<T, false, true, 1>(self, x, out, first, p),
-                (false, true, true) => run_fast::<T, false, true, 2>(self, x, out, first, p),
-                (true, true, false) => run_fast::<T, true, true, 1>(self, x, out, first, p),
-                (true, true, true) => run_fast::<T, true, true, 2>(self, x, out, first, p),
-                (false, false, false) => run_fast::<T, false, false, 1>(self, x, out, first, p),
-                (false, false, true) => run_fast::<T, false, false, 2>(self, x, out, first, p),
+                (true, false, false) => run_fast::<T, U, true, false, 1>(self, x, out, first, p),
+                (true, false, true) => run_fast::<T, U, true, false, 2>(self, x, out, first, p),
+                (false, true, false) => run_fast::<T, U, false, true, 1>(self, x, out, first, p),
+                (false, true, true) => run_fast::<T, U, false, true, 2>(self, x, out, first, p),
+                (true, true, false) => run_fast::<T, U, true, true, 1>(self, x, out, first, p),
+                (true, true, true) => run_fast::<T, U, true, true, 2>(self, x, out, first, p),
+                (false, false, false) => run_fast::<T, U, false, false, 1>(self, x, out, first, p),
+                (false, false, true) => run_fast::<T, U, false, false, 2>(self, x, out, first, p),
             }
         })
     }
@@ -265,14 +295,14 @@ impl Depthwise {
 /// nine fused multiply-adds in row-major tap order, then the epilogue.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
+fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
     rows: &[[&[f32]; K]; K + 2],
     k: &[f32; K * K],
     bias: f32,
     epi: Applied,
     col: usize,
-    out0: &mut [f32; LANES],
-    out1: &mut [f32; LANES],
+    out0: &mut [U; LANES],
+    out1: &mut [U; LANES],
 ) {
     let mut acc0 = [bias; LANES];
     let mut acc1 = [bias; LANES];
@@ -295,11 +325,11 @@ fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
         }
     }
     for (o, a) in out0.iter_mut().zip(acc0) {
-        *o = epi.apply::<CLAMP, QDQ>(a);
+        *o = U::make::<CLAMP, QDQ>(epi, a);
     }
     if TWO {
         for (o, a) in out1.iter_mut().zip(acc1) {
-            *o = epi.apply::<CLAMP, QDQ>(a);
+            *o = U::make::<CLAMP, QDQ>(epi, a);
         }
     }
 }
@@ -307,30 +337,30 @@ fn block<const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
 /// The channel loop, compiled for AVX2 and FMA on x86-64; elsewhere plain
 /// (unused there: `cpu_supported` keeps the op out of graphs, but the crate
 /// builds on every target).
-fn run_fast<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
     op: &Depthwise,
     x: &[T],
-    out: &mut [f32],
+    out: &mut [U],
     first: usize,
     planes: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        fn run_avx2_fma<T: Source, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        fn run_avx2_fma<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
             op: &Depthwise,
             x: &[T],
-            out: &mut [f32],
+            out: &mut [U],
             first: usize,
             planes: &mut [f32],
         ) {
-            op.run_channels::<T, CLAMP, QDQ, SH>(x, out, first, planes)
+            op.run_channels::<T, U, CLAMP, QDQ, SH>(x, out, first, planes)
         }
         // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
-        unsafe { run_avx2_fma::<T, CLAMP, QDQ, SH>(op, x, out, first, planes) }
+        unsafe { run_avx2_fma::<T, U, CLAMP, QDQ, SH>(op, x, out, first, planes) }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    op.run_channels::<T, CLAMP, QDQ, SH>(x, out, first, planes)
+    op.run_channels::<T, U, CLAMP, QDQ, SH>(x, out, first, planes)
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
@@ -359,7 +389,9 @@ impl Op for Depthwise {
         let (clip, pair) = self.epi.describe();
         let input =
             self.input_u8.map(|g| format!("input: indices (u8) on step {} range [{}, {}]", g.scale, g.lo, g.hi));
-        Ok([format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad)].into_iter().chain(pair).chain(input).collect())
+        let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
+        let first = format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad);
+        Ok([first].into_iter().chain(pair).chain(input).chain(output).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -371,9 +403,12 @@ impl EvalOp for Depthwise {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [h, w] = self.in_hw;
         let len = self.channels * h * w;
-        match self.input_u8 {
-            Some(_) => eval_into::<u8, f32>(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.run_all(x, out)),
-            None => eval_f32(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.run_all(x, out)),
+        let shape = &self.out_shape;
+        match (self.input_u8.is_some(), self.out_u8) {
+            (false, false) => eval_f32(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
+            (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
+            (true, false) => eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
+            (true, true) => eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
         }
     }
 
@@ -392,8 +427,8 @@ impl TypedOp for Depthwise {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let from = if self.input_u8.is_some() { DatumType::U8 } else { DatumType::F32 };
-        output_fact(inputs, from, DatumType::F32, &self.out_shape)
+        let dt = |bytes: bool| if bytes { DatumType::U8 } else { DatumType::F32 };
+        output_fact(inputs, dt(self.input_u8.is_some()), dt(self.out_u8), &self.out_shape)
     }
 }
 
@@ -463,6 +498,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
         bias: bias.into(),
         epi: Epilogue::NONE,
         input_u8: None,
+        out_u8: false,
         out_shape,
     })
 }

@@ -58,12 +58,7 @@ impl Epilogue {
     /// from the grid's low end: what [`Self::apply`] gives is
     /// `(index + lo) * scale`, exactly. Only for an epilogue with a pair.
     pub fn index(&self, v: f32) -> u8 {
-        let v = v.max(self.clamp.0).min(self.clamp.1);
-        let qd = self.qdq.unwrap_or(QuantDequant::IDENTITY);
-        let q = v * qd.inv_scale;
-        let q = if q < qd.lo { qd.lo } else { q };
-        let q = if q > qd.hi { qd.hi } else { q };
-        (((q + ROUND_MAGIC) - ROUND_MAGIC) - qd.lo) as u8
+        self.by_value().index::<true>(v)
     }
 
     /// `clip [lo, hi]` and, with a pair, a second line, for the op's `info`.
@@ -112,6 +107,21 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// The clip (`CLAMP`), then the pair's index on its grid: [`Epilogue::index`].
+    #[inline(always)]
+    pub fn index<const CLAMP: bool>(self, v: f32) -> u8 {
+        let v = if CLAMP { v.max(self.clamp.0).min(self.clamp.1) } else { v };
+        let qd = self.qd;
+        let q = v * qd.inv_scale;
+        let q = if q < qd.lo { qd.lo } else { q };
+        let q = if q > qd.hi { qd.hi } else { q };
+        // `q + ROUND_MAGIC` is `round(q)` in the low bits of its pattern
+        // (within 2^22 of zero), and `lo` is whole: the difference of the
+        // patterns is the index, in integer steps that vectorise (a float to
+        // byte cast does not).
+        (q + ROUND_MAGIC).to_bits().wrapping_sub((qd.lo + ROUND_MAGIC).to_bits()) as u8
+    }
+
     /// The clip, then the pair; each only when the op has it (`CLAMP`, `QDQ`).
     #[inline(always)]
     pub fn apply<const CLAMP: bool, const QDQ: bool>(self, v: f32) -> f32 {

@@ -132,6 +132,9 @@ pub struct Int8Conv {
     /// One bias per output channel.
     bias: Arc<[f32]>,
     epi: Epilogue,
+    /// Whether the input is each value's index on [`Self::input`] (`u8`,
+    /// from a depthwise operator) instead of the f32 value; 1x1 only.
+    input_u8: bool,
     /// Whether the output is each value's index on the output pair's grid
     /// (`u8`, for a depthwise operator that reads them: a quarter of the
     /// memory traffic) instead of the f32 value.
@@ -152,6 +155,7 @@ impl PartialEq for Int8Conv {
             && bits(&self.mul) == bits(&other.mul)
             && bits(&self.bias) == bits(&other.bias)
             && self.epi == other.epi
+            && self.input_u8 == other.input_u8
             && self.out_u8 == other.out_u8
             && self.out_shape == other.out_shape
     }
@@ -159,6 +163,14 @@ impl PartialEq for Int8Conv {
 
 // Equality is on bit patterns, an equivalence even for NaN.
 impl Eq for Int8Conv {}
+
+/// What [`Int8Conv`] reads: f32 values on its input grid, or their indices
+/// on it ([`Int8Conv::input_u8`]).
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Values(&'a [f32]),
+    Indices(&'a [u8]),
+}
 
 /// What [`Int8Conv`] stores: f32 values, or their indices on the output
 /// pair's grid (`u8`, [`Int8Conv::out_u8`]).
@@ -281,6 +293,17 @@ impl Int8Conv {
     }
 
     /// Packs `x` (`[K][P]`) into `packed` (ceil(K / 4) x padded P words, [`Self::word_at`]).
+    /// Packs indices `x` (`[K][P]`) as [`Self::pack_plain`] packs the values they stand for.
+    fn pack_plain_indices(&self, x: &[u8], packed: &mut [u32]) {
+        let (k, p) = (self.in_channels, self.pixels);
+        packed.fill(0);
+        for ch in 0..k {
+            for (px, &n) in x[ch * p..][..p].iter().enumerate() {
+                packed[self.word_at(ch / 4, px)] |= (n as u32) << (8 * (ch % 4));
+            }
+        }
+    }
+
     fn pack_plain(&self, x: &[f32], packed: &mut [u32]) {
         let (k, p) = (self.in_channels, self.pixels);
         let qd = self.input;
@@ -394,7 +417,13 @@ impl Int8Conv {
         }
     }
 
+    /// [`Self::eval_input`] on values (the tests' entry).
+    #[cfg(test)]
     fn eval_with<T: Out>(&self, x: &[f32], out: &mut [T], vnni: bool) -> TractResult<()> {
+        self.eval_input(Input::Values(x), out, vnni)
+    }
+
+    fn eval_input<T: Out>(&self, x: Input, out: &mut [T], vnni: bool) -> TractResult<()> {
         thread_local! {
             /// The packed input and the im2col bytes, kept by each thread
             /// between inferences so that running one allocates nothing.
@@ -417,7 +446,7 @@ impl Int8Conv {
 
     fn pack_and_run<T: Out>(
         &self,
-        x: &[f32],
+        x: Input,
         out: &mut [T],
         vnni: bool,
         packed: &mut [u32],
@@ -427,12 +456,14 @@ impl Int8Conv {
         if vnni {
             // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
             unsafe {
-                match &self.im2col {
-                    Some(g) => {
+                match (&self.im2col, x) {
+                    (Some(g), Input::Values(x)) => {
                         vnni::fill_planes(self, g, x, bytes);
                         vnni::pack_im2col_avx512(self, g, bytes, packed)
                     }
-                    None => vnni::pack(self, x, packed),
+                    (None, Input::Values(x)) => vnni::pack(self, x, packed),
+                    (None, Input::Indices(x)) => vnni::pack_indices(self, x, packed),
+                    (Some(_), Input::Indices(_)) => tract_core::internal::bail!("{OP_NAME}: byte input to an im2col"),
                 }
             }
             let packed = &*packed;
@@ -444,12 +475,14 @@ impl Int8Conv {
             });
         }
         let _ = vnni;
-        match &self.im2col {
-            Some(g) => {
+        match (&self.im2col, x) {
+            (Some(g), Input::Values(x)) => {
                 self.fill_planes(g, x, bytes);
                 self.pack_im2col(g, bytes, packed)
             }
-            None => self.pack_plain(x, packed),
+            (None, Input::Values(x)) => self.pack_plain(x, packed),
+            (None, Input::Indices(x)) => self.pack_plain_indices(x, packed),
+            (Some(_), Input::Indices(_)) => tract_core::internal::bail!("{OP_NAME}: byte input to an im2col"),
         }
         self.run_plain(packed, out, 0);
         Ok(())
@@ -520,6 +553,38 @@ mod vnni {
                     let q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), lo), hi);
                     let n = _mm512_sub_ps(_mm512_sub_ps(_mm512_add_ps(q, magic), magic), lo);
                     let n = _mm512_maskz_cvttps_epi32(mask, n);
+                    word = _mm512_or_si512(word, _mm512_sllv_epi32(n, _mm512_set1_epi32(8 * j as i32)));
+                }
+                // 16 divides NR: the 16 words are consecutive.
+                _mm512_storeu_si512(packed.add(op.word_at(quad, px)) as *mut _, word);
+            }
+        }
+    }
+
+    /// [`Int8Conv::pack_plain_indices`], 16 pixels per step, with the same words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn pack_indices(op: &Int8Conv, x: &[u8], packed: &mut [u32]) {
+        let (k, p, pp) = (op.in_channels, op.pixels, op.padded_pixels());
+        debug_assert_eq!(packed.len(), op.quads() * pp);
+        let packed = packed.as_mut_ptr();
+        for quad in 0..op.quads() {
+            for px in (0..pp).step_by(16) {
+                let valid = p.saturating_sub(px).min(16);
+                let mut word = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let ch = 4 * quad + j;
+                    if ch >= k || valid == 0 {
+                        break;
+                    }
+                    let src = &x[ch * p + px..][..valid];
+                    let bytes = if valid == 16 {
+                        _mm_loadu_si128(src.as_ptr() as *const _)
+                    } else {
+                        let mut tail = [0u8; 16];
+                        tail[..valid].copy_from_slice(src);
+                        _mm_loadu_si128(tail.as_ptr() as *const _)
+                    };
+                    let n = _mm512_cvtepu8_epi32(bytes);
                     word = _mm512_or_si512(word, _mm512_sllv_epi32(n, _mm512_set1_epi32(8 * j as i32)));
                 }
                 // 16 divides NR: the 16 words are consecutive.
@@ -727,8 +792,9 @@ impl Op for Int8Conv {
             "{kernel}, {} -> {} channels, {} pixels, input step {} range [{}, {}], {clip}",
             self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
         );
-        let u8 = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
-        Ok([first].into_iter().chain(pair).chain(u8).collect())
+        let input = self.input_u8.then(|| "input: indices (u8) on that grid".to_string());
+        let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
+        Ok([first].into_iter().chain(pair).chain(input).chain(output).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -740,10 +806,20 @@ impl EvalOp for Int8Conv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let len = self.in_channels * self.in_pixels();
         let vnni = cpu_supported();
-        if self.out_u8 {
-            eval_into::<f32, u8>(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.eval_with(x, out, vnni))
-        } else {
-            eval_f32(OP_NAME, &inputs, len, &self.out_shape, |x, out| self.eval_with(x, out, vnni))
+        let shape = &self.out_shape;
+        match (self.input_u8, self.out_u8) {
+            (false, false) => {
+                eval_f32(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Values(x), out, vnni))
+            }
+            (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| {
+                self.eval_input(Input::Values(x), out, vnni)
+            }),
+            (true, false) => eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| {
+                self.eval_input(Input::Indices(x), out, vnni)
+            }),
+            (true, true) => eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| {
+                self.eval_input(Input::Indices(x), out, vnni)
+            }),
         }
     }
 
@@ -762,8 +838,8 @@ impl TypedOp for Int8Conv {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let to = if self.out_u8 { DatumType::U8 } else { DatumType::F32 };
-        output_fact(inputs, DatumType::F32, to, &self.out_shape)
+        let dt = |bytes: bool| if bytes { DatumType::U8 } else { DatumType::F32 };
+        output_fact(inputs, dt(self.input_u8), dt(self.out_u8), &self.out_shape)
     }
 }
 
@@ -1085,6 +1161,7 @@ fn build(
         mul: mul.into(),
         bias: bias.into(),
         epi: Epilogue::NONE,
+        input_u8: false,
         out_u8: false,
         out_shape,
     })
@@ -1118,8 +1195,9 @@ pub fn use_for_int8_convs(model: &mut TypedModel) -> TractResult<usize> {
 /// Makes each of our int8 operators whose output only one of our depthwise
 /// operators reads store the indices on its output grid (`u8`) instead of
 /// their f32 values, and that operator read them: a quarter of the memory
-/// traffic between them (MobileNet's expanded activations, the largest).
-/// The depthwise operator gets the same values. Returns how many edges.
+/// traffic between them (MobileNet's expanded activations, the largest);
+/// and the same from a depthwise operator to the 1x1 int8 operator after
+/// it. The readers get the same values. Returns how many edges.
 fn narrow_edges(model: &mut TypedModel) -> TractResult<usize> {
     let outputs = model.output_outlets()?.to_vec();
     let mut narrowed = 0;
@@ -1140,6 +1218,30 @@ fn narrow_edges(model: &mut TypedModel) -> TractResult<usize> {
         node.op = Box::new(conv);
         node.outputs[0].fact = fact;
         model.node_mut(next).op = Box::new(dw);
+        narrowed += 1;
+    }
+    // And the other way: a depthwise operator's pair into a 1x1 int8 one.
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(dw) = node.op_as::<Depthwise>() else { continue };
+        let succs = &node.outputs[0].successors;
+        let grid = dw.output_grid().filter(|&g| byte_grid(g));
+        if outputs.contains(&OutletId::new(id, 0)) || succs.len() != 1 || succs[0].slot != 0 {
+            continue;
+        }
+        let next = succs[0].node;
+        let (Some(grid), Some(conv)) = (grid, model.node(next).op_as::<Int8Conv>()) else { continue };
+        // The indices are counted from the low end of the grid the 1x1 one reads.
+        if conv.input_u8 || conv.im2col.is_some() || conv.input != grid {
+            continue;
+        }
+        let Some(dw) = dw.writing_indices() else { continue };
+        let conv = Int8Conv { input_u8: true, ..conv.clone() };
+        let node = model.node_mut(id);
+        let fact = DatumType::U8.fact(node.outputs[0].fact.shape.clone());
+        node.op = Box::new(dw);
+        node.outputs[0].fact = fact;
+        model.node_mut(next).op = Box::new(conv);
         narrowed += 1;
     }
     Ok(narrowed)
@@ -1620,7 +1722,7 @@ mod tests {
     }
 
     #[test]
-    fn a_depthwise_convolution_reads_indices_with_the_same_results() {
+    fn a_depthwise_convolution_reads_and_writes_indices_with_the_same_results() {
         if !super::super::depthwise::cpu_supported() {
             eprintln!("skipped: our depthwise operator does not run on this CPU");
             return;
@@ -1639,14 +1741,26 @@ mod tests {
             wire = model.wire_node("dw", Conv::new(spec, KernelFormat::OIHW, c, None), &[wire, k, b]).unwrap()[0];
             let pair = ElementWiseOp(Box::new(QuantDequant::new(0.07, -128.0, 127.0)), None);
             wire = model.wire_node("dw_pair", pair, &[wire]).unwrap()[0];
+            // Then a 1x1 int8 convolution (whole steps of 0.004) and its pair.
+            let q = ints(9 * c, 21, -127, 127);
+            let w: Vec<f32> = q.iter().map(|&v| v as f32 * 0.004).collect();
+            let w = model.add_const("pw_w", Tensor::from_shape(&[9, c], &w).unwrap()).unwrap();
+            let sum = EinSum { axes: "IHW,OI->OHW".parse().unwrap(), operating_dt: DatumType::F32, q_params: None };
+            wire = model.wire_node("pw", sum, &[wire, w]).unwrap()[0];
+            let pair = ElementWiseOp(Box::new(QuantDequant::new(0.09, -128.0, 127.0)), None);
+            wire = model.wire_node("pw_pair", pair, &[wire]).unwrap()[0];
             model.select_output_outlets(&[wire]).unwrap();
             model.declutter().unwrap();
             assert_eq!(super::super::depthwise::use_for_depthwise_convs(&mut model).unwrap(), 1);
-            assert_eq!(replace(&mut model).unwrap(), 1);
+            assert_eq!(replace(&mut model).unwrap(), 2);
             let mut narrowed = model.clone();
-            assert_eq!(narrow_edges(&mut narrowed).unwrap(), 1, "stride {stride} hw {hw:?}");
-            let conv = narrowed.nodes().iter().find_map(|n| n.op_as::<Int8Conv>()).unwrap();
-            assert!(conv.out_u8);
+            // Both edges of the depthwise operator.
+            assert_eq!(narrow_edges(&mut narrowed).unwrap(), 2, "stride {stride} hw {hw:?}");
+            let bytes =
+                |m: &TypedModel| m.nodes().iter().filter(|n| n.outputs[0].fact.datum_type == DatumType::U8).count();
+            assert_eq!(bytes(&narrowed), 2);
+            let convs: Vec<&Int8Conv> = narrowed.nodes().iter().filter_map(|n| n.op_as::<Int8Conv>()).collect();
+            assert!(convs.iter().any(|c| c.out_u8) && convs.iter().any(|c| c.input_u8));
             let run = |model: TypedModel| {
                 let out = model.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
                 values(&out[0]).iter().map(|v| v.to_bits()).collect::<Vec<_>>()

@@ -1039,14 +1039,14 @@ mod tests {
             assert_eq!(count(int8_conv::OP_NAME), 36, "{ops:?}");
             assert!(loaded.info().int8_path.contains("36 convolutions on integer kernels"));
             // The 17 that feed a depthwise convolution (the stem and the 16
-            // expansions) hand it 8-bit indices.
+            // expansions) hand it 8-bit indices, and each of the 17 depthwise
+            // ones hands its 1x1 projection indices.
             let model = loaded.plan.model();
-            let narrow = model
-                .nodes()
-                .iter()
-                .filter(|n| n.op.name() == int8_conv::OP_NAME && n.outputs[0].fact.datum_type == DatumType::U8)
-                .count();
-            assert_eq!(narrow, 17);
+            let narrow = |op: &str| {
+                let nodes = model.nodes().iter();
+                nodes.filter(|n| n.op.name() == op && n.outputs[0].fact.datum_type == DatumType::U8).count()
+            };
+            assert_eq!((narrow(int8_conv::OP_NAME), narrow(depthwise::OP_NAME)), (17, 17));
         } else {
             assert_eq!(count(int8_conv::OP_NAME), 0, "{ops:?}");
         }
