@@ -2,8 +2,9 @@
 //! the bias, a clip and a quantize/dequantize pair in the same pass.
 //!
 //! tract computes a 1x1 convolution (its `EinSum`) as a matrix product that
-//! first packs the activation into panels, pixels across a register's lanes
-//! broadcast one at a time. In a channels-first image each input channel's
+//! first packs the activation into panels, output channels across a
+//! register's lanes and each pixel's value broadcast. In a channels-first
+//! image each input channel's
 //! pixels are already contiguous, so this operator reads them in place:
 //! blocks of 8 output channels by up to 32 pixels sum in 16 registers, one
 //! weight broadcast per output channel and input channel, the weights laid
