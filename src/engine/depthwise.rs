@@ -29,7 +29,7 @@ use tract_core::internal::{
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::nn::DataFormat;
 
-use super::epilogue::{const_f32, eval_f32, eval_into, output_fact, scalar_const, Applied, Epilogue};
+use super::epilogue::{const_f32, eval_into, output_fact, same_bits, scalar_const, Applied, Epilogue};
 use super::quant_dequant::QuantDequant;
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -107,13 +107,12 @@ impl Source for u8 {
 
 impl PartialEq for Depthwise {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.channels == other.channels
             && self.in_hw == other.in_hw
             && self.strides == other.strides
             && self.pad == other.pad
-            && bits(&self.weights) == bits(&other.weights)
-            && bits(&self.bias) == bits(&other.bias)
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
             && self.epi == other.epi
             && self.input_u8 == other.input_u8
             && self.out_u8 == other.out_u8
@@ -405,7 +404,7 @@ impl EvalOp for Depthwise {
         let len = self.channels * h * w;
         let shape = &self.out_shape;
         match (self.input_u8.is_some(), self.out_u8) {
-            (false, false) => eval_f32(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
+            (false, false) => eval_into::<f32, f32>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
             (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
             (true, false) => eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
             (true, true) => eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),

@@ -196,17 +196,6 @@ pub fn eval_into<I: Datum, O: Datum>(
     Ok(tvec!(output.into_tvalue()))
 }
 
-/// [`eval_into`] from f32 to f32.
-pub fn eval_f32(
-    op: &str,
-    inputs: &[TValue],
-    len: usize,
-    shape: &[usize],
-    f: impl FnOnce(&[f32], &mut [f32]) -> TractResult<()>,
-) -> TractResult<TVec<TValue>> {
-    eval_into(op, inputs, len, shape, f)
-}
-
 /// The output fact of an operator from one input of type `from` to a tensor
 /// of type `to` of `shape`.
 pub fn output_fact(
@@ -217,11 +206,6 @@ pub fn output_fact(
 ) -> TractResult<TVec<TypedFact>> {
     tract_core::internal::ensure!(inputs.len() == 1 && inputs[0].datum_type == from);
     Ok(tvec!(to.fact(shape)))
-}
-
-/// [`output_fact`] from f32 to f32.
-pub fn f32_output(inputs: &[&TypedFact], shape: &[usize]) -> TractResult<TVec<TypedFact>> {
-    output_fact(inputs, DatumType::F32, DatumType::F32, shape)
 }
 
 /// Puts `op` in the place of node `id`, reading its input `xi`, and of
@@ -252,6 +236,12 @@ fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o
         && shape[rank - 3] == o
         && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
     (values.len() == o && (single || per_channel)).then_some(values)
+}
+
+/// Whether `a` and `b` hold the same bit patterns: our operators' equality
+/// on f32 parameters, an equivalence even for NaN.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// The shape and values of the f32 constant at `outlet`, if it is one.

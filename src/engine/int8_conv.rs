@@ -44,7 +44,7 @@ use tract_core::ops::nn::DataFormat;
 use super::depthwise::Depthwise;
 #[cfg(target_arch = "x86_64")]
 use super::epilogue::avx512::Regs;
-use super::epilogue::{const_f32, eval_f32, eval_into, output_fact, swap_in, Epilogue, Folded};
+use super::epilogue::{const_f32, eval_into, output_fact, same_bits, swap_in, Epilogue, Folded};
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
@@ -144,7 +144,6 @@ pub struct Int8Conv {
 
 impl PartialEq for Int8Conv {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.in_channels == other.in_channels
             && self.out_channels == other.out_channels
             && self.pixels == other.pixels
@@ -152,8 +151,8 @@ impl PartialEq for Int8Conv {
             && self.input == other.input
             && self.weights == other.weights
             && self.corr == other.corr
-            && bits(&self.mul) == bits(&other.mul)
-            && bits(&self.bias) == bits(&other.bias)
+            && same_bits(&self.mul, &other.mul)
+            && same_bits(&self.bias, &other.bias)
             && self.epi == other.epi
             && self.input_u8 == other.input_u8
             && self.out_u8 == other.out_u8
@@ -808,9 +807,9 @@ impl EvalOp for Int8Conv {
         let vnni = cpu_supported();
         let shape = &self.out_shape;
         match (self.input_u8, self.out_u8) {
-            (false, false) => {
-                eval_f32(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Values(x), out, vnni))
-            }
+            (false, false) => eval_into::<f32, f32>(OP_NAME, &inputs, len, shape, |x, out| {
+                self.eval_input(Input::Values(x), out, vnni)
+            }),
             (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| {
                 self.eval_input(Input::Values(x), out, vnni)
             }),
@@ -989,7 +988,7 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
     if k > 16_384 {
         return None;
     }
-    let (o, w) = p.weights(model, node, k, pixels)?;
+    let (o, w) = p.weights(model, k, pixels)?;
     let grid = grid_of(model, node.inputs[p.xi])?;
     let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], p.out_shape)?;
     Some((op, p.xi))
@@ -998,6 +997,7 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
 /// An f32 `EinSum` of one activation by constant weights, both shapes
 /// concrete: what the 1x1 and matrix-vector matchers start from.
 pub(super) struct Product<'a> {
+    node: &'a TypedNode,
     pub es: &'a EinSum,
     /// The activation's input slot.
     pub xi: usize,
@@ -1027,13 +1027,13 @@ impl<'a> Product<'a> {
         }
         let in_shape = input.shape.as_concrete()?.into();
         let out_shape = output.shape.as_concrete()?.into();
-        Some(Product { es, xi, wi, in_shape, out_shape })
+        Some(Product { node, es, xi, wi, in_shape, out_shape })
     }
 
     /// The weights as `O` rows of `k`, for an output of `O` channels of
     /// `pixels` values: `O` and the values.
-    pub fn weights(&self, model: &TypedModel, node: &TypedNode, k: usize, pixels: usize) -> Option<(usize, Vec<f32>)> {
-        let (w_shape, w) = const_f32(model, node.inputs[self.wi])?;
+    pub fn weights(&self, model: &TypedModel, k: usize, pixels: usize) -> Option<(usize, Vec<f32>)> {
+        let (w_shape, w) = const_f32(model, self.node.inputs[self.wi])?;
         match *w_shape {
             [o, kk]
                 if kk == k

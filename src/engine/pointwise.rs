@@ -26,11 +26,11 @@
 use std::sync::Arc;
 
 use tract_core::internal::{
-    EvalContext, EvalOp, Op, StaticName, TValue, TVec, TractResult, TypedFact, TypedModel, TypedOp,
+    DatumType, EvalContext, EvalOp, Op, StaticName, TValue, TVec, TractResult, TypedFact, TypedModel, TypedOp,
 };
 use tract_core::ops::einsum::EinSum;
 
-use super::epilogue::{eval_f32, f32_output, swap_in, Epilogue, Folded};
+use super::epilogue::{eval_into, output_fact, same_bits, swap_in, Epilogue, Folded};
 use super::int8_conv::{is_pointwise, Product};
 
 /// The op name tract's plan (and `inspect`'s operator counts) show.
@@ -63,13 +63,11 @@ pub struct Pointwise {
 
 impl PartialEq for Pointwise {
     fn eq(&self, other: &Self) -> bool {
-        let same =
-            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         self.in_channels == other.in_channels
             && self.out_channels == other.out_channels
             && self.pixels == other.pixels
-            && same(&self.weights, &other.weights)
-            && same(&self.bias, &other.bias)
+            && same_bits(&self.weights, &other.weights)
+            && same_bits(&self.bias, &other.bias)
             && self.epi == other.epi
             && self.out_shape == other.out_shape
     }
@@ -366,7 +364,7 @@ impl Op for Pointwise {
 
 impl EvalOp for Pointwise {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        eval_f32(OP_NAME, &inputs, self.in_channels * self.pixels, &self.out_shape, |x, out| {
+        eval_into::<f32, f32>(OP_NAME, &inputs, self.in_channels * self.pixels, &self.out_shape, |x, out| {
             self.eval_with(x, out, cpu_supported())
         })
     }
@@ -386,7 +384,7 @@ impl TypedOp for Pointwise {
     }
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        f32_output(inputs, &self.out_shape)
+        output_fact(inputs, DatumType::F32, DatumType::F32, &self.out_shape)
     }
 }
 
@@ -403,7 +401,7 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Pointwise, usize)> {
         [k, h, w] | [1, k, h, w] => (k, h * w),
         _ => return None,
     };
-    let (o, w) = p.weights(model, node, k, pixels)?;
+    let (o, w) = p.weights(model, k, pixels)?;
     // Pixel offsets are 32-bit lanes in the scatter of small images.
     if o * pixels > i32::MAX as usize {
         return None;
