@@ -49,17 +49,19 @@ target_dir=${CARGO_TARGET_DIR:-target}
 profile=ci-arm
 # The optional features the ARM tests and packages need: the ONNX parser, the
 # embedded broker (the packaged config uses it) and TLS (ring must cross-build
-# with just the cross gcc). V4L2, the HTTP camera, serial sources and `threads`
-# (tract's rayon pool; x86 tests that it leaves results unchanged) are left out:
-# x86 tests them, and each would be compiled once more per ARM target.
-feature_list=onnx,broker,tls
+# with just the cross gcc) and `threads` (tract's rayon pool: the tests check
+# that our operators give the same bits on 1 and 4 threads, as on a Pi's 4
+# cores). V4L2, the HTTP camera and serial sources are left out: x86 tests
+# them, and each would be compiled once more per ARM target.
+feature_list=onnx,broker,tls,threads
 features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing), the
 # start-up cache's streamed reader (threads, weights read into tensors: what a
 # board with `cache_dir` runs at every start), plus the integration subset. The fetched detector must be present (.ci/run fetches it).
-lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise:: engine::converted:: engine::int8_conv:: engine::pointwise::
+lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise:: engine::converted:: engine::int8_conv:: engine::pointwise:: engine::isa::
     engine::tests::threads_above_one_need_the_threads_feature
-    engine::tests::loading_runs_depthwise_convolutions_on_our_operator)
+    engine::tests::loading_runs_depthwise_convolutions_on_our_operator
+    engine::tests::cached_int8_models_run_convolutions_on_integer_kernels_too)
 it_filters=(parity:: daemon::files_source_publishes_what_infer_gives_in_order systemd::
     audio::silero_sequence_model_runs_in_tract_like_onnxruntime
     detect::engine_matches_onnxruntime_on_the_reference_input)
@@ -182,10 +184,25 @@ cargo build --profile "$profile" --bin edgeinfer "${features[@]}" --target aarch
 
 for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     step "$target: test subset under $(runner_for "$target" | cut -d' ' -f1-3)"
-    EDGEINFER_RUNNER=$(runner_for "$target") \
+    expect=scalar
+    [ "$target" = aarch64-unknown-linux-gnu ] && expect=neon
+    EDGEINFER_RUNNER=$(runner_for "$target") EDGEINFER_EXPECT_ISA=$expect \
         cargo test --profile "$profile" --target "$target" --lib --test it "${features[@]}" -- --nocapture "${lib_filters[@]}" "${it_filters[@]}"
     step "$target: kernels"
     show_kernels "$target" "$target_dir/$target/$profile/edgeinfer"
+done
+
+# Our int8 kernels on the other aarch64 rung: the subset above ran SMLAL on the
+# Cortex-A72 (Pi 4, no dot product); this runs SDOT on the Cortex-A76 (Pi 5).
+# Each run asserts the rung it must detect (EDGEINFER_EXPECT_ISA), so neither
+# can pass by skipping.
+for cpu_isa in cortex-a76:dotprod; do
+    cpu=${cpu_isa%%:*}
+    step "aarch64-unknown-linux-gnu: int8 kernels under qemu -cpu $cpu"
+    EDGEINFER_EXPECT_ISA=${cpu_isa##*:} \
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="env TRACT_CPU_AARCH64_KIND=$cpu qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \
+        cargo test --profile "$profile" --target aarch64-unknown-linux-gnu --lib "${features[@]}" -- --nocapture \
+        engine::isa:: engine::int8_conv:: engine::depthwise::
 done
 
 step "aarch64-unknown-linux-musl: static binary smoke run"

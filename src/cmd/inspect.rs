@@ -22,6 +22,7 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
             "other_opsets": info.other_opsets,
             "quantization": info.quantization,
             "int8_path": info.int8_path,
+            "isa": engine::isa::Isa::current().name(),
             "inputs": model.inputs(),
             "outputs": model.outputs(),
             "op_counts": info.op_counts,
@@ -90,7 +91,8 @@ pub fn run(model: &Model, json: bool, out: &mut dyn Write) -> std::io::Result<()
     let int8_convs = count(engine::INT8_CONV_OP);
     if int8_convs > 0 {
         let noun = if int8_convs == 1 { "convolution" } else { "convolutions" };
-        writeln!(out, "int8 convs   {int8_convs} {noun} on edgeinfer's integer kernel (AVX-512 VNNI)")?;
+        let isa = engine::isa::Isa::current().describe();
+        writeln!(out, "int8 convs   {int8_convs} {noun} on edgeinfer's integer kernels ({isa})")?;
     }
     let pointwise = count(engine::POINTWISE_OP);
     if pointwise > 0 {

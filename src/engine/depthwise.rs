@@ -334,8 +334,9 @@ fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO
 }
 
 /// The channel loop, compiled for AVX2 and FMA on x86-64; elsewhere plain
-/// (unused there: `cpu_supported` keeps the op out of graphs, but the crate
-/// builds on every target).
+/// (on aarch64 vectorised for its baseline NEON; unused elsewhere:
+/// `cpu_supported` keeps the op out of graphs, but the crate builds on every
+/// target).
 fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
     op: &Depthwise,
     x: &[T],
@@ -363,16 +364,22 @@ fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: us
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
-/// time). Where tract-linalg has a channels-last depthwise kernel (aarch64),
-/// tract's declutter lays depthwise convolutions out channels-last for it,
-/// so they would not match here (16 of MobileNetV2's 17 under qemu); armv7's
-/// baseline has no NEON. There tract's own convolution stays.
+/// time), and aarch64, whose baseline NEON the plain loops vectorise for.
+/// There tract-linalg has a channels-last depthwise kernel, and tract's
+/// declutter lays float models' depthwise convolutions out channels-last for
+/// it, so this operator only matches those of int8 models, which the engine
+/// keeps channels-first for the integer operators around them. armv7's
+/// baseline has no NEON: tract's own convolution stays.
 pub fn cpu_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        true
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         false
     }

@@ -34,7 +34,7 @@
 use std::sync::Arc;
 
 use tract_core::internal::{
-    DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, TractResult,
+    AxisOp, DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, TractResult,
     TypedFact, TypedModel, TypedNode, TypedOp,
 };
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
@@ -44,7 +44,8 @@ use tract_core::ops::nn::DataFormat;
 use super::depthwise::Depthwise;
 #[cfg(target_arch = "x86_64")]
 use super::epilogue::avx512::Regs;
-use super::epilogue::{const_f32, eval_into, output_fact, same_bits, swap_in, Epilogue, Folded};
+use super::epilogue::{const_f32, eval_into, output_fact, same_bits, swap_in, Applied, Epilogue, Folded};
+use super::isa::Isa;
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
@@ -127,11 +128,22 @@ pub struct Int8Conv {
     /// Per output channel: `lo` times the sum of its integer weights, added
     /// back because the packed input counts from `lo`, not from zero.
     corr: Arc<[i32]>,
+    /// Per output channel: the sum of its integer weights, for the
+    /// correction of kernels that count the input from `lo + 128`
+    /// ([`Self::signed_corr`]).
+    wsum: Arc<[i32]>,
     /// Per output channel: the input's step times the weights' step.
     mul: Arc<[f32]>,
     /// One bias per output channel.
     bias: Arc<[f32]>,
     epi: Epilogue,
+    /// The kernels this operator runs ([`Isa`]): the block loops, and the
+    /// packing they read.
+    isa: Isa,
+    /// The weights as i16 for the kernels that widen to 16 bits: for the
+    /// SMLAL loops ([`Isa::Neon`]) `[4 * quads][O + MR]`, for AVX2's
+    /// ([`Isa::Avx2`]) as `avx2::split_weights` lays them out; empty otherwise.
+    weights16: Arc<[i16]>,
     /// Whether the input is each value's index on [`Self::input`] (`u8`,
     /// from a depthwise operator) instead of the f32 value; 1x1 only.
     input_u8: bool,
@@ -151,6 +163,9 @@ impl PartialEq for Int8Conv {
             && self.input == other.input
             && self.weights == other.weights
             && self.corr == other.corr
+            && self.wsum == other.wsum
+            && self.isa == other.isa
+            && self.weights16 == other.weights16
             && same_bits(&self.mul, &other.mul)
             && same_bits(&self.bias, &other.bias)
             && self.epi == other.epi
@@ -173,14 +188,28 @@ enum Input<'a> {
 
 /// What [`Int8Conv`] stores: f32 values, or their indices on the output
 /// pair's grid (`u8`, [`Int8Conv::out_u8`]).
-pub(super) trait Out: Copy + Send + Sync + 'static {
+pub(super) trait Out: Copy + Default + Send + Sync + 'static {
     /// `v` (a sum scaled and biased) through the epilogue, as stored.
     fn plain(epi: &Epilogue, v: f32) -> Self;
+
+    /// As [`Self::plain`], with the clip and the pair as constants for hot loops.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> Self;
 
     /// Stores lanes `m` of `v` (sums scaled and biased) through the
     /// epilogue, at `ptr` on.
     #[cfg(target_arch = "x86_64")]
     unsafe fn store<const CLAMP: bool, const QDQ: bool>(regs: Regs, ptr: *mut Self, m: __mmask16, v: __m512);
+
+    /// Stores the first `n` of the 8 values in `v` (sums scaled and biased)
+    /// through the epilogue in `regs`, at `ptr` on.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn store_neon<const CLAMP: bool, const QDQ: bool>(
+        regs: &neon::Regs,
+        v: [std::arch::aarch64::float32x4_t; 2],
+        ptr: *mut Self,
+        n: usize,
+    );
 
     /// As [`Self::store`], lane `l` at `base + stride[l]`.
     #[cfg(target_arch = "x86_64")]
@@ -196,6 +225,11 @@ pub(super) trait Out: Copy + Send + Sync + 'static {
 impl Out for f32 {
     fn plain(epi: &Epilogue, v: f32) -> f32 {
         epi.apply(v)
+    }
+
+    #[inline(always)]
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> f32 {
+        epi.apply::<CLAMP, QDQ>(v)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -215,11 +249,57 @@ impl Out for f32 {
     ) {
         _mm512_mask_i32scatter_ps::<4>(base, m, stride, regs.apply::<CLAMP, QDQ>(v))
     }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn store_neon<const CLAMP: bool, const QDQ: bool>(
+        regs: &neon::Regs,
+        v: [std::arch::aarch64::float32x4_t; 2],
+        ptr: *mut f32,
+        n: usize,
+    ) {
+        use std::arch::aarch64::vst1q_f32;
+        let v = v.map(|v| regs.apply::<CLAMP, QDQ>(v));
+        if n == PX {
+            vst1q_f32(ptr, v[0]);
+            vst1q_f32(ptr.add(4), v[1]);
+        } else {
+            let mut all = [0f32; PX];
+            vst1q_f32(all.as_mut_ptr(), v[0]);
+            vst1q_f32(all.as_mut_ptr().add(4), v[1]);
+            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
+        }
+    }
 }
 
 impl Out for u8 {
     fn plain(epi: &Epilogue, v: f32) -> u8 {
         epi.index(v)
+    }
+
+    #[inline(always)]
+    fn make<const CLAMP: bool, const QDQ: bool>(epi: Applied, v: f32) -> u8 {
+        epi.index::<CLAMP>(v)
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn store_neon<const CLAMP: bool, const QDQ: bool>(
+        regs: &neon::Regs,
+        v: [std::arch::aarch64::float32x4_t; 2],
+        ptr: *mut u8,
+        n: usize,
+    ) {
+        use std::arch::aarch64::{vcombine_u16, vmovn_u16, vmovn_u32, vst1_u8};
+        let [lo, hi] = v.map(|v| vmovn_u32(regs.index::<CLAMP>(v)));
+        let bytes = vmovn_u16(vcombine_u16(lo, hi));
+        if n == PX {
+            vst1_u8(ptr, bytes);
+        } else {
+            let mut all = [0u8; PX];
+            vst1_u8(all.as_mut_ptr(), bytes);
+            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -416,30 +496,76 @@ impl Int8Conv {
         }
     }
 
-    /// [`Self::eval_input`] on values (the tests' entry).
-    #[cfg(test)]
-    fn eval_with<T: Out>(&self, x: &[f32], out: &mut [T], vnni: bool) -> TractResult<()> {
-        self.eval_input(Input::Values(x), out, vnni)
+    /// The correction of kernels whose packed input counts from `lo + 128`
+    /// (signed bytes, [`Isa::NeonDot`]) for output channel `o`.
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    fn signed_corr(&self, o: usize) -> i32 {
+        self.corr[o] + 128 * self.wsum[o]
     }
 
-    fn eval_input<T: Out>(&self, x: Input, out: &mut [T], vnni: bool) -> TractResult<()> {
+    /// Whether no weight is -128, so that two products of a signed input
+    /// byte and a weight add up within 16 bits (`neon::run_pairs`).
+    #[cfg(target_arch = "aarch64")]
+    fn pairs_fit(&self) -> bool {
+        self.weights.iter().all(|w| w.to_le_bytes().iter().all(|&b| b != 0x80))
+    }
+
+    /// This operator running the kernels of `isa`, which this CPU must have.
+    pub fn with_isa(&self, isa: Isa) -> Int8Conv {
+        assert!(isa.cpu_has(), "{OP_NAME}: this CPU cannot run the {isa} kernels");
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            let weights16 = avx2::split_weights(&self.weights, self.out_channels + MR).into();
+            return Int8Conv { isa, weights16, ..self.clone() };
+        }
+        #[cfg(target_arch = "aarch64")]
+        let wide = isa == Isa::Neon && !self.pairs_fit();
+        #[cfg(not(target_arch = "aarch64"))]
+        let wide = false;
+        let weights16: Arc<[i16]> = if wide {
+            let bytes = |w: &u32| w.to_le_bytes().map(|b| b as i8 as i16);
+            let opad = self.out_channels + MR;
+            let mut wide = vec![0i16; self.quads() * 4 * opad];
+            for (quad, row) in self.weights.chunks_exact(opad).enumerate() {
+                for (o, w) in row.iter().enumerate() {
+                    for (j, b) in bytes(w).into_iter().enumerate() {
+                        wide[(4 * quad + j) * opad + o] = b;
+                    }
+                }
+            }
+            wide.into()
+        } else {
+            Arc::new([])
+        };
+        Int8Conv { isa, weights16, ..self.clone() }
+    }
+
+    /// [`Self::eval_input`] on values (the tests' entry).
+    #[cfg(test)]
+    fn eval_with<T: Out>(&self, x: &[f32], out: &mut [T]) -> TractResult<()> {
+        self.eval_input(Input::Values(x), out)
+    }
+
+    fn eval_input<T: Out>(&self, x: Input, out: &mut [T]) -> TractResult<()> {
         thread_local! {
-            /// The packed input and the im2col bytes, kept by each thread
-            /// between inferences so that running one allocates nothing.
-            static BUFFERS: std::cell::RefCell<(Vec<u32>, Vec<u8>)> =
-                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+            /// The packed input, the im2col bytes and the widened input, kept
+            /// by each thread between inferences so that running one
+            /// allocates nothing.
+            static BUFFERS: std::cell::RefCell<(Vec<u32>, Vec<u8>, Vec<i16>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
         }
         // Taken out rather than borrowed across the threaded part: a thread
         // that runs another job while it waits finds them empty, not locked.
-        let (mut packed_buf, mut bytes) = BUFFERS.take();
+        let (mut packed_buf, mut bytes, mut wide) = BUFFERS.take();
         // Every word is written by the packing: no need to clear.
         let len = self.quads() * self.padded_pixels();
         if packed_buf.len() < len {
             packed_buf.resize(len, 0);
         }
         let packed = &mut packed_buf[..len];
-        let result = self.pack_and_run(x, out, vnni, packed, &mut bytes);
-        BUFFERS.set((packed_buf, bytes));
+        let result = self.pack_and_run(x, out, packed, &mut bytes, &mut wide);
+        BUFFERS.set((packed_buf, bytes, wide));
         result
     }
 
@@ -447,34 +573,52 @@ impl Int8Conv {
         &self,
         x: Input,
         out: &mut [T],
-        vnni: bool,
         packed: &mut [u32],
         bytes: &mut Vec<u8>,
+        wide: &mut Vec<i16>,
     ) -> TractResult<()> {
-        #[cfg(target_arch = "x86_64")]
-        if vnni {
-            // SAFETY: `vnni` is only set when the CPU has the features (`cpu_supported`).
-            unsafe {
-                match (&self.im2col, x) {
-                    (Some(g), Input::Values(x)) => {
-                        vnni::fill_planes(self, g, x, bytes);
-                        vnni::pack_im2col_avx512(self, g, bytes, packed)
-                    }
-                    (None, Input::Values(x)) => vnni::pack(self, x, packed),
-                    (None, Input::Indices(x)) => vnni::pack_indices(self, x, packed),
-                    (Some(_), Input::Indices(_)) => tract_core::internal::bail!("{OP_NAME}: byte input to an im2col"),
-                }
-            }
-            let packed = &*packed;
-            let work = out.len() * self.depth();
-            return tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
-                // SAFETY: as above.
-                unsafe { vnni::run(self, packed, chunk, first) };
-                Ok(())
-            });
-        }
-        let _ = vnni;
+        let packed = self.pack(x, packed, bytes, wide)?;
+        let work = out.len() * self.depth();
+        tract_linalg::multithread::par_chunks_mut(out, self.pixels, work, |first, chunk| {
+            self.run_rows(packed, chunk, first);
+            Ok(())
+        })
+    }
+
+    /// Packs `x` as this operator's kernels read it, into `packed` (and
+    /// `bytes` for an im2col's planes, `wide` for the SMLAL loops).
+    fn pack<'a>(
+        &self,
+        x: Input,
+        packed: &'a mut [u32],
+        bytes: &mut Vec<u8>,
+        wide: &'a mut Vec<i16>,
+    ) -> TractResult<Packed<'a>> {
+        let vnni = self.isa == Isa::Avx512Vnni;
         match (&self.im2col, x) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (all three): the op only has this ISA when the CPU has it (`with_isa`).
+            (Some(g), Input::Values(x)) if vnni => unsafe {
+                vnni::fill_planes(self, g, x, bytes);
+                vnni::pack_im2col_avx512(self, g, bytes, packed)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (None, Input::Values(x)) if vnni => unsafe { vnni::pack(self, x, packed) },
+            #[cfg(target_arch = "x86_64")]
+            (None, Input::Indices(x)) if vnni => unsafe { vnni::pack_indices(self, x, packed) },
+            #[cfg(target_arch = "aarch64")]
+            (None, x) if matches!(self.isa, Isa::NeonDot | Isa::Neon) => {
+                let rows = match x {
+                    Input::Values(x) => neon::Rows::Values(x),
+                    Input::Indices(x) => neon::Rows::Indices(x),
+                };
+                if self.isa == Isa::Neon && !self.weights16.is_empty() {
+                    neon::pack_wide(self, rows, wide);
+                    return Ok(Packed::Wide(wide));
+                }
+                neon::pack_signed(self, rows, packed);
+                return Ok(Packed::Words(packed));
+            }
             (Some(g), Input::Values(x)) => {
                 self.fill_planes(g, x, bytes);
                 self.pack_im2col(g, bytes, packed)
@@ -483,10 +627,128 @@ impl Int8Conv {
             (None, Input::Indices(x)) => self.pack_plain_indices(x, packed),
             (Some(_), Input::Indices(_)) => tract_core::internal::bail!("{OP_NAME}: byte input to an im2col"),
         }
-        self.run_plain(packed, out, 0);
-        Ok(())
+        let _ = (vnni, &wide);
+        match self.isa {
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => neon::to_signed(packed),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon if !self.weights16.is_empty() => {
+                neon::widen(packed, wide);
+                return Ok(Packed::Wide(wide));
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::to_signed(packed),
+            _ => {}
+        }
+        Ok(Packed::Words(packed))
+    }
+
+    /// Output channels `first..first + out.len() / P` from `packed` ([`Self::pack`]),
+    /// on this operator's kernels.
+    fn run_rows<T: Out>(&self, packed: Packed, out: &mut [T], first: usize) {
+        match (self.isa, packed) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the op only has this ISA when the CPU has it (`with_isa`).
+            (Isa::Avx512Vnni, Packed::Words(packed)) => unsafe { vnni::run(self, packed, out, first) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above; `with_isa` split the weights for this ISA.
+            (Isa::Avx2, Packed::Words(packed)) => unsafe { avx2::run(self, packed, out, first) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Isa::AvxVnni, Packed::Words(packed)) => unsafe { avx2::run_vnni(self, packed, out, first) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: the op only has this ISA when the CPU has the dot product (`with_isa`).
+            (Isa::NeonDot, Packed::Words(packed)) => unsafe { neon::run_dot(self, packed, out, first) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is the aarch64 baseline; `wide` is this op's widened input.
+            (Isa::Neon, Packed::Wide(wide)) => unsafe { neon::run_wide(self, wide, out, first) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: NEON is the aarch64 baseline; `with_isa` kept the
+            // widened weights (and `pack` the widened input) for weights of -128.
+            (Isa::Neon, Packed::Words(packed)) => unsafe { neon::run_pairs(self, packed, out, first) },
+            (_, Packed::Words(packed)) => self.run_plain(packed, out, first),
+            (isa, Packed::Wide(_)) => unreachable!("{OP_NAME}: widened input for the {isa} kernels"),
+        }
     }
 }
+
+/// The packed input, as [`Int8Conv::pack`] leaves it for the kernels.
+#[derive(Clone, Copy)]
+enum Packed<'a> {
+    /// Four bytes of a pixel's sum per word ([`Int8Conv::word_at`]); signed
+    /// for [`Isa::NeonDot`].
+    Words(&'a [u32]),
+    /// One i16 per value, a row of `NR` pixels per input channel ([`Isa::Neon`]).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Wide(&'a [i16]),
+}
+
+/// Pixels per block of the 128- and 256-bit kernels ([`neon`], [`avx2`]):
+/// 8 sums per output channel.
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+const PX: usize = 8;
+
+// Their row stores are written out for 8 rows, and blocks of PX pixels tile NR.
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+const _: () = assert!(MR == 8 && NR.is_multiple_of(PX));
+
+/// One row's `PX` integer sums through the scale, bias and epilogue, the
+/// arithmetic of [`Int8Conv::run_plain`], into `out[..n]`.
+///
+/// # Safety
+/// `out` must be writable for `n <= PX` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finish_row<T: Out, const CLAMP: bool, const QDQ: bool>(
+    sums: &[i32; PX],
+    mul: f32,
+    bias: f32,
+    epi: Applied,
+    out: *mut T,
+    n: usize,
+) {
+    debug_assert!(n <= PX);
+    let mut vals = [T::default(); PX];
+    for (v, &s) in vals.iter_mut().zip(sums) {
+        *v = T::make::<CLAMP, QDQ>(epi, (s as f32).mul_add(mul, bias));
+    }
+    std::ptr::copy_nonoverlapping(vals.as_ptr(), out, n);
+}
+
+/// Calls `$f::<T, CLAMP, QDQ>` with the epilogue's clip and pair as constants.
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+macro_rules! by_epilogue {
+    ($f:ident, $op:ident, $($arg:expr),*) => {
+        match ($op.epi.clamps(), $op.epi.qdq.is_some()) {
+            (false, false) => $f::<T, false, false>($op, $($arg),*),
+            (false, true) => $f::<T, false, true>($op, $($arg),*),
+            (true, false) => $f::<T, true, false>($op, $($arg),*),
+            (true, true) => $f::<T, true, true>($op, $($arg),*),
+        }
+    };
+}
+
+/// `store_row(acc[r], ...)` for rows `r < rows`, a literal row index per
+/// use so that the sums stay in registers.
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+macro_rules! store_rows {
+    ($op:ident, $acc:ident, $rows:ident, $first:ident, $o:ident, $out:ident, $p:ident, $px:ident, $n:ident, $epi:expr, [$($r:literal)*]) => {
+        $(
+            if $r < $rows {
+                let c = $first + $o + $r;
+                store_row::<T, CLAMP, QDQ>($acc[$r], $op.mul[c], $op.bias[c], $epi, $out.add(($o + $r) * $p + $px), $n);
+            }
+        )*
+    };
+}
+
+#[cfg(target_arch = "aarch64")]
+#[path = "int8_neon.rs"]
+mod neon;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "int8_avx2.rs"]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
@@ -758,19 +1020,10 @@ mod vnni {
     }
 }
 
-/// CPUs this operator is put in graphs on: x86-64 with AVX-512 VNNI
-/// (checked at run time). Elsewhere tract's float kernels stay.
+/// Whether this operator is put in graphs here: when the kernels in use
+/// ([`Isa::current`]) beat tract's float ones. Elsewhere tract's stay.
 pub fn cpu_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::current().has_int8_kernels()
 }
 
 impl Op for Int8Conv {
@@ -792,8 +1045,9 @@ impl Op for Int8Conv {
             self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
         );
         let input = self.input_u8.then(|| "input: indices (u8) on that grid".to_string());
+        let isa = Some(format!("kernels: {}", self.isa.describe()));
         let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
-        Ok([first].into_iter().chain(pair).chain(input).chain(output).collect())
+        Ok([first].into_iter().chain(pair).chain(input).chain(output).chain(isa).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -804,21 +1058,20 @@ impl Op for Int8Conv {
 impl EvalOp for Int8Conv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let len = self.in_channels * self.in_pixels();
-        let vnni = cpu_supported();
         let shape = &self.out_shape;
         match (self.input_u8, self.out_u8) {
-            (false, false) => eval_into::<f32, f32>(OP_NAME, &inputs, len, shape, |x, out| {
-                self.eval_input(Input::Values(x), out, vnni)
-            }),
-            (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| {
-                self.eval_input(Input::Values(x), out, vnni)
-            }),
-            (true, false) => eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| {
-                self.eval_input(Input::Indices(x), out, vnni)
-            }),
-            (true, true) => eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| {
-                self.eval_input(Input::Indices(x), out, vnni)
-            }),
+            (false, false) => {
+                eval_into::<f32, f32>(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Values(x), out))
+            }
+            (false, true) => {
+                eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Values(x), out))
+            }
+            (true, false) => {
+                eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Indices(x), out))
+            }
+            (true, true) => {
+                eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| self.eval_input(Input::Indices(x), out))
+            }
         }
     }
 
@@ -843,10 +1096,15 @@ impl TypedOp for Int8Conv {
 }
 
 /// The grid the values at `outlet` lie on: when a quantize/dequantize pair
-/// made them, as its own op or at the end of one of ours. Only grids of at
-/// most 256 integers, which pack into a byte, qualify.
+/// made them, as its own op or at the end of one of ours, possibly through
+/// axis changes (which move values, never change them: a classifier's
+/// flatten, when tract's declutter has not folded it away). Only grids of
+/// at most 256 integers, which pack into a byte, qualify.
 fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
-    let node = model.node(outlet.node);
+    let mut node = model.node(outlet.node);
+    while node.op_is::<AxisOp>() && node.inputs.len() == 1 {
+        node = model.node(node.inputs[0].node);
+    }
     let grid = if let Some(qd) = QuantDequant::of(node) {
         qd
     } else if let Some(dw) = node.op_as::<Depthwise>() {
@@ -1139,6 +1397,7 @@ fn build(
     let opad = o + MR;
     let mut weights = vec![0u32; quads * opad];
     let mut corr = Vec::with_capacity(o);
+    let mut wsum = Vec::with_capacity(o);
     let mut mul = Vec::with_capacity(o);
     let tensor_top = largest(w);
     for (oc, row) in w.chunks_exact(depth).enumerate() {
@@ -1147,10 +1406,12 @@ fn build(
             let bytes: [u8; 4] = std::array::from_fn(|j| four.get(j).map_or(0, |&q| q as u8));
             weights[quad * opad + oc] = u32::from_le_bytes(bytes);
         }
-        corr.push(grid.lo as i32 * ints.iter().map(|&q| q as i32).sum::<i32>());
+        let sum = ints.iter().map(|&q| q as i32).sum::<i32>();
+        corr.push(grid.lo as i32 * sum);
+        wsum.push(sum);
         mul.push(grid.scale * scale);
     }
-    Some(Int8Conv {
+    let op = Int8Conv {
         in_channels: c,
         out_channels: o,
         pixels,
@@ -1158,13 +1419,17 @@ fn build(
         input: grid,
         weights: weights.into(),
         corr: corr.into(),
+        wsum: wsum.into(),
         mul: mul.into(),
         bias: bias.into(),
         epi: Epilogue::NONE,
+        isa: Isa::Scalar,
+        weights16: Arc::new([]),
         input_u8: false,
         out_u8: false,
         out_shape,
-    })
+    };
+    Some(op.with_isa(Isa::current()))
 }
 
 /// Folds what follows the sum at node `sum` into `op` ([`Folded::after`]);
@@ -1368,7 +1633,7 @@ mod tests {
 
     /// Runs `model` through tract's code generation, after our pass when `ours`.
     fn run(mut model: TypedModel, input: &Tensor, ours: bool) -> (Vec<f32>, Vec<String>) {
-        model.declutter().unwrap();
+        super::super::declutter(&mut model).unwrap();
         if ours {
             assert_eq!(replace(&mut model).unwrap(), 1, "the sum is replaced");
         }
@@ -1406,7 +1671,7 @@ mod tests {
 
     /// The operator our pass builds from a graph's only convolution.
     fn operator_of(mut model: TypedModel) -> Int8Conv {
-        model.declutter().unwrap();
+        super::super::declutter(&mut model).unwrap();
         let id = model.nodes().iter().find(|n| n.op_is::<EinSum>() || n.op_is::<Conv>()).expect("a convolution").id;
         let (mut op, biased) = match for_conv(&model, id) {
             Some(op) => (op, true),
@@ -1560,68 +1825,119 @@ mod tests {
         assert_close(&got, &want, tolerance, label);
     }
 
-    #[test]
-    fn the_vnni_loops_give_the_plain_loops_values_bit_for_bit() {
-        if !cpu_supported() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI; the plain loops ran in the other tests");
-            return;
+    /// Says which of this architecture's kernels the CPU lacks, so that a
+    /// test that could not run them says so in its output.
+    fn say_skipped(test: &str) {
+        let missing = Isa::missing();
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|i| i.describe()).collect();
+            println!("{test}: skipped the {} kernels: this CPU lacks them", names.join(", "));
         }
+    }
+
+    #[test]
+    fn every_isas_loops_give_the_scalar_values_bit_for_bit() {
         for case in cases() {
             let (op, input) = operator(&case);
-            assert_vnni_gives_plain_values(&op, &input, &format!("k {} o {} hw {:?}", case.k, case.o, case.hw));
+            assert_isas_give_scalar_values(&op, &input, &format!("k {} o {} hw {:?}", case.k, case.o, case.hw));
         }
         for cc in conv_cases() {
             let (model, input) = conv_graph(&cc);
             let op = operator_of(model);
             // The 1x1 convolution of stride 2 is a downsampling then a pointwise sum in tract's graph.
             assert_eq!(op.im2col.is_some(), cc.kernel.iter().product::<usize>() > 1);
-            assert_vnni_gives_plain_values(&op, &input, &format!("in {:?} kernel {:?}", cc.in_hw, cc.kernel));
+            assert_isas_give_scalar_values(&op, &input, &format!("in {:?} kernel {:?}", cc.in_hw, cc.kernel));
         }
+        say_skipped("every_isas_loops_give_the_scalar_values_bit_for_bit");
     }
 
-    /// `op` on `input` through the VNNI loops and through the plain ones: the same bits.
-    fn assert_vnni_gives_plain_values(op: &Int8Conv, input: &Tensor, label: &str) {
+    /// `op` with its first output channel's first weight set to -128 (which
+    /// some kernels must treat apart: two of its products overflow 16 bits),
+    /// the corrections made again.
+    fn with_a_weight_of_minus_128(op: &Int8Conv) -> Int8Conv {
+        let mut weights = op.weights.to_vec();
+        weights[0] = (weights[0] & !0xff) | 0x80;
+        let opad = op.out_channels + MR;
+        let wsum: Vec<i32> = (0..op.out_channels)
+            .map(|o| {
+                let quad_sum =
+                    |q: usize| weights[q * opad + o].to_le_bytes().iter().map(|&b| b as i8 as i32).sum::<i32>();
+                (0..op.quads()).map(quad_sum).sum()
+            })
+            .collect();
+        let corr: Vec<i32> = wsum.iter().map(|s| op.input.lo as i32 * s).collect();
+        Int8Conv { weights: weights.into(), wsum: wsum.into(), corr: corr.into(), ..op.clone() }
+    }
+
+    /// `op` on `input` through each ISA's loops this CPU has and through the
+    /// scalar ones: the same bits, values and indices; also with a weight of -128.
+    fn assert_isas_give_scalar_values(op: &Int8Conv, input: &Tensor, label: &str) {
+        assert_isas_give_scalar_values_of(op, input, label);
+        assert_isas_give_scalar_values_of(&with_a_weight_of_minus_128(op), input, &format!("{label}, weight -128"));
+    }
+
+    fn assert_isas_give_scalar_values_of(op: &Int8Conv, input: &Tensor, label: &str) {
         let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
         let n = op.out_channels * op.pixels;
-        let (mut plain, mut vnni) = (vec![0f32; n], vec![1f32; n]);
-        op.eval_with(&x, &mut plain, false).unwrap();
-        op.eval_with(&x, &mut vnni, true).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&plain), bits(&vnni), "{label}");
+        let mut want = vec![0f32; n];
+        op.with_isa(Isa::Scalar).eval_with(&x, &mut want).unwrap();
+        for isa in Isa::available() {
+            let mut got = vec![1f32; n];
+            op.with_isa(isa).eval_with(&x, &mut got).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{label}: {isa}");
+        }
     }
 
     #[test]
-    #[cfg(target_arch = "x86_64")]
     fn blocks_starting_at_any_channel_give_the_same_values() {
-        if !cpu_supported() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
-        }
         // Threads get runs of output channels that need not start on a block:
         // of MR channels, or of 64 for the kernel for few pixels.
         for (case, splits) in [
             (case(24, 21, [6, 9], false), &[1, 3, 8, 13, 20][..]),
             (case(24, 150, [1, 3], false), &[1, 16, 63, 64, 100, 149][..]),
         ] {
-            let (op, input) = operator(&case);
-            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-            let p = op.pixels;
-            let mut whole = vec![0f32; op.out_channels * p];
-            op.eval_with(&x, &mut whole, true).unwrap();
-            let mut packed = vec![0u32; op.quads() * op.padded_pixels()];
-            // SAFETY: checked above that the CPU has the features.
-            unsafe { vnni::pack(&op, &x, &mut packed) };
-            for &split in splits {
-                let mut parts = vec![0f32; op.out_channels * p];
-                let (a, b) = parts.split_at_mut(split * p);
-                // SAFETY: as above.
-                unsafe {
-                    vnni::run(&op, &packed, a, 0);
-                    vnni::run(&op, &packed, b, split);
+            for isa in Isa::available() {
+                let (op, input) = operator(&case);
+                let op = op.with_isa(isa);
+                let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                let p = op.pixels;
+                let mut whole = vec![0f32; op.out_channels * p];
+                op.eval_with(&x, &mut whole).unwrap();
+                let mut words = vec![0u32; op.quads() * op.padded_pixels()];
+                let (mut bytes, mut wide) = (vec![], vec![]);
+                let packed = op.pack(Input::Values(&x), &mut words, &mut bytes, &mut wide).unwrap();
+                for &split in splits {
+                    let mut parts = vec![0f32; op.out_channels * p];
+                    let (a, b) = parts.split_at_mut(split * p);
+                    op.run_rows(packed, a, 0);
+                    op.run_rows(packed, b, split);
+                    assert_eq!(parts, whole, "{isa}: {p} pixels, split at channel {split}");
                 }
-                assert_eq!(parts, whole, "{} pixels, split at channel {split}", p);
             }
         }
+        say_skipped("blocks_starting_at_any_channel_give_the_same_values");
+    }
+
+    #[test]
+    #[cfg(feature = "threads")]
+    fn four_threads_give_one_threads_values_on_every_isa() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        // Large enough for tract's threading threshold (32768 values of work).
+        for case in [case(64, 96, [14, 14], false), case(32, 40, [2, 3], true)] {
+            let (op, input) = operator(&case);
+            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            for isa in Isa::available() {
+                let op = op.with_isa(isa);
+                let on = |threads: usize| {
+                    let mut out = vec![0f32; op.out_channels * op.pixels];
+                    multithread_tract_scope(Executor::multithread(threads), || op.eval_with(&x, &mut out)).unwrap();
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(on(4), on(1), "{isa}: k {} o {} hw {:?}", case.k, case.o, case.hw);
+            }
+        }
+        say_skipped("four_threads_give_one_threads_values_on_every_isa");
     }
 
     /// A classifier as tract's declutter leaves it after global pooling:
@@ -1653,17 +1969,42 @@ mod tests {
             let (model, input) = matvec_graph(k, o);
             let label = format!("{k} -> {o}");
             assert_replaced_and_close(model.clone(), &input, OUT_STEP * 1.001, &label);
-            if cpu_supported() {
-                assert_vnni_gives_plain_values(&operator_of(model), &input, &label);
-            }
+            assert_isas_give_scalar_values(&operator_of(model), &input, &label);
         }
+    }
+
+    #[test]
+    fn classifiers_behind_a_flatten_are_replaced_too() {
+        // Where tract's declutter keeps the flatten between the pooling's pair
+        // and the classifier (aarch64, channels-first): `[1, K, 1, 1]`, the
+        // pair, two axis removals, `mk,nk->mn`.
+        let (k, o) = (96, 10);
+        let mut model = TypedModel::default();
+        let mut wire = model.add_source("x", DatumType::F32.fact([1, k, 1, 1])).unwrap();
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(IN_STEP, 0.0, 255.0)), None);
+        wire = model.wire_node("in_pair", pair, &[wire]).unwrap()[0];
+        wire = model.wire_node("flatten.0", AxisOp::Rm(3), &[wire]).unwrap()[0];
+        wire = model.wire_node("flatten.1", AxisOp::Rm(2), &[wire]).unwrap()[0];
+        let w: Vec<f32> = ints(o * k, 21, -127, 127).iter().map(|&v| v as f32 * 0.004).collect();
+        let w = model.add_const("w", Tensor::from_shape(&[o, k], &w).unwrap()).unwrap();
+        let sum = EinSum { axes: "mk,nk->mn".parse().unwrap(), operating_dt: DatumType::F32, q_params: None };
+        wire = model.wire_node("fc", sum, &[wire, w]).unwrap()[0];
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(OUT_STEP, -128.0, 127.0)), None);
+        wire = model.wire_node("out_pair", pair, &[wire]).unwrap()[0];
+        model.select_output_outlets(&[wire]).unwrap();
+        let x: Vec<f32> = ints(k, 3, -10, 265).iter().map(|&v| v as f32 * IN_STEP).collect();
+        let input = Tensor::from_shape(&[1, k, 1, 1], &x).unwrap();
+        let (want, _) = run(model.clone(), &input, false);
+        let (got, ops) = run(model, &input, true);
+        assert!(ops.iter().any(|op| op == OP_NAME), "{ops:?}");
+        assert_close(&got, &want, OUT_STEP * 1.001, "behind a flatten");
     }
 
     #[test]
     fn leaves_sums_it_cannot_compute_exactly_to_tract() {
         // Weights that are no whole multiples of one step per channel.
         let (mut model, _) = graph(&case(8, 4, [2, 2], false));
-        model.declutter().unwrap();
+        super::super::declutter(&mut model).unwrap();
         let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).unwrap().id;
         let w = model.node(id).inputs[1];
         let mut patch = TypedModelPatch::default();
@@ -1710,13 +2051,13 @@ mod tests {
             let n = op.out_channels * op.pixels;
             let qd = op.epi.qdq.unwrap();
             let narrow = Int8Conv { out_u8: true, ..op.clone() };
-            for vnni in [false, cpu_supported()] {
+            for isa in Isa::available() {
                 let (mut values, mut indices) = (vec![0f32; n], vec![0u8; n]);
-                op.eval_with(&x, &mut values, vnni).unwrap();
-                narrow.eval_with(&x, &mut indices, vnni).unwrap();
+                op.with_isa(isa).eval_with(&x, &mut values).unwrap();
+                narrow.with_isa(isa).eval_with(&x, &mut indices).unwrap();
                 let back: Vec<u32> = indices.iter().map(|&i| ((i as f32 + qd.lo) * qd.scale).to_bits()).collect();
                 let want: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-                assert_eq!(back, want, "k {} o {} hw {:?} vnni {vnni}", case.k, case.o, case.hw);
+                assert_eq!(back, want, "k {} o {} hw {:?} {isa}", case.k, case.o, case.hw);
             }
         }
     }
@@ -1750,7 +2091,7 @@ mod tests {
             let pair = ElementWiseOp(Box::new(QuantDequant::new(0.09, -128.0, 127.0)), None);
             wire = model.wire_node("pw_pair", pair, &[wire]).unwrap()[0];
             model.select_output_outlets(&[wire]).unwrap();
-            model.declutter().unwrap();
+            super::super::declutter(&mut model).unwrap();
             assert_eq!(super::super::depthwise::use_for_depthwise_convs(&mut model).unwrap(), 1);
             assert_eq!(replace(&mut model).unwrap(), 2);
             let mut narrowed = model.clone();

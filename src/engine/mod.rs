@@ -22,6 +22,8 @@ mod converted;
 mod depthwise;
 mod epilogue;
 mod int8_conv;
+pub mod isa;
+mod layout;
 mod nnef_ops;
 #[cfg(feature = "onnx")]
 mod onnx;
@@ -42,8 +44,8 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tract_core::plan::SimplePlan;
 use tract_core::prelude::{
-    tvec, DatumType, IntoTValue, RunOptions, TValue, Tensor as TTensor, TractError, TypedModel, TypedRunnableModel,
-    TypedSimpleState,
+    tvec, DatumType, IntoTValue, RunOptions, TValue, Tensor as TTensor, TractError, TractResult, TypedModel,
+    TypedRunnableModel, TypedSimpleState,
 };
 use tract_linalg::multithread::Executor;
 
@@ -417,9 +419,8 @@ pub fn convert(onnx_path: &Path, opts: &LoadOptions, out: &Path) -> Result<Conve
         let bytes = read_file(onnx_path)?;
         let sha256 = hex(&Sha256::digest(&bytes));
         let typed = parse_onnx(onnx_path, &bytes, sha256, opts)?;
-        let model = typed
-            .model
-            .into_decluttered()
+        let mut model = typed.model;
+        declutter(&mut model)
             .map_err(|e| EngineError::Load { path: onnx_path.display().to_string(), reason: tract_err(e) })?;
         converted::write_file(&model, &typed.meta, out, compress)
             .map_err(|reason| bad(format!("cannot write it: {reason}")))
@@ -595,9 +596,7 @@ impl Model {
             let t = Instant::now();
             // The entry holds the decluttered graph: what NNEF can express, and less
             // work for the next start. Decluttering here is not lost: optimising does it first.
-            model = model
-                .into_decluttered()
-                .map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
+            declutter(&mut model).map_err(|e| EngineError::Load { path: shown.clone(), reason: tract_err(e) })?;
             let written = entry
                 .parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
@@ -650,8 +649,9 @@ impl Model {
         let shown = prov.path.display().to_string();
         let load_err = |e: TractError| EngineError::Load { path: shown.clone(), reason: tract_err(e) };
         let t = Instant::now();
+        isa::check_env().map_err(|reason| EngineError::Load { path: shown.clone(), reason })?;
         let mut optimized = typed;
-        optimized.declutter().map_err(load_err)?;
+        declutter(&mut optimized).map_err(load_err)?;
         depthwise::use_for_depthwise_convs(&mut optimized).map_err(load_err)?;
         int8_conv::use_for_int8_convs(&mut optimized).map_err(load_err)?;
         pointwise::use_for_pointwise_convs(&mut optimized).map_err(load_err)?;
@@ -665,7 +665,8 @@ impl Model {
         let int8_convs = optimized_ops.get(int8_conv::OP_NAME).copied().unwrap_or(0);
         let int8_path = if int8_convs > 0 {
             let noun = if int8_convs == 1 { "convolution" } else { "convolutions" };
-            format!("{}; {int8_convs} {noun} on integer kernels (AVX-512 VNNI)", meta.int8_path)
+            let isa = isa::Isa::current().describe();
+            format!("{}; {int8_convs} {noun} on integer kernels ({isa})", meta.int8_path)
         } else {
             meta.int8_path
         };
@@ -975,6 +976,33 @@ fn put(reuse: Option<&mut Tensor>, t: Tensor) -> Option<Tensor> {
         }
         None => Some(t),
     }
+}
+
+/// Whether `model` is an int8 (QDQ) graph that our integer operators run
+/// here, on a CPU where tract's declutter would lay depthwise convolutions
+/// out channels-last (aarch64: see `layout`). Float models keep tract's move.
+fn keeps_channels_first(model: &TypedModel) -> bool {
+    let quantized = model.nodes().iter().any(|n| quant_dequant::QuantDequant::of(n).is_some());
+    quantized && tract_linalg::routines::depthwise_c_f32().is_some() && int8_conv::cpu_supported()
+}
+
+/// tract's declutter, channels-first where [`keeps_channels_first`] says so:
+/// without its axis moves first, so that every depthwise convolution is in
+/// its decluttered form, then, with each wrapped ([`layout::KeepLayout`]),
+/// the whole declutter. Used before our operators go in, and for a graph
+/// written to a file (start-up cache entry, converted model), which then
+/// reads back channels-first on every CPU.
+pub(super) fn declutter(model: &mut TypedModel) -> TractResult<()> {
+    if !keeps_channels_first(model) {
+        return model.declutter();
+    }
+    let mut optimizer = tract_core::optim::Optimizer::declutter();
+    optimizer.passes.retain(|pass| !format!("{pass:?}").starts_with("ChangeAxes"));
+    optimizer.optimize(model)?;
+    layout::wrap(model);
+    let result = model.declutter();
+    layout::unwrap(model);
+    result
 }
 
 #[cfg(test)]

@@ -6,7 +6,14 @@ use std::process::{Command, Output};
 use edgeinfer::tensor::{Data, Tensor};
 
 fn edgeinfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgeinfer")).args(args).env("RUST_LOG", "warn").output().expect("binary runs")
+    edgeinfer_with(args, &[])
+}
+
+/// [`edgeinfer`] with environment variables set.
+fn edgeinfer_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeinfer"));
+    cmd.args(args).env("RUST_LOG", "warn").env_remove("EDGEINFER_ISA");
+    cmd.envs(env.iter().copied()).output().expect("binary runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -210,25 +217,29 @@ fn inspect_says_where_depthwise_convolutions_run() {
 
 #[test]
 fn inspect_says_which_int8_convolutions_run_on_integer_kernels() {
-    #[cfg(target_arch = "x86_64")]
-    let vnni = std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni");
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
-    let out = edgeinfer(&["inspect", path(&crate::model("mobilenetv2_int8.onnx"))]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("int8 convs   "));
-    let kernels = stdout.lines().find(|l| l.starts_with("kernels ")).unwrap_or_else(|| panic!("{stdout}"));
-    if vnni {
-        // Its 35 non-depthwise convolutions and its classifier.
-        let line = line.unwrap_or_else(|| panic!("{stdout}"));
-        assert!(line.starts_with("int8 convs   36 convolutions on edgeinfer's integer kernel"), "{line}");
-        assert!(kernels.ends_with("; 36 convolutions on integer kernels (AVX-512 VNNI)"), "{kernels}");
-    } else {
-        assert!(line.is_none() && !kernels.contains("integer kernels"), "{stdout}");
+    use edgeinfer::engine::isa::Isa;
+    let mobilenet = crate::model("mobilenetv2_int8.onnx");
+    // Every rung this CPU has, capped with EDGEINFER_ISA: the scalar one keeps tract's kernels.
+    for isa in Isa::available() {
+        let out = edgeinfer_with(&["inspect", path(&mobilenet)], &[("EDGEINFER_ISA", isa.name())]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let line = stdout.lines().find(|l| l.starts_with("int8 convs   "));
+        let kernels = stdout.lines().find(|l| l.starts_with("kernels ")).unwrap_or_else(|| panic!("{stdout}"));
+        if isa.has_int8_kernels() {
+            // Its 35 non-depthwise convolutions and its classifier.
+            let line = line.unwrap_or_else(|| panic!("{stdout}"));
+            let want = format!("int8 convs   36 convolutions on edgeinfer's integer kernels ({})", isa.describe());
+            assert_eq!(line, want);
+            assert!(kernels.ends_with(&format!("; 36 convolutions on integer kernels ({})", isa.describe())));
+        } else {
+            assert!(line.is_none() && !kernels.contains("integer kernels"), "{stdout}");
+        }
     }
+    // A cap that names no instruction set stops the load with a line that says so.
+    let out = edgeinfer_with(&["inspect", path(&mobilenet)], &[("EDGEINFER_ISA", "sse9")]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("EDGEINFER_ISA=sse9 is not an instruction set"), "{}", text(&out.stderr));
     // A float model never has the line.
     let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_f32.onnx"))]);
     assert!(!text(&out.stdout).contains("int8 convs"), "{}", text(&out.stdout));
@@ -237,16 +248,14 @@ fn inspect_says_which_int8_convolutions_run_on_integer_kernels() {
 #[test]
 fn inspect_says_which_float_1x1_convolutions_run_on_our_kernel() {
     #[cfg(target_arch = "x86_64")]
-    let (avx512, vnni) = (
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma"),
-        std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni"),
-    );
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
-    let (avx512, vnni) = (false, false);
+    let avx512 = false;
     let line_of = |model: &str, extra: &[&str]| {
         let mut args = vec!["inspect", model];
         args.extend_from_slice(extra);
-        let out = edgeinfer(&args);
+        // Capped to the scalar rung, int8 models keep tract's (and this) float kernels.
+        let out = edgeinfer_with(&args, &[("EDGEINFER_ISA", "scalar")]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout).lines().find(|l| l.starts_with("1x1 convs    ")).map(str::to_string)
     };
@@ -261,9 +270,10 @@ fn inspect_says_which_float_1x1_convolutions_run_on_our_kernel() {
             assert!(line.is_none(), "{line:?}");
         }
     }
-    // The int8 MobileNetV2's 34 go to the integer kernel when it runs, else to this one.
+    // The int8 MobileNetV2's 34 go to the integer kernels when they run
+    // (any x86 CPU with AVX2), else to this one.
     let line = line_of(path(&crate::model("mobilenetv2_int8.onnx")), &[]);
-    if avx512 && !vnni {
+    if avx512 {
         assert_eq!(line.as_deref(), Some("1x1 convs    34 float convolutions on edgeinfer's 1x1 kernel (AVX-512)"));
     } else {
         assert!(line.is_none(), "{line:?}");
