@@ -75,11 +75,13 @@ runner_for() {
     esac
 }
 
-# Which kernels tract picks on the emulated CPU, from its own log lines.
+# Which kernels tract picks on the emulated CPU, from its own log lines: on the
+# float model, whose products tract always runs (an int8 model's may all be on
+# our integer kernels).
 show_kernels() {
     local target=$1 bin=$2 log
     log=$(RUST_LOG=tract_linalg=debug TRACT_CPU_AARCH64_KIND=cortex-a72 TRACT_CPU_ARM32_NEON=true \
-        $(runner_for "$target") "$bin" infer models/digits_cnn_int8.onnx models/samples/digits 2>&1 >/dev/null)
+        $(runner_for "$target") "$bin" infer models/digits_cnn_f32.onnx models/samples/digits 2>&1 >/dev/null)
     echo "$log" | grep -E 'CPU optimisation|ISA:|mmm tiers|SVE' | sed "s/^.*tract_linalg[^]]*] /  [$target] tract: /"
     case "$target" in
         aarch64-*)
@@ -202,7 +204,9 @@ for cpu_isa in cortex-a76:dotprod; do
     EDGEINFER_EXPECT_ISA=${cpu_isa##*:} \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="env TRACT_CPU_AARCH64_KIND=$cpu qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \
         cargo test --profile "$profile" --target aarch64-unknown-linux-gnu --lib "${features[@]}" -- --nocapture \
-        engine::isa:: engine::int8_conv:: engine::depthwise::
+        engine::isa:: engine::int8_conv:: engine::depthwise:: \
+        engine::tests::loading_runs_depthwise_convolutions_on_our_operator \
+        engine::tests::cached_int8_models_run_convolutions_on_integer_kernels_too
 done
 
 step "aarch64-unknown-linux-musl: static binary smoke run"

@@ -364,12 +364,13 @@ fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: us
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
-/// time), and aarch64, whose baseline NEON the plain loops vectorise for.
-/// There tract-linalg has a channels-last depthwise kernel, and tract's
-/// declutter lays float models' depthwise convolutions out channels-last for
-/// it, so this operator only matches those of int8 models, which the engine
-/// keeps channels-first for the integer operators around them. armv7's
-/// baseline has no NEON: tract's own convolution stays.
+/// time), and aarch64 cores whose int8 kernels are in use (the dot product),
+/// whose baseline NEON the plain loops vectorise for. There tract-linalg has
+/// a channels-last depthwise kernel, and tract's declutter lays float
+/// models' depthwise convolutions out channels-last for it, so this operator
+/// only matches those of int8 models, which the engine keeps channels-first
+/// for the integer operators around them. armv7's baseline has no NEON:
+/// tract's own convolution stays.
 pub fn cpu_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -377,7 +378,7 @@ pub fn cpu_supported() -> bool {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        true
+        super::isa::Isa::current().has_int8_kernels()
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {

@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::super::epilogue::Applied;
-use super::{Int8Conv, Out, MR, NR, PX};
+use super::{Im2col, Int8Conv, Out, MR, NR, PX};
 
 /// The weights as [`run`] reads them: per quad and output channel, the
 /// bytes of channels 0 and 2 of the quad as two i16 (one 32-bit word), then
@@ -26,6 +26,34 @@ pub(super) fn split_weights(weights: &[u32], opad: usize) -> Vec<i16> {
     }
     debug_assert_eq!(split.len() % (4 * opad), 0);
     split
+}
+
+/// [`Int8Conv::pack_plain`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pack(op: &Int8Conv, x: &[f32], packed: &mut [u32]) {
+    op.pack_plain(x, packed)
+}
+
+/// [`Int8Conv::pack_plain_indices`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pack_indices(op: &Int8Conv, x: &[u8], packed: &mut [u32]) {
+    op.pack_plain_indices(x, packed)
+}
+
+/// [`Int8Conv::fill_planes`] then [`Int8Conv::pack_im2col`], compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn pack_im2col(op: &Int8Conv, g: &Im2col, x: &[f32], bytes: &mut Vec<u8>, packed: &mut [u32]) {
+    op.fill_planes(g, x, bytes);
+    op.pack_im2col(g, bytes, packed)
 }
 
 /// One row's sums, one register, through [`super::finish_row`].

@@ -373,23 +373,37 @@ impl Int8Conv {
 
     /// Packs `x` (`[K][P]`) into `packed` (ceil(K / 4) x padded P words, [`Self::word_at`]).
     /// Packs indices `x` (`[K][P]`) as [`Self::pack_plain`] packs the values they stand for.
+    #[inline(always)]
     fn pack_plain_indices(&self, x: &[u8], packed: &mut [u32]) {
-        let (k, p) = (self.in_channels, self.pixels);
-        packed.fill(0);
-        for ch in 0..k {
-            for (px, &n) in x[ch * p..][..p].iter().enumerate() {
-                packed[self.word_at(ch / 4, px)] |= (n as u32) << (8 * (ch % 4));
+        self.pack_rows(packed, |ch, from, to| {
+            for (word, &n) in to.iter_mut().zip(&x[ch * self.pixels + from..]) {
+                *word |= (n as u32) << (8 * (ch % 4));
             }
-        }
+        })
     }
 
+    #[inline(always)]
     fn pack_plain(&self, x: &[f32], packed: &mut [u32]) {
-        let (k, p) = (self.in_channels, self.pixels);
         let qd = self.input;
+        self.pack_rows(packed, |ch, from, to| {
+            for (word, &v) in to.iter_mut().zip(&x[ch * self.pixels + from..]) {
+                *word |= Self::grid_index(qd, v) << (8 * (ch % 4));
+            }
+        })
+    }
+
+    /// Zeroes `packed` and calls `or_in(channel, first pixel, words)` for
+    /// each input channel and block of `NR` pixels, with the block's words of
+    /// that channel's quad (as many as the block has pixels): contiguous runs,
+    /// which the compiler vectorises.
+    #[inline(always)]
+    fn pack_rows(&self, packed: &mut [u32], mut or_in: impl FnMut(usize, usize, &mut [u32])) {
+        let (k, p) = (self.in_channels, self.pixels);
         packed.fill(0);
         for ch in 0..k {
-            for (px, &v) in x[ch * p..][..p].iter().enumerate() {
-                packed[self.word_at(ch / 4, px)] |= Self::grid_index(qd, v) << (8 * (ch % 4));
+            for from in (0..p).step_by(NR) {
+                let at = self.word_at(ch / 4, from);
+                or_in(ch, from, &mut packed[at..at + (p - from).min(NR)]);
             }
         }
     }
@@ -406,6 +420,7 @@ impl Int8Conv {
 
     /// Fills `bytes` with the input's grid indices in zero-padded planes
     /// (padding is the value 0, at index `-lo`).
+    #[inline(always)]
     fn fill_planes(&self, g: &Im2col, x: &[f32], bytes: &mut Vec<u8>) {
         let ([h, w], [pt, pl]) = (g.in_hw, g.pad);
         let (hp, wp) = Self::planes_hw(g);
@@ -595,6 +610,7 @@ impl Int8Conv {
         wide: &'a mut Vec<i16>,
     ) -> TractResult<Packed<'a>> {
         let vnni = self.isa == Isa::Avx512Vnni;
+        let avx2 = matches!(self.isa, Isa::Avx2 | Isa::AvxVnni);
         match (&self.im2col, x) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY (all three): the op only has this ISA when the CPU has it (`with_isa`).
@@ -606,6 +622,13 @@ impl Int8Conv {
             (None, Input::Values(x)) if vnni => unsafe { vnni::pack(self, x, packed) },
             #[cfg(target_arch = "x86_64")]
             (None, Input::Indices(x)) if vnni => unsafe { vnni::pack_indices(self, x, packed) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY (all three): as above.
+            (Some(g), Input::Values(x)) if avx2 => unsafe { avx2::pack_im2col(self, g, x, bytes, packed) },
+            #[cfg(target_arch = "x86_64")]
+            (None, Input::Values(x)) if avx2 => unsafe { avx2::pack(self, x, packed) },
+            #[cfg(target_arch = "x86_64")]
+            (None, Input::Indices(x)) if avx2 => unsafe { avx2::pack_indices(self, x, packed) },
             #[cfg(target_arch = "aarch64")]
             (None, x) if matches!(self.isa, Isa::NeonDot | Isa::Neon) => {
                 let rows = match x {
@@ -627,7 +650,7 @@ impl Int8Conv {
             (None, Input::Indices(x)) => self.pack_plain_indices(x, packed),
             (Some(_), Input::Indices(_)) => tract_core::internal::bail!("{OP_NAME}: byte input to an im2col"),
         }
-        let _ = (vnni, &wide);
+        let _ = (vnni, avx2, &wide);
         match self.isa {
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot => neon::to_signed(packed),

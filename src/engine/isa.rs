@@ -108,8 +108,12 @@ impl Isa {
     /// Whether our integer convolutions beat tract's float kernels on this
     /// rung, so that they are put in graphs. The scalar reference is for
     /// tests and for `EDGEINFER_ISA=scalar`, which keeps tract's kernels.
+    /// The SMLAL loops (`neon`) and AVX2's `vpmaddwd` ones (`avx2`) are
+    /// tested but not used yet: MobileNetV2 took more instructions on a
+    /// Cortex-A72, and more time on AVX2, than on tract's float path
+    /// (docs/int8-kernels.md has the figures).
     pub fn has_int8_kernels(self) -> bool {
-        self != Isa::Scalar
+        !matches!(self, Isa::Scalar | Isa::Avx2 | Isa::Neon)
     }
 
     /// The rung for a cap's text: one of this architecture's names.

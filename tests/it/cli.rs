@@ -271,7 +271,7 @@ fn inspect_says_which_float_1x1_convolutions_run_on_our_kernel() {
         }
     }
     // The int8 MobileNetV2's 34 go to the integer kernels when they run
-    // (any x86 CPU with AVX2), else to this one.
+    // (x86 CPUs with VNNI), else to this one; capped to the scalar rung here.
     let line = line_of(path(&crate::model("mobilenetv2_int8.onnx")), &[]);
     if avx512 {
         assert_eq!(line.as_deref(), Some("1x1 convs    34 float convolutions on edgeinfer's 1x1 kernel (AVX-512)"));
