@@ -364,7 +364,8 @@ fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: us
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
-/// time), and aarch64 cores whose int8 kernels are in use (the dot product),
+/// time), and aarch64 cores whose int8 kernels are in use (the dot product,
+/// or a rung named by `EDGEINFER_ISA`),
 /// whose baseline NEON the plain loops vectorise for. There tract-linalg has
 /// a channels-last depthwise kernel, and tract's declutter lays float
 /// models' depthwise convolutions out channels-last for it, so this operator
@@ -378,7 +379,7 @@ pub fn cpu_supported() -> bool {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        super::isa::Isa::current().has_int8_kernels()
+        super::isa::Isa::int8_in_graphs()
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {

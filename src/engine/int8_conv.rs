@@ -1043,10 +1043,11 @@ mod vnni {
     }
 }
 
-/// Whether this operator is put in graphs here: when the kernels in use
-/// ([`Isa::current`]) beat tract's float ones. Elsewhere tract's stay.
+/// Whether this operator is put in graphs here ([`Isa::int8_in_graphs`]):
+/// when the kernels in use beat tract's float ones, or a rung was named.
+/// Elsewhere tract's stay.
 pub fn cpu_supported() -> bool {
-    Isa::current().has_int8_kernels()
+    Isa::int8_in_graphs()
 }
 
 impl Op for Int8Conv {

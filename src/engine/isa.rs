@@ -116,6 +116,15 @@ impl Isa {
         !matches!(self, Isa::Scalar | Isa::Avx2 | Isa::Neon)
     }
 
+    /// Whether our int8 operators go in graphs in this process: on the rung
+    /// in use ([`Isa::current`]) when it measured faster than tract's float
+    /// path ([`Isa::has_int8_kernels`]), or on any rung but `scalar` when
+    /// `EDGEINFER_ISA` names one, so that the others can be run and measured.
+    pub fn int8_in_graphs() -> bool {
+        let isa = Self::current();
+        isa != Isa::Scalar && (isa.has_int8_kernels() || matches!(env_cap(), Ok(Some(_))))
+    }
+
     /// The rung for a cap's text: one of this architecture's names.
     pub fn parse_cap(text: &str) -> Result<Isa, String> {
         let text = text.trim().to_ascii_lowercase();
