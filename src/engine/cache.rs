@@ -22,7 +22,10 @@ pub fn key(onnx_sha256: &str, opts: &LoadOptions) -> String {
     // 2: QLinearConv and activation Q/DQ pairs are rewritten before analysis (rewrite.rs).
     // 3: a pair is one EdgeinferQuantDequant node, no longer six float ops (quant_dequant.rs).
     // 4: constant DequantizeLinear nodes are computed before analysis (float weights in the entry).
-    h.update(b"edgeinfer model cache 4\n");
+    // 5: where our integer kernels run, an int8 graph is kept channels-first
+    //    (engine::declutter), so whether they do, which EDGEINFER_ISA can change, is part of the key.
+    h.update(b"edgeinfer model cache 5\n");
+    h.update(format!("int8 kernels {}\n", super::isa::Isa::int8_in_graphs()));
     h.update(format!("onnx {onnx_sha256}\ntract {TRACT_VERSION}\nedgeinfer {}\n", env!("CARGO_PKG_VERSION")));
     // Sorted, so the same shapes given in another order hit the same entry.
     let shapes: BTreeMap<_, _> = opts.input_shapes.iter().collect();
