@@ -1,6 +1,9 @@
 //! Int8 convolutions of our own, `EdgeinferConvInt8`, for QDQ models:
-//! integer multiply-adds on AVX-512 VNNI, with the bias, a clip and the
-//! output's quantize/dequantize pair in the same pass.
+//! integer multiply-adds, with the bias, a clip and the output's
+//! quantize/dequantize pair in the same pass; one packing and epilogue, and
+//! block loops per instruction set ([`Isa`]: here the scalar reference and
+//! AVX-512 VNNI, in `int8_avx2.rs` AVX2 and AVX-VNNI, in `int8_neon.rs`
+//! aarch64 SMLAL and SDOT).
 //!
 //! tract runs a QDQ model's convolutions on float kernels: its decluttered
 //! graph holds the weights dequantized, and the activations as f32 values
@@ -20,16 +23,16 @@
 //! any stride, dilation and padding, one group). Then blocks of 8 output
 //! channels by 32 pixels are summed in 16 registers, starting from the
 //! shifted zero's correction (`lo` times the weights' sum, an integer),
-//! scaled to f32 and stored through the epilogue. The integer sums are
+//! scaled to f32 and stored through the epilogue (the other rungs sum
+//! smaller blocks the same way; docs/int8-kernels.md). The integer sums are
 //! exact, so a value can differ from tract's float sums in its last bits,
 //! and after the output's rounding by one quantization step, rarely.
 //!
 //! [`use_for_int8_convs`] swaps tract's operators, and what follows them,
-//! for this one before code generation, on x86-64 CPUs with AVX-512 VNNI
-//! only: without VNNI, 8-bit products need 16-bit intermediate sums that
-//! saturate, and tract's float kernels are as fast. The operator itself
-//! computes everywhere (plain loops over the same packed data), which the
-//! tests compare against.
+//! for this one before code generation, where the rung in use measured
+//! faster than tract's float kernels ([`Isa::int8_in_graphs`]: AVX-VNNI,
+//! AVX-512 VNNI, SDOT). Every rung gives the scalar loops' bits, which the
+//! tests check on each rung the CPU has.
 
 use std::sync::Arc;
 

@@ -8,7 +8,9 @@
 //! the ONNX parser. Either way the graph is then optimised and planned once,
 //! after our own operators replace tract's where the CPU suits them: 3x3
 //! depthwise convolutions (`depthwise`), int8 convolutions on integer
-//! kernels (`int8_conv`) and float 1x1 convolutions (`pointwise`).
+//! kernels (`int8_conv`, one block loop per instruction set, chosen by
+//! `isa`; `layout` keeps an int8 graph channels-first for them on aarch64)
+//! and float 1x1 convolutions (`pointwise`).
 //! A [`Model`] is shareable across threads; each worker makes its own
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
