@@ -805,6 +805,31 @@ def build_digits_dynamic():
     record(p.stem, **model_info(p))
 
 
+def build_dynamic_int8():
+    """digits_cnn_dynint8 and mobilenetv2_dynint8: the shipped float CNNs through
+    onnxruntime's quantize_dynamic with its defaults (int8 weights per tensor), the
+    quantization users try first: DynamicQuantizeLinear -> ConvInteger / MatMulInteger ->
+    Cast -> Mul. References on the same inputs as the static int8 models."""
+    for stem in ("digits_cnn", "mobilenetv2"):
+        log(f"[{stem}_dynint8]")
+        src = HERE / f"{stem}_f32.onnx"
+        q = HERE / f"{stem}_dynint8.onnx"
+        quantize_dynamic(str(src), str(q), weight_type=QuantType.QInt8)
+        mq = onnx.load(str(q))
+        if mq.ir_version != IR_VERSION:
+            mq.ir_version = IR_VERSION
+            onnx.save(mq, str(q))
+        log(f"  quantized -> {q.name}: ops {dict(collections.Counter(n.op_type for n in mq.graph.node))}")
+        x0 = np.load(REF / f"{stem}_int8" / "in0.npy")
+        ref_meta = json.loads((REF / f"{stem}_int8" / "meta.json").read_text())
+        lf, lq = run(session(src), [x0])[0], run(session(q), [x0])[0]
+        log(f"  f32 vs dynamic int8 on the ref input: max abs diff {np.max(np.abs(lf - lq)):.3f}")
+        record(q.stem, **model_info(q), ref_max_abs_diff_f32_vs_dynint8=float(np.max(np.abs(lf - lq))))
+        extra = {k: ref_meta[k] for k in ("input_description", "true_label", "true_class", "labels")
+                 if k in ref_meta}
+        save_ref(q.stem, q, [x0], quantized=True, top1_output="logits", extra=extra)
+
+
 def build_corrupt():
     log("[corrupt]")
     src = HERE / "digits_cnn_f32.onnx"
@@ -975,6 +1000,7 @@ BUILDERS = collections.OrderedDict([
     ("unsupported_op", lambda: build_unsupported()),
     ("tree_binary_repro", lambda: build_tree_binary_repro()),
     ("digits_cnn_dynamic", lambda: build_digits_dynamic()),
+    ("dynamic_int8", lambda: build_dynamic_int8()),
     ("corrupt", lambda: build_corrupt()),
 ])
 

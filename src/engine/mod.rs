@@ -22,6 +22,7 @@
 mod cache;
 mod converted;
 mod depthwise;
+mod dyn_quant;
 mod epilogue;
 mod int8_conv;
 pub mod isa;

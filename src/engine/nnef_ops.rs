@@ -18,7 +18,8 @@
 //! the input bytes 0..=255. Each loads back into the very operator it was
 //! written from, so a converted graph optimises like the original.
 //! The extension also holds `edgeinfer_quant_dequant`, our own operator for
-//! an activation's quantize/dequantize pair (`quant_dequant` registers it).
+//! an activation's quantize/dequantize pair (`quant_dequant` registers it),
+//! and its dynamic form (`dyn_quant`).
 
 use std::any::TypeId;
 
@@ -66,6 +67,7 @@ pub fn registry() -> Registry {
         load_lut,
     );
     super::quant_dequant::register_nnef(&mut reg);
+    super::dyn_quant::register_nnef(&mut reg);
     reg
 }
 

@@ -17,10 +17,12 @@ use super::rewrite;
 use super::{datum_of, ms, tract_err, EngineError, LoadOptions, ModelMeta, OutputMeta, QuantParams, TensorSpec, Typed};
 use crate::tensor::ElemType;
 
-/// tract-onnx with the operator our QDQ rewrite emits (`quant_dequant`).
+/// tract-onnx with the operators our QDQ and dynamic quantization rewrites
+/// emit (`quant_dequant`, `dyn_quant`).
 pub(super) fn framework() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     super::quant_dequant::register_onnx(&mut onnx);
+    super::dyn_quant::register_onnx(&mut onnx);
     onnx
 }
 
@@ -62,6 +64,7 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
         "float".to_string()
     } else {
         // QLinearConvs were expanded to the QDQ form above.
+        let dynamic = rewrite::lower_dynamic_quantization(graph);
         let rounded = rewrite::round_qdq_activations(graph);
         let nodes = proto::all_nodes(graph);
         let left: Vec<&str> = ["QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"]
@@ -69,13 +72,20 @@ pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadO
             .filter(|op| nodes.iter().any(|n| n.op_type == *op))
             .collect();
         let integer = if left.is_empty() { String::new() } else { format!("; {} on integer kernels", left.join(", ")) };
-        if rounded == 0 {
+        let mut how = Vec::new();
+        if rounded > 0 {
+            how.push(format!("{rounded} quantize/dequantize pairs as one EdgeinferQuantDequant op each"));
+        }
+        if dynamic > 0 {
+            how.push(format!(
+                "{dynamic} ConvInteger/MatMulInteger as float products of activations rounded per inference by \
+                 EdgeinferDynamicQuantDequant"
+            ));
+        }
+        if how.is_empty() {
             "integer (as quantized)".to_string()
         } else {
-            format!(
-                "float kernels, activations rounded as quantized ({quantization}: {rounded} quantize/dequantize \
-                 pairs as one EdgeinferQuantDequant op each){integer}"
-            )
+            format!("float kernels, activations rounded as quantized ({quantization}: {}){integer}", how.join("; "))
         }
     };
     rewrite::fold_constant_dequantize(graph);

@@ -602,6 +602,184 @@ pub fn fold_constant_dequantize(graph: &mut pb::GraphProto) -> usize {
     count
 }
 
+/// One ConvInteger or MatMulInteger of a dynamically quantized model, with
+/// the nodes around it that [`lower_dynamic_quantization`] replaces.
+struct DynamicProduct {
+    /// The DynamicQuantizeLinear that quantizes the activation.
+    dql: usize,
+    /// The ConvInteger or MatMulInteger.
+    product: usize,
+    /// The Cast of its sums to float.
+    cast: usize,
+    /// The Mul by `x_scale * w_scale`, whose output the float product takes over.
+    mul: usize,
+    /// The weights' scale initializer.
+    w_scale: String,
+    /// The axis of per-channel weight scales (MatMulInteger's columns).
+    axis: Option<i64>,
+}
+
+/// Every ConvInteger / MatMulInteger laid out as `quantize_dynamic` writes
+/// them: `DynamicQuantizeLinear(x) -> product(x_q, w_q, x_zp[, w_zp]) ->
+/// Cast(float) -> Mul(Mul(x_scale, w_scale))`, with constant weights, their
+/// zero point and scale. Anything else is left to tract's integer operators.
+fn dynamic_products(graph: &pb::GraphProto) -> Vec<DynamicProduct> {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (ix, n) in graph.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), ix);
+        }
+        for i in &n.input {
+            consumers.entry(i.as_str()).or_default().push(ix);
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let inputs: std::collections::HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+    let init = |name: &str| graph.initializer.iter().find(|t| t.name == name).filter(|_| !inputs.contains(name));
+    // The single consumer of `name`, when it is not also a graph output.
+    let only_user = |name: &str| match consumers.get(name).map(|v| v.as_slice()) {
+        Some(&[u]) if !outputs.contains(name) => Some(u),
+        _ => None,
+    };
+    let mut found = Vec::new();
+    for (ix, n) in graph.node.iter().enumerate() {
+        let conv = match n.op_type.as_str() {
+            "ConvInteger" => true,
+            "MatMulInteger" => false,
+            _ => continue,
+        };
+        let Some(&dql) = input(n, 0).and_then(|x| producer.get(x)) else { continue };
+        let d = &graph.node[dql];
+        if d.op_type != "DynamicQuantizeLinear" || d.output.len() != 3 || input(n, 2) != Some(d.output[2].as_str()) {
+            continue;
+        }
+        let Some(w) = input(n, 1).and_then(init) else { continue };
+        let int8 = [pb::tensor_proto::DataType::Int8 as i32, pb::tensor_proto::DataType::Uint8 as i32];
+        if !int8.contains(&w.data_type) || w.dims.iter().any(|&d| d < 0) || (!conv && w.dims.len() != 2) {
+            continue;
+        }
+        let w_zp = input(n, 3);
+        if w_zp.is_some_and(|z| init(z).is_none_or(|t| t.data_type != w.data_type)) {
+            continue;
+        }
+        let Some(cast) = n.output.first().and_then(|o| only_user(o)) else { continue };
+        let c = &graph.node[cast];
+        if c.op_type != "Cast" || attr_i(c, "to") != Some(pb::tensor_proto::DataType::Float as i64) {
+            continue;
+        }
+        let Some(mul) = only_user(&c.output[0]) else { continue };
+        let m = &graph.node[mul];
+        if m.op_type != "Mul" || m.input.len() != 2 || m.output.len() != 1 {
+            continue;
+        }
+        let other = if m.input[0] == c.output[0] { &m.input[1] } else { &m.input[0] };
+        let Some(&scales) = producer.get(other.as_str()) else { continue };
+        let s = &graph.node[scales];
+        let x_scale = d.output[1].as_str();
+        if s.op_type != "Mul" || s.input.len() != 2 || !s.input.iter().any(|i| i == x_scale) {
+            continue;
+        }
+        let w_scale = if s.input[0] == x_scale { &s.input[1] } else { &s.input[0] };
+        let (Some(t), Some(values)) = (init(w_scale), super::proto::initializer_f32s(graph, w_scale)) else { continue };
+        let columns = w.dims.last().copied().unwrap_or(0) as usize;
+        let zps = w_zp.and_then(|z| super::proto::initializer_ints(graph, z)).map_or(1, |v| v.len());
+        // A convolution's sums are scaled per tensor (a per-channel scale
+        // would need a reshape to broadcast); a matrix product's per column.
+        let axis = match (values.len(), zps) {
+            (1, 1) if t.dims.iter().all(|&d| d == 1) => None,
+            (v, z) if !conv && v == columns && t.dims.len() == 1 && (z == 1 || z == columns) => Some(1),
+            _ => continue,
+        };
+        if values.iter().any(|v| !v.is_finite()) {
+            continue;
+        }
+        found.push(DynamicProduct { dql, product: ix, cast, mul, w_scale: w_scale.clone(), axis });
+    }
+    found
+}
+
+/// The default path for dynamically quantized models: replaces each
+/// [`dynamic_products`] chain by `EdgeinferDynamicQuantDequant` on the
+/// activation (see `dyn_quant`; one per DynamicQuantizeLinear, shared by
+/// its products) and a float Conv or MatMul of the weights' DequantizeLinear,
+/// which [`fold_constant_dequantize`] then computes into float weights. The
+/// DynamicQuantizeLinear and scale product nodes go when nothing else reads
+/// them. Returns how many products were replaced.
+pub fn lower_dynamic_quantization(graph: &mut pb::GraphProto) -> usize {
+    let found = dynamic_products(graph);
+    if found.is_empty() {
+        return 0;
+    }
+    let mut placed: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut remove = std::collections::HashSet::new();
+    let mut rounded: HashMap<usize, String> = HashMap::new();
+    for p in &found {
+        let d = &graph.node[p.dql];
+        let r = rounded.entry(p.dql).or_insert_with(|| {
+            let out = format!("{}__dyn_rounded", d.output[0]);
+            let node = NodeProto {
+                input: vec![d.input[0].clone()],
+                output: vec![out.clone()],
+                name: format!("{}__dyn_quant_dequant", if d.name.is_empty() { &d.output[0] } else { &d.name }),
+                op_type: super::dyn_quant::ONNX_OP.into(),
+                ..Default::default()
+            };
+            placed.entry(p.dql).or_default().push(node);
+            out
+        });
+        let n = &graph.node[p.product];
+        let base = if n.name.is_empty() { n.output[0].clone() } else { n.name.clone() };
+        let mut b = Builder { prefix: &base, counter: 0, nodes: vec![] };
+        let w = b.dq(&n.input[1], &p.w_scale, input(n, 3), p.axis);
+        let (op, attrs) = if n.op_type == "ConvInteger" { ("Conv", n.attribute.clone()) } else { ("MatMul", vec![]) };
+        let mul_out = graph.node[p.mul].output[0].clone();
+        b.nodes.push(NodeProto {
+            input: vec![r.clone(), w],
+            output: vec![mul_out],
+            name: format!("{base}__float"),
+            op_type: op.into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        placed.entry(p.mul).or_default().extend(b.nodes);
+        remove.extend([p.product, p.cast, p.mul]);
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (ix, n) in old.into_iter().enumerate() {
+        let keep = !remove.contains(&ix);
+        let new = placed.remove(&ix).unwrap_or_default();
+        // The rounding goes before its DynamicQuantizeLinear (which may go),
+        // a float product where its Mul was.
+        if keep {
+            graph.node.extend(new.iter().filter(|m| m.op_type == super::dyn_quant::ONNX_OP).cloned());
+            graph.node.push(n);
+            graph.node.extend(new.into_iter().filter(|m| m.op_type != super::dyn_quant::ONNX_OP));
+        } else {
+            graph.node.extend(new);
+        }
+    }
+    drop_unread(graph, &["DynamicQuantizeLinear", "Mul"]);
+    found.len()
+}
+
+/// Removes nodes of the kinds `ops` none of whose outputs is read (by a
+/// node or as a graph output), until none is left.
+fn drop_unread(graph: &mut pb::GraphProto, ops: &[&str]) {
+    loop {
+        let read: std::collections::HashSet<String> = super::proto::all_nodes(graph)
+            .iter()
+            .flat_map(|n| n.input.iter().cloned())
+            .chain(graph.output.iter().map(|o| o.name.clone()))
+            .collect();
+        let before = graph.node.len();
+        graph.node.retain(|n| !ops.contains(&n.op_type.as_str()) || n.output.iter().any(|o| read.contains(o)));
+        if graph.node.len() == before {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -721,6 +899,85 @@ mod tests {
         // Saturated at 127 steps, then each consumer's own op.
         assert_eq!((after[0][4], after[1][4]), (127.0 * scale, -(127.0 * scale)));
         assert_eq!((after[0][3], after[1][3]), (0.0, 3.0));
+    }
+
+    /// `x [1, k] -> DynamicQuantizeLinear -> MatMulInteger(w [k, m] int8, w_zp) -> Cast ->
+    /// Mul(x_scale * w_scale) -> y [1, m]`, as `quantize_dynamic` writes it; `w_scale` has
+    /// one value, or one per column.
+    fn dynamic_matmul_graph(k: usize, m: usize, w_scales: &[f32]) -> pb::ModelProto {
+        let int8 = pb::tensor_proto::DataType::Int8 as i32;
+        let w: Vec<i32> = (0..k * m).map(|i| ((i * 37 + 11) % 255) as i32 - 127).collect();
+        let w_init = pb::TensorProto {
+            name: "w".into(),
+            data_type: int8,
+            dims: vec![k as i64, m as i64],
+            int32_data: w,
+            ..Default::default()
+        };
+        let zp_init =
+            pb::TensorProto { name: "w_zp".into(), data_type: int8, int32_data: vec![0], ..Default::default() };
+        let scales = pb::TensorProto {
+            name: "w_scale".into(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            dims: if w_scales.len() == 1 { vec![] } else { vec![w_scales.len() as i64] },
+            float_data: w_scales.to_vec(),
+            ..Default::default()
+        };
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node("DynamicQuantizeLinear", vec!["x".into()], vec!["xq".into(), "xs".into(), "xzp".into()], vec![]);
+        b.node("Mul", vec!["xs".into(), "w_scale".into()], vec!["s".into()], vec![]);
+        let mm = vec!["xq".into(), "w".into(), "xzp".into(), "w_zp".into()];
+        b.node("MatMulInteger", mm, vec!["acc".into()], vec![]);
+        b.node("Cast", vec!["acc".into()], vec!["accf".into()], vec![int_attr("to", 1)]);
+        b.node("Mul", vec!["accf".into(), "s".into()], vec!["y".into()], vec![]);
+        model_of(pb::GraphProto {
+            node: b.nodes,
+            initializer: vec![w_init, zp_init, scales],
+            input: vec![f32_value("x", &[1, k as i64])],
+            output: vec![f32_value("y", &[1, m as i64])],
+            ..Default::default()
+        })
+    }
+
+    fn run_2d(proto: &pb::ModelProto, x: &[f32]) -> Vec<f32> {
+        let model = super::super::onnx::framework().model_for_proto_model(proto).unwrap();
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let x = tract_ndarray::Array2::from_shape_vec((1, x.len()), x.to_vec()).unwrap();
+        let out = plan.run(tvec!(x.into_tvalue())).unwrap();
+        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    }
+
+    #[test]
+    fn dynamic_products_become_float_products_of_rounded_activations() {
+        let (k, m) = (24, 5);
+        let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.61).sin() * 2.0 + 0.3).collect();
+        for scales in [vec![0.013f32], vec![0.01, 0.02, 0.005, 0.03, 0.011]] {
+            let proto = dynamic_matmul_graph(k, m, &scales);
+            let integer = run_2d(&proto, &x);
+            let mut rewritten = proto.clone();
+            let graph = rewritten.graph.as_mut().unwrap();
+            assert_eq!(lower_dynamic_quantization(graph), 1);
+            let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+            assert_eq!(ops, ["EdgeinferDynamicQuantDequant", "DequantizeLinear", "MatMul"], "scales {scales:?}");
+            assert_eq!(fold_constant_dequantize(graph), 1);
+            let float = run_2d(&rewritten, &x);
+            // The same sums, in float instead of integers, times the same scales.
+            let top = integer.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (a, b) in float.iter().zip(&integer) {
+                assert!((a - b).abs() <= 1e-5 * top, "{float:?} vs {integer:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dynamic_product_read_elsewhere_is_left_to_the_integer_path() {
+        let mut proto = dynamic_matmul_graph(8, 3, &[0.02]);
+        let graph = proto.graph.as_mut().unwrap();
+        // The integer sums are also a graph output: replacing them would lose it.
+        let y = graph.output[0].clone();
+        graph.output.push(pb::ValueInfoProto { name: "acc".into(), ..y });
+        assert_eq!(lower_dynamic_quantization(graph), 0);
+        assert!(graph.node.iter().any(|n| n.op_type == "MatMulInteger"));
     }
 
     fn run_all(proto: &pb::ModelProto, x: &[f32]) -> Vec<Vec<f32>> {

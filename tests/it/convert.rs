@@ -23,6 +23,9 @@ fn models_with_refs() -> Vec<(&'static str, Tolerance)> {
         ("breast_cancer_trees", FLOAT),
         ("breast_cancer_mlp_f32", FLOAT),
         ("mobilenetv2_int8", parity::int8(6.0)),
+        ("breast_cancer_mlp_dynint8", FLOAT),
+        ("digits_cnn_dynint8", parity::DYNAMIC),
+        ("mobilenetv2_dynint8", parity::DYNAMIC),
         ("multi_io", FLOAT),
         ("tree_binary_repro", FLOAT),
     ];
@@ -254,22 +257,29 @@ fn startup_cache_misses_then_hits_and_survives_damage() {
 }
 
 #[test]
-fn dynamic_quantization_cannot_be_converted_and_loads_from_onnx() {
-    // tract's DynamicQuantizeLinear lives in its ONNX parser and has no NNEF form.
+fn dynamically_quantized_models_are_converted_and_cached() {
+    // Their DynamicQuantizeLinear -> ConvInteger chains load as our own rounding
+    // op and float products, which have NNEF forms (tract's own DynamicQuantizeLinear has none).
     let dir = tempfile::tempdir().unwrap();
-    let src = crate::model("breast_cancer_mlp_dynint8.onnx");
-    let e = engine::convert(&src, &LoadOptions::default(), &dir.path().join("d.nnef.tgz")).unwrap_err().to_string();
-    assert!(e.contains("DynamicQuantizeLinear") && e.contains("d.nnef.tgz"), "{e}");
-    assert!(!dir.path().join("d.nnef.tgz").exists());
-    let opts = LoadOptions { cache_dir: Some(dir.path().to_path_buf()), ..Default::default() };
-    for _ in 0..2 {
-        let m = Model::load(&src, &opts).unwrap();
-        assert_eq!(m.info().origin, Origin::Onnx);
-        let note = m.info().cache.as_deref().unwrap();
-        assert!(note.starts_with("miss; not written") && note.contains("DynamicQuantizeLinear"), "{note}");
-        parity::check_loaded("breast_cancer_mlp_dynint8", &FLOAT, &m);
+    for stem in ["breast_cancer_mlp_dynint8", "digits_cnn_dynint8"] {
+        let tol = if stem.starts_with("digits") { parity::DYNAMIC } else { FLOAT };
+        let src = crate::model(&format!("{stem}.onnx"));
+        let out = dir.path().join(format!("{stem}.nnef.tgz"));
+        engine::convert(&src, &LoadOptions::default(), &out).unwrap();
+        let converted = Model::load(&out, &LoadOptions::default()).unwrap();
+        assert!(converted.info().int8_path.contains("EdgeinferDynamicQuantDequant"), "{}", converted.info().int8_path);
+        parity::check_loaded(stem, &tol, &converted);
+        let cache = dir.path().join("cache");
+        let opts = LoadOptions { cache_dir: Some(cache), ..Default::default() };
+        let origins: Vec<Origin> = (0..2)
+            .map(|_| {
+                let m = Model::load(&src, &opts).unwrap();
+                parity::check_loaded(stem, &tol, &m);
+                m.info().origin
+            })
+            .collect();
+        assert_eq!(origins, [Origin::Onnx, Origin::Cache], "{stem}");
     }
-    assert!(entries(dir.path()).is_empty(), "no entry, no temporary file: {:?}", entries(dir.path()));
 }
 
 #[test]

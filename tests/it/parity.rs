@@ -103,6 +103,24 @@ fn breast_cancer_mlp_dynamic_int8_matches_ort() {
     check("breast_cancer_mlp_dynint8", FLOAT);
 }
 
+/// Dynamically quantized CNNs: every activation is rounded onto a grid picked
+/// per inference, as ORT does, but the products are float sums where ORT's are
+/// integer ones, so a value next to a rounding tie can land one step away and
+/// that step travels on, as between two int8 runtimes (measured: 1.0 % of the
+/// largest logit on the digits CNN, 2.9 % on MobileNetV2; the static int8
+/// models differ from ORT as much). The top-1 class must agree.
+pub const DYNAMIC: Tolerance = Tolerance { max_steps: None, float_abs: 0.05, same_top1: true };
+
+#[test]
+fn digits_cnn_dynamic_int8_matches_ort() {
+    check("digits_cnn_dynint8", DYNAMIC);
+}
+
+#[test]
+fn mobilenetv2_dynamic_int8_matches_ort() {
+    check("mobilenetv2_dynint8", DYNAMIC);
+}
+
 /// The QDQ float path (`qdq_as_float`) loses activation rounding only: shallow
 /// models stay within 2 output steps of ORT's int8 result; the 52-conv
 /// MobileNetV2 accumulates more (measured 17.6 steps), top-1 unchanged.
