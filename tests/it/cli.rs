@@ -427,6 +427,35 @@ fn inspect_shows_unnamed_dimensions_and_pins_them_by_position() {
 }
 
 #[test]
+fn check_names_the_pipeline_input_and_dimensions_to_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let body = format!(
+        "[[pipelines]]\nname = \"digits\"\nmodel = \"{}\"\nsource = {{ type = \"files\", path = \"{}\" }}\n",
+        path(&crate::model("digits_cnn_dynamic.onnx")),
+        path(&crate::model("samples/digits"))
+    );
+    std::fs::write(&config, &body).unwrap();
+    let out = edgeinfer(&["check", path(&config)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for part in [
+        "pipeline `digits`",
+        "input `image`",
+        "dimensions 2 (`height`) and 3 (`width`) are symbolic",
+        "set input_shape = [1, 3, HEIGHT, WIDTH] in this pipeline",
+    ] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    // With the example's sizes filled in, the config checks.
+    std::fs::write(&config, body.replace("source =", "input_shape = [1, 3, 32, 32]\nsource =")).unwrap();
+    let out = edgeinfer(&["check", path(&config)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("image [1, 3, 32, 32]"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn bench_json_has_the_documented_figures() {
     let out =
         edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
