@@ -296,15 +296,17 @@ pub(super) fn describe(
 
 /// The outputs of tract's graph built with symbolic inputs; `None` when one has no shape or type there.
 fn analysed_outputs(typed: &TypedModel, decoded: &Decoded) -> Option<Vec<DeclaredTensor>> {
-    let names = decoded.graph().output.iter().map(|o| o.name.clone());
-    names
+    proto::declared_outputs(decoded.graph())
+        .into_iter()
         .enumerate()
-        .map(|(ix, name)| {
+        .map(|(ix, declared)| {
+            let name = declared.name;
             let fact = typed.output_fact(ix).ok()?;
             let shape = fact.shape.iter().map(shape_dim).collect();
+            // A type the engine does not take keeps its ONNX name, as for the inputs.
             let elem_type = match elem_of(fact.datum_type) {
                 Some(t) => t.to_string(),
-                None => format!("{:?}", fact.datum_type.unquantized()).to_lowercase(),
+                None => proto::elem_type_label(declared.elem_type),
             };
             let quantization = match fact.datum_type.qparams() {
                 Some(q) => {
