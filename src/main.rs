@@ -36,7 +36,7 @@ enum Command {
         /// The TOML config file.
         config: PathBuf,
     },
-    /// Show a model's inputs, outputs, operators, quantization and load time.
+    /// Show a model's inputs and outputs (symbolic dimensions by name), operators, quantization; once pinned, kernels, plan, load time.
     Inspect {
         /// The model file: ONNX, or converted (.nnef.tgz / .nnef.tar).
         model: PathBuf,
@@ -261,9 +261,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { model, shapes, json } => {
-            let opts = cmd::inspect::load_options(shapes.load_options()?);
-            let model = Model::load(&model, &opts)?;
-            cmd::inspect::run(&model, json, &mut stdout())?;
+            let report = cmd::inspect::inspect(&model, &shapes.load_options()?)?;
+            cmd::inspect::print(&report, json, &mut stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { model, shapes, runs, warmup, json } => {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, Context};
 
 use crate::config::{Config, OutputKind, PipelineConfig, When};
-use crate::engine::{LoadOptions, Model};
+use crate::engine::symbolic::Unpinned;
+use crate::engine::{EngineError, LoadOptions, Model};
 use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
 use crate::metrics::{MqttMetrics, PipelineMetrics};
 use crate::postprocess::events::{Decision, EventFilter};
@@ -48,7 +49,10 @@ pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
     if let Some(shape) = &p.input_shape {
         opts.input_shapes.insert(String::new(), shape.clone());
     }
-    let model = Model::load(&model_path, &opts).with_context(|| ctx("model"))?;
+    let model = Model::load(&model_path, &opts).map_err(|e| match e {
+        EngineError::Unpinned { path, inputs } => unpinned_in_config(&ctx("model"), &path, &inputs),
+        other => anyhow::Error::new(other).context(ctx("model")),
+    })?;
     if model.inputs().len() != 1 {
         return Err(anyhow!(
             "{}: the daemon feeds single-input models; this one has {}",
@@ -99,6 +103,22 @@ pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
     // A session is what each worker makes first; fail at start-up, not in the worker.
     model.session().with_context(|| ctx("model"))?;
     Ok(Prepared { cfg: p.clone(), model: Arc::new(model), pre, post, labels })
+}
+
+/// The error for a model left with symbolic dimensions, said the way a
+/// config pins them: `input_shape`, which gives the first input's shape.
+fn unpinned_in_config(ctx: &str, path: &str, inputs: &[Unpinned]) -> anyhow::Error {
+    let what: Vec<String> = inputs.iter().map(|u| format!("input `{}`: {}", u.input, u.what())).collect();
+    match inputs {
+        [only] if only.index == 0 => anyhow!(
+            "{ctx}: {path}: {}; set {} in this pipeline{}",
+            what.join("; "),
+            only.config_example(),
+            crate::engine::symbolic::sizes_clause(&only.placeholders())
+        ),
+        // `input_shape` pins only the first input, and the daemon feeds single-input models anyway.
+        _ => anyhow!("{ctx}: {path}: {}; the daemon feeds single-input models", what.join("; ")),
+    }
 }
 
 /// `edgeinfer check`: validates the config and loads every model; one line per pipeline.

@@ -15,6 +15,10 @@
 //! [`Session`], which keeps tract's execution state and the input buffers
 //! between runs.
 //!
+//! `symbolic` reads an ONNX model's shapes as declared, symbolic dimensions
+//! by name, without pinning (for `inspect`), and names the dimensions a load
+//! is still missing, with a shape to paste.
+//!
 //! Only `onnx`, `proto` and `rewrite` need `tract-onnx` (the `onnx` feature);
 //! this file, `converted` and `cache` use tract-core, tract-nnef and
 //! tract-onnx-opl, so a build without the feature still runs converted models.
@@ -36,6 +40,7 @@ mod proto;
 mod quant_dequant;
 #[cfg(feature = "onnx")]
 mod rewrite;
+pub mod symbolic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -55,8 +60,7 @@ use tract_linalg::multithread::Executor;
 use crate::tensor::{Data, ElemType, Tensor};
 
 pub use converted::is_converted;
-#[cfg(feature = "onnx")]
-pub use proto::DeclaredDim;
+pub use symbolic::{describe, ShapeDim};
 
 /// Errors from loading or running a model. Each renders as one line.
 #[derive(Debug, Error)]
@@ -100,6 +104,14 @@ pub enum EngineError {
         input: String,
         /// Why.
         reason: String,
+    },
+    /// Inputs with symbolic dimensions that neither the given shapes nor the batch pin.
+    #[error("{path}: {}", symbolic::unpinned_message(.inputs))]
+    Unpinned {
+        /// The model file.
+        path: String,
+        /// Each such input, with its declared shape.
+        inputs: Vec<symbolic::Unpinned>,
     },
     /// tract refused the model during analysis or optimisation.
     #[error("{path}: cannot load model: {reason}")]

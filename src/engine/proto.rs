@@ -6,16 +6,8 @@ use std::collections::BTreeMap;
 
 use tract_onnx::pb::{self, tensor_proto::DataType, tensor_shape_proto::dimension::Value as Dim};
 
+use super::symbolic::ShapeDim;
 use crate::tensor::ElemType;
-
-/// A dimension as the model declares it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum DeclaredDim {
-    /// A fixed size.
-    Fixed(usize),
-    /// A named or unnamed symbolic size.
-    Symbolic(String),
-}
 
 /// Operator counts keyed `op` (default domain) or `domain:op`.
 pub fn op_counts(graph: &pb::GraphProto) -> BTreeMap<String, usize> {
@@ -103,42 +95,54 @@ pub fn elem_type_name(code: i32) -> String {
     DataType::try_from(code).map(|d| d.as_str_name().to_lowercase()).unwrap_or_else(|_| format!("type #{code}"))
 }
 
-/// A graph input the caller must feed (not shadowed by an initializer).
-pub struct DeclaredInput {
-    /// Tensor name.
-    pub name: String,
-    /// ONNX element type code.
-    pub elem_type: i32,
-    /// Declared dimensions; `None` when the model gives no shape at all.
-    pub dims: Option<Vec<DeclaredDim>>,
+/// Name of an element type for `inspect`: ours (`f32`) where the engine
+/// takes it, else the ONNX name (`float16`), or `?` when the model gives none.
+pub fn elem_type_label(code: i32) -> String {
+    match elem_type_of(code) {
+        Some(t) => t.to_string(),
+        None if code == 0 => "?".into(),
+        None => elem_type_name(code),
+    }
 }
 
-/// The inputs a caller feeds, in graph order.
-pub fn declared_inputs(graph: &pb::GraphProto) -> Vec<DeclaredInput> {
+/// A graph input or output as the file declares it.
+pub struct Declared {
+    /// Tensor name.
+    pub name: String,
+    /// ONNX element type code (0 when the model gives none).
+    pub elem_type: i32,
+    /// Declared dimensions; `None` when the model gives no shape at all.
+    pub dims: Option<Vec<ShapeDim>>,
+}
+
+fn declared(value: &pb::ValueInfoProto) -> Declared {
+    let tensor = value.r#type.as_ref().and_then(|t| t.value.as_ref()).map(|v| {
+        let pb::type_proto::Value::TensorType(t) = v;
+        t
+    });
+    let dims = tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(Dim::DimValue(v)) if *v > 0 => ShapeDim::Fixed(*v as usize),
+                // tract-onnx reads `?` as unknown too.
+                Some(Dim::DimParam(p)) if !p.is_empty() && p != "?" => ShapeDim::Symbolic(p.clone()),
+                _ => ShapeDim::unnamed(),
+            })
+            .collect()
+    });
+    Declared { name: value.name.clone(), elem_type: tensor.map(|t| t.elem_type).unwrap_or(0), dims }
+}
+
+/// The inputs a caller feeds (not shadowed by an initializer), in graph order.
+pub fn declared_inputs(graph: &pb::GraphProto) -> Vec<Declared> {
     let inits: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    graph
-        .input
-        .iter()
-        .filter(|i| !inits.contains(i.name.as_str()))
-        .map(|i| {
-            let tensor = i.r#type.as_ref().and_then(|t| t.value.as_ref()).map(|v| {
-                let pb::type_proto::Value::TensorType(t) = v;
-                t
-            });
-            let dims = tensor.and_then(|t| t.shape.as_ref()).map(|s| {
-                s.dim
-                    .iter()
-                    .enumerate()
-                    .map(|(ix, d)| match &d.value {
-                        Some(Dim::DimValue(v)) if *v > 0 => DeclaredDim::Fixed(*v as usize),
-                        Some(Dim::DimParam(p)) if !p.is_empty() => DeclaredDim::Symbolic(p.clone()),
-                        _ => DeclaredDim::Symbolic(format!("dim{ix}")),
-                    })
-                    .collect()
-            });
-            DeclaredInput { name: i.name.clone(), elem_type: tensor.map(|t| t.elem_type).unwrap_or(0), dims }
-        })
-        .collect()
+    graph.input.iter().filter(|i| !inits.contains(i.name.as_str())).map(declared).collect()
+}
+
+/// The outputs, in graph order, as the file declares them.
+pub fn declared_outputs(graph: &pb::GraphProto) -> Vec<Declared> {
+    graph.output.iter().map(declared).collect()
 }
 
 /// Values of a float initializer (scales), if it exists and is float.

@@ -284,6 +284,178 @@ fn inspect_says_which_float_1x1_convolutions_run_on_our_kernel() {
 }
 
 #[test]
+fn inspect_describes_symbolic_dimensions_by_name_without_a_shape() {
+    let m = crate::model("digits_cnn_dynamic.onnx");
+    let out = edgeinfer(&["inspect", path(&m)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for line in [
+        "quantization float (not quantized)",
+        "  image            f32 [batch, 3, height, width]",
+        "  logits           f32 [batch, 10]",
+        "operators    18 nodes: Add 1, Conv 7, Flatten 1, Gemm 1, GlobalAveragePool 1, Relu 7",
+        "to pin       image: height (dim 2), width (dim 3); batch (dim 0) = 1 (--batch)",
+        "example      --input-shape image=1,3,HEIGHT,WIDTH",
+        "             input_shape = [1, 3, HEIGHT, WIDTH]  (in a pipeline's config)",
+        "             HEIGHT, WIDTH: the sizes to run at",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "`{line}` missing from:\n{stdout}");
+    }
+    // Nothing was optimised, so nothing about the plan is claimed.
+    for absent in ["kernels ", "optimized ", "load "] {
+        assert!(!stdout.lines().any(|l| l.starts_with(absent)), "`{absent}` in:\n{stdout}");
+    }
+
+    let out = edgeinfer(&["inspect", path(&m), "--json", "--batch", "4"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pinned"], false);
+    assert_eq!(v["inputs"][0]["name"], "image");
+    assert_eq!(v["inputs"][0]["type"], "f32");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!(["batch", 3, "height", "width"]));
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!(["batch", 10]));
+    assert_eq!(v["outputs_analysed"], true);
+    assert!(v["inputs"][0].get("declared_shape").is_none(), "`shape` is the declaration: {v}");
+    assert_eq!(v["opset"], 17);
+    assert_eq!(v["op_counts"]["Conv"], 7);
+    assert_eq!(
+        v["symbolic_dims"],
+        serde_json::json!([
+            {"input": "image", "axis": 0, "name": "batch", "size": 4},
+            {"input": "image", "axis": 2, "name": "height", "size": null},
+            {"input": "image", "axis": 3, "name": "width", "size": null},
+        ])
+    );
+    assert_eq!(v["pin_example"]["cli"], "--input-shape image=4,3,HEIGHT,WIDTH");
+    assert_eq!(v["pin_example"]["config"], "input_shape = [4, 3, HEIGHT, WIDTH]");
+    for absent in ["int8_path", "optimized_nodes", "optimized_ops", "timings_ms"] {
+        assert!(v.get(absent).is_none(), "{absent}: {v}");
+    }
+
+    // A shape for an input the model lacks is still an error, named.
+    let out = edgeinfer(&["inspect", path(&m), "--input-shape", "img=1,3,32,32"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`img`: no such input"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn inspect_with_a_shape_optimises_and_shows_the_declared_shape_too() {
+    let m = crate::model("digits_cnn_dynamic.onnx");
+    let out = edgeinfer(&["inspect", path(&m), "--input-shape", "image=1,3,40,48"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for line in [
+        "kernels      float",
+        "  image            f32 [1, 3, 40, 48]  declared [batch, 3, height, width]",
+        "  logits           f32 [1, 10]  declared [batch, 10]",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "`{line}` missing from:\n{stdout}");
+    }
+    for present in ["optimized    ", "load         "] {
+        assert!(stdout.lines().any(|l| l.starts_with(present)), "`{present}` missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("to pin"), "{stdout}");
+
+    let out = edgeinfer(&["inspect", path(&m), "--input-shape", "image=2,3,40,48", "--batch", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pinned"], true);
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!([2, 3, 40, 48]));
+    assert_eq!(v["inputs"][0]["declared_shape"], serde_json::json!(["batch", 3, "height", "width"]));
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([2, 10]));
+    assert_eq!(v["outputs"][0]["declared_shape"], serde_json::json!(["batch", 10]));
+    let sizes: Vec<_> = v["symbolic_dims"].as_array().unwrap().iter().map(|d| d["size"].clone()).collect();
+    assert_eq!(sizes, vec![serde_json::json!(2), serde_json::json!(40), serde_json::json!(48)]);
+    assert_eq!(v["pin_example"], serde_json::Value::Null);
+    assert!(v["optimized_nodes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["timings_ms"]["optimize_ms"].as_f64().unwrap() > 0.0, "{v}");
+
+    // A model without symbolic dimensions: no declared shape next to the pinned one, none to pin.
+    let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_f32.onnx")), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["inputs"][0].get("declared_shape").is_none(), "{v}");
+    assert_eq!(v["symbolic_dims"], serde_json::json!([]));
+    let out = edgeinfer(&["inspect", path(&crate::model("digits_cnn_f32.onnx"))]);
+    assert!(!text(&out.stdout).contains("declared"), "{}", text(&out.stdout));
+}
+
+#[test]
+#[cfg(feature = "onnx")]
+fn inspect_shows_unnamed_dimensions_and_pins_them_by_position() {
+    use prost::Message;
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+    use tract_onnx::prelude::Framework;
+    // As some exporters write (x: [?, 3, ?, ?]): the symbolic dims of the digits CNN lose their names.
+    let mut proto = tract_onnx::onnx().proto_model_for_path(crate::model("digits_cnn_dynamic.onnx")).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    for value in graph.input.iter_mut().chain(graph.output.iter_mut()) {
+        let Some(tract_onnx::pb::type_proto::Value::TensorType(t)) =
+            value.r#type.as_mut().and_then(|t| t.value.as_mut())
+        else {
+            continue;
+        };
+        for dim in &mut t.shape.as_mut().unwrap().dim {
+            if matches!(dim.value, Some(Dim::DimParam(_))) {
+                dim.value = None;
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("unnamed.onnx");
+    std::fs::write(&m, proto.encode_to_vec()).unwrap();
+
+    let out = edgeinfer(&["inspect", path(&m)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for line in [
+        "  image            f32 [?, 3, ?, ?]",
+        "  logits           f32 [?, 10]",
+        "to pin       image: dim 2, dim 3; dim 0 = 1 (--batch)",
+        "example      --input-shape image=1,3,D2,D3",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "`{line}` missing from:\n{stdout}");
+    }
+    // The example works once its placeholders are sizes.
+    let out = edgeinfer(&["inspect", path(&m), "--input-shape", "image=1,3,32,32"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("f32 [1, 3, 32, 32]  declared [?, 3, ?, ?]"), "{}", text(&out.stdout));
+    // Other commands, which must pin, say the same.
+    let out = edgeinfer(&["bench", path(&m), "--runs", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("dimensions 2 and 3 are symbolic") && err.contains("image=1,3,D2,D3"), "{err}");
+}
+
+#[test]
+fn check_names_the_pipeline_input_and_dimensions_to_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let body = format!(
+        "[[pipelines]]\nname = \"digits\"\nmodel = \"{}\"\nsource = {{ type = \"files\", path = \"{}\" }}\n",
+        path(&crate::model("digits_cnn_dynamic.onnx")),
+        path(&crate::model("samples/digits"))
+    );
+    std::fs::write(&config, &body).unwrap();
+    let out = edgeinfer(&["check", path(&config)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    for part in [
+        "pipeline `digits`",
+        "input `image`",
+        "dimensions 2 (`height`) and 3 (`width`) are symbolic",
+        "set input_shape = [1, 3, HEIGHT, WIDTH] in this pipeline",
+    ] {
+        assert!(err.contains(part), "`{part}` missing from: {err}");
+    }
+    // With the example's sizes filled in, the config checks.
+    std::fs::write(&config, body.replace("source =", "input_shape = [1, 3, 32, 32]\nsource =")).unwrap();
+    let out = edgeinfer(&["check", path(&config)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("image [1, 3, 32, 32]"), "{}", text(&out.stdout));
+}
+
+#[test]
 fn bench_json_has_the_documented_figures() {
     let out =
         edgeinfer(&["bench", path(&crate::model("vibration_int8.onnx")), "--runs", "20", "--warmup", "2", "--json"]);
