@@ -58,7 +58,7 @@ features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing), the
 # start-up cache's streamed reader (threads, weights read into tensors: what a
 # board with `cache_dir` runs at every start), plus the integration subset. The fetched detector must be present (.ci/run fetches it).
-lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::depthwise:: engine::converted:: engine::int8_conv:: engine::pointwise:: engine::isa::
+lib_filters=(config:: tensor:: preprocess:: postprocess:: payload:: sdnotify:: engine::rewrite:: engine::quant_dequant:: engine::dyn_quant:: engine::depthwise:: engine::converted:: engine::int8_conv:: engine::pointwise:: engine::isa::
     engine::tests::threads_above_one_need_the_threads_feature
     engine::tests::loading_runs_depthwise_convolutions_on_our_operator
     engine::tests::cached_int8_models_run_convolutions_on_integer_kernels_too)

@@ -18,6 +18,7 @@ Each table gives edgeinfer / ONNX Runtime and int8 / own float, per model and CP
     cargo build --release --target aarch64-unknown-linux-gnu      # aarch64 binary (ARM part)
     python3 benches/int8_isa.py                                   # both parts, ~25 min
     python3 benches/int8_isa.py --skip-arm --rounds 5             # x86 only
+    python3 benches/int8_isa.py --models dynint8                  # the pairs whose int8 stem has "dynint8"
 
 It reports; it asserts nothing about speed.
 """
@@ -37,7 +38,9 @@ sys.path.insert(0, str(REPO / "benches"))
 import compare_ort  # noqa: E402  (run_json, bench_ort, machine_info)
 
 PAIRS = [("mobilenetv2_int8", "mobilenetv2_f32"), ("digits_cnn_int8", "digits_cnn_f32"),
-         ("vibration_int8", "vibration_f32")]
+         ("vibration_int8", "vibration_f32"),
+         # onnxruntime's quantize_dynamic (DynamicQuantizeLinear -> ConvInteger / MatMulInteger)
+         ("mobilenetv2_dynint8", "mobilenetv2_f32"), ("digits_cnn_dynint8", "digits_cnn_f32")]
 RUNS = {"mobilenetv2": 30, "digits": 300, "vibration": 1000}
 ARM_CPUS = {"cortex-a72": "Pi 4", "cortex-a76": "Pi 5"}
 
@@ -66,7 +69,7 @@ def x86_rungs(exe):
 
 def x86_part(exe, rounds):
     rungs = x86_rungs(exe)
-    stems = [s for pair in PAIRS for s in pair]
+    stems = list(dict.fromkeys(s for pair in PAIRS for s in pair))
     p50 = {}  # (stem, engine) -> [per-round p50]
     for r in range(rounds):
         order = [("ort", None)] + [("edgeinfer", rung) for rung in rungs]
@@ -94,7 +97,7 @@ def x86_part(exe, rounds):
 
 
 def arm_part(armcost, bin_a64, out_json):
-    models = ",".join(s for pair in PAIRS for s in pair)
+    models = ",".join(dict.fromkeys(s for pair in PAIRS for s in pair))
     env = dict(os.environ, EDGEINFER_A64=str(bin_a64))
     subprocess.run([sys.executable, str(armcost / "measure.py"), "--cpus", ",".join(ARM_CPUS),
                     "--models", models, "--out", str(out_json)], check=True, env=env, cwd=REPO)
@@ -170,7 +173,13 @@ def main():
     ap.add_argument("--skip-arm", action="store_true")
     ap.add_argument("--skip-x86", action="store_true")
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "benches" / "int8_isa.md")
+    ap.add_argument("--models", nargs="+", metavar="TEXT",
+                    help="only the pairs whose int8 model's name contains one of these")
     args = ap.parse_args()
+    if args.models:
+        PAIRS[:] = [p for p in PAIRS if any(t in p[0] for t in args.models)]
+        if not PAIRS:
+            sys.exit(f"no pair's int8 model matches {args.models}")
     info = compare_ort.machine_info()
     ort = subprocess.run([sys.executable, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                          capture_output=True, text=True).stdout.strip() or "?"

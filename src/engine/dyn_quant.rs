@@ -16,8 +16,12 @@
 //! Per inference the operator finds the tensor's range (widened to hold 0),
 //! takes `scale = (max - min) / 255` and the zero point `round(-min /
 //! scale)` as DynamicQuantizeLinear does, and writes `(clip(round(x /
-//! scale) + zp, 0, 255) - zp) * scale`: exactly what DequantizeLinear would
-//! read back. In NNEF (converted models, the start-up cache) it is
+//! scale) + zp, 0, 255) - zp) * scale`: what DequantizeLinear would read
+//! back. `x / scale` is computed as `x * (1 / scale)`, as tract computes a
+//! static pair and as our integer convolution packs a dynamic input, so
+//! that the float and the integer paths round every value alike (a value
+//! within an ulp of a rounding tie may round the other way than ONNX
+//! Runtime's division). In NNEF (converted models, the start-up cache) it is
 //!
 //! ```text
 //! edgeinfer_dynamic_quant_dequant(x: tensor<scalar>) -> (y: tensor<scalar>)
@@ -73,7 +77,8 @@ impl Grid {
     /// written so that it vectorises.
     pub fn apply_into(&self, xs: &[f32], out: &mut [f32]) {
         assert_eq!(xs.len(), out.len(), "{ONNX_OP}: output of another length");
-        // The division bounds this loop; AVX divides eight values at a time.
+        // A pass over every activation: AVX does eight values at a time where
+        // baseline x86-64 (SSE2) does four.
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx") {
             // SAFETY: the CPU has AVX (checked just above).
@@ -96,8 +101,9 @@ impl Grid {
         // 255 - zp)`: the zero point is a whole number. `|x / s| <= 255`, so
         // the magic-number rounding is exact.
         let (scale, lo, hi) = (self.scale, -(self.zero_point as f32), 255.0 - self.zero_point as f32);
+        let inv_scale = 1.0 / scale;
         for (o, &v) in out.iter_mut().zip(xs) {
-            let q = v / scale;
+            let q = v * inv_scale;
             let q = if q < lo { lo } else { q };
             let q = if q > hi { hi } else { q };
             *o = ((q + ROUND_MAGIC) - ROUND_MAGIC) * scale;
@@ -331,13 +337,13 @@ mod tests {
     use super::*;
 
     /// DynamicQuantizeLinear then DequantizeLinear as the ONNX reference
-    /// implementation writes them, in f64 where it does not matter.
+    /// implementation writes them, with `x * (1 / scale)` for `x / scale`.
     fn reference(xs: &[f32]) -> Vec<f32> {
         let min = xs.iter().fold(0f32, |a, &b| a.min(b));
         let max = xs.iter().fold(0f32, |a, &b| a.max(b));
         let scale = (max - min) / 255.0;
         let zp = (-min / scale).round_ties_even().clamp(0.0, 255.0);
-        xs.iter().map(|&x| (((x / scale).round_ties_even() + zp).clamp(0.0, 255.0) - zp) * scale).collect()
+        xs.iter().map(|&x| (((x * (1.0 / scale)).round_ties_even() + zp).clamp(0.0, 255.0) - zp) * scale).collect()
     }
 
     #[test]

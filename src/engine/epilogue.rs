@@ -211,9 +211,20 @@ pub fn output_fact(
 /// Puts `op` in the place of node `id`, reading its input `xi`, and of
 /// everything folded into it up to `end`.
 pub fn swap_in(model: &mut TypedModel, id: usize, xi: usize, op: impl TypedOp, end: OutletId) -> TractResult<()> {
+    swap_in_from(model, id, model.node(id).inputs[xi], op, end)
+}
+
+/// As [`swap_in`], `op` reading `input` (an outlet upstream of the node's own input).
+pub fn swap_in_from(
+    model: &mut TypedModel,
+    id: usize,
+    input: OutletId,
+    op: impl TypedOp,
+    end: OutletId,
+) -> TractResult<()> {
     let node = model.node(id);
     let mut patch = TypedModelPatch::new(format!("{} for {}", op.name(), node.name));
-    let tap = patch.tap_model(model, node.inputs[xi])?;
+    let tap = patch.tap_model(model, input)?;
     let wire = patch.wire_node(&node.name, op, &[tap])?[0];
     patch.shunt_outside(model, end, wire)?;
     patch.apply(model)

@@ -45,9 +45,10 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::DataFormat;
 
 use super::depthwise::Depthwise;
+use super::dyn_quant::{DynQuantDequant, Grid};
 #[cfg(target_arch = "x86_64")]
 use super::epilogue::avx512::Regs;
-use super::epilogue::{const_f32, eval_into, output_fact, same_bits, swap_in, Applied, Epilogue, Folded};
+use super::epilogue::{const_f32, eval_into, output_fact, same_bits, swap_in_from, Applied, Epilogue, Folded};
 use super::isa::Isa;
 use super::quant_dequant::{QuantDequant, ROUND_MAGIC};
 #[cfg(target_arch = "x86_64")]
@@ -154,8 +155,17 @@ pub struct Int8Conv {
     /// (`u8`, for a depthwise operator that reads them: a quarter of the
     /// memory traffic) instead of the f32 value.
     out_u8: bool,
+    /// Whether the input's grid is picked per inference from its values, as
+    /// DynamicQuantizeLinear picks it (dynamically quantized models): `input`
+    /// is then [`DYNAMIC_PLACEHOLDER`], `corr` zero and `mul` the weights'
+    /// steps, and each inference fills them in ([`Self::on_grid_of`]).
+    dynamic: bool,
     out_shape: TVec<usize>,
 }
+
+/// The input grid of a [`Int8Conv::dynamic`] operator until an inference
+/// knows it: step 1 from index 0, so that `mul` holds the weights' steps.
+const DYNAMIC_PLACEHOLDER: QuantDequant = QuantDequant { scale: 1.0, inv_scale: 1.0, lo: 0.0, hi: 255.0 };
 
 impl PartialEq for Int8Conv {
     fn eq(&self, other: &Self) -> bool {
@@ -174,6 +184,7 @@ impl PartialEq for Int8Conv {
             && self.epi == other.epi
             && self.input_u8 == other.input_u8
             && self.out_u8 == other.out_u8
+            && self.dynamic == other.dynamic
             && self.out_shape == other.out_shape
     }
 }
@@ -529,6 +540,23 @@ impl Int8Conv {
         self.weights.iter().all(|w| w.to_le_bytes().iter().all(|&b| b != 0x80))
     }
 
+    /// A [`Self::dynamic`] operator for the input `x`: on the grid
+    /// DynamicQuantizeLinear picks for it, its corrections and scales
+    /// made for that grid.
+    fn on_grid_of(&self, x: &[f32]) -> Int8Conv {
+        // All zeros (or NaN): any grid holds them at index 0... of step 1.
+        let grid = Grid::of(x).unwrap_or(Grid { scale: 1.0, zero_point: 0 });
+        let lo = -(grid.zero_point as f32);
+        let input = QuantDequant { scale: grid.scale, inv_scale: 1.0 / grid.scale, lo, hi: 255.0 + lo };
+        Int8Conv {
+            input,
+            corr: self.wsum.iter().map(|&s| lo as i32 * s).collect(),
+            mul: self.mul.iter().map(|&m| m * grid.scale).collect(),
+            dynamic: false,
+            ..self.clone()
+        }
+    }
+
     /// This operator running the kernels of `isa`, which this CPU must have.
     pub fn with_isa(&self, isa: Isa) -> Int8Conv {
         assert!(isa.cpu_has(), "{OP_NAME}: this CPU cannot run the {isa} kernels");
@@ -566,6 +594,12 @@ impl Int8Conv {
     }
 
     fn eval_input<T: Out>(&self, x: Input, out: &mut [T]) -> TractResult<()> {
+        if self.dynamic {
+            let Input::Values(values) = x else {
+                tract_core::internal::bail!("{OP_NAME}: a dynamically quantized input must be f32 values");
+            };
+            return self.on_grid_of(values).eval_input(x, out);
+        }
         thread_local! {
             /// The packed input, the im2col bytes and the widened input, kept
             /// by each thread between inferences so that running one
@@ -1067,9 +1101,14 @@ impl Op for Int8Conv {
             None => "1x1".to_string(),
         };
         let (clip, pair) = self.epi.describe();
+        let grid = if self.dynamic {
+            "input on a u8 grid picked per inference".to_string()
+        } else {
+            format!("input step {} range [{}, {}]", self.input.scale, self.input.lo, self.input.hi)
+        };
         let first = format!(
-            "{kernel}, {} -> {} channels, {} pixels, input step {} range [{}, {}], {clip}",
-            self.in_channels, self.out_channels, self.pixels, self.input.scale, self.input.lo, self.input.hi
+            "{kernel}, {} -> {} channels, {} pixels, {grid}, {clip}",
+            self.in_channels, self.out_channels, self.pixels
         );
         let input = self.input_u8.then(|| "input: indices (u8) on that grid".to_string());
         let isa = Some(format!("kernels: {}", self.isa.describe()));
@@ -1142,6 +1181,19 @@ fn grid_of(model: &TypedModel, outlet: OutletId) -> Option<QuantDequant> {
         return None;
     };
     byte_grid(grid).then_some(grid)
+}
+
+/// The input grid of a sum reading `outlet`: a fixed one ([`grid_of`]),
+/// or, after a dynamic quantize/dequantize, [`DYNAMIC_PLACEHOLDER`] with
+/// `true`, and the outlet to read instead: the values before that rounding,
+/// which the operator rounds the same way itself (the rounding op is then
+/// left without readers, unless others read it).
+fn input_grid(model: &TypedModel, outlet: OutletId) -> Option<(QuantDequant, bool, OutletId)> {
+    if let Some(grid) = grid_of(model, outlet) {
+        return Some((grid, false, outlet));
+    }
+    let node = model.node(outlet.node);
+    node.op_is::<DynQuantDequant>().then(|| (DYNAMIC_PLACEHOLDER, true, node.inputs[0]))
 }
 
 /// Whether `grid`'s indices fit in a byte.
@@ -1255,8 +1307,8 @@ fn is_matvec(es: &EinSum, xi: usize, wi: usize, x: &[usize], y: &[usize]) -> boo
 /// The operator for the `EinSum` at `node`, if it is a 1x1 convolution of
 /// one channels-first image ([`is_pointwise`]) or a matrix-vector product
 /// ([`is_matvec`]) with constant integer-step weights and an input on a
-/// byte grid; with the activation's input slot.
-fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
+/// byte grid; with the outlet it reads ([`input_grid`]).
+fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, OutletId)> {
     let node = model.node(node);
     let p = Product::of(model, node)?;
     let (k, pixels) = if is_pointwise(p.es, p.xi, p.wi, p.in_shape.len()) {
@@ -1274,9 +1326,9 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, usize)> {
         return None;
     }
     let (o, w) = p.weights(model, k, pixels)?;
-    let grid = grid_of(model, node.inputs[p.xi])?;
+    let (grid, dynamic, input) = input_grid(model, node.inputs[p.xi])?;
     let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], p.out_shape)?;
-    Some((op, p.xi))
+    Some((Int8Conv { dynamic, ..op }, input))
 }
 
 /// An f32 `EinSum` of one activation by constant weights, both shapes
@@ -1336,8 +1388,9 @@ impl<'a> Product<'a> {
 
 /// The operator for the `Conv` at `node`, if it is a one-group f32
 /// convolution (1-D or 2-D, explicit or no padding) of one channels-first
-/// input on a byte grid, with constant integer-step weights and bias.
-fn for_conv(model: &TypedModel, node: usize) -> Option<Int8Conv> {
+/// input on a byte grid, with constant integer-step weights and bias; with
+/// the outlet it reads ([`input_grid`]).
+fn for_conv(model: &TypedModel, node: usize) -> Option<(Int8Conv, OutletId)> {
     let node = model.node(node);
     let conv = node.op_as::<Conv>()?;
     let spec = &conv.pool_spec;
@@ -1400,9 +1453,10 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Int8Conv> {
         (_, b) if b.len() == 1 => vec![b[0]; o],
         _ => return None,
     };
-    let grid = grid_of(model, node.inputs[0])?;
+    let (grid, dynamic, input) = input_grid(model, node.inputs[0])?;
     let g = Im2col { in_hw, kernel, strides, dilations, pad: before, out_hw, offsets: vec![] }.with_offsets(c);
-    build(grid, c, o, out_hw[0] * out_hw[1], Some(g), &w, bias, out_shape)
+    let op = build(grid, c, o, out_hw[0] * out_hw[1], Some(g), &w, bias, out_shape)?;
+    Some((Int8Conv { dynamic, ..op }, input))
 }
 
 /// The operator for `o` output channels of `pixels` values from `c` input
@@ -1454,6 +1508,7 @@ fn build(
         weights16: Arc::new([]),
         input_u8: false,
         out_u8: false,
+        dynamic: false,
         out_shape,
     };
     Some(op.with_isa(Isa::current()))
@@ -1524,7 +1579,7 @@ fn narrow_edges(model: &mut TypedModel) -> TractResult<usize> {
         let next = succs[0].node;
         let (Some(grid), Some(conv)) = (grid, model.node(next).op_as::<Int8Conv>()) else { continue };
         // The indices are counted from the low end of the grid the 1x1 one reads.
-        if conv.input_u8 || conv.im2col.is_some() || conv.input != grid {
+        if conv.input_u8 || conv.dynamic || conv.im2col.is_some() || conv.input != grid {
             continue;
         }
         let Some(dw) = dw.writing_indices() else { continue };
@@ -1545,12 +1600,12 @@ fn replace(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in ids {
         let found = match for_conv(model, id) {
-            Some(op) => Some((op, 0, true)),
-            None => for_einsum(model, id).map(|(op, xi)| (op, xi, false)),
+            Some((op, input)) => Some((op, input, true)),
+            None => for_einsum(model, id).map(|(op, input)| (op, input, false)),
         };
-        let Some((mut op, xi, biased)) = found else { continue };
+        let Some((mut op, input, biased)) = found else { continue };
         let end = fold_epilogue(model, id, &mut op, biased);
-        swap_in(model, id, xi, op, end)?;
+        swap_in_from(model, id, input, op, end)?;
         replaced += 1;
     }
     if replaced > 0 {
@@ -1701,7 +1756,7 @@ mod tests {
         super::super::declutter(&mut model).unwrap();
         let id = model.nodes().iter().find(|n| n.op_is::<EinSum>() || n.op_is::<Conv>()).expect("a convolution").id;
         let (mut op, biased) = match for_conv(&model, id) {
-            Some(op) => (op, true),
+            Some((op, _)) => (op, true),
             None => (for_einsum(&model, id).expect("the convolution qualifies").0, false),
         };
         fold_epilogue(&model, id, &mut op, biased);
@@ -1876,6 +1931,44 @@ mod tests {
             assert_isas_give_scalar_values(&op, &input, &format!("in {:?} kernel {:?}", cc.in_hw, cc.kernel));
         }
         say_skipped("every_isas_loops_give_the_scalar_values_bit_for_bit");
+    }
+
+    /// `model` with its input pair (`in_pair`) made a dynamic one, as a
+    /// dynamically quantized model's rewrite leaves it.
+    fn made_dynamic(mut model: TypedModel) -> TypedModel {
+        let id = model.nodes().iter().find(|n| n.name == "in_pair").expect("an input pair").id;
+        model.node_mut(id).op = Box::new(DynQuantDequant);
+        model
+    }
+
+    #[test]
+    fn dynamically_quantized_inputs_match_tracts_float_sums_on_every_isa() {
+        let graphs = cases()
+            .into_iter()
+            .map(|case| {
+                let (model, input) = graph(&case);
+                let tolerance = if case.qdq { OUT_STEP * 1.001 } else { 1e-4 };
+                (model, input, tolerance, format!("k {} o {} hw {:?}", case.k, case.o, case.hw))
+            })
+            .chain(conv_cases().into_iter().map(|cc| {
+                let (model, input) = conv_graph(&cc);
+                (model, input, OUT_STEP * 1.001, format!("in {:?} kernel {:?}", cc.in_hw, cc.kernel))
+            }));
+        for (model, input, tolerance, label) in graphs {
+            let model = made_dynamic(model);
+            let label = format!("dynamic, {label}");
+            let (want, _) = run(model.clone(), &input, false);
+            let (got, ops) = run(model.clone(), &input, true);
+            // The operator reads the values before the rounding and rounds them
+            // itself: the rounding op is left without readers, and gone.
+            let left = ops.iter().filter(|o| !matches!(o.as_str(), "Source" | "Const" | "Downsample"));
+            assert_eq!(left.cloned().collect::<Vec<_>>(), [OP_NAME], "{label}: {ops:?}");
+            assert_close(&got, &want, tolerance, &label);
+            let op = operator_of(model);
+            assert!(op.dynamic, "{label}");
+            assert_isas_give_scalar_values(&op, &input, &label);
+        }
+        say_skipped("dynamically_quantized_inputs_match_tracts_float_sums_on_every_isa");
     }
 
     /// `op` with its first output channel's first weight set to -128 (which

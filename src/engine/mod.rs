@@ -993,11 +993,14 @@ fn put(reuse: Option<&mut Tensor>, t: Tensor) -> Option<Tensor> {
     }
 }
 
-/// Whether `model` is an int8 (QDQ) graph that our integer operators run
+/// Whether `model` is an int8 (QDQ or dynamically quantized) graph that our integer operators run
 /// here, on a CPU where tract's declutter would lay depthwise convolutions
 /// out channels-last (aarch64: see `layout`). Float models keep tract's move.
 fn keeps_channels_first(model: &TypedModel) -> bool {
-    let quantized = model.nodes().iter().any(|n| quant_dequant::QuantDequant::of(n).is_some());
+    let quantized = model
+        .nodes()
+        .iter()
+        .any(|n| quant_dequant::QuantDequant::of(n).is_some() || n.op_is::<dyn_quant::DynQuantDequant>());
     quantized && tract_linalg::routines::depthwise_c_f32().is_some() && int8_conv::cpu_supported()
 }
 
