@@ -62,7 +62,7 @@ for m in "${models[@]}"; do
 done
 install -m 0644 models/*.labels.txt "$root/usr/share/edgeinfer/models/"
 rm -f "$root/usr/share/edgeinfer/models/detector_yolov8n.labels.txt"
-# The sample inputs the demo config and the README's examples use.
+# The sample inputs the demo config and the examples in docs/cli.md use.
 install -d -m 0755 "$root/usr/share/edgeinfer/models/samples"
 cp -r models/samples/digits models/samples/vibration "$root/usr/share/edgeinfer/models/samples/"
 find "$root/usr/share/edgeinfer/models/samples" -type d -exec chmod 0755 {} + -o -type f -exec chmod 0644 {} +

@@ -1,5 +1,5 @@
 //! The versioned JSON payloads subscribers rely on: `edgeinfer/result/v1`
-//! (documented in the README and `schemas/result-v1.schema.json`) and
+//! (documented in docs/mqtt.md and `schemas/result-v1.schema.json`) and
 //! `edgeinfer/health/v1`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
