@@ -161,7 +161,7 @@ mod sse {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use std::arch::aarch64::{vdupq_n_f32, vld1q_f32, vmaxnmvq_f32, vmaxq_f32, vminnmvq_f32, vminq_f32};
+    use std::arch::aarch64::{vdupq_n_f32, vld1q_f32, vmaxnmq_f32, vmaxnmvq_f32, vminnmq_f32, vminnmvq_f32};
 
     /// [`super::range`] with NEON, which every aarch64 CPU has: 16 values a step.
     pub fn range(xs: &[f32]) -> (f32, f32) {
@@ -170,24 +170,18 @@ mod neon {
         // values of a whole chunk.
         let (lo, hi) = unsafe {
             let (mut lo, mut hi) = ([vdupq_n_f32(0.0); 4], [vdupq_n_f32(0.0); 4]);
-            let mut nan = false;
             for c in &mut chunks {
                 for k in 0..4 {
                     let v = vld1q_f32(c.as_ptr().add(4 * k));
-                    lo[k] = vminq_f32(v, lo[k]);
-                    hi[k] = vmaxq_f32(v, hi[k]);
+                    // `fminnm`/`fmaxnm` give the number when one side is NaN
+                    // (`fmin`/`fmax` would make the lane NaN for good).
+                    lo[k] = vminnmq_f32(v, lo[k]);
+                    hi[k] = vmaxnmq_f32(v, hi[k]);
                 }
             }
-            // `fmin`/`fmax` propagate NaN; a NaN bound means a NaN value,
-            // which the reference skips: then it decides.
-            let lo = vminq_f32(vminq_f32(lo[0], lo[1]), vminq_f32(lo[2], lo[3]));
-            let hi = vmaxq_f32(vmaxq_f32(hi[0], hi[1]), vmaxq_f32(hi[2], hi[3]));
-            let (l, h) = (vminnmvq_f32(lo), vmaxnmvq_f32(hi));
-            nan |= l.is_nan() || h.is_nan();
-            if nan {
-                return super::range_plain(xs);
-            }
-            (l, h)
+            let lo = vminnmq_f32(vminnmq_f32(lo[0], lo[1]), vminnmq_f32(lo[2], lo[3]));
+            let hi = vmaxnmq_f32(vmaxnmq_f32(hi[0], hi[1]), vmaxnmq_f32(hi[2], hi[3]));
+            (vminnmvq_f32(lo), vmaxnmvq_f32(hi))
         };
         let (tl, th) = super::range_plain(chunks.remainder());
         (lo.min(tl), hi.max(th))
