@@ -186,16 +186,31 @@ impl InputQueue {
     }
 }
 
-/// Per-stage latency of one result, in milliseconds.
+/// `ms` rounded to whole microseconds: latencies are measured to about
+/// that, and further digits in a payload are float noise
+/// (`0.20741800000000002`).
+pub fn micros(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+fn serialize_micros<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(micros(*ms))
+}
+
+/// Per-stage latency of one result, in milliseconds (serialized to the microsecond).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Latency {
     /// Decoding, resizing, windowing, conversion.
+    #[serde(serialize_with = "serialize_micros")]
     pub preprocess: f64,
     /// The model.
+    #[serde(serialize_with = "serialize_micros")]
     pub inference: f64,
     /// Scores, labels, thresholds.
+    #[serde(serialize_with = "serialize_micros")]
     pub postprocess: f64,
     /// Capture to result ready (includes queueing).
+    #[serde(serialize_with = "serialize_micros")]
     pub total: f64,
 }
 
@@ -339,6 +354,13 @@ mod tests {
             Input::Values(v) => v.values[0],
             _ => panic!(),
         }
+    }
+
+    #[test]
+    fn latencies_are_serialized_to_the_microsecond() {
+        let l = Latency { preprocess: 0.00466, inference: 0.20741800000000002, postprocess: 0.0004, total: 12.3456789 };
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(json, r#"{"preprocess":0.005,"inference":0.207,"postprocess":0.0,"total":12.346}"#);
     }
 
     #[test]

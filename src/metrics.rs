@@ -136,7 +136,7 @@ impl PipelineMetrics {
         let stage = |f: fn(&Latencies) -> &StageLatency| {
             lat.as_ref()
                 .and_then(|l| f(l).percentiles())
-                .map(|(p50, p99)| serde_json::json!({"p50": p50, "p99": p99}))
+                .map(|(p50, p99)| serde_json::json!({"p50": crate::message::micros(p50), "p99": crate::message::micros(p99)}))
                 .unwrap_or(serde_json::Value::Null)
         };
         serde_json::json!({
