@@ -283,7 +283,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Infer(args) => {
             let prep = args.image_prep()?;
-            let model = Model::load(&args.model, &args.shapes.load_options()?)?;
+            let opts = args.shapes.load_options()?;
+            let model = if args.npy.is_empty() {
+                Model::load(&args.model, &opts)?
+            } else {
+                cmd::infer::load_for_npy(&args.model, &opts, &args.npy)?
+            };
             let infer_args = InferArgs {
                 inputs: args.inputs.clone(),
                 npy: args.npy.clone(),

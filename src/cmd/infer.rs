@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::engine::{EngineError, Model, Session};
+use crate::engine::{EngineError, LoadOptions, Model, Session};
 use crate::postprocess::detect::Detector;
 use crate::postprocess::{self, Softmax};
 use crate::preprocess::{self, ImageGeometry, ImagePrep};
@@ -61,6 +61,57 @@ pub struct InferSummary {
     pub ok: usize,
     /// Inputs reported and skipped.
     pub failed: usize,
+}
+
+/// Loads `model` for raw tensor mode: the `.npy` files' shapes pin every
+/// input the caller did not pin with `--input-shape` (its symbolic
+/// dimensions, batch included), so an exported model with dynamic axes runs
+/// on the arrays as they are. A fixed dimension an array does not match is an
+/// error naming the input and the dimension (the engine's check).
+pub fn load_for_npy(model: &Path, opts: &LoadOptions, npy: &[PathBuf]) -> Result<Model, InferError> {
+    let shapes: Vec<Vec<usize>> = npy
+        .iter()
+        .map(|p| {
+            Tensor::read_npy(p)
+                .map(|t| t.shape.clone())
+                .map_err(|e| InferError::File { path: p.display().to_string(), reason: e.to_string() })
+        })
+        .collect::<Result<_, _>>()?;
+    let pinned_by_caller = |index: usize, name: &str| {
+        opts.input_shapes.contains_key(name) || (index == 0 && opts.input_shapes.contains_key(""))
+    };
+    // Names come from the first attempt: the inputs it could not pin, or the
+    // loaded model's whose shape differs from its array's.
+    let (first, names): (Option<Model>, Vec<(usize, String)>) = match Model::load(model, opts) {
+        Ok(m) => {
+            let differ: Vec<(usize, String)> = m
+                .inputs()
+                .iter()
+                .enumerate()
+                .filter(|(i, spec)| shapes.get(*i).is_some_and(|s| *s != spec.shape))
+                .map(|(i, spec)| (i, spec.name.clone()))
+                .collect();
+            if differ.is_empty() {
+                return Ok(m);
+            }
+            (Some(m), differ)
+        }
+        Err(EngineError::Unpinned { inputs, .. }) => (None, inputs.into_iter().map(|u| (u.index, u.input)).collect()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut opts = opts.clone();
+    for (index, name) in names {
+        if let Some(shape) = shapes.get(index).filter(|_| !pinned_by_caller(index, &name)) {
+            opts.input_shapes.insert(name, shape.clone());
+        }
+    }
+    match (Model::load(model, &opts), first) {
+        (Ok(m), _) => Ok(m),
+        // An array that does not fit a fixed shape: the model as loaded
+        // first, whose run names the input and the shape it takes.
+        (Err(_), Some(m)) => Ok(m),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 /// Feeds `.npy` files to the inputs in graph order, writes every output to

@@ -131,6 +131,37 @@ fn raw_mode_rejects_wrong_count_type_and_shape_naming_the_input() {
 }
 
 #[test]
+fn raw_mode_pins_symbolic_dimensions_from_the_arrays() {
+    // The dynamic-axes copy of the digits CNN ([batch, 3, height, width]),
+    // same weights as digits_cnn_f32: its reference array runs as it is.
+    let dir = tempfile::tempdir().unwrap();
+    let m = crate::model("digits_cnn_dynamic.onnx");
+    let refs = crate::root().join("models/ref/digits_cnn_f32");
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&refs.join("in0.npy")), "--save-npy", path(dir.path())]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = Tensor::read_npy(&dir.path().join("out0.npy")).unwrap();
+    let want = Tensor::read_npy(&refs.join("out0.npy")).unwrap();
+    assert_eq!(got.shape, want.shape);
+    let diff = got.data.to_f64_vec().iter().zip(want.data.to_f64_vec()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-3, "max diff {diff}");
+
+    // A batch of two at another size: the batch comes from the array too.
+    let two = dir.path().join("two.npy");
+    Tensor::from_f32(vec![2, 3, 40, 48], vec![0.5; 2 * 3 * 40 * 48]).unwrap().write_npy(&two).unwrap();
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&two)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["outputs"][0]["shape"], serde_json::json!([2, 10]));
+
+    // A fixed dimension the array does not match (1 channel, not 3) is named.
+    let gray = dir.path().join("gray.npy");
+    Tensor::from_f32(vec![1, 1, 32, 32], vec![0.5; 32 * 32]).unwrap().write_npy(&gray).unwrap();
+    let out = edgeinfer(&["infer", path(&m), "--npy", path(&gray)]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("`image`") && err.contains("dimension 1"), "{err}");
+}
+
+#[test]
 fn png_gives_the_same_scores_as_the_reference_tensor() {
     let m = crate::model("digits_cnn_int8.onnx");
     let refs = crate::root().join("models/ref/digits_cnn_int8");
