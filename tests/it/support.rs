@@ -122,7 +122,7 @@ impl Mosquitto {
 
     /// Stops it with SIGTERM (it saves its persistence file first) and waits for the exit.
     pub fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        send_signal(self.child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -333,9 +333,9 @@ impl Daemon {
         Daemon { child, dir }
     }
 
-    /// Sends a signal (via the `kill` command).
+    /// Sends a signal: `TERM`, `HUP`, `INT` or `KILL`.
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+        send_signal(self.child.id(), sig);
     }
 
     /// Waits for exit up to `timeout`; returns the exit code (None: still running or killed by a signal).
@@ -366,4 +366,19 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends the signal named `sig` (`TERM`, `HUP`, `INT`, `KILL`) to process
+/// `pid` with kill(2): no `kill` program needed (a minimal Debian has none).
+pub fn send_signal(pid: u32, sig: &str) {
+    let signum = match sig {
+        "TERM" => libc::SIGTERM,
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "KILL" => libc::SIGKILL,
+        other => panic!("send_signal: no signal named {other}"),
+    };
+    // SAFETY: kill(2) with a pid this test started and a valid signal number.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signum) };
+    assert!(rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH), "kill -{sig} {pid} failed");
 }
