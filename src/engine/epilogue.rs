@@ -113,7 +113,15 @@ impl Applied {
         let v = if CLAMP { v.max(self.clamp.0).min(self.clamp.1) } else { v };
         let qd = self.qd;
         let q = v * qd.inv_scale;
+        // x86's `maxps`/`minps` are these selects, one instruction each;
+        // aarch64 has no such instruction and compiles them to a compare and
+        // a select, where `fmaxnm`/`fminnm` give the same value for every
+        // number (only a NaN, whose index means nothing, differs).
+        #[cfg(target_arch = "aarch64")]
+        let q = q.max(qd.lo).min(qd.hi);
+        #[cfg(not(target_arch = "aarch64"))]
         let q = if q < qd.lo { qd.lo } else { q };
+        #[cfg(not(target_arch = "aarch64"))]
         let q = if q > qd.hi { qd.hi } else { q };
         // `q + ROUND_MAGIC` is `round(q)` in the low bits of its pattern
         // (within 2^22 of zero), and `lo` is whole: the difference of the
