@@ -617,6 +617,12 @@ struct DynamicProduct {
     w_scale: String,
     /// The axis of per-channel weight scales (MatMulInteger's columns).
     axis: Option<i64>,
+    /// For a convolution: the bias `Add` after the Mul, with the 1-D
+    /// initializer of one value per output channel it adds (through the
+    /// Reshape to `[1, O, 1, 1]` that `quantize_dynamic` writes). The float
+    /// convolution takes it as its bias and the Add's output, so the bias is
+    /// added inside the convolution (our depthwise operator folds no Add).
+    bias: Option<(usize, String)>,
 }
 
 /// Every ConvInteger / MatMulInteger laid out as `quantize_dynamic` writes
@@ -694,9 +700,42 @@ fn dynamic_products(graph: &pb::GraphProto) -> Vec<DynamicProduct> {
         if values.iter().any(|v| !v.is_finite()) {
             continue;
         }
-        found.push(DynamicProduct { dql, product: ix, cast, mul, w_scale: w_scale.clone(), axis });
+        let bias = if conv { conv_bias(graph, &consumers, &outputs, mul, w.dims[0]) } else { None };
+        found.push(DynamicProduct { dql, product: ix, cast, mul, w_scale: w_scale.clone(), axis, bias });
     }
     found
+}
+
+/// The bias `Add` that is the only reader of node `mul`'s output, when it
+/// adds `Reshape(b, shape)` with `b` a 1-D f32 initializer of `channels`
+/// values and a shape of `[1, channels or -1, 1, ...]`: the Add and `b`'s name.
+fn conv_bias(
+    graph: &pb::GraphProto,
+    consumers: &HashMap<&str, Vec<usize>>,
+    outputs: &std::collections::HashSet<&str>,
+    mul: usize,
+    channels: i64,
+) -> Option<(usize, String)> {
+    let out = graph.node[mul].output[0].as_str();
+    let &[add] = consumers.get(out)?.as_slice() else { return None };
+    let a = &graph.node[add];
+    if outputs.contains(out) || a.op_type != "Add" || a.input.len() != 2 {
+        return None;
+    }
+    let other = if a.input[0] == out { &a.input[1] } else { &a.input[0] };
+    let reshape = graph.node.iter().find(|n| n.output.first() == Some(other))?;
+    if reshape.op_type != "Reshape" || reshape.input.len() != 2 {
+        return None;
+    }
+    let b = graph.initializer.iter().find(|t| t.name == reshape.input[0])?;
+    let shape = super::proto::initializer_ints(graph, &reshape.input[1])?;
+    // `quantize_dynamic` writes `[1, -1, 1, 1]`: -1 takes the bias's length.
+    let per_channel = shape.len() >= 2
+        && (shape[1] == channels || shape[1] == -1)
+        && shape.iter().enumerate().all(|(i, &d)| i == 1 || d == 1);
+    let f32_values = b.data_type == pb::tensor_proto::DataType::Float as i32;
+    (per_channel && f32_values && b.dims == [channels] && !graph.input.iter().any(|i| i.name == b.name))
+        .then(|| (add, b.name.clone()))
 }
 
 /// The default path for dynamically quantized models: replaces each
@@ -733,24 +772,32 @@ pub fn lower_dynamic_quantization(graph: &mut pb::GraphProto) -> usize {
         let mut b = Builder { prefix: &base, counter: 0, nodes: vec![] };
         let w = b.dq(&n.input[1], &p.w_scale, input(n, 3), p.axis);
         let (op, attrs) = if n.op_type == "ConvInteger" { ("Conv", n.attribute.clone()) } else { ("MatMul", vec![]) };
-        let mul_out = graph.node[p.mul].output[0].clone();
+        let mut inputs = vec![r.clone(), w];
+        // With its bias, the convolution takes the Add's place and output.
+        let (out_node, bias) = match &p.bias {
+            Some((add, b)) => (*add, Some(b.clone())),
+            None => (p.mul, None),
+        };
+        inputs.extend(bias);
+        let out = graph.node[out_node].output[0].clone();
         b.nodes.push(NodeProto {
-            input: vec![r.clone(), w],
-            output: vec![mul_out],
+            input: inputs,
+            output: vec![out],
             name: format!("{base}__float"),
             op_type: op.into(),
             attribute: attrs,
             ..Default::default()
         });
-        placed.entry(p.mul).or_default().extend(b.nodes);
+        placed.entry(out_node).or_default().extend(b.nodes);
         remove.extend([p.product, p.cast, p.mul]);
+        remove.extend(p.bias.as_ref().map(|(add, _)| *add));
     }
     let old = std::mem::take(&mut graph.node);
     for (ix, n) in old.into_iter().enumerate() {
         let keep = !remove.contains(&ix);
         let new = placed.remove(&ix).unwrap_or_default();
         // The rounding goes before its DynamicQuantizeLinear (which may go),
-        // a float product where its Mul was.
+        // a float product where its Mul (or its bias Add) was.
         if keep {
             graph.node.extend(new.iter().filter(|m| m.op_type == super::dyn_quant::ONNX_OP).cloned());
             graph.node.push(n);
@@ -759,7 +806,7 @@ pub fn lower_dynamic_quantization(graph: &mut pb::GraphProto) -> usize {
             graph.node.extend(new);
         }
     }
-    drop_unread(graph, &["DynamicQuantizeLinear", "Mul"]);
+    drop_unread(graph, &["DynamicQuantizeLinear", "Mul", "Reshape"]);
     found.len()
 }
 
@@ -966,6 +1013,85 @@ mod tests {
             for (a, b) in float.iter().zip(&integer) {
                 assert!((a - b).abs() <= 1e-5 * top, "{float:?} vs {integer:?}");
             }
+        }
+    }
+
+    /// `x [1, 2, 5, 5] -> DynamicQuantizeLinear -> ConvInteger(w [3, 2, 3, 3] int8, pad 1) ->
+    /// Cast -> Mul(x_scale * w_scale) -> Add(Reshape(b, [1, 3, 1, 1])) -> y`, as
+    /// `quantize_dynamic` writes a convolution with a bias.
+    fn dynamic_conv_graph() -> pb::ModelProto {
+        let int8 = pb::tensor_proto::DataType::Int8 as i32;
+        let w: Vec<i32> = (0..54).map(|i| (i * 53 + 7) % 255 - 127).collect();
+        let w_init = pb::TensorProto {
+            name: "w".into(),
+            data_type: int8,
+            dims: vec![3, 2, 3, 3],
+            int32_data: w,
+            ..Default::default()
+        };
+        let zp_init =
+            pb::TensorProto { name: "w_zp".into(), data_type: int8, int32_data: vec![0], ..Default::default() };
+        let bias = pb::TensorProto {
+            name: "b".into(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            dims: vec![3],
+            float_data: vec![0.5, -0.25, 0.125],
+            ..Default::default()
+        };
+        let shape = pb::TensorProto {
+            name: "b_shape".into(),
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            dims: vec![4],
+            int64_data: vec![1, -1, 1, 1],
+            ..Default::default()
+        };
+        let mut b = Builder { prefix: "t", counter: 0, nodes: vec![] };
+        b.node("Reshape", vec!["b".into(), "b_shape".into()], vec!["b4".into()], vec![]);
+        b.node("DynamicQuantizeLinear", vec!["x".into()], vec!["xq".into(), "xs".into(), "xzp".into()], vec![]);
+        b.node("Mul", vec!["xs".into(), "w_scale".into()], vec!["s".into()], vec![]);
+        let conv = vec!["xq".into(), "w".into(), "xzp".into(), "w_zp".into()];
+        let attrs = vec![pb::AttributeProto {
+            name: "pads".into(),
+            r#type: AttributeType::Ints as i32,
+            ints: vec![1, 1, 1, 1],
+            ..Default::default()
+        }];
+        b.node("ConvInteger", conv, vec!["acc".into()], attrs);
+        b.node("Cast", vec!["acc".into()], vec!["accf".into()], vec![int_attr("to", 1)]);
+        b.node("Mul", vec!["accf".into(), "s".into()], vec!["scaled".into()], vec![]);
+        b.node("Add", vec!["scaled".into(), "b4".into()], vec!["y".into()], vec![]);
+        model_of(pb::GraphProto {
+            node: b.nodes,
+            initializer: vec![w_init, zp_init, f32_scalar("w_scale", 0.011), bias, shape],
+            input: vec![f32_value("x", &[1, 2, 5, 5])],
+            output: vec![f32_value("y", &[1, 3, 5, 5])],
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_dynamic_convolution_takes_its_bias_in() {
+        let x: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).cos() * 1.5 - 0.2).collect();
+        let proto = dynamic_conv_graph();
+        let run4 = |proto: &pb::ModelProto| -> Vec<f32> {
+            let model = super::super::onnx::framework().model_for_proto_model(proto).unwrap();
+            let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+            let x = tract_ndarray::Array4::from_shape_vec((1, 2, 5, 5), x.clone()).unwrap();
+            let out = plan.run(tvec!(x.into_tvalue())).unwrap();
+            out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+        };
+        let integer = run4(&proto);
+        let mut rewritten = proto.clone();
+        let graph = rewritten.graph.as_mut().unwrap();
+        assert_eq!(lower_dynamic_quantization(graph), 1);
+        let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        // The bias Add and its Reshape are gone: the convolution adds the bias.
+        assert_eq!(ops, ["EdgeinferDynamicQuantDequant", "DequantizeLinear", "Conv"]);
+        assert_eq!(graph.node[2].input[2], "b");
+        let float = run4(&rewritten);
+        let top = integer.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, b) in float.iter().zip(&integer) {
+            assert!((a - b).abs() <= 1e-5 * top, "{float:?} vs {integer:?}");
         }
     }
 
