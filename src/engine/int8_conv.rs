@@ -544,7 +544,8 @@ impl Int8Conv {
     /// DynamicQuantizeLinear picks for it, its corrections and scales
     /// made for that grid.
     fn on_grid_of(&self, x: &[f32]) -> Int8Conv {
-        // All zeros (or NaN): any grid holds them at index 0... of step 1.
+        // All zeros (or only NaNs): no range; step 1 from zero holds the
+        // zeros exactly (index 0 is the value 0).
         let grid = Grid::of(x).unwrap_or(Grid { scale: 1.0, zero_point: 0 });
         let lo = -(grid.zero_point as f32);
         let input = QuantDequant { scale: grid.scale, inv_scale: 1.0 / grid.scale, lo, hi: 255.0 + lo };
