@@ -90,7 +90,9 @@ struct Im2col {
     /// Per tap (input channel, then kernel row and column; whole quads), where
     /// it reads in the padded planes relative to its output pixel's first
     /// value. Taps past the depth read the first one, times a zero weight.
-    offsets: Vec<usize>,
+    /// Shared: a dynamically quantized operator is copied at each inference
+    /// ([`Int8Conv::on_grid_of`]), which must not copy these.
+    offsets: Arc<[usize]>,
 }
 
 impl Im2col {
@@ -1455,7 +1457,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<(Int8Conv, OutletId)> {
         _ => return None,
     };
     let (grid, dynamic, input) = input_grid(model, node.inputs[0])?;
-    let g = Im2col { in_hw, kernel, strides, dilations, pad: before, out_hw, offsets: vec![] }.with_offsets(c);
+    let g = Im2col { in_hw, kernel, strides, dilations, pad: before, out_hw, offsets: Arc::new([]) }.with_offsets(c);
     let op = build(grid, c, o, out_hw[0] * out_hw[1], Some(g), &w, bias, out_shape)?;
     Some((Int8Conv { dynamic, ..op }, input))
 }

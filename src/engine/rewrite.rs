@@ -948,21 +948,23 @@ mod tests {
         assert_eq!((after[0][3], after[1][3]), (0.0, 3.0));
     }
 
+    /// An int8 initializer of `dims` holding `values`.
+    fn int8_tensor(name: &str, dims: &[i64], values: Vec<i32>) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type: pb::tensor_proto::DataType::Int8 as i32,
+            dims: dims.to_vec(),
+            int32_data: values,
+            ..Default::default()
+        }
+    }
+
     /// `x [1, k] -> DynamicQuantizeLinear -> MatMulInteger(w [k, m] int8, w_zp) -> Cast ->
     /// Mul(x_scale * w_scale) -> y [1, m]`, as `quantize_dynamic` writes it; `w_scale` has
     /// one value, or one per column.
     fn dynamic_matmul_graph(k: usize, m: usize, w_scales: &[f32]) -> pb::ModelProto {
-        let int8 = pb::tensor_proto::DataType::Int8 as i32;
         let w: Vec<i32> = (0..k * m).map(|i| ((i * 37 + 11) % 255) as i32 - 127).collect();
-        let w_init = pb::TensorProto {
-            name: "w".into(),
-            data_type: int8,
-            dims: vec![k as i64, m as i64],
-            int32_data: w,
-            ..Default::default()
-        };
-        let zp_init =
-            pb::TensorProto { name: "w_zp".into(), data_type: int8, int32_data: vec![0], ..Default::default() };
+        let (w_init, zp_init) = (int8_tensor("w", &[k as i64, m as i64], w), int8_tensor("w_zp", &[], vec![0]));
         let scales = pb::TensorProto {
             name: "w_scale".into(),
             data_type: pb::tensor_proto::DataType::Float as i32,
@@ -1020,17 +1022,8 @@ mod tests {
     /// Cast -> Mul(x_scale * w_scale) -> Add(Reshape(b, [1, 3, 1, 1])) -> y`, as
     /// `quantize_dynamic` writes a convolution with a bias.
     fn dynamic_conv_graph() -> pb::ModelProto {
-        let int8 = pb::tensor_proto::DataType::Int8 as i32;
         let w: Vec<i32> = (0..54).map(|i| (i * 53 + 7) % 255 - 127).collect();
-        let w_init = pb::TensorProto {
-            name: "w".into(),
-            data_type: int8,
-            dims: vec![3, 2, 3, 3],
-            int32_data: w,
-            ..Default::default()
-        };
-        let zp_init =
-            pb::TensorProto { name: "w_zp".into(), data_type: int8, int32_data: vec![0], ..Default::default() };
+        let (w_init, zp_init) = (int8_tensor("w", &[3, 2, 3, 3], w), int8_tensor("w_zp", &[], vec![0]));
         let bias = pb::TensorProto {
             name: "b".into(),
             data_type: pb::tensor_proto::DataType::Float as i32,
