@@ -195,7 +195,9 @@ for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
 done
 
 # Our int8 kernels on the other aarch64 rung: the subset above ran SMLAL on the
-# Cortex-A72 (Pi 4, no dot product); this runs SDOT on the Cortex-A76 (Pi 5).
+# Cortex-A72 (Pi 4, no dot product); this runs SDOT on the Cortex-A76 (Pi 5),
+# where the int8 operators (and the integer depthwise loops) are in graphs, so
+# the models' parity with ONNX Runtime is checked here too.
 # Each run asserts the rung it must detect (EDGEINFER_EXPECT_ISA), so neither
 # can pass by skipping.
 for cpu_isa in cortex-a76:dotprod; do
@@ -203,8 +205,8 @@ for cpu_isa in cortex-a76:dotprod; do
     step "aarch64-unknown-linux-gnu: int8 kernels under qemu -cpu $cpu"
     EDGEINFER_EXPECT_ISA=${cpu_isa##*:} \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="env TRACT_CPU_AARCH64_KIND=$cpu qemu-aarch64 -cpu $cpu -L /usr/aarch64-linux-gnu" \
-        cargo test --profile "$profile" --target aarch64-unknown-linux-gnu --lib "${features[@]}" -- --nocapture \
-        engine::isa:: engine::int8_conv:: engine::depthwise:: \
+        cargo test --profile "$profile" --target aarch64-unknown-linux-gnu --lib --test it "${features[@]}" -- --nocapture \
+        engine::isa:: engine::int8_conv:: engine::depthwise:: parity:: \
         engine::tests::loading_runs_depthwise_convolutions_on_our_operator \
         engine::tests::cached_int8_models_run_convolutions_on_integer_kernels_too
 done

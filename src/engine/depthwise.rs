@@ -32,6 +32,10 @@ use tract_core::ops::nn::DataFormat;
 use super::epilogue::{const_f32, eval_into, output_fact, same_bits, scalar_const, Applied, Epilogue};
 use super::quant_dequant::QuantDequant;
 
+#[path = "depthwise_int8.rs"]
+mod int;
+use int::IntDw;
+
 /// The op name tract's plan (and `inspect`'s operator counts) show.
 pub const OP_NAME: &str = "EdgeinferDepthwise";
 
@@ -61,6 +65,9 @@ pub struct Depthwise {
     /// Whether the output is each value's index on the pair's grid (`u8`,
     /// for an int8 operator that reads them) instead of the f32 value.
     out_u8: bool,
+    /// Integer sums ([`int`]) instead of float ones, when the input is
+    /// indices and the weights whole int8 steps (on aarch64).
+    int: Option<IntDw>,
     out_shape: TVec<usize>,
 }
 
@@ -116,6 +123,7 @@ impl PartialEq for Depthwise {
             && self.epi == other.epi
             && self.input_u8 == other.input_u8
             && self.out_u8 == other.out_u8
+            && self.int == other.int
             && self.out_shape == other.out_shape
     }
 }
@@ -133,7 +141,11 @@ impl Depthwise {
     /// This operator reading `u8` indices on `grid` instead of f32 values,
     /// if it reads f32 values now.
     pub fn reading_indices(&self, grid: QuantDequant) -> Option<Depthwise> {
-        self.input_u8.is_none().then(|| Depthwise { input_u8: Some(grid), ..self.clone() })
+        // On aarch64 the integer loops measured far cheaper than the float
+        // ones (docs/int8-kernels.md); on x86-64 the float loops stay.
+        let int =
+            if cfg!(target_arch = "aarch64") { IntDw::new(&self.weights, &self.bias, &self.epi, grid) } else { None };
+        self.input_u8.is_none().then(|| Depthwise { input_u8: Some(grid), int, ..self.clone() })
     }
 
     /// This operator storing its pair's `u8` indices instead of f32 values,
@@ -398,8 +410,9 @@ impl Op for Depthwise {
         let input =
             self.input_u8.map(|g| format!("input: indices (u8) on step {} range [{}, {}]", g.scale, g.lo, g.hi));
         let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
+        let sums = self.int.as_ref().map(|_| "sums: integer (int8 weights, 16-bit planes, smlal)".to_string());
         let first = format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad);
-        Ok([first].into_iter().chain(pair).chain(input).chain(output).collect())
+        Ok([first].into_iter().chain(pair).chain(input).chain(output).chain(sums).collect())
     }
 
     fn as_typed(&self) -> Option<&dyn TypedOp> {
@@ -412,6 +425,12 @@ impl EvalOp for Depthwise {
         let [h, w] = self.in_hw;
         let len = self.channels * h * w;
         let shape = &self.out_shape;
+        if let Some(iw) = &self.int {
+            return match self.out_u8 {
+                false => eval_into::<u8, f32>(OP_NAME, &inputs, len, shape, |x, out| int::run_all(self, iw, x, out)),
+                true => eval_into::<u8, u8>(OP_NAME, &inputs, len, shape, |x, out| int::run_all(self, iw, x, out)),
+            };
+        }
         match (self.input_u8.is_some(), self.out_u8) {
             (false, false) => eval_into::<f32, f32>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
             (false, true) => eval_into::<f32, u8>(OP_NAME, &inputs, len, shape, |x, out| self.run_all(x, out)),
@@ -507,6 +526,7 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
         epi: Epilogue::NONE,
         input_u8: None,
         out_u8: false,
+        int: None,
         out_shape,
     })
 }

@@ -807,7 +807,7 @@ macro_rules! store_rows {
 
 #[cfg(target_arch = "aarch64")]
 #[path = "int8_neon.rs"]
-mod neon;
+pub(super) mod neon;
 
 #[cfg(target_arch = "x86_64")]
 #[path = "int8_avx2.rs"]
@@ -1210,7 +1210,7 @@ fn byte_grid(grid: QuantDequant) -> bool {
 }
 
 /// The largest magnitude of `values` (infinite or NaN when one is).
-fn largest(values: &[f32]) -> f32 {
+pub(super) fn largest(values: &[f32]) -> f32 {
     // On magnitudes' bit patterns, whose integer order is their order (and
     // puts infinities and NaNs above every finite value): an integer maximum,
     // which vectorises where a float one does not.
@@ -1228,7 +1228,7 @@ fn largest(values: &[f32]) -> f32 {
 /// (how quantizers scale symmetric per-channel weights), then as 128; then
 /// the same with `tensor_top`, the whole tensor's largest magnitude (weights
 /// quantized per tensor, where a channel's largest is fewer steps).
-fn integer_weights(row: &[f32], tensor_top: f32) -> Option<(f32, Vec<i8>)> {
+pub(super) fn integer_weights(row: &[f32], tensor_top: f32) -> Option<(f32, Vec<i8>)> {
     let top = largest(row);
     if !top.is_finite() {
         return None;

@@ -204,7 +204,7 @@ pub(in crate::engine) struct Regs {
 
 impl Regs {
     /// `epi`'s clip bounds and pair parameters, broadcast.
-    pub(super) fn new(epi: &Epilogue) -> Regs {
+    pub(in crate::engine) fn new(epi: &Epilogue) -> Regs {
         let qd = epi.by_value().qd;
         // SAFETY: NEON is the aarch64 baseline.
         unsafe {

@@ -1,0 +1,684 @@
+//! Integer sums for [`Depthwise`] when it reads 8-bit grid indices and its
+//! weights are whole int8 steps (a QDQ model's depthwise convolutions on the
+//! aarch64 rungs): each output is `sum(q_w * (n - zero))`, an exact integer,
+//! then `* (s_w * s_x) + bias` and the epilogue.
+//!
+//! The float loops of [`Depthwise`] spent most of a Pi core's depthwise
+//! instructions widening each index to f32 and on nine separate loads per
+//! four outputs (37.9 M of 102 M instructions for MobileNetV2 int8 on a
+//! Cortex-A76). Here each channel's indices are copied once into 16-bit
+//! planes with the zero subtracted (so padding is 0), and blocks of 8
+//! outputs by two rows are summed with `smlal`, on every aarch64 core.
+//!
+//! [`run_plain`] is the reference: plain loops that every vector variant
+//! matches bit for bit (the sums are exact; the scaling is one fused
+//! multiply-add, the epilogue that of [`super::int8_conv`]'s rows).
+
+use std::sync::Arc;
+
+use tract_core::internal::TractResult;
+
+use super::Depthwise;
+use crate::engine::epilogue::Epilogue;
+use crate::engine::int8_conv::{integer_weights, largest, Out};
+use crate::engine::quant_dequant::QuantDequant;
+
+/// Taps of a 3x3 kernel.
+const TAPS: usize = 9;
+
+/// A depthwise convolution's weights as int8 steps, for one input grid.
+#[derive(Debug, Clone)]
+pub(super) struct IntDw {
+    /// `C x 9` weights in steps, row-major per channel.
+    q: Arc<[i16]>,
+    /// Per channel, the weights' step times the input grid's.
+    mul: Arc<[f32]>,
+    /// The input index of the value 0 (padding): minus the grid's low end.
+    zero: u8,
+    /// With an output pair: straight to the output index, in one multiply-add.
+    req: Option<Requant>,
+}
+
+/// The epilogue of an operator whose output is rounded onto a grid, folded
+/// into the sums' scaling: `index = clamp(round(sum * m + b), ilo, ihi)`,
+/// with `m = s_w * s_x / s_out` and `b = bias / s_out - lo_out`, and the
+/// clip as index bounds (rounding is monotone, so clipping before or after
+/// it is the same). One multiply-add and a conversion instead of the clip,
+/// scaling and rounding steps; it can round a value within an ulp of a tie
+/// the other way than those steps would, as ONNX Runtime's fixed-point
+/// requantization does too.
+#[derive(Debug, Clone)]
+struct Requant {
+    /// Per channel.
+    m: Arc<[f32]>,
+    /// Per channel.
+    b: Arc<[f32]>,
+    /// The lowest and highest index the clip and the grid leave.
+    ilo: u8,
+    ihi: u8,
+    /// The output grid's low end (in steps) and step, for f32 outputs.
+    lo: f32,
+    scale: f32,
+}
+
+impl PartialEq for Requant {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        bits(&self.m) == bits(&other.m)
+            && bits(&self.b) == bits(&other.b)
+            && (self.ilo, self.ihi) == (other.ilo, other.ihi)
+            && (self.lo.to_bits(), self.scale.to_bits()) == (other.lo.to_bits(), other.scale.to_bits())
+    }
+}
+
+impl Requant {
+    /// The folded form of `epi` after sums scaled by `mul` and biased by
+    /// `bias`, if it ends in a pair on a grid of at most 256 steps.
+    fn new(epi: &Epilogue, mul: &[f32], bias: &[f32]) -> Option<Requant> {
+        let qd = epi.qdq?;
+        let span = qd.hi - qd.lo;
+        if span.is_nan() || span > 255.0 || !qd.inv_scale.is_finite() || qd.inv_scale <= 0.0 {
+            return None;
+        }
+        let index = |v: f32| (v * qd.inv_scale).clamp(qd.lo, qd.hi).round_ties_even() - qd.lo;
+        let (ilo, ihi) = (index(epi.clamp.0.max(-f32::MAX)), index(epi.clamp.1.min(f32::MAX)));
+        Some(Requant {
+            m: mul.iter().map(|m| m * qd.inv_scale).collect(),
+            b: bias.iter().map(|b| b * qd.inv_scale - qd.lo).collect(),
+            ilo: ilo as u8,
+            ihi: ihi as u8,
+            lo: qd.lo,
+            scale: qd.scale,
+        })
+    }
+
+    /// Channel `c`'s sum `acc` as its output index.
+    #[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
+    fn index(&self, c: usize, acc: i32) -> u8 {
+        let r = (acc as f32).mul_add(self.m[c], self.b[c]).round_ties_even() as i32;
+        r.clamp(self.ilo as i32, self.ihi as i32) as u8
+    }
+}
+
+/// What the integer loops store: an output index, or the value it stands for.
+pub(super) trait IndexOut: Out {
+    /// Index `n` on a grid with low end `lo` (in steps) and step `scale`, as stored.
+    #[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
+    fn from_index(n: u8, lo: f32, scale: f32) -> Self;
+
+    /// [`Self::from_index`] of the first `n` of 8 indices, stored at `ptr` on.
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn store_indices(
+        idx: std::arch::aarch64::uint8x8_t,
+        lo: std::arch::aarch64::float32x4_t,
+        scale: std::arch::aarch64::float32x4_t,
+        ptr: *mut Self,
+        n: usize,
+    );
+}
+
+impl IndexOut for u8 {
+    fn from_index(n: u8, _: f32, _: f32) -> u8 {
+        n
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn store_indices(
+        idx: std::arch::aarch64::uint8x8_t,
+        _: std::arch::aarch64::float32x4_t,
+        _: std::arch::aarch64::float32x4_t,
+        ptr: *mut u8,
+        n: usize,
+    ) {
+        use std::arch::aarch64::vst1_u8;
+        if n == 8 {
+            vst1_u8(ptr, idx);
+        } else {
+            let mut all = [0u8; 8];
+            vst1_u8(all.as_mut_ptr(), idx);
+            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
+        }
+    }
+}
+
+impl IndexOut for f32 {
+    fn from_index(n: u8, lo: f32, scale: f32) -> f32 {
+        (n as f32 + lo) * scale
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[inline(always)]
+    unsafe fn store_indices(
+        idx: std::arch::aarch64::uint8x8_t,
+        lo: std::arch::aarch64::float32x4_t,
+        scale: std::arch::aarch64::float32x4_t,
+        ptr: *mut f32,
+        n: usize,
+    ) {
+        use std::arch::aarch64::*;
+        let wide = vmovl_u8(idx);
+        let halves = [vmovl_u16(vget_low_u16(wide)), vmovl_high_u16(wide)];
+        let v = halves.map(|h| vmulq_f32(vaddq_f32(vcvtq_f32_u32(h), lo), scale));
+        let mut all = [0f32; 8];
+        let dst = if n == 8 { ptr } else { all.as_mut_ptr() };
+        vst1q_f32(dst, v[0]);
+        vst1q_f32(dst.add(4), v[1]);
+        if n < 8 {
+            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
+        }
+    }
+}
+
+impl PartialEq for IntDw {
+    fn eq(&self, other: &Self) -> bool {
+        self.q == other.q
+            && self.zero == other.zero
+            && self.req == other.req
+            && self.mul.iter().map(|m| m.to_bits()).eq(other.mul.iter().map(|m| m.to_bits()))
+    }
+}
+
+impl Eq for IntDw {}
+
+impl IntDw {
+    /// The integer form of `C x 9` float `weights` reading indices on
+    /// `grid`, if every channel's weights are whole multiples of one step in
+    /// -128..=127 and the grid holds the value 0 (the padding).
+    pub(super) fn new(weights: &[f32], bias: &[f32], epi: &Epilogue, grid: QuantDequant) -> Option<IntDw> {
+        let zero = -grid.lo;
+        if !(0.0..=255.0).contains(&zero) || zero.fract() != 0.0 || !grid.scale.is_finite() {
+            return None;
+        }
+        let top = largest(weights);
+        let mut q = Vec::with_capacity(weights.len());
+        let mut mul = Vec::with_capacity(weights.len() / TAPS);
+        for row in weights.chunks_exact(TAPS) {
+            let (step, ints) = integer_weights(row, top)?;
+            q.extend(ints.iter().map(|&v| v as i16));
+            mul.push(step * grid.scale);
+        }
+        let req = Requant::new(epi, &mul, bias);
+        Some(IntDw { q: q.into(), mul: mul.into(), zero: zero as u8, req })
+    }
+
+    /// Channel `c`'s nine weights.
+    fn weights(&self, c: usize) -> &[i16; TAPS] {
+        self.q[c * TAPS..][..TAPS].try_into().expect("nine weights per channel")
+    }
+}
+
+/// Channels `first..first + out.len() / plane` of the indices `x` into
+/// `out`: the reference every vector variant matches.
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
+pub(super) fn run_plain<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
+    let [h, w] = op.in_hw;
+    let [ho, wo] = op.out_hw();
+    let [sh, sw] = op.strides;
+    let (pt, pl) = (op.pad[0] as isize, op.pad[1] as isize);
+    for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+        let c = first + ix;
+        let src = &x[c * h * w..][..h * w];
+        let q = iw.weights(c);
+        for (oy, row) in out.chunks_exact_mut(wo).enumerate() {
+            for (ox, o) in row.iter_mut().enumerate() {
+                let mut acc = 0i32;
+                for (t, &wt) in q.iter().enumerate() {
+                    let iy = (oy * sh + t / 3) as isize - pt;
+                    let ix = (ox * sw + t % 3) as isize - pl;
+                    if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                        let n = src[iy as usize * w + ix as usize] as i32 - iw.zero as i32;
+                        acc += wt as i32 * n;
+                    }
+                }
+                *o = match &iw.req {
+                    Some(r) => U::from_index(r.index(c, acc), r.lo, r.scale),
+                    None => U::plain(&op.epi, (acc as f32).mul_add(iw.mul[c], op.bias[c])),
+                };
+            }
+        }
+    }
+}
+
+/// Every channel of `x` into `out` on the best loops this CPU has, split
+/// between threads by channels.
+pub(super) fn run_all<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U]) -> TractResult<()> {
+    let [ho, wo] = op.out_hw();
+    let work = out.len() * TAPS;
+    tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
+        run(op, iw, x, chunk, first);
+        Ok(())
+    })
+}
+
+/// Channels `first..` into `out` on the best loops this CPU has.
+fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
+    #[cfg(target_arch = "aarch64")]
+    neon::run(op, iw, x, out, first);
+    #[cfg(not(target_arch = "aarch64"))]
+    run_plain(op, iw, x, out, first);
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    //! The aarch64 loops: 16-bit planes, `smlal` by 8 outputs and two rows.
+
+    use std::arch::aarch64::*;
+
+    use super::{Depthwise, IndexOut, IntDw, Requant, TAPS};
+    use crate::engine::int8_conv::neon::Regs;
+
+    /// Outputs per block: two registers of four sums.
+    const LANES: usize = 8;
+
+    /// Channels `first..` of the indices `x` into `out`, through planes kept
+    /// by the thread between inferences.
+    pub(in crate::engine) fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
+        thread_local! {
+            static PLANES: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PLANES.with_borrow_mut(|planes| {
+            planes.clear();
+            planes.resize(op.planes_len(), 0);
+            let p = planes.as_mut_slice();
+            // SAFETY: NEON is the aarch64 baseline; the loops' reads and
+            // writes are inside `p`, `x` and `out` (checked at their entry).
+            unsafe {
+                let s2 = op.strides[0] == 2;
+                match (iw.req.is_some(), op.epi.clamps(), op.epi.qdq.is_some(), s2) {
+                    (true, _, _, false) => channels::<U, true, false, false, 1>(op, iw, x, out, first, p),
+                    (true, _, _, true) => channels::<U, true, false, false, 2>(op, iw, x, out, first, p),
+                    (false, true, false, false) => channels::<U, false, true, false, 1>(op, iw, x, out, first, p),
+                    (false, true, false, true) => channels::<U, false, true, false, 2>(op, iw, x, out, first, p),
+                    (false, false, true, false) => channels::<U, false, false, true, 1>(op, iw, x, out, first, p),
+                    (false, false, true, true) => channels::<U, false, false, true, 2>(op, iw, x, out, first, p),
+                    (false, true, true, false) => channels::<U, false, true, true, 1>(op, iw, x, out, first, p),
+                    (false, true, true, true) => channels::<U, false, true, true, 2>(op, iw, x, out, first, p),
+                    (false, false, false, false) => channels::<U, false, false, false, 1>(op, iw, x, out, first, p),
+                    (false, false, false, true) => channels::<U, false, false, false, 2>(op, iw, x, out, first, p),
+                }
+            }
+        })
+    }
+
+    /// Copies one input row of indices into the planes as `n - zero`:
+    /// columns `col` of the padded row to phase `col % sw` at `col / sw`.
+    #[inline(always)]
+    unsafe fn fill_row(src: &[u8], planes: &mut [i16], at: [usize; 2], sw: usize, zero: u8) {
+        let z = vdup_n_u8(zero);
+        let zq = vdupq_n_u8(zero);
+        let w = src.len();
+        if sw == 1 {
+            let dst = &mut planes[at[0]..][..w];
+            let mut i = 0;
+            while i + 16 <= w {
+                let b = vld1q_u8(src.as_ptr().add(i));
+                vst1q_s16(dst.as_mut_ptr().add(i), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(b), z)));
+                vst1q_s16(dst.as_mut_ptr().add(i + 8), vreinterpretq_s16_u16(vsubl_high_u8(b, zq)));
+                i += 16;
+            }
+            // The rest by 8, the last 8 overlapping what is done (the same
+            // values again): one-by-one tails cost more than the rows.
+            while i < w && w >= 8 {
+                let at = i.min(w - 8);
+                let b = vld1_u8(src.as_ptr().add(at));
+                vst1q_s16(dst.as_mut_ptr().add(at), vreinterpretq_s16_u16(vsubl_u8(b, z)));
+                i = at + 8;
+            }
+            for (d, &s) in dst[i..].iter_mut().zip(&src[i..]) {
+                *d = s as i16 - zero as i16;
+            }
+        } else {
+            // `at` holds where source columns 0 and 1 go (their phases differ).
+            let (evens, odds) = (w.div_ceil(2), w / 2);
+            assert!(at[0] + evens <= planes.len() && at[1] + odds <= planes.len());
+            let (d0, d1) = (planes.as_mut_ptr().add(at[0]), planes.as_mut_ptr().add(at[1]));
+            let mut i = 0;
+            while i + 32 <= w {
+                let b = vld2q_u8(src.as_ptr().add(i));
+                let (e, o) = (b.0, b.1);
+                vst1q_s16(d0.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(e), z)));
+                vst1q_s16(d0.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(e, zq)));
+                vst1q_s16(d1.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(o), z)));
+                vst1q_s16(d1.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(o, zq)));
+                i += 32;
+            }
+            // By 16 (8 pairs), the last 16 overlapping, from an even column
+            // so that the phases stay: then one by one.
+            let sixteen = |at: usize| {
+                let b = vld2_u8(src.as_ptr().add(at));
+                vst1q_s16(d0.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.0, z)));
+                vst1q_s16(d1.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.1, z)));
+            };
+            if i + 16 <= w {
+                sixteen(i);
+                i += 16;
+            }
+            if i < w && w >= 16 {
+                let at = (w - 16) & !1;
+                sixteen(at);
+                i = i.max(at + 16);
+            }
+            while i < w {
+                let v = src[i] as i16 - zero as i16;
+                if i % 2 == 0 {
+                    *d0.add(i / 2) = v;
+                } else {
+                    *d1.add(i / 2) = v;
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// The channel loop: fill the planes, then two output rows at a time.
+    #[inline(always)]
+    unsafe fn channels<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        op: &Depthwise,
+        iw: &IntDw,
+        x: &[u8],
+        out: &mut [U],
+        first: usize,
+        planes: &mut [i16],
+    ) {
+        let [h, w] = op.in_hw;
+        let [ho, wo] = op.out_hw();
+        let sw = op.strides[1];
+        let (hp, row_len, wo_blocks) = op.layout();
+        let phase = hp * row_len;
+        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len());
+        assert!(x.len() >= (first + out.len() / (ho * wo)) * h * w && first + out.len() / (ho * wo) <= op.channels);
+        let taps_at: [usize; 3] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
+        let regs = Regs::new(&op.epi);
+        let req = ReqRegs::new(iw.req.as_ref());
+        // Where source columns 0 and 1 land: the padded column `pad + j`
+        // goes to phase `(pad + j) % sw`, at `(pad + j) / sw`.
+        let col_at = |j: usize| ((op.pad[1] + j) % sw) * phase + (op.pad[1] + j) / sw;
+        for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+            let c = first + ix;
+            let src = &x[c * h * w..][..h * w];
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let base = (y + op.pad[0]) * row_len;
+                fill_row(row, planes, [base + col_at(0), base + col_at(1.min(w - 1))], sw, iw.zero);
+            }
+            let q = iw.weights(c);
+            let k: [int16x8_t; TAPS] = std::array::from_fn(|t| vdupq_n_s16(q[t]));
+            let (mul, bias) = match &iw.req {
+                Some(r) if REQ => (vdupq_n_f32(r.m[c]), vdupq_n_f32(r.b[c])),
+                _ => (vdupq_n_f32(iw.mul[c]), vdupq_n_f32(op.bias[c])),
+            };
+            let out = out.as_mut_ptr();
+            for pair in 0..ho.div_ceil(2) {
+                let first_row = 2 * pair * SH;
+                let two = 2 * pair + 1 < ho;
+                let rows: [*const i16; 5] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp { i } else { 0 };
+                    planes.as_ptr().add((first_row + i) * row_len)
+                });
+                let dst = out.add(2 * pair * wo);
+                // Whole blocks only, the last one ending at the row's end
+                // (recomputing a few outputs): a shorter store costs a copy
+                // through the stack, and one past the row would land on
+                // outputs of the next row already stored. Rows shorter than
+                // a block are stored in part.
+                let mut col = 0;
+                while col < wo {
+                    let n = (wo - col).min(LANES);
+                    if n < LANES && wo >= LANES {
+                        col = wo - LANES;
+                        continue;
+                    }
+                    if two {
+                        let acc = block::<SH, true>(&rows, &taps_at, &k, col);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + col), n);
+                    } else {
+                        let acc = block::<SH, false>(&rows, &taps_at, &k, col);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
+                    }
+                    if col + LANES >= wo {
+                        break;
+                    }
+                    col += LANES;
+                }
+            }
+        }
+    }
+
+    /// The sums of 8 outputs from column `col` of one output row (its input
+    /// rows `rows[..3]`) and, with `TWO`, of the next (`rows[SH..SH + 3]`).
+    #[inline(always)]
+    unsafe fn block<const SH: usize, const TWO: bool>(
+        rows: &[*const i16; 5],
+        taps_at: &[usize; 3],
+        k: &[int16x8_t; TAPS],
+        col: usize,
+    ) -> [[int32x4_t; 2]; 2] {
+        let mut acc = [[vdupq_n_s32(0); 2]; 2];
+        let used = if TWO { SH + 3 } else { 3 };
+        for (i, row) in rows.iter().enumerate().take(used) {
+            for (dx, &at) in taps_at.iter().enumerate() {
+                let v = vld1q_s16(row.add(at + col));
+                if i < 3 {
+                    let w = k[i * 3 + dx];
+                    acc[0][0] = vmlal_s16(acc[0][0], vget_low_s16(v), vget_low_s16(w));
+                    acc[0][1] = vmlal_high_s16(acc[0][1], v, w);
+                }
+                if TWO && i >= SH {
+                    let w = k[(i - SH) * 3 + dx];
+                    acc[1][0] = vmlal_s16(acc[1][0], vget_low_s16(v), vget_low_s16(w));
+                    acc[1][1] = vmlal_high_s16(acc[1][1], v, w);
+                }
+            }
+        }
+        acc
+    }
+
+    /// `sum * mul + bias` (fused, as the reference's `mul_add`), then the
+    /// epilogue, into `ptr[..n]`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool>(
+        regs: &Regs,
+        req: &ReqRegs,
+        acc: [int32x4_t; 2],
+        mul: float32x4_t,
+        bias: float32x4_t,
+        ptr: *mut U,
+        n: usize,
+    ) {
+        let v = acc.map(|a| vfmaq_f32(bias, vcvtq_f32_s32(a), mul));
+        if REQ {
+            // `Requant::index`: round to nearest even, saturate, clamp.
+            let r = v.map(|v| vqmovn_s32(vcvtnq_s32_f32(v)));
+            let idx = vmin_u8(vmax_u8(vqmovun_s16(vcombine_s16(r[0], r[1])), req.ilo), req.ihi);
+            U::store_indices(idx, req.lo, req.scale, ptr, n);
+        } else {
+            U::store_neon::<CLAMP, QDQ>(regs, v, ptr, n);
+        }
+    }
+
+    /// A [`Requant`]'s operator-wide constants in registers.
+    struct ReqRegs {
+        ilo: uint8x8_t,
+        ihi: uint8x8_t,
+        lo: float32x4_t,
+        scale: float32x4_t,
+    }
+
+    impl ReqRegs {
+        fn new(req: Option<&Requant>) -> ReqRegs {
+            let (ilo, ihi, lo, scale) = req.map_or((0, 255, 0.0, 1.0), |r| (r.ilo, r.ihi, r.lo, r.scale));
+            // SAFETY: NEON is the aarch64 baseline.
+            unsafe {
+                ReqRegs { ilo: vdup_n_u8(ilo), ihi: vdup_n_u8(ihi), lo: vdupq_n_f32(lo), scale: vdupq_n_f32(scale) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::depthwise::tests::values;
+    use tract_core::internal::tvec;
+
+    /// A depthwise operator reading indices on `grid`, with int8-step
+    /// weights, and its integer form.
+    fn op(
+        c: usize,
+        hw: [usize; 2],
+        strides: [usize; 2],
+        pad: [usize; 4],
+        epi: Epilogue,
+        grid: QuantDequant,
+    ) -> Depthwise {
+        let out_hw = [(hw[0] + pad[0] + pad[2] - 3) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - 3) / strides[1] + 1];
+        // Per-channel steps, each channel with a weight of +-127 (how
+        // symmetric quantizers scale them), the rest anywhere in between.
+        let mut weights: Vec<f32> = values(c * TAPS, 7).iter().map(|v| (v * 127.0).round()).collect();
+        for (ch, row) in weights.chunks_exact_mut(TAPS).enumerate() {
+            row[ch % TAPS] = if ch % 2 == 0 { 127.0 } else { -127.0 };
+            let step = 0.01 + ch as f32 * 0.003;
+            row.iter_mut().for_each(|w| *w *= step);
+        }
+        let bias: Vec<f32> = values(c, 11).iter().map(|v| v * 0.5).collect();
+        let mut op = Depthwise {
+            channels: c,
+            in_hw: hw,
+            strides,
+            pad,
+            weights: weights.into(),
+            bias: bias.into(),
+            epi,
+            input_u8: Some(grid),
+            out_u8: false,
+            int: None,
+            out_shape: tvec![1, c, out_hw[0], out_hw[1]],
+        };
+        op.int = IntDw::new(&op.weights, &op.bias, &op.epi, grid);
+        assert!(op.int.is_some(), "the test's weights are whole steps");
+        op
+    }
+
+    fn indices(n: usize, seed: u32) -> Vec<u8> {
+        values(n, seed).iter().map(|v| ((v + 1.0) * 127.9) as u8).collect()
+    }
+
+    const RELU6_PAIR: Epilogue =
+        Epilogue { clamp: (0.0, 6.0), qdq: Some(QuantDequant { scale: 0.05, inv_scale: 20.0, lo: 0.0, hi: 255.0 }) };
+
+    fn epilogues() -> Vec<Epilogue> {
+        let pair = QuantDequant::new(0.031, -128.0, 127.0);
+        vec![
+            Epilogue::NONE,
+            Epilogue { clamp: (0.0, 6.0), qdq: None },
+            Epilogue { clamp: Epilogue::NONE.clamp, qdq: Some(pair) },
+            RELU6_PAIR,
+            // A clip narrower than the grid on both sides.
+            Epilogue { clamp: (-1.0, 2.0), qdq: Some(pair) },
+        ]
+    }
+
+    #[test]
+    fn integer_sums_match_the_float_operator() {
+        let grids = [
+            QuantDequant::new(0.02, 0.0, 255.0),
+            QuantDequant::new(0.015, -128.0, 127.0),
+            QuantDequant::new(0.01, -37.0, 218.0),
+        ];
+        for grid in grids {
+            for epi in epilogues() {
+                for (strides, pad) in [([1, 1], [1, 1, 1, 1]), ([2, 2], [0, 0, 1, 1]), ([2, 2], [1, 1, 1, 1])] {
+                    let op = op(5, [9, 13], strides, pad, epi, grid);
+                    let iw = op.int.clone().expect("integer form");
+                    let x = indices(5 * 9 * 13, 3);
+                    let n: usize = op.out_shape.iter().product();
+                    let (mut int, mut float) = (vec![0f32; n], vec![0f32; n]);
+                    run_plain(&op, &iw, &x, &mut int, 0);
+                    op.run_all::<u8, f32>(&x, &mut float).unwrap();
+                    // One output step (with a pair) or float rounding apart.
+                    let tol = epi.qdq.map_or(1e-4, |q| q.scale * 1.01);
+                    for (i, (a, b)) in int.iter().zip(&float).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol * b.abs().max(1.0),
+                            "{grid:?} {epi:?} {strides:?} at {i}: {a} vs {b}"
+                        );
+                    }
+                    // And the indices equal the pair's index of the value.
+                    if let Some(qd) = epi.qdq {
+                        let mut idx = vec![0u8; n];
+                        run_plain(&op, &iw, &x, &mut idx, 0);
+                        for (i, v) in idx.iter().zip(&int) {
+                            assert_eq!(QuantDequant::one(&qd, *v), (*i as f32 + qd.lo) * qd.scale);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn padding_reads_the_value_zero_and_a_grid_without_zero_is_refused() {
+        // All inputs at the grid's zero: every output is the bias alone.
+        let grid = QuantDequant::new(0.02, -100.0, 155.0);
+        let op = op(2, [4, 4], [1, 1], [1, 1, 1, 1], Epilogue::NONE, grid);
+        let iw = op.int.clone().unwrap();
+        let mut out = vec![0f32; 2 * 16];
+        run_plain(&op, &iw, &[100u8; 32], &mut out, 0);
+        assert!(out[..16].iter().all(|&v| v == op.bias[0]) && out[16..].iter().all(|&v| v == op.bias[1]));
+        // A grid whose range leaves out 0 cannot pad.
+        assert!(IntDw::new(&op.weights, &op.bias, &op.epi, QuantDequant::new(0.02, 3.0, 258.0)).is_none());
+        // Weights off any int8 grid stay on the float loops.
+        let mut w = op.weights.to_vec();
+        w[1] += 0.000_37;
+        assert!(IntDw::new(&w, &op.bias, &op.epi, grid).is_none());
+    }
+
+    /// Every geometry the vector loops special-case: short, ragged and
+    /// exact-block rows, odd heights, both strides on each axis, padding on
+    /// any side, a channel range that starts anywhere (a thread's share).
+    #[test]
+    fn vector_loops_match_the_reference_bit_for_bit() {
+        if !cfg!(target_arch = "aarch64") {
+            println!(
+                "SKIPPED: the integer depthwise loops are aarch64 NEON; this {} host runs only the reference",
+                std::env::consts::ARCH
+            );
+            return;
+        }
+        let grid = QuantDequant::new(0.02, -3.0, 252.0);
+        let mut cases = 0;
+        for epi in epilogues() {
+            for strides in [[1, 1], [2, 2], [1, 2], [2, 1]] {
+                for pad in [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]] {
+                    for hw in [[3, 3], [4, 7], [7, 8], [5, 9], [6, 16], [9, 17], [8, 33], [3, 40], [2, 56]] {
+                        if hw[0] + pad[0] + pad[2] < 3 || hw[1] + pad[1] + pad[3] < 3 {
+                            continue;
+                        }
+                        let op = op(4, hw, strides, pad, epi, grid);
+                        let iw = op.int.clone().unwrap();
+                        let x = indices(4 * hw[0] * hw[1], cases as u32);
+                        let plane = op.out_shape[2] * op.out_shape[3];
+                        for first in [0, 1] {
+                            let n = (4 - first) * plane;
+                            let (mut want, mut got) = (vec![0u8; n], vec![7u8; n]);
+                            run_plain(&op, &iw, &x, &mut want, first);
+                            run(&op, &iw, &x, &mut got, first);
+                            if epi.qdq.is_some() {
+                                assert_eq!(got, want, "{epi:?} {strides:?} {pad:?} {hw:?} from {first}");
+                            }
+                            let (mut want, mut got) = (vec![0f32; n], vec![7f32; n]);
+                            run_plain(&op, &iw, &x, &mut want, first);
+                            run(&op, &iw, &x, &mut got, first);
+                            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&got), bits(&want), "{epi:?} {strides:?} {pad:?} {hw:?} from {first}");
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        println!("{cases} cases bit for bit");
+    }
+}
