@@ -122,7 +122,8 @@ unsafe fn blocks<T: Out, const CLAMP: bool, const QDQ: bool, const VNNI: bool>(
 ) {
     let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
     let channels = out.len() / p;
-    assert!(packed.len() >= quads * op.padded_pixels() && first + channels <= op.out_channels);
+    assert!(packed.len() >= quads * op.padded_pixels());
+    op.check_channels(first, channels);
     assert!(VNNI || op.weights16.len() >= 4 * quads * opad);
     let epi = op.epi.by_value();
     let out = out.as_mut_ptr();

@@ -527,12 +527,37 @@ impl Int8Conv {
         }
     }
 
+    /// Output channel `o`'s scale and bias, for the block loops' epilogues.
+    /// The loops check their channel range against the arrays once
+    /// ([`Self::check_channels`]), so no check per row is needed here.
+    ///
+    /// # Safety
+    /// `o < self.out_channels`, and the arrays hold a value per channel.
+    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+    #[inline(always)]
+    unsafe fn scaling(&self, o: usize) -> (f32, f32) {
+        (*self.mul.get_unchecked(o), *self.bias.get_unchecked(o))
+    }
+
     /// The correction of kernels whose packed input counts from `lo + 128`
-    /// (signed bytes, [`Isa::NeonDot`]) for output channel `o`.
+    /// (signed bytes: the aarch64 rungs) for output channel `o`, without
+    /// bounds checks: see [`Self::scaling`].
+    ///
+    /// # Safety
+    /// As for [`Self::scaling`].
     #[cfg(target_arch = "aarch64")]
     #[inline(always)]
-    fn signed_corr(&self, o: usize) -> i32 {
-        self.corr[o] + 128 * self.wsum[o]
+    unsafe fn signed_corr(&self, o: usize) -> i32 {
+        *self.corr.get_unchecked(o) + 128 * *self.wsum.get_unchecked(o)
+    }
+
+    /// Asserts that channels `first..first + channels` have their
+    /// per-channel values: what [`Self::scaling`] relies on.
+    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+    fn check_channels(&self, first: usize, channels: usize) {
+        let end = first + channels;
+        assert!(end <= self.out_channels);
+        assert!(self.mul.len() >= end && self.bias.len() >= end && self.corr.len() >= end && self.wsum.len() >= end);
     }
 
     /// Whether no weight is -128, so that two products of a signed input
@@ -682,6 +707,14 @@ impl Int8Conv {
                 neon::pack_signed(self, rows, packed);
                 return Ok(Packed::Words(packed));
             }
+            #[cfg(target_arch = "aarch64")]
+            (Some(g), Input::Values(x))
+                if self.isa == Isa::NeonDot || (self.isa == Isa::Neon && self.weights16.is_empty()) =>
+            {
+                neon::fill_planes(self, g, x, bytes);
+                neon::pack_im2col_signed(self, g, bytes, packed);
+                return Ok(Packed::Words(packed));
+            }
             (Some(g), Input::Values(x)) => {
                 self.fill_planes(g, x, bytes);
                 self.pack_im2col(g, bytes, packed)
@@ -798,8 +831,8 @@ macro_rules! store_rows {
     ($op:ident, $acc:ident, $rows:ident, $first:ident, $o:ident, $out:ident, $p:ident, $px:ident, $n:ident, $epi:expr, [$($r:literal)*]) => {
         $(
             if $r < $rows {
-                let c = $first + $o + $r;
-                store_row::<T, CLAMP, QDQ>($acc[$r], $op.mul[c], $op.bias[c], $epi, $out.add(($o + $r) * $p + $px), $n);
+                let (mul, bias) = $op.scaling($first + $o + $r);
+                store_row::<T, CLAMP, QDQ>($acc[$r], mul, bias, $epi, $out.add(($o + $r) * $p + $px), $n);
             }
         )*
     };

@@ -108,12 +108,11 @@ impl Isa {
     /// Whether our integer convolutions beat tract's float kernels on this
     /// rung, so that they are put in graphs. The scalar reference is for
     /// tests and for `EDGEINFER_ISA=scalar`, which keeps tract's kernels.
-    /// The SMLAL loops (`neon`) and AVX2's `vpmaddwd` ones (`avx2`) are
-    /// tested but not used yet: MobileNetV2 took more instructions on a
-    /// Cortex-A72, and more time on AVX2, than on tract's float path
+    /// AVX2's `vpmaddwd` loops (`avx2`) are tested but not used yet:
+    /// MobileNetV2 took more time on them than on tract's float path
     /// (docs/int8-kernels.md has the figures).
     pub fn has_int8_kernels(self) -> bool {
-        !matches!(self, Isa::Scalar | Isa::Avx2 | Isa::Neon)
+        !matches!(self, Isa::Scalar | Isa::Avx2)
     }
 
     /// Whether our int8 operators go in graphs in this process: on the rung
