@@ -254,7 +254,12 @@ pub(super) fn run_all<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &m
 /// Channels `first..` into `out` on the best loops this CPU has.
 fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
     #[cfg(target_arch = "aarch64")]
-    neon::run(op, iw, x, out, first);
+    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot {
+        // SAFETY: the rung in use is only `dotprod` when the CPU has it.
+        unsafe { dot::run(op, iw, x, out, first) }
+    } else {
+        neon::run(op, iw, x, out, first)
+    }
     #[cfg(not(target_arch = "aarch64"))]
     run_plain(op, iw, x, out, first);
 }
@@ -478,7 +483,7 @@ pub(super) mod neon {
     /// epilogue, into `ptr[..n]`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn store<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool>(
+    pub(super) unsafe fn store<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool>(
         regs: &Regs,
         req: &ReqRegs,
         acc: [int32x4_t; 2],
@@ -499,7 +504,7 @@ pub(super) mod neon {
     }
 
     /// A [`Requant`]'s operator-wide constants in registers.
-    struct ReqRegs {
+    pub(super) struct ReqRegs {
         ilo: uint8x8_t,
         ihi: uint8x8_t,
         lo: float32x4_t,
@@ -507,11 +512,219 @@ pub(super) mod neon {
     }
 
     impl ReqRegs {
-        fn new(req: Option<&Requant>) -> ReqRegs {
+        pub(super) fn new(req: Option<&Requant>) -> ReqRegs {
             let (ilo, ihi, lo, scale) = req.map_or((0, 255, 0.0, 1.0), |r| (r.ilo, r.ihi, r.lo, r.scale));
             // SAFETY: NEON is the aarch64 baseline.
             unsafe {
                 ReqRegs { ilo: vdup_n_u8(ilo), ihi: vdup_n_u8(ihi), lo: vdupq_n_f32(lo), scale: vdupq_n_f32(scale) }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub(super) mod dot {
+    //! The loops for cores with the dot product (Cortex-A55, A76: Pi 5):
+    //! each input row's bytes are kept as signed bytes (`n - 128`), `tbl`
+    //! gathers the three taps of each of 8 outputs into four-byte groups
+    //! (a zero weight for the fourth), and one `sdot` per four outputs adds
+    //! a kernel row: 3 per 4 outputs where `smlal` needs 9.
+
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use super::neon::{store, ReqRegs};
+    use super::{Depthwise, IndexOut, IntDw};
+    use crate::engine::int8_conv::neon::Regs;
+
+    /// Outputs per block: two registers of four sums.
+    const LANES: usize = 8;
+    /// Bytes read per input row and block: two registers.
+    const READ: usize = 32;
+
+    /// `acc += a . b`, four bytes per lane.
+    macro_rules! sdot {
+        ($acc:expr, $a:expr, $b:expr) => {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) $acc,
+                a = in(vreg) $a,
+                b = in(vreg) $b,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+    }
+
+    /// Padded rows: height, and the length of a row (room for the last
+    /// block's 32-byte reads).
+    fn layout(op: &Depthwise) -> (usize, usize) {
+        let hp = op.in_hw[0] + op.pad[0] + op.pad[2];
+        let wp = op.in_hw[1] + op.pad[1] + op.pad[3];
+        let wo = op.out_hw()[1];
+        (hp, (wp.max(wo.max(LANES) * op.strides[1]) + READ).next_multiple_of(16))
+    }
+
+    /// Channels `first..` of the indices `x` into `out`, through a plane
+    /// kept by the thread between inferences.
+    ///
+    /// # Safety
+    /// The CPU must have the dot product.
+    pub(in crate::engine) unsafe fn run<U: IndexOut>(
+        op: &Depthwise,
+        iw: &IntDw,
+        x: &[u8],
+        out: &mut [U],
+        first: usize,
+    ) {
+        thread_local! {
+            static PLANE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (hp, row_len) = layout(op);
+        PLANE.with_borrow_mut(|plane| {
+            // Padding holds the value 0: the index `zero`, as a signed byte.
+            plane.clear();
+            plane.resize(hp * row_len + READ, iw.zero ^ 0x80);
+            let p = plane.as_mut_slice();
+            let s2 = op.strides[0] == 2;
+            match (iw.req.is_some(), op.epi.clamps(), op.epi.qdq.is_some(), s2) {
+                (true, _, _, false) => channels::<U, true, false, false, 1>(op, iw, x, out, first, p),
+                (true, _, _, true) => channels::<U, true, false, false, 2>(op, iw, x, out, first, p),
+                (false, true, false, false) => channels::<U, false, true, false, 1>(op, iw, x, out, first, p),
+                (false, true, false, true) => channels::<U, false, true, false, 2>(op, iw, x, out, first, p),
+                (false, false, true, false) => channels::<U, false, false, true, 1>(op, iw, x, out, first, p),
+                (false, false, true, true) => channels::<U, false, false, true, 2>(op, iw, x, out, first, p),
+                (false, true, true, false) => channels::<U, false, true, true, 1>(op, iw, x, out, first, p),
+                (false, true, true, true) => channels::<U, false, true, true, 2>(op, iw, x, out, first, p),
+                (false, false, false, false) => channels::<U, false, false, false, 1>(op, iw, x, out, first, p),
+                (false, false, false, true) => channels::<U, false, false, false, 2>(op, iw, x, out, first, p),
+            }
+        })
+    }
+
+    /// The `tbl` indices of outputs 0-3 and 4-7 of a block: output `j`'s
+    /// taps at `j * sw`, `+1`, `+2`, then an index past the table (a 0).
+    fn gather(sw: usize) -> [[u8; 16]; 2] {
+        std::array::from_fn(|half| {
+            std::array::from_fn(|i| {
+                let (j, t) = (4 * half + i / 4, i % 4);
+                if t == 3 {
+                    0xff
+                } else {
+                    (j * sw + t) as u8
+                }
+            })
+        })
+    }
+
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn channels<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        op: &Depthwise,
+        iw: &IntDw,
+        x: &[u8],
+        out: &mut [U],
+        first: usize,
+        plane: &mut [u8],
+    ) {
+        let [h, w] = op.in_hw;
+        let [ho, wo] = op.out_hw();
+        let sw = op.strides[1];
+        let (hp, row_len) = layout(op);
+        let channels = out.len() / (ho * wo);
+        assert!(plane.len() >= hp * row_len + READ);
+        assert!(x.len() >= (first + channels) * h * w && first + channels <= op.channels);
+        let regs = Regs::new(&op.epi);
+        let req = ReqRegs::new(iw.req.as_ref());
+        let idx = gather(sw).map(|g| vld1q_u8(g.as_ptr()));
+        let flip = vdupq_n_u8(0x80);
+        for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+            let c = first + ix;
+            let src = &x[c * h * w..][..h * w];
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let start = (y + op.pad[0]) * row_len + op.pad[1];
+                let dst = &mut plane[start..][..w];
+                let mut i = 0;
+                while i < w && w >= 16 {
+                    let at = i.min(w - 16);
+                    vst1q_u8(dst.as_mut_ptr().add(at), veorq_u8(vld1q_u8(row.as_ptr().add(at)), flip));
+                    i = at + 16;
+                }
+                while i < w && w >= 8 {
+                    let at = i.min(w - 8);
+                    vst1_u8(dst.as_mut_ptr().add(at), veor_u8(vld1_u8(row.as_ptr().add(at)), vget_low_u8(flip)));
+                    i = at + 8;
+                }
+                // Rows of fewer than 8 (7x7 layers): 8 bytes read where the
+                // input goes on that far, the ones past the row replaced by
+                // the padding's value; the row has room for them
+                // (`layout`), and they land on padding or slack.
+                let src_end = (c * h * w) + (y + 1) * w;
+                if i < w && src_end + 8 - w <= x.len() {
+                    let keep = vcgt_u8(vdup_n_u8(w as u8), vcreate_u8(0x0706_0504_0302_0100));
+                    let b = veor_u8(vld1_u8(row.as_ptr()), vget_low_u8(flip));
+                    let b = vbsl_u8(keep, b, vdup_n_u8(iw.zero ^ 0x80));
+                    vst1_u8(plane.as_mut_ptr().add(start), b);
+                    i = w;
+                }
+                let dst = &mut plane[start..][..w];
+                for (d, &s) in dst[i..].iter_mut().zip(&row[i..]) {
+                    *d = s ^ 0x80;
+                }
+            }
+            let q = iw.weights(c);
+            // Kernel row k as four-byte groups (its three weights, then 0).
+            let k: [int8x16_t; 3] = std::array::from_fn(|r| {
+                let g: [i8; 16] = std::array::from_fn(|i| if i % 4 == 3 { 0 } else { q[3 * r + i % 4] as i8 });
+                vld1q_s8(g.as_ptr())
+            });
+            // The signed bytes count from 128 below the indices, and the
+            // padding (and every tap) from `zero`: sum(q * (s + 128 - zero)).
+            let corr = vdupq_n_s32((128 - iw.zero as i32) * q.iter().map(|&v| v as i32).sum::<i32>());
+            let (mul, bias) = match &iw.req {
+                Some(r) if REQ => (vdupq_n_f32(r.m[c]), vdupq_n_f32(r.b[c])),
+                _ => (vdupq_n_f32(iw.mul[c]), vdupq_n_f32(op.bias[c])),
+            };
+            let out = out.as_mut_ptr();
+            for pair in 0..ho.div_ceil(2) {
+                let first_row = 2 * pair * SH;
+                let two = 2 * pair + 1 < ho;
+                let rows: [*const i8; 5] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp { i } else { 0 };
+                    plane.as_ptr().add((first_row + i) * row_len) as *const i8
+                });
+                let dst = out.add(2 * pair * wo);
+                // As the 16-bit loops: whole blocks, the last one ending at
+                // the row's end; rows shorter than a block stored in part.
+                let mut col = 0;
+                while col < wo {
+                    let n = (wo - col).min(LANES);
+                    if n < LANES && wo >= LANES {
+                        col = wo - LANES;
+                        continue;
+                    }
+                    let mut acc = [[corr; 2]; 2];
+                    let used = if two { SH + 3 } else { 3 };
+                    for (i, row) in rows.iter().enumerate().take(used) {
+                        let p = row.add(col * sw);
+                        let t = int8x16x2_t(vld1q_s8(p), vld1q_s8(p.add(16)));
+                        let (g0, g1) = (vqtbl2q_s8(t, idx[0]), vqtbl2q_s8(t, idx[1]));
+                        if i < 3 {
+                            sdot!(acc[0][0], g0, k[i]);
+                            sdot!(acc[0][1], g1, k[i]);
+                        }
+                        if two && i >= SH {
+                            sdot!(acc[1][0], g0, k[i - SH]);
+                            sdot!(acc[1][1], g1, k[i - SH]);
+                        }
+                    }
+                    store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
+                    if two {
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + col), n);
+                    }
+                    if col + LANES >= wo {
+                        break;
+                    }
+                    col += LANES;
+                }
             }
         }
     }
@@ -638,6 +851,10 @@ mod tests {
     /// Every geometry the vector loops special-case: short, ragged and
     /// exact-block rows, odd heights, both strides on each axis, padding on
     /// any side, a channel range that starts anywhere (a thread's share).
+    /// A vector variant's name and its loops for byte and f32 outputs.
+    type Variant = (&'static str, Loops<u8>, Loops<f32>);
+    type Loops<U> = fn(&Depthwise, &IntDw, &[u8], &mut [U], usize);
+
     #[test]
     fn vector_loops_match_the_reference_bit_for_bit() {
         if !cfg!(target_arch = "aarch64") {
@@ -648,6 +865,25 @@ mod tests {
             return;
         }
         let grid = QuantDequant::new(0.02, -3.0, 252.0);
+        // Each variant this CPU has: the 16-bit loops on every aarch64
+        // core, the SDOT ones with the dot product.
+        #[cfg(target_arch = "aarch64")]
+        let variants: Vec<Variant> = {
+            let mut v: Vec<Variant> = vec![("smlal", neon::run::<u8>, neon::run::<f32>)];
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                // SAFETY: the CPU has the dot product.
+                v.push((
+                    "sdot",
+                    |o, i, x, out, f| unsafe { dot::run::<u8>(o, i, x, out, f) },
+                    |o, i, x, out, f| unsafe { dot::run::<f32>(o, i, x, out, f) },
+                ));
+            } else {
+                println!("SKIPPED: the SDOT depthwise loops: this CPU has no dot product (run under qemu -cpu cortex-a76 for them)");
+            }
+            v
+        };
+        #[cfg(not(target_arch = "aarch64"))]
+        let variants: Vec<Variant> = vec![];
         let mut cases = 0;
         for epi in epilogues() {
             for strides in [[1, 1], [2, 2], [1, 2], [2, 1]] {
@@ -662,18 +898,24 @@ mod tests {
                         let plane = op.out_shape[2] * op.out_shape[3];
                         for first in [0, 1] {
                             let n = (4 - first) * plane;
-                            let (mut want, mut got) = (vec![0u8; n], vec![7u8; n]);
-                            run_plain(&op, &iw, &x, &mut want, first);
-                            run(&op, &iw, &x, &mut got, first);
-                            if epi.qdq.is_some() {
-                                assert_eq!(got, want, "{epi:?} {strides:?} {pad:?} {hw:?} from {first}");
+                            for (name, bytes, floats) in &variants {
+                                let (mut want, mut got) = (vec![0u8; n], vec![7u8; n]);
+                                run_plain(&op, &iw, &x, &mut want, first);
+                                bytes(&op, &iw, &x, &mut got, first);
+                                if epi.qdq.is_some() {
+                                    assert_eq!(got, want, "{name} {epi:?} {strides:?} {pad:?} {hw:?} from {first}");
+                                }
+                                let (mut want, mut got) = (vec![0f32; n], vec![7f32; n]);
+                                run_plain(&op, &iw, &x, &mut want, first);
+                                floats(&op, &iw, &x, &mut got, first);
+                                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(&got),
+                                    bits(&want),
+                                    "{name} {epi:?} {strides:?} {pad:?} {hw:?} from {first}"
+                                );
+                                cases += 1;
                             }
-                            let (mut want, mut got) = (vec![0f32; n], vec![7f32; n]);
-                            run_plain(&op, &iw, &x, &mut want, first);
-                            run(&op, &iw, &x, &mut got, first);
-                            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                            assert_eq!(bits(&got), bits(&want), "{epi:?} {strides:?} {pad:?} {hw:?} from {first}");
-                            cases += 1;
                         }
                     }
                 }
