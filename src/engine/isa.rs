@@ -7,7 +7,7 @@
 //! `scalar < neon < dotprod` (SDOT). A cap names a rung of this machine's
 //! ladder; the kernels used are the lower of it and the best the CPU has.
 //! 32-bit ARM has only the scalar rung for now: tract's float kernels run
-//! there (see [`Isa::has_int8_kernels`]).
+//! there, as on x86-64 without VNNI (see [`Isa::has_int8_kernels`]).
 
 use std::fmt;
 use std::sync::OnceLock;

@@ -211,3 +211,27 @@ fn wrong_shape_overrides_name_the_input() {
     let err = Model::load(&crate::model("digits_cnn_f32.onnx"), &opts).unwrap_err().to_string();
     assert!(err.contains("no such input") && err.contains("image"), "{err}");
 }
+
+/// Our int8 operators split their output channels between tract's threads
+/// (a Pi has 4 cores): the same bits on 1 and 4 threads, for QDQ and
+/// dynamically quantized models, on whichever kernels this CPU runs (the
+/// ARM CI runs this under qemu on a Cortex-A72 and a Cortex-A76).
+#[test]
+#[cfg(feature = "threads")]
+fn int8_models_give_the_same_bits_on_one_and_four_threads() {
+    for stem in ["mobilenetv2_int8", "digits_cnn_int8", "digits_cnn_dynint8"] {
+        let src = crate::model(&format!("{stem}.onnx"));
+        let one = Model::load(&src, &LoadOptions::default()).unwrap();
+        let four = Model::load(&src, &LoadOptions { threads: 4, ..Default::default() }).unwrap();
+        assert_eq!((one.info().threads, four.info().threads), (1, 4));
+        let dir = crate::root().join("models/ref").join(stem);
+        let inputs: Vec<Tensor> =
+            (0..one.inputs().len()).map(|i| Tensor::read_npy(&dir.join(format!("in{i}.npy"))).unwrap()).collect();
+        let (a, b) = (one.session().unwrap().run(&inputs).unwrap(), four.session().unwrap().run(&inputs).unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            let bits = |t: &Tensor| t.data.to_f64_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(x), bits(y), "{stem}: 4 threads changed the output");
+        }
+        eprintln!("{stem}: 1 and 4 threads give the same {} outputs", a.len());
+    }
+}
