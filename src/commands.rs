@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
 use crate::engine::Session;
@@ -80,18 +81,18 @@ fn non_empty(secret: Vec<u8>, key: &str) -> Result<Vec<u8>, String> {
     Ok(secret)
 }
 
+type HmacSha256 = Hmac<Sha256>;
+
+/// The HMAC-SHA256 (RFC 2104) state of `msg` under `key`.
+fn mac(key: &[u8], msg: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(msg);
+    mac
+}
+
 /// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
 pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| k.map(|b| b ^ byte);
-    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
-    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+    mac(key, msg).finalize().into_bytes().into()
 }
 
 /// Lower-case hex.
@@ -99,12 +100,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Equality whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The bytes of a hex string; `None` when it is not one.
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
 /// The signed text: the payload without `hmac`, keys sorted at every level, no whitespace
@@ -139,10 +140,12 @@ pub fn verify(
     let given = given.as_str().ok_or("`hmac` must be a hex string")?.to_ascii_lowercase();
     let ts = obj.get("ts").ok_or("`ts` is missing (unix seconds; signed commands need it)")?;
     let ts = ts.as_f64().ok_or("`ts` must be a number (unix seconds)")?;
-    let want = hex(&hmac_sha256(secret, canonical(obj).as_bytes()));
-    if !constant_time_eq(given.as_bytes(), want.as_bytes()) {
+    let signed = mac(secret, canonical(obj).as_bytes());
+    // verify_slice compares in constant time; the signature is only known to be good after it.
+    if from_hex(&given).is_none_or(|g| signed.clone().verify_slice(&g).is_err()) {
         return Err("`hmac` does not match the payload".into());
     }
+    let want = hex(&signed.finalize().into_bytes());
     let skew = (now_s - ts).abs();
     if skew > max_skew_s as f64 {
         return Err(format!("`ts` is {skew:.0} s from the device clock (at most {max_skew_s} s allowed)"));
@@ -780,11 +783,17 @@ mod tests {
         unsigned.remove("hmac");
         assert!(verify(secret, &unsigned, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("missing"));
         let mut no_ts = obj(r#"{"id": 1}"#);
-        no_ts.insert("hmac".into(), mac.into());
+        no_ts.insert("hmac".into(), mac.clone().into());
         assert!(verify(secret, &no_ts, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("`ts` is missing"));
-        assert!(
-            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab")
-        );
+        // Upper-case hex is the same signature; anything that is not hex matches nothing.
+        let mut upper = o.clone();
+        upper.insert("hmac".into(), mac.to_ascii_uppercase().into());
+        assert_eq!(verify(secret, &upper, 1010.0, 300, &mut HashMap::new()), Ok(()));
+        for bad in ["zz", "abc", ""] {
+            let mut o = o.clone();
+            o.insert("hmac".into(), bad.into());
+            assert!(verify(secret, &o, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("does not match"));
+        }
     }
 
     #[test]
