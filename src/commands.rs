@@ -20,7 +20,7 @@ use sha2::Sha256;
 
 use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
 use crate::engine::Session;
-use crate::pipeline::Prepared;
+use crate::prepare::Prepared;
 use crate::sink::mqtt::{Incoming, MqttHandle, OutMessage, PublishMeta, JSON};
 use crate::tensor::Tensor;
 
@@ -612,7 +612,7 @@ impl Handler {
 pub fn check_new_config(current: &Config) -> Result<Value, String> {
     let path = current.path.clone();
     let new = Config::load(&path).map_err(|e| format!("{e}; the running config stays"))?;
-    crate::pipeline::check(&new).map_err(|e| format!("{}: {e:#}; the running config stays", path.display()))?;
+    crate::prepare::check(&new).map_err(|e| format!("{}: {e:#}; the running config stays", path.display()))?;
     let old_names: Vec<&str> = current.pipelines.iter().map(|p| p.name.as_str()).collect();
     let new_names: Vec<&str> = new.pipelines.iter().map(|p| p.name.as_str()).collect();
     let added: Vec<&str> = new_names.iter().copied().filter(|n| !old_names.contains(n)).collect();
@@ -644,7 +644,7 @@ fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<V
     if let Some(t) = c.anomaly_threshold.lock().ok().and_then(|a| *a) {
         p.postprocess = c.anomaly_config(t).or(p.postprocess);
     }
-    let prepared = crate::pipeline::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
+    let prepared = crate::prepare::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
     let new_fit = (prepared.model.inputs()[0].clone(), prepared.post.kind_name());
     {
         let fit = c.fit.lock().map_err(|_| "internal: lock poisoned")?;

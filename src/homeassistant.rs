@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::{Config, OutputConfig, OutputKind};
-use crate::pipeline::Prepared;
+use crate::prepare::Prepared;
 use crate::sink::mqtt::{valid_topic, Incoming, MqttHandle, OutMessage, JSON};
 
 /// The `[homeassistant]` table.

@@ -14,9 +14,12 @@
 //! - [`sink`]: outputs (mqtt, stdout, file) that never block inference.
 //! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
 //! - [`features`]: which optional Cargo features this binary has; the error naming a missing one.
+//! - [`prepare`]: start-up checks: a pipeline's model loaded and its stages fitted to it; `edgeinfer check`.
 //! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
+//! - [`mqtt`]: what the MQTT client and the embedded broker share (packet size).
 //! - [`metrics`]: counters, latency percentiles and the health message.
 //! - [`payload`]: the versioned JSON payloads.
+//! - [`stats`]: percentiles and resident memory, for the metrics and the `bench` tool.
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
 //! - [`commands`]: remote commands over MQTT (pause, thresholds, health, model reload), optional HMAC.
@@ -31,11 +34,14 @@ pub mod features;
 pub mod homeassistant;
 pub mod message;
 pub mod metrics;
+pub mod mqtt;
 pub mod payload;
 pub mod pipeline;
 pub mod postprocess;
+pub mod prepare;
 pub mod preprocess;
 pub mod sdnotify;
 pub mod sink;
 pub mod source;
+pub mod stats;
 pub mod tensor;

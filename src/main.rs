@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config } => {
             let cfg = edgeinfer::config::Config::load(&config)?;
-            for line in edgeinfer::pipeline::check(&cfg)? {
+            for line in edgeinfer::prepare::check(&cfg)? {
                 println!("{line}");
             }
             println!("{}: ok", config.display());

@@ -5,7 +5,16 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::postprocess::ClassScore;
+/// One class and its score.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClassScore {
+    /// Index in the output vector.
+    pub index: usize,
+    /// Label from the labels file, or the index as text.
+    pub label: String,
+    /// Probability (after softmax where applied) or raw score.
+    pub score: f32,
+}
 
 /// A camera frame.
 #[derive(Debug, Clone)]

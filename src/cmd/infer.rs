@@ -358,7 +358,7 @@ pub fn run_files(
     }
     if items.len() > 1 {
         times.sort_by(|a, b| a.total_cmp(b));
-        let p50 = crate::cmd::bench::percentile(&times, 50.0);
+        let p50 = crate::stats::percentile(&times, 50.0);
         writeln!(
             err,
             "{} inputs: {} ok, {} failed; inference p50 {:.3} ms",

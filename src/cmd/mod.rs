@@ -38,21 +38,6 @@ pub fn parse_input_shapes(items: &[String]) -> Result<HashMap<String, Vec<usize>
     Ok(out)
 }
 
-/// Peak resident set size of this process in KiB (Linux `VmHWM`), if known.
-pub fn peak_rss_kb() -> Option<u64> {
-    proc_status_kb("VmHWM:")
-}
-
-/// Resident set size now, in KiB (Linux `VmRSS`), if known.
-pub fn rss_kb() -> Option<u64> {
-    proc_status_kb("VmRSS:")
-}
-
-fn proc_status_kb(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -374,6 +374,12 @@ impl DiskQueue {
     }
 }
 
+impl crate::metrics::HealthSection for DiskQueue {
+    fn health(&self) -> serde_json::Value {
+        DiskQueue::health(self)
+    }
+}
+
 impl Inner {
     fn seg_path(&self, no: u32) -> PathBuf {
         self.dir.join(segment_name(no))

@@ -46,8 +46,7 @@ pub use super::mqtt_proto::{Incoming, Protocol, PublishMeta};
 use crate::message::{Event, ResultMsg};
 use crate::metrics::MqttMetrics;
 
-/// Largest packet sent or accepted (an image frame on an MQTT source must fit).
-pub const MAX_PACKET_BYTES: usize = 8 << 20;
+pub use crate::mqtt::MAX_PACKET_BYTES;
 
 /// Publishes handed to the client and not yet confirmed, at most. Below the
 /// client's in-flight limit so QoS 1/2 packet ids never collide. An MQTT 5
@@ -366,7 +365,7 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
 
     let (client, eventloop) = client_options(&settings);
     if let Some(disk) = &settings.disk_queue {
-        let _ = metrics.disk_queue.set(disk.clone());
+        let _ = metrics.disk_queue.set(disk.clone() as Arc<dyn crate::metrics::HealthSection>);
         let pending = disk.pending();
         if pending > 0 {
             log::info!("MQTT: {pending} results waiting in the disk queue from before; replaying them");
