@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 
@@ -23,63 +22,6 @@ use crate::engine::Session;
 use crate::prepare::Prepared;
 use crate::sink::mqtt::{Incoming, MqttHandle, OutMessage, PublishMeta, JSON};
 use crate::tensor::Tensor;
-
-/// The `[commands]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CommandsConfig {
-    /// Subscribe to `edgeinfer/{device}/cmd/+` (opt-in).
-    pub enabled: bool,
-    /// Environment variable holding the HMAC secret.
-    pub hmac_secret_env: Option<String>,
-    /// File holding the HMAC secret (first line).
-    pub hmac_secret_file: Option<PathBuf>,
-    /// How far a command's `ts` may be from the device clock.
-    pub max_skew_s: u64,
-}
-
-impl Default for CommandsConfig {
-    fn default() -> Self {
-        CommandsConfig { enabled: false, hmac_secret_env: None, hmac_secret_file: None, max_skew_s: 300 }
-    }
-}
-
-impl CommandsConfig {
-    /// Checks the values; the error names the key (without the `commands.` prefix).
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if self.hmac_secret_env.is_some() && self.hmac_secret_file.is_some() {
-            return Err(("hmac_secret_env".into(), "give hmac_secret_env or hmac_secret_file, not both".into()));
-        }
-        if self.max_skew_s == 0 {
-            return Err(("max_skew_s".into(), "must be at least 1".into()));
-        }
-        Ok(())
-    }
-
-    /// The HMAC secret, if one is configured; `resolve` makes a relative path absolute.
-    pub fn secret(&self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<Option<Vec<u8>>, String> {
-        if let Some(var) = &self.hmac_secret_env {
-            let v = std::env::var(var)
-                .map_err(|_| format!("commands.hmac_secret_env: environment variable `{var}` is not set"))?;
-            return non_empty(v.into_bytes(), "commands.hmac_secret_env").map(Some);
-        }
-        if let Some(file) = &self.hmac_secret_file {
-            let path = resolve(file);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("commands.hmac_secret_file: {}: {e}", path.display()))?;
-            let line = text.lines().next().unwrap_or("").trim_end().to_string();
-            return non_empty(line.into_bytes(), "commands.hmac_secret_file").map(Some);
-        }
-        Ok(None)
-    }
-}
-
-fn non_empty(secret: Vec<u8>, key: &str) -> Result<Vec<u8>, String> {
-    if secret.is_empty() {
-        return Err(format!("{key}: the secret is empty"));
-    }
-    Ok(secret)
-}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -824,22 +766,5 @@ mod tests {
             .contains("`output`"));
         assert!(parse("reload_model", &obj(r#"{"pipeline": "p", "model": 1}"#)).unwrap_err().contains("`model`"));
         assert!(parse("reboot", &obj("{}")).unwrap_err().contains("unknown command `reboot`"));
-    }
-
-    #[test]
-    fn config_rejects_two_secret_sources_and_reads_the_secret() {
-        let c = CommandsConfig {
-            hmac_secret_env: Some("A".into()),
-            hmac_secret_file: Some("f".into()),
-            ..Default::default()
-        };
-        assert_eq!(c.validate().unwrap_err().0, "hmac_secret_env");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("s"), "topsecret\n").unwrap();
-        let c = CommandsConfig { hmac_secret_file: Some("s".into()), ..Default::default() };
-        assert_eq!(c.secret(&|p| dir.path().join(p)).unwrap().as_deref(), Some(&b"topsecret"[..]));
-        let c =
-            CommandsConfig { hmac_secret_env: Some("EDGEINFER_TEST_CMD_SECRET_ABSENT".into()), ..Default::default() };
-        assert!(c.secret(&|p| p.to_path_buf()).unwrap_err().contains("EDGEINFER_TEST_CMD_SECRET_ABSENT"));
     }
 }

@@ -346,7 +346,17 @@ async fn run_async(
         let _ = restart_tx.send(());
     });
     crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_cell.clone(), restart.clone())?;
-    crate::homeassistant::start(&cfg, &device, &prepared, hub.as_ref());
+    let infos: Vec<crate::homeassistant::PipelineInfo> = prepared
+        .iter()
+        .map(|p| crate::homeassistant::PipelineInfo {
+            name: &p.cfg.name,
+            kind: p.post.kind_name(),
+            model: &p.model.info().name,
+            outputs: &p.cfg.outputs,
+        })
+        .collect();
+    let status_topic = cfg.mqtt.status_topic.replace("{device}", &device);
+    crate::homeassistant::start(&cfg.homeassistant, &device, &status_topic, &infos, hub.as_ref());
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -588,8 +598,8 @@ async fn connect_mqtt(
         reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
         status_topic: fill(&cfg.mqtt.status_topic),
         tls,
-        disk_queue: crate::sink::disk_queue::from_config(cfg)?,
-        protocol: cfg.mqtt.protocol(),
+        disk_queue: crate::sink::disk_queue::from_config(&cfg.mqtt, &|p| cfg.resolve(p))?,
+        protocol: cfg.mqtt.protocol,
         message_expiry: cfg.mqtt.message_expiry_s.map(Duration::from_secs),
         user_properties: cfg.mqtt.user_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };

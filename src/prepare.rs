@@ -59,7 +59,7 @@ pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
         }
         None => Vec::new(),
     };
-    let pre = Preprocessor::new(&p.preprocess, &model.inputs()[0], &p.source)
+    let pre = Preprocessor::new(&p.preprocess, &model.inputs()[0], &p.source.output())
         .map_err(|e| anyhow!("{}: {e}", ctx("preprocess")))?;
     let post = Postprocessor::new(p.postprocess.as_ref(), model.outputs(), labels.clone())
         .map_err(|e| anyhow!("{}: {e}", ctx("postprocess")))?;

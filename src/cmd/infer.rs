@@ -252,7 +252,7 @@ impl Presenter {
             None
         } else {
             // Default settings (min_score 0.25, IoU 0.45); the daemon's config takes the rest.
-            let defaults: crate::config::DetectConfig = toml::from_str("").expect("defaults parse");
+            let defaults: crate::postprocess::config::DetectConfig = toml::from_str("").expect("defaults parse");
             Detector::new(&defaults, model.outputs(), &labels).ok()
         };
         Ok(Presenter { labels, top_k, softmax: args.softmax, detector })

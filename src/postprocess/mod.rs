@@ -2,6 +2,7 @@
 //! labels and top-k, with softmax applied when the model emits logits; object
 //! detections in `detect`.
 
+pub mod config;
 pub mod detect;
 pub mod events;
 pub mod results;

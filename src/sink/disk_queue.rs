@@ -84,6 +84,14 @@ impl FsyncPolicy {
     }
 }
 
+/// `queue_fsync` in a config: parsed once, at load.
+impl<'de> serde::Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        FsyncPolicy::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Bounds and durability of a queue.
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
@@ -95,16 +103,17 @@ pub struct QueueOptions {
     pub fsync: FsyncPolicy,
 }
 
-/// Opens the queue `[mqtt] queue_dir` asks for (relative to the config file); None when unset.
-pub fn from_config(cfg: &crate::config::Config) -> Result<Option<std::sync::Arc<DiskQueue>>, QueueError> {
-    let Some(dir) = &cfg.mqtt.queue_dir else { return Ok(None) };
-    let dir = cfg.resolve(dir);
-    let fsync = FsyncPolicy::parse(&cfg.mqtt.queue_fsync).unwrap_or(FsyncPolicy::Interval(Duration::from_millis(100)));
-    let opts = QueueOptions {
-        max_bytes: cfg.mqtt.queue_max_bytes,
-        max_age: Duration::from_secs(cfg.mqtt.queue_max_age_s),
-        fsync,
-    };
+/// Opens the queue `[mqtt] queue_dir` asks for (`resolve` makes it relative to the
+/// config file); None when unset.
+pub fn from_config(
+    mqtt: &super::config::MqttConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<std::sync::Arc<DiskQueue>>, QueueError> {
+    let Some(dir) = &mqtt.queue_dir else { return Ok(None) };
+    let dir = resolve(dir);
+    let fsync = mqtt.queue_fsync;
+    let opts =
+        QueueOptions { max_bytes: mqtt.queue_max_bytes, max_age: Duration::from_secs(mqtt.queue_max_age_s), fsync };
     let queue = DiskQueue::open(&dir, opts)?;
     let s = queue.stats();
     log::info!(
@@ -1026,29 +1035,27 @@ mod tests {
     #[test]
     fn config_keys_are_checked_and_the_dir_resolves_against_the_config() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("m.onnx"), b"").unwrap();
-        let with = |mqtt: &str| {
-            let text = format!(
-                "device = \"d\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\n{mqtt}\n[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\n\
-                 source = {{ type = \"synthetic\", signal = \"sine\" }}\n"
-            );
-            let mut c = crate::config::Config::parse(&text, "c.toml")?;
-            c.base_dir = dir.path().to_path_buf();
-            c.validate("c.toml").map(|_| c)
+        let with = |mqtt: &str| -> Result<crate::sink::config::MqttConfig, String> {
+            let m: crate::sink::config::MqttConfig =
+                toml::from_str(&format!("url = \"mqtt://127.0.0.1\"\n{mqtt}")).map_err(|e| e.to_string())?;
+            m.validate().map(|_| m).map_err(|(key, reason)| format!("{key}: {reason}"))
         };
-        let c = with("").unwrap();
-        assert!(from_config(&c).unwrap().is_none(), "absent queue_dir: memory only");
-        let c = with("queue_dir = \"state/q\"\nqueue_max_bytes = 65536\nqueue_fsync = \"always\"").unwrap();
-        let q = from_config(&c).unwrap().unwrap();
+        let resolve = |p: &Path| dir.path().join(p);
+        let m = with("").unwrap();
+        assert!(from_config(&m, &resolve).unwrap().is_none(), "absent queue_dir: memory only");
+        let m = with("queue_dir = \"state/q\"\nqueue_max_bytes = 65536\nqueue_fsync = \"always\"").unwrap();
+        assert_eq!(m.queue_fsync, FsyncPolicy::Always);
+        let q = from_config(&m, &resolve).unwrap().unwrap();
         assert!(dir.path().join("state/q").is_dir());
         q.append(&rec(1)).unwrap();
         assert_eq!(q.stats().records, 1);
+        // The policy is parsed once, at load: a bad one is refused there, never replaced by a default.
         for (bad, key) in [
             ("queue_dir = \"q\"\nqueue_fsync = \"sometimes\"", "queue_fsync"),
             ("queue_max_bytes = 10", "queue_max_bytes"),
             ("queue_max_age_s = 0", "queue_max_age_s"),
         ] {
-            let e = with(bad).unwrap_err().to_string();
+            let e = with(bad).unwrap_err();
             assert!(e.contains(key), "{e}");
         }
     }

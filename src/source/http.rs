@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::config::{HttpMode, SourceConfig};
 use super::{FrameGate, SourceCtx, SourceEnd, SourceError};
-use crate::config::{HttpMode, SourceConfig};
 use crate::message::{Frame, Input};
 
 /// Largest JPEG (stream part or snapshot) accepted.
