@@ -331,6 +331,12 @@ async fn run_async(
     password: Option<String>,
 ) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
+    // SIGINT and SIGTERM are ours before the MQTT connection announces `online`: a
+    // supervisor (or a test) that stops the daemon as soon as it sees it gets a clean
+    // shutdown, not the signals' default action while the pipelines are being started.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     // No broker URL and nothing that publishes or subscribes: no broker, no client
     // (health then goes to the log only).
     let wants_mqtt = cfg.wants_mqtt();
@@ -481,12 +487,11 @@ async fn run_async(
 
     let mut remaining = workers.len();
     let mut end = RunEnd::Stopped;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let checking = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break; }
+            _ = sigint.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = restart_rx.recv() => {
                 log::info!("config reload: restarting in place with {}", cfg.path.display());
