@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// The largest payload a client may publish (camera frames are published).
-pub const MAX_PAYLOAD_BYTES: usize = crate::sink::mqtt::MAX_PACKET_BYTES;
+pub const MAX_PAYLOAD_BYTES: usize = crate::mqtt::MAX_PACKET_BYTES;
 /// `log` targets of rumqttd's records (its events and its spans). Filter
 /// them out (e.g. `env_logger::Builder::filter_module(target, LevelFilter::Off)`)
 /// unless debugging the broker: at info it logs several lines per message,

@@ -13,85 +13,28 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
+use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use crate::config::{Config, PipelineConfig, PostprocessConfig, When};
 use crate::engine::Session;
-use crate::pipeline::Prepared;
+use crate::prepare::Prepared;
 use crate::sink::mqtt::{Incoming, MqttHandle, OutMessage, PublishMeta, JSON};
 use crate::tensor::Tensor;
 
-/// The `[commands]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CommandsConfig {
-    /// Subscribe to `edgeinfer/{device}/cmd/+` (opt-in).
-    pub enabled: bool,
-    /// Environment variable holding the HMAC secret.
-    pub hmac_secret_env: Option<String>,
-    /// File holding the HMAC secret (first line).
-    pub hmac_secret_file: Option<PathBuf>,
-    /// How far a command's `ts` may be from the device clock.
-    pub max_skew_s: u64,
-}
+type HmacSha256 = Hmac<Sha256>;
 
-impl Default for CommandsConfig {
-    fn default() -> Self {
-        CommandsConfig { enabled: false, hmac_secret_env: None, hmac_secret_file: None, max_skew_s: 300 }
-    }
-}
-
-impl CommandsConfig {
-    /// Checks the values; the error names the key (without the `commands.` prefix).
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if self.hmac_secret_env.is_some() && self.hmac_secret_file.is_some() {
-            return Err(("hmac_secret_env".into(), "give hmac_secret_env or hmac_secret_file, not both".into()));
-        }
-        if self.max_skew_s == 0 {
-            return Err(("max_skew_s".into(), "must be at least 1".into()));
-        }
-        Ok(())
-    }
-
-    /// The HMAC secret, if one is configured; `resolve` makes a relative path absolute.
-    pub fn secret(&self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<Option<Vec<u8>>, String> {
-        if let Some(var) = &self.hmac_secret_env {
-            let v = std::env::var(var)
-                .map_err(|_| format!("commands.hmac_secret_env: environment variable `{var}` is not set"))?;
-            return non_empty(v.into_bytes(), "commands.hmac_secret_env").map(Some);
-        }
-        if let Some(file) = &self.hmac_secret_file {
-            let path = resolve(file);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("commands.hmac_secret_file: {}: {e}", path.display()))?;
-            let line = text.lines().next().unwrap_or("").trim_end().to_string();
-            return non_empty(line.into_bytes(), "commands.hmac_secret_file").map(Some);
-        }
-        Ok(None)
-    }
-}
-
-fn non_empty(secret: Vec<u8>, key: &str) -> Result<Vec<u8>, String> {
-    if secret.is_empty() {
-        return Err(format!("{key}: the secret is empty"));
-    }
-    Ok(secret)
+/// The HMAC-SHA256 (RFC 2104) state of `msg` under `key`.
+fn mac(key: &[u8], msg: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(msg);
+    mac
 }
 
 /// HMAC-SHA256 (RFC 2104) of `msg` under `key`.
 pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| k.map(|b| b ^ byte);
-    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
-    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+    mac(key, msg).finalize().into_bytes().into()
 }
 
 /// Lower-case hex.
@@ -99,12 +42,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Equality whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The bytes of a hex string; `None` when it is not one.
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
 /// The signed text: the payload without `hmac`, keys sorted at every level, no whitespace
@@ -139,10 +82,12 @@ pub fn verify(
     let given = given.as_str().ok_or("`hmac` must be a hex string")?.to_ascii_lowercase();
     let ts = obj.get("ts").ok_or("`ts` is missing (unix seconds; signed commands need it)")?;
     let ts = ts.as_f64().ok_or("`ts` must be a number (unix seconds)")?;
-    let want = hex(&hmac_sha256(secret, canonical(obj).as_bytes()));
-    if !constant_time_eq(given.as_bytes(), want.as_bytes()) {
+    let signed = mac(secret, canonical(obj).as_bytes());
+    // verify_slice compares in constant time; the signature is only known to be good after it.
+    if from_hex(&given).is_none_or(|g| signed.clone().verify_slice(&g).is_err()) {
         return Err("`hmac` does not match the payload".into());
     }
+    let want = hex(&signed.finalize().into_bytes());
     let skew = (now_s - ts).abs();
     if skew > max_skew_s as f64 {
         return Err(format!("`ts` is {skew:.0} s from the device clock (at most {max_skew_s} s allowed)"));
@@ -609,7 +554,7 @@ impl Handler {
 pub fn check_new_config(current: &Config) -> Result<Value, String> {
     let path = current.path.clone();
     let new = Config::load(&path).map_err(|e| format!("{e}; the running config stays"))?;
-    crate::pipeline::check(&new).map_err(|e| format!("{}: {e:#}; the running config stays", path.display()))?;
+    crate::prepare::check(&new).map_err(|e| format!("{}: {e:#}; the running config stays", path.display()))?;
     let old_names: Vec<&str> = current.pipelines.iter().map(|p| p.name.as_str()).collect();
     let new_names: Vec<&str> = new.pipelines.iter().map(|p| p.name.as_str()).collect();
     let added: Vec<&str> = new_names.iter().copied().filter(|n| !old_names.contains(n)).collect();
@@ -641,7 +586,7 @@ fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<V
     if let Some(t) = c.anomaly_threshold.lock().ok().and_then(|a| *a) {
         p.postprocess = c.anomaly_config(t).or(p.postprocess);
     }
-    let prepared = crate::pipeline::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
+    let prepared = crate::prepare::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
     let new_fit = (prepared.model.inputs()[0].clone(), prepared.post.kind_name());
     {
         let fit = c.fit.lock().map_err(|_| "internal: lock poisoned")?;
@@ -780,11 +725,17 @@ mod tests {
         unsigned.remove("hmac");
         assert!(verify(secret, &unsigned, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("missing"));
         let mut no_ts = obj(r#"{"id": 1}"#);
-        no_ts.insert("hmac".into(), mac.into());
+        no_ts.insert("hmac".into(), mac.clone().into());
         assert!(verify(secret, &no_ts, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("`ts` is missing"));
-        assert!(
-            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"a", b"ab")
-        );
+        // Upper-case hex is the same signature; anything that is not hex matches nothing.
+        let mut upper = o.clone();
+        upper.insert("hmac".into(), mac.to_ascii_uppercase().into());
+        assert_eq!(verify(secret, &upper, 1010.0, 300, &mut HashMap::new()), Ok(()));
+        for bad in ["zz", "abc", ""] {
+            let mut o = o.clone();
+            o.insert("hmac".into(), bad.into());
+            assert!(verify(secret, &o, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("does not match"));
+        }
     }
 
     #[test]
@@ -815,22 +766,5 @@ mod tests {
             .contains("`output`"));
         assert!(parse("reload_model", &obj(r#"{"pipeline": "p", "model": 1}"#)).unwrap_err().contains("`model`"));
         assert!(parse("reboot", &obj("{}")).unwrap_err().contains("unknown command `reboot`"));
-    }
-
-    #[test]
-    fn config_rejects_two_secret_sources_and_reads_the_secret() {
-        let c = CommandsConfig {
-            hmac_secret_env: Some("A".into()),
-            hmac_secret_file: Some("f".into()),
-            ..Default::default()
-        };
-        assert_eq!(c.validate().unwrap_err().0, "hmac_secret_env");
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("s"), "topsecret\n").unwrap();
-        let c = CommandsConfig { hmac_secret_file: Some("s".into()), ..Default::default() };
-        assert_eq!(c.secret(&|p| dir.path().join(p)).unwrap().as_deref(), Some(&b"topsecret"[..]));
-        let c =
-            CommandsConfig { hmac_secret_env: Some("EDGEINFER_TEST_CMD_SECRET_ABSENT".into()), ..Default::default() };
-        assert!(c.secret(&|p| p.to_path_buf()).unwrap_err().contains("EDGEINFER_TEST_CMD_SECRET_ABSENT"));
     }
 }

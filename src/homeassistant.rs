@@ -21,8 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config::{Config, OutputConfig, OutputKind};
-use crate::pipeline::Prepared;
+use crate::sink::config::{OutputConfig, OutputKind};
 use crate::sink::mqtt::{valid_topic, Incoming, MqttHandle, OutMessage, JSON};
 
 /// The `[homeassistant]` table.
@@ -291,25 +290,22 @@ fn announce(configs: &[(String, Vec<u8>)], hub: &MqttHandle) {
 
 /// Starts discovery for the daemon when `[homeassistant]` is enabled: announces on every
 /// connection and on Home Assistant's `online`, and clears configs of pipelines that are gone.
-pub fn start(cfg: &Config, device: &str, prepared: &[Prepared], hub: Option<&MqttHandle>) {
-    if !cfg.homeassistant.enabled {
+/// `status_topic` is the daemon's availability topic, `{device}` filled in.
+pub fn start(
+    ha: &HomeAssistantConfig,
+    device: &str,
+    status_topic: &str,
+    infos: &[PipelineInfo],
+    hub: Option<&MqttHandle>,
+) {
+    if !ha.enabled {
         return;
     }
     let Some(hub) = hub else {
         log::warn!("homeassistant: enabled, but nothing uses MQTT (no mqtt output, no mqtt.url): no discovery");
         return;
     };
-    let infos: Vec<PipelineInfo> = prepared
-        .iter()
-        .map(|p| PipelineInfo {
-            name: &p.cfg.name,
-            kind: p.post.kind_name(),
-            model: &p.model.info().name,
-            outputs: &p.cfg.outputs,
-        })
-        .collect();
-    let status_topic = cfg.mqtt.status_topic.replace("{device}", device);
-    let discovery = Arc::new(plan(&cfg.homeassistant, device, &status_topic, &infos));
+    let discovery = Arc::new(plan(ha, device, status_topic, infos));
     log::info!(
         "homeassistant: {} discovery configs under `{}/+/{}/`",
         discovery.configs.len(),
@@ -398,21 +394,6 @@ mod tests {
             let e = parse(text).unwrap_err();
             assert!(e.starts_with(key), "{text}: {e}");
         }
-    }
-
-    #[test]
-    fn the_whole_config_rejects_a_bad_homeassistant_key_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("m.onnx"), b"x").unwrap();
-        let text = "[homeassistant]\nenabled = true\nexpire_after_s = 0\n[[pipelines]]\nname = \"p\"\n\
-                    model = \"m.onnx\"\nsource = { type = \"lines\" }\n";
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, text).unwrap();
-        let e = Config::load(&path).unwrap_err().to_string();
-        assert!(e.contains("homeassistant.expire_after_s"), "{e}");
-        std::fs::write(&path, text.replace("expire_after_s = 0", "prefix = \"x\"")).unwrap();
-        let e = Config::load(&path).unwrap_err().to_string();
-        assert!(e.contains("prefix"), "{e}");
     }
 
     #[test]

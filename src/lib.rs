@@ -3,23 +3,29 @@
 //!
 //! # Layout
 //!
-//! - [`engine`]: the only module that touches tract; loads, pins, optimises and runs models.
+//! From the bottom up; a module imports only from modules above it in this
+//! list (`.ci/import-graph` checks that there is no import circle).
+//!
 //! - [`tensor`]: plain tensors shared by every module, with `.npy` and JSON conversions.
-//! - [`preprocess`]: pure functions turning images and arrays into model inputs.
-//! - [`postprocess`]: pure functions turning model outputs into results (top-k, scores).
-//! - [`cmd`]: the `inspect`, `infer`, `bench` and `devices` subcommands, called by `main.rs`.
-//! - [`config`]: the daemon's TOML configuration, parsed and validated.
-//! - [`message`]: what flows between stages: inputs, the bounded input queue, results.
-//! - [`source`]: input sources (synthetic, files, lines, mqtt), one thread each.
-//! - [`sink`]: outputs (mqtt, stdout, file) that never block inference.
-//! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
 //! - [`features`]: which optional Cargo features this binary has; the error naming a missing one.
-//! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
-//! - [`metrics`]: counters, latency percentiles and the health message.
-//! - [`payload`]: the versioned JSON payloads.
+//! - [`stats`]: percentiles and resident memory, for the metrics and the `bench` tool.
+//! - [`mqtt`]: what the MQTT client, the embedded broker and the config checks share (packet size, topics).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`engine`]: the only module that touches tract; loads, pins, optimises and runs models.
+//! - [`message`]: what flows between stages: inputs, what a source gives, the bounded input queue, results.
+//! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
+//! - [`preprocess`]: inputs into model inputs (images, windows, rows, audio); its settings in `preprocess::config`.
+//! - [`postprocess`]: model outputs into results (top-k, detections, events); its settings in `postprocess::config`.
+//! - [`payload`]: the versioned JSON payloads.
+//! - [`metrics`]: counters, latency percentiles and the health message.
+//! - [`sink`]: outputs (mqtt, stdout, file) that never block inference, and the MQTT connection; `sink::config`.
+//! - [`source`]: input sources, one thread each; their settings and what each gives in `source::config`.
 //! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
-//! - [`commands`]: remote commands over MQTT (pause, thresholds, health, model reload), optional HMAC.
+//! - [`config`]: the daemon's TOML file: aggregates the components' settings, loads, runs the cross-component checks.
+//! - [`cmd`]: the `inspect`, `infer`, `bench`, `convert` and `devices` subcommands, called by `main.rs`.
+//! - [`prepare`]: start-up checks: a pipeline's model loaded and its stages fitted to it; `edgeinfer check`.
+//! - [`commands`]: remote commands over MQTT (pause, thresholds, health, model and config reload), optional HMAC.
+//! - [`pipeline`]: wires sources, models and sinks; runs the daemon and its shutdown.
 
 #[cfg(feature = "broker")]
 pub mod broker;
@@ -31,11 +37,14 @@ pub mod features;
 pub mod homeassistant;
 pub mod message;
 pub mod metrics;
+pub mod mqtt;
 pub mod payload;
 pub mod pipeline;
 pub mod postprocess;
+pub mod prepare;
 pub mod preprocess;
 pub mod sdnotify;
 pub mod sink;
 pub mod source;
+pub mod stats;
 pub mod tensor;

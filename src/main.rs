@@ -87,7 +87,7 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct ShapeArgs {
-    /// Pin an input shape: NAME=D0,D1,... (or D0,D1,... for the first input). Repeatable.
+    /// Pin an input shape: NAME=D0,D1,... (or D0,D1,... for the first input); NAME= or NAME=scalar for a scalar. Repeatable.
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     input_shape: Vec<String>,
     /// Size of a symbolic leading (batch) dimension.
@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config } => {
             let cfg = edgeinfer::config::Config::load(&config)?;
-            for line in edgeinfer::pipeline::check(&cfg)? {
+            for line in edgeinfer::prepare::check(&cfg)? {
                 println!("{line}");
             }
             println!("{}: ok", config.display());

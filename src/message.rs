@@ -5,7 +5,54 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::postprocess::ClassScore;
+/// One class and its score.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClassScore {
+    /// Index in the output vector.
+    pub index: usize,
+    /// Label from the labels file, or the index as text.
+    pub label: String,
+    /// Probability (after softmax where applied) or raw score.
+    pub score: f32,
+}
+
+/// What a source gives the stages after it, as far as its config tells
+/// (`SourceConfig::output`): preprocessing is chosen and checked against
+/// this, without knowing the source's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceOutput {
+    /// The source's `type`, for messages.
+    pub kind: &'static str,
+    /// What its inputs are.
+    pub gives: Gives,
+    /// Inputs come from several origins (MQTT topics) and are windowed per origin.
+    pub per_origin: bool,
+    /// Sample rate and channels of a PCM audio stream, when the config says them.
+    pub pcm: Option<(u32, usize)>,
+}
+
+/// What kind of inputs a source gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gives {
+    /// Camera-like frames (images).
+    Frames,
+    /// Sensor samples, rows or audio.
+    Values,
+    /// Not known before the inputs arrive (files: images, arrays or tensors).
+    Unknown,
+}
+
+impl SourceOutput {
+    /// A source of values of kind `kind`, from one origin, without PCM settings.
+    pub fn values(kind: &'static str) -> SourceOutput {
+        SourceOutput { kind, gives: Gives::Values, per_origin: false, pcm: None }
+    }
+
+    /// True for a source of camera-like frames.
+    pub fn is_frames(&self) -> bool {
+        self.gives == Gives::Frames
+    }
+}
 
 /// A camera frame.
 #[derive(Debug, Clone)]

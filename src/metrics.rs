@@ -35,7 +35,7 @@ impl StageLatency {
         }
         let mut v: Vec<f64> = self.recent.oldest_ordered().map(|&x| x as f64).collect();
         v.sort_by(|a, b| a.total_cmp(b));
-        Some((crate::cmd::bench::percentile(&v, 50.0), crate::cmd::bench::percentile(&v, 99.0)))
+        Some((crate::stats::percentile(&v, 50.0), crate::stats::percentile(&v, 99.0)))
     }
 }
 
@@ -198,7 +198,14 @@ pub struct MqttMetrics {
     /// Why the last connection attempt failed or the connection dropped (None once connected again).
     pub last_error: Mutex<Option<String>>,
     /// The store-and-forward queue, when `mqtt.queue_dir` is set.
-    pub disk_queue: std::sync::OnceLock<std::sync::Arc<crate::sink::disk_queue::DiskQueue>>,
+    pub disk_queue: std::sync::OnceLock<std::sync::Arc<dyn HealthSection>>,
+}
+
+/// A part that reports its own health section (the disk queue), so the
+/// metrics need not know its type.
+pub trait HealthSection: Send + Sync {
+    /// Its section of the health message.
+    fn health(&self) -> serde_json::Value;
 }
 
 impl MqttMetrics {

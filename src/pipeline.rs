@@ -10,157 +10,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context};
 
-use crate::config::{Config, OutputKind, PipelineConfig, When};
-use crate::engine::symbolic::Unpinned;
-use crate::engine::{EngineError, LoadOptions, Model};
+use crate::config::{Config, OutputKind, When};
 use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
 use crate::metrics::{MqttMetrics, PipelineMetrics};
 use crate::postprocess::events::{Decision, EventFilter};
 use crate::postprocess::results::Postprocessor;
 use crate::postprocess::snapshot::Snapshotter;
-use crate::preprocess::stage::Preprocessor;
+use crate::prepare::{load_tls, prepare, Prepared};
 use crate::sink::mqtt::{MqttHandle, MqttSettings, MqttSink, OutMessage, JSON};
 use crate::sink::Sink;
-
-/// A pipeline whose model is loaded and whose stages fit it.
-pub struct Prepared {
-    /// Its configuration.
-    pub cfg: PipelineConfig,
-    /// The loaded model.
-    pub model: Arc<Model>,
-    /// Preprocessing, checked against the model input.
-    pub pre: Preprocessor,
-    /// Postprocessing, checked against the model outputs.
-    pub post: Postprocessor,
-    /// Labels in use.
-    pub labels: Vec<String>,
-}
-
-/// Loads a pipeline's model and builds its stages; errors name the pipeline.
-pub fn prepare(cfg: &Config, p: &PipelineConfig) -> anyhow::Result<Prepared> {
-    let ctx = |what: &str| format!("pipeline `{}`: {what}", p.name);
-    let model_path = cfg.resolve(&p.model);
-    let mut opts = LoadOptions {
-        qdq_as_float: p.qdq_as_float,
-        threads: p.threads.unwrap_or(cfg.engine.threads),
-        cache_dir: cfg.engine.cache_dir.as_ref().map(|d| cfg.resolve(d)),
-        ..Default::default()
-    };
-    if let Some(shape) = &p.input_shape {
-        opts.input_shapes.insert(String::new(), shape.clone());
-    }
-    let model = Model::load(&model_path, &opts).map_err(|e| match e {
-        EngineError::Unpinned { path, inputs } => unpinned_in_config(&ctx("model"), &path, &inputs),
-        other => anyhow::Error::new(other).context(ctx("model")),
-    })?;
-    if model.inputs().len() != 1 {
-        return Err(anyhow!(
-            "{}: the daemon feeds single-input models; this one has {}",
-            ctx("model"),
-            model.inputs().len()
-        ));
-    }
-    let labels_path =
-        p.labels.as_ref().map(|l| cfg.resolve(l)).or_else(|| crate::postprocess::find_labels(&model_path));
-    let labels = match &labels_path {
-        Some(path) => {
-            crate::postprocess::read_labels(path).with_context(|| ctx(&format!("labels {}", path.display())))?
-        }
-        None => Vec::new(),
-    };
-    let pre = Preprocessor::new(&p.preprocess, &model.inputs()[0], &p.source)
-        .map_err(|e| anyhow!("{}: {e}", ctx("preprocess")))?;
-    let post = Postprocessor::new(p.postprocess.as_ref(), model.outputs(), labels.clone())
-        .map_err(|e| anyhow!("{}: {e}", ctx("postprocess")))?;
-    let classify = matches!(post.kind_name(), "classify");
-    let scored = classify || post.anomaly_threshold().is_some();
-    for (ix, o) in p.outputs.iter().enumerate() {
-        let key = ctx(&format!("outputs[{ix}]"));
-        if let Some(class) = &o.class {
-            if o.when != When::Threshold {
-                return Err(anyhow!("{key}: `class` only applies to when = \"threshold\""));
-            }
-            if !classify {
-                return Err(anyhow!("{key}: `class` needs a classify postprocess (this one is {})", post.kind_name()));
-            }
-            if post.label_index(class).is_none() {
-                return Err(anyhow!("{key}: class `{class}` is not among the labels {labels:?}"));
-            }
-        }
-        if o.when == When::OnChange && !(classify || post.kind_name() == "detect") {
-            return Err(anyhow!(
-                "{key}: when = \"on_change\" needs a classify or detect postprocess (this one is {})",
-                post.kind_name()
-            ));
-        }
-        if o.when == When::Threshold && !scored {
-            return Err(anyhow!(
-                "{key}: when = \"threshold\" needs a classify or anomaly postprocess (this one is {})",
-                post.kind_name()
-            ));
-        }
-    }
-    // A session is what each worker makes first; fail at start-up, not in the worker.
-    model.session().with_context(|| ctx("model"))?;
-    Ok(Prepared { cfg: p.clone(), model: Arc::new(model), pre, post, labels })
-}
-
-/// The error for a model left with symbolic dimensions, said the way a
-/// config pins them: `input_shape`, which gives the first input's shape.
-fn unpinned_in_config(ctx: &str, path: &str, inputs: &[Unpinned]) -> anyhow::Error {
-    let what: Vec<String> = inputs.iter().map(|u| format!("input `{}`: {}", u.input, u.what())).collect();
-    match inputs {
-        [only] if only.index == 0 => anyhow!(
-            "{ctx}: {path}: {}; set {} in this pipeline{}",
-            what.join("; "),
-            only.config_example(),
-            crate::engine::symbolic::sizes_clause(&only.placeholders())
-        ),
-        // `input_shape` pins only the first input, and the daemon feeds single-input models anyway.
-        _ => anyhow!("{ctx}: {path}: {}; the daemon feeds single-input models", what.join("; ")),
-    }
-}
-
-/// `edgeinfer check`: validates the config and loads every model; one line per pipeline.
-pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    let mut lines = Vec::new();
-    for p in &cfg.pipelines {
-        let prepared = prepare(cfg, p)?;
-        let input = &prepared.model.inputs()[0];
-        let outputs: Vec<String> = p.outputs.iter().map(|o| format!("{:?}", o.kind).to_lowercase()).collect();
-        lines.push(format!(
-            "pipeline `{}`: {} source -> {} {:?} ({}, {:.0} ms to load) -> {}",
-            p.name,
-            p.source.kind(),
-            input.name,
-            input.shape,
-            prepared.model.info().quantization,
-            prepared.model.info().timings.init_ms() + prepared.model.info().timings.warmup_ms,
-            outputs.join(", ")
-        ));
-    }
-    match &cfg.mqtt.url {
-        Some(url) => lines.push(format!("mqtt: {url}")),
-        None if cfg.wants_mqtt() => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
-        None => lines.push("mqtt: none (no MQTT output, source or commands)".into()),
-    }
-    // Reads and parses the CA, certificate and key files (no connection).
-    if let Some(tls) = load_tls(cfg)? {
-        lines.push(format!("mqtt tls: {}", tls.summary));
-    }
-    Ok(lines)
-}
-
-/// The TLS client configuration for an `mqtts://` URL (None for `mqtt://` and the embedded broker).
-fn load_tls(cfg: &Config) -> anyhow::Result<Option<crate::sink::mqtt_tls::Tls>> {
-    match &cfg.mqtt.url {
-        Some(url) if crate::config::is_tls_url(url) => {
-            let settings = cfg.mqtt.tls.clone().unwrap_or_default();
-            Ok(Some(crate::sink::mqtt_tls::load(&settings, &|p| cfg.resolve(p))?))
-        }
-        _ => Ok(None),
-    }
-}
 
 fn read_password(cfg: &Config) -> anyhow::Result<Option<String>> {
     if let Some(var) = &cfg.mqtt.password_env {
@@ -402,7 +260,7 @@ fn health_json(
         "time": crate::payload::rfc3339(now),
         "time_ms": crate::payload::epoch_ms(now),
         "uptime_s": started.elapsed().as_secs_f64(),
-        "rss_kb": crate::cmd::rss_kb(),
+        "rss_kb": crate::stats::rss_kb(),
         "version": env!("CARGO_PKG_VERSION"),
         "mqtt": mqtt.health(),
         "pipelines": per,
@@ -473,6 +331,12 @@ async fn run_async(
     password: Option<String>,
 ) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
+    // SIGINT and SIGTERM are ours before the MQTT connection announces `online`: a
+    // supervisor (or a test) that stops the daemon as soon as it sees it gets a clean
+    // shutdown, not the signals' default action while the pipelines are being started.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     // No broker URL and nothing that publishes or subscribes: no broker, no client
     // (health then goes to the log only).
     let wants_mqtt = cfg.wants_mqtt();
@@ -488,7 +352,17 @@ async fn run_async(
         let _ = restart_tx.send(());
     });
     crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_cell.clone(), restart.clone())?;
-    crate::homeassistant::start(&cfg, &device, &prepared, hub.as_ref());
+    let infos: Vec<crate::homeassistant::PipelineInfo> = prepared
+        .iter()
+        .map(|p| crate::homeassistant::PipelineInfo {
+            name: &p.cfg.name,
+            kind: p.post.kind_name(),
+            model: &p.model.info().name,
+            outputs: &p.cfg.outputs,
+        })
+        .collect();
+    let status_topic = cfg.mqtt.status_topic.replace("{device}", &device);
+    crate::homeassistant::start(&cfg.homeassistant, &device, &status_topic, &infos, hub.as_ref());
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -613,12 +487,11 @@ async fn run_async(
 
     let mut remaining = workers.len();
     let mut end = RunEnd::Stopped;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let checking = Arc::new(AtomicBool::new(false));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: shutting down"); break; }
+            _ = sigint.recv() => { log::info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { log::info!("SIGTERM: shutting down"); break; }
             _ = restart_rx.recv() => {
                 log::info!("config reload: restarting in place with {}", cfg.path.display());
@@ -730,8 +603,8 @@ async fn connect_mqtt(
         reconnect_max: Duration::from_millis(cfg.mqtt.reconnect_max_ms),
         status_topic: fill(&cfg.mqtt.status_topic),
         tls,
-        disk_queue: crate::sink::disk_queue::from_config(cfg)?,
-        protocol: cfg.mqtt.protocol(),
+        disk_queue: crate::sink::disk_queue::from_config(&cfg.mqtt, &|p| cfg.resolve(p))?,
+        protocol: cfg.mqtt.protocol,
         message_expiry: cfg.mqtt.message_expiry_s.map(Duration::from_secs),
         user_properties: cfg.mqtt.user_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };

@@ -1,6 +1,9 @@
 //! systemd service notifications (`Type=notify`, `WatchdogSec=`): the sd_notify
 //! datagram protocol written by hand, so no libsystemd is linked and a static
 //! binary keeps working. Outside systemd (`NOTIFY_SOCKET` unset) everything is a no-op.
+//!
+//! Not the `sd-notify` crate: its 0.5 connects to `$NOTIFY_SOCKET` as a path only,
+//! and sd_notify(3) also allows a Linux abstract socket (`@name`), tested here.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::engine::{EngineError, LoadOptions, Model, TensorSpec};
+use crate::stats::percentile;
 use crate::tensor::{Data, ElemType, Tensor};
 
 /// What `bench` measured; also its `--json` output.
@@ -45,15 +46,6 @@ pub struct BenchReport {
     pub min_ms: f64,
     /// Peak resident memory of the process.
     pub peak_rss_kb: Option<u64>,
-}
-
-/// Nearest-rank percentile of sorted samples.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Deterministic pseudo-random inputs in [0, 1) (integers: zeros), so runs are comparable.
@@ -120,7 +112,7 @@ pub fn measure(path: &Path, opts: &LoadOptions, runs: usize, warmup: usize) -> R
         p99_ms: percentile(&samples, 99.0),
         mean_ms,
         min_ms: samples[0],
-        peak_rss_kb: super::peak_rss_kb(),
+        peak_rss_kb: crate::stats::peak_rss_kb(),
     })
 }
 
@@ -147,18 +139,5 @@ pub fn print(r: &BenchReport, json: bool, out: &mut dyn Write) -> std::io::Resul
     match r.peak_rss_kb {
         Some(kb) => writeln!(out, "peak RSS            {:.1} MiB", kb as f64 / 1024.0),
         None => writeln!(out, "peak RSS            unknown"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let s: Vec<f64> = (1..=100).map(|x| x as f64).collect();
-        assert_eq!(percentile(&s, 50.0), 50.0);
-        assert_eq!(percentile(&s, 99.0), 99.0);
-        assert_eq!(percentile(&[3.0], 90.0), 3.0);
     }
 }

@@ -252,7 +252,7 @@ impl Presenter {
             None
         } else {
             // Default settings (min_score 0.25, IoU 0.45); the daemon's config takes the rest.
-            let defaults: crate::config::DetectConfig = toml::from_str("").expect("defaults parse");
+            let defaults: crate::postprocess::config::DetectConfig = toml::from_str("").expect("defaults parse");
             Detector::new(&defaults, model.outputs(), &labels).ok()
         };
         Ok(Presenter { labels, top_k, softmax: args.softmax, detector })
@@ -358,7 +358,7 @@ pub fn run_files(
     }
     if items.len() > 1 {
         times.sort_by(|a, b| a.total_cmp(b));
-        let p50 = crate::cmd::bench::percentile(&times, 50.0);
+        let p50 = crate::stats::percentile(&times, 50.0);
         writeln!(
             err,
             "{} inputs: {} ok, {} failed; inference p50 {:.3} ms",

@@ -10,7 +10,8 @@ pub mod inspect;
 
 use std::collections::HashMap;
 
-/// Parses `NAME=D0,D1,...` or `D0,D1,...` (first input) shape overrides.
+/// Parses `NAME=D0,D1,...` or `D0,D1,...` (first input) shape overrides. An
+/// empty shape or `scalar` (`sr=`, `sr=scalar`) is rank 0: a scalar input.
 pub fn parse_input_shapes(items: &[String]) -> Result<HashMap<String, Vec<usize>>, String> {
     let mut out = HashMap::new();
     for item in items {
@@ -18,30 +19,23 @@ pub fn parse_input_shapes(items: &[String]) -> Result<HashMap<String, Vec<usize>
             Some((n, d)) => (n.trim().to_string(), d),
             None => (String::new(), item.as_str()),
         };
-        let shape = dims
-            .split([',', 'x'])
-            .map(|d| {
-                d.trim().parse::<usize>().map_err(|_| format!("--input-shape `{item}`: `{d}` is not a dimension size"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        out.insert(name, shape);
+        let shape = if dims.trim().is_empty() || dims.trim() == "scalar" {
+            Vec::new()
+        } else {
+            dims.split([',', 'x'])
+                .map(|d| {
+                    d.trim().parse::<usize>().map_err(|_| {
+                        format!("--input-shape `{item}`: `{d}` is not a dimension size (`NAME=scalar` for a scalar)")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if out.insert(name.clone(), shape).is_some() {
+            let which = if name.is_empty() { "the first input".to_string() } else { format!("input `{name}`") };
+            return Err(format!("--input-shape `{item}`: {which} is given a shape twice"));
+        }
     }
     Ok(out)
-}
-
-/// Peak resident set size of this process in KiB (Linux `VmHWM`), if known.
-pub fn peak_rss_kb() -> Option<u64> {
-    proc_status_kb("VmHWM:")
-}
-
-/// Resident set size now, in KiB (Linux `VmRSS`), if known.
-pub fn rss_kb() -> Option<u64> {
-    proc_status_kb("VmRSS:")
-}
-
-fn proc_status_kb(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -54,5 +48,16 @@ mod tests {
         assert_eq!(m["image"], vec![1, 3, 224, 224]);
         assert_eq!(m[""], vec![2, 4]);
         assert!(parse_input_shapes(&["x=1,a".into()]).unwrap_err().contains("`a`"));
+    }
+
+    #[test]
+    fn input_shapes_take_scalars_and_refuse_a_second_shape() {
+        let m = parse_input_shapes(&["sr=".into(), "gain=scalar".into(), "scalar".into()]).unwrap();
+        assert_eq!(m["sr"], Vec::<usize>::new());
+        assert_eq!(m["gain"], Vec::<usize>::new());
+        assert_eq!(m[""], Vec::<usize>::new());
+        assert!(parse_input_shapes(&["sr=1,scalar".into()]).unwrap_err().contains("`scalar`"));
+        let twice = parse_input_shapes(&["x=1,2".into(), "x=1,3".into()]).unwrap_err();
+        assert!(twice.contains("input `x` is given a shape twice"), "{twice}");
     }
 }

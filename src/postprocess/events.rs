@@ -3,7 +3,7 @@
 //! when a score crosses a threshold, with debounce (N consecutive results)
 //! and hysteresis. Pure state machines.
 
-use crate::config::When;
+use super::config::When;
 use crate::message::{Detection, Event, ResultBody};
 
 /// What an output should do with one result.

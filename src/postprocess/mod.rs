@@ -2,6 +2,7 @@
 //! labels and top-k, with softmax applied when the model emits logits; object
 //! detections in `detect`.
 
+pub mod config;
 pub mod detect;
 pub mod events;
 pub mod results;
@@ -11,16 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::tensor::Tensor;
 
-/// One class and its score.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct ClassScore {
-    /// Index in the output vector.
-    pub index: usize,
-    /// Label from the labels file, or the index as text.
-    pub label: String,
-    /// Probability (after softmax where applied) or raw score.
-    pub score: f32,
-}
+pub use crate::message::ClassScore;
 
 /// When to apply softmax to class scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]

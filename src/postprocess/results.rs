@@ -1,7 +1,7 @@
 //! Turning a pipeline's model outputs into a result body: classes with
 //! labels, raw values, an anomaly score against a threshold, or detections.
 
-use crate::config::{AnomalyScore, PostprocessConfig};
+use super::config::{AnomalyScore, PostprocessConfig};
 use crate::engine::TensorSpec;
 use crate::message::{Anomaly, ImageSize, ResultBody};
 use crate::preprocess::ImageGeometry;

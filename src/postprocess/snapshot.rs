@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
 
-use crate::config::{SnapshotConfig, SnapshotWhen};
+use super::config::{SnapshotConfig, SnapshotWhen};
 use crate::message::Detection;
 
 /// Box colours, picked by class index so one class keeps its colour.

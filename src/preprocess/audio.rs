@@ -9,8 +9,8 @@ use realfft::num_complex::Complex;
 use realfft::{RealFftPlanner, RealToComplex};
 use serde::Deserialize;
 
-use crate::config::{SourceConfig, StreamFormat};
 use crate::engine::TensorSpec;
+use crate::message::SourceOutput;
 use crate::tensor::{Data, ElemType, Tensor};
 
 use super::to_elem_type;
@@ -273,18 +273,16 @@ fn length(
 
 impl AudioPlan {
     /// Checks the keys against each other and the source; errors name the key.
-    pub fn resolve(cfg: &AudioConfig, source: &SourceConfig) -> Result<AudioPlan, AudioConfigError> {
+    pub fn resolve(cfg: &AudioConfig, source: &SourceOutput) -> Result<AudioPlan, AudioConfigError> {
         if source.is_frames() {
             return bad(
                 "type",
-                format!("audio preprocessing needs a source of samples; this `{}` source gives images", source.kind()),
+                format!("audio preprocessing needs a source of samples; this `{}` source gives images", source.kind),
             );
         }
-        let (src_rate, src_channels) = match source {
-            SourceConfig::Pipe { format: StreamFormat::S16le | StreamFormat::F32le, sample_rate, channels, .. } => {
-                (Some(*sample_rate), Some(*channels))
-            }
-            _ => (None, None),
+        let (src_rate, src_channels) = match source.pcm {
+            Some((rate, channels)) => (Some(rate), Some(channels)),
+            None => (None, None),
         };
         let sample_rate = match (cfg.sample_rate, src_rate) {
             (Some(a), Some(b)) if a != b => {
@@ -292,7 +290,7 @@ impl AudioPlan {
             }
             (Some(r), _) | (None, Some(r)) => r,
             (None, None) => {
-                return bad("sample_rate", format!("needed: a `{}` source does not say its sample rate", source.kind()))
+                return bad("sample_rate", format!("needed: a `{}` source does not say its sample rate", source.kind))
             }
         };
         if !(1..=384_000).contains(&sample_rate) {
@@ -710,7 +708,7 @@ pub struct AudioStage {
 
 impl AudioStage {
     /// Resolves the config and checks the model input against the feature shape.
-    pub fn new(cfg: &AudioConfig, spec: &TensorSpec, source: &SourceConfig) -> Result<AudioStage, String> {
+    pub fn new(cfg: &AudioConfig, spec: &TensorSpec, source: &SourceOutput) -> Result<AudioStage, String> {
         let plan = AudioPlan::resolve(cfg, source).map_err(|e| e.to_string())?;
         AudioStage::from_plan(plan, spec)
     }
@@ -796,11 +794,8 @@ impl AudioStage {
 mod tests {
     use super::*;
 
-    fn pipe(rate: u32, channels: usize) -> SourceConfig {
-        toml::from_str(&format!(
-            "type = \"pipe\"\ncommand = [\"arecord\"]\nformat = \"s16le\"\nsample_rate = {rate}\nchannels = {channels}"
-        ))
-        .unwrap()
+    fn pipe(rate: u32, channels: usize) -> SourceOutput {
+        SourceOutput { pcm: Some((rate, channels)), ..SourceOutput::values("pipe") }
     }
 
     fn cfg(text: &str) -> AudioConfig {
@@ -826,8 +821,8 @@ mod tests {
 
     #[test]
     fn bad_keys_are_named() {
-        let lines: SourceConfig = toml::from_str("type = \"lines\"").unwrap();
-        let key = |text: &str, source: &SourceConfig| AudioPlan::resolve(&cfg(text), source).unwrap_err().key;
+        let lines = SourceOutput::values("lines");
+        let key = |text: &str, source: &SourceOutput| AudioPlan::resolve(&cfg(text), source).unwrap_err().key;
         assert_eq!(key("window_ms = 1000", &lines), "sample_rate");
         assert_eq!(key("window_ms = 1000\nsample_rate = 8000", &pipe(16000, 1)), "sample_rate");
         assert_eq!(key("window_ms = 0", &pipe(16000, 1)), "window_ms");
@@ -843,7 +838,7 @@ mod tests {
         assert_eq!(key(&format!("{mel}log_floor = 0"), &pipe(16000, 1)), "log_floor");
         assert_eq!(key("window_ms = 10\nfeatures = \"log_mel\"", &pipe(16000, 1)), "window_ms");
         assert_eq!(key("window_ms = 1000\nchannels = 2", &pipe(16000, 1)), "channels");
-        let camera: SourceConfig = toml::from_str("type = \"v4l2\"").unwrap();
+        let camera = SourceOutput { gives: crate::message::Gives::Frames, ..SourceOutput::values("v4l2") };
         assert_eq!(key("window_ms = 1000\nsample_rate = 16000", &camera), "type");
         assert!(toml::from_str::<AudioConfig>("window_ms = 1000\nn_mel = 40")
             .unwrap_err()

@@ -3,6 +3,7 @@
 //! conversion to the model's element type, quantizing where it asks for it.
 
 pub mod audio;
+pub mod config;
 pub mod stage;
 pub mod window;
 

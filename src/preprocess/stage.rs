@@ -2,8 +2,9 @@
 //! pass-through handling for each input and writes the model input tensor,
 //! reusing one buffer.
 
-use crate::config::{PreprocessConfig, SourceConfig, WindowLayout};
+use super::config::{PreprocessConfig, WindowLayout};
 use crate::engine::TensorSpec;
+use crate::message::{Gives, SourceOutput};
 use crate::message::{Input, Values};
 use crate::tensor::{Data, ElemType, Tensor};
 
@@ -31,22 +32,6 @@ pub struct Preprocessor {
     tabular: Option<Tabular>,
     audio: Option<AudioStage>,
     scratch: Vec<f32>,
-}
-
-/// What a source produces, as far as the config tells.
-#[derive(PartialEq)]
-enum Produces {
-    Frames,
-    Values,
-    Unknown,
-}
-
-fn produces(source: &SourceConfig) -> Produces {
-    match source {
-        s if s.is_frames() => Produces::Frames,
-        SourceConfig::Files { .. } => Produces::Unknown,
-        _ => Produces::Values,
-    }
 }
 
 /// Window geometry from the model's `[1, a, b]` input: (channels, window, layout).
@@ -86,12 +71,12 @@ fn window_geometry(
 
 impl Preprocessor {
     /// Builds the stage and checks that the model input fits what the source gives.
-    pub fn new(cfg: &PreprocessConfig, spec: &TensorSpec, source: &SourceConfig) -> Result<Self, String> {
+    pub fn new(cfg: &PreprocessConfig, spec: &TensorSpec, source: &SourceOutput) -> Result<Self, String> {
         let mut p = Preprocessor {
             spec: spec.clone(),
             image: ImagePrep::default(),
             window: None,
-            per_origin: matches!(source, SourceConfig::Mqtt { .. }),
+            per_origin: source.per_origin,
             origin_windows: Vec::new(),
             tabular: None,
             audio: None,
@@ -99,19 +84,19 @@ impl Preprocessor {
         };
         let rank = spec.shape.len();
         match cfg {
-            PreprocessConfig::Auto => match produces(source) {
-                Produces::Frames => {
+            PreprocessConfig::Auto => match source.gives {
+                Gives::Frames => {
                     image_geometry(spec, None).map_err(|e| e.to_string())?;
                 }
-                Produces::Values if rank == 3 => p.window = Some(p.make_window(None, None, None, None, None, None)?),
-                Produces::Values if rank == 2 => p.tabular = Some(p.make_tabular(None, None, None)?),
-                Produces::Values => {
+                Gives::Values if rank == 3 => p.window = Some(p.make_window(None, None, None, None, None, None)?),
+                Gives::Values if rank == 2 => p.tabular = Some(p.make_tabular(None, None, None)?),
+                Gives::Values => {
                     return Err(format!(
                         "input `{}` has shape {:?}: numeric sources feed [1, features] or [1, channels, window] inputs",
                         spec.name, spec.shape
                     ))
                 }
-                Produces::Unknown => {
+                Gives::Unknown => {
                     if rank == 3 {
                         p.window = p.make_window(None, None, None, None, None, None).ok();
                     } else if rank == 2 {
@@ -120,7 +105,7 @@ impl Preprocessor {
                 }
             },
             PreprocessConfig::Image { resize, color, layout, scale, mean, std } => {
-                if produces(source) == Produces::Values {
+                if source.gives == Gives::Values {
                     return Err("image preprocessing needs a source of images".into());
                 }
                 p.image = ImagePrep {
@@ -318,8 +303,8 @@ mod tests {
         TensorSpec { name: "x".into(), shape: shape.to_vec(), elem_type: ElemType::F32, quantization: None }
     }
 
-    fn lines() -> SourceConfig {
-        toml::from_str("type = \"lines\"").unwrap()
+    fn lines() -> SourceOutput {
+        SourceOutput::values("lines")
     }
 
     fn values(v: Vec<f32>, names: Option<Vec<&str>>) -> Input {
@@ -349,7 +334,7 @@ mod tests {
 
     #[test]
     fn mqtt_publishers_get_windows_of_their_own() {
-        let mqtt: SourceConfig = toml::from_str("type = \"mqtt\"\ntopic = \"s/+/a\"\nformat = \"json\"").unwrap();
+        let mqtt = SourceOutput { per_origin: true, ..SourceOutput::values("mqtt") };
         let mut p = Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 1, 2]), &mqtt).unwrap();
         let mut buf = p.buffer();
         let from = |topic: &str, x: f32| {
@@ -388,7 +373,7 @@ mod tests {
     fn mismatched_model_inputs_are_explained() {
         let e = Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 3, 32, 32]), &lines()).err().unwrap();
         assert!(e.contains("[1, 3, 32, 32]"), "{e}");
-        let frames: SourceConfig = toml::from_str("type = \"synthetic\"\nsignal = \"frames\"").unwrap();
+        let frames = SourceOutput { gives: Gives::Frames, ..SourceOutput::values("synthetic") };
         assert!(Preprocessor::new(&PreprocessConfig::Auto, &spec(&[1, 30]), &frames).is_err());
         let cfg: PreprocessConfig = toml::from_str("type = \"window\"\nwindow = 64").unwrap();
         let e = Preprocessor::new(&cfg, &spec(&[1, 3, 128]), &lines()).err().unwrap();

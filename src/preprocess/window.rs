@@ -4,7 +4,7 @@
 
 use heapless::HistoryBuf;
 
-use crate::config::WindowLayout;
+use super::config::WindowLayout;
 
 /// Longest window, in samples.
 pub const MAX_WINDOW: usize = 4096;

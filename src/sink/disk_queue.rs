@@ -84,6 +84,14 @@ impl FsyncPolicy {
     }
 }
 
+/// `queue_fsync` in a config: parsed once, at load.
+impl<'de> serde::Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        FsyncPolicy::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Bounds and durability of a queue.
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
@@ -95,16 +103,17 @@ pub struct QueueOptions {
     pub fsync: FsyncPolicy,
 }
 
-/// Opens the queue `[mqtt] queue_dir` asks for (relative to the config file); None when unset.
-pub fn from_config(cfg: &crate::config::Config) -> Result<Option<std::sync::Arc<DiskQueue>>, QueueError> {
-    let Some(dir) = &cfg.mqtt.queue_dir else { return Ok(None) };
-    let dir = cfg.resolve(dir);
-    let fsync = FsyncPolicy::parse(&cfg.mqtt.queue_fsync).unwrap_or(FsyncPolicy::Interval(Duration::from_millis(100)));
-    let opts = QueueOptions {
-        max_bytes: cfg.mqtt.queue_max_bytes,
-        max_age: Duration::from_secs(cfg.mqtt.queue_max_age_s),
-        fsync,
-    };
+/// Opens the queue `[mqtt] queue_dir` asks for (`resolve` makes it relative to the
+/// config file); None when unset.
+pub fn from_config(
+    mqtt: &super::config::MqttConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<std::sync::Arc<DiskQueue>>, QueueError> {
+    let Some(dir) = &mqtt.queue_dir else { return Ok(None) };
+    let dir = resolve(dir);
+    let fsync = mqtt.queue_fsync;
+    let opts =
+        QueueOptions { max_bytes: mqtt.queue_max_bytes, max_age: Duration::from_secs(mqtt.queue_max_age_s), fsync };
     let queue = DiskQueue::open(&dir, opts)?;
     let s = queue.stats();
     log::info!(
@@ -371,6 +380,12 @@ impl DiskQueue {
             "dropped_age": s.dropped_age,
             "corrupt_records_skipped": s.corrupt_records_skipped,
         })
+    }
+}
+
+impl crate::metrics::HealthSection for DiskQueue {
+    fn health(&self) -> serde_json::Value {
+        DiskQueue::health(self)
     }
 }
 
@@ -768,25 +783,10 @@ fn parse_record(b: &[u8]) -> Result<(usize, u64, u64, Record), String> {
     Ok((HEADER + body_len, id, appended_ms, Record { topic, qos, retain, payload }))
 }
 
-/// CRC-32 (IEEE 802.3, as zlib and gzip), table-driven.
+/// CRC-32 (IEEE 802.3, as zlib and gzip) of `data`: the checksum of every record and of the
+/// `ack` file, so files written by any version read back.
 pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, slot) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-            *slot = c;
-        }
-        t
-    });
-    let mut crc = !0u32;
-    for &b in data {
-        crc = table[((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 #[cfg(test)]
@@ -831,7 +831,13 @@ mod tests {
 
     #[test]
     fn crc_matches_the_standard_check_value() {
+        // The CRC-32 check value, and a record checksum as the hand-written table gave it
+        // before crc32fast: queue files written then still read.
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b"edgeinfer/dev/results"), 0x49A0_07AE); // Python: zlib.crc32(...)
+                                                                  // Long enough for crc32fast's SIMD path.
+        let kib: Vec<u8> = (0..1024).map(|i| i as u8).collect();
+        assert_eq!(crc32(&kib), 0xB70B_4C26);
     }
 
     #[test]
@@ -1029,29 +1035,27 @@ mod tests {
     #[test]
     fn config_keys_are_checked_and_the_dir_resolves_against_the_config() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("m.onnx"), b"").unwrap();
-        let with = |mqtt: &str| {
-            let text = format!(
-                "device = \"d\"\n[mqtt]\nurl = \"mqtt://127.0.0.1\"\n{mqtt}\n[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\n\
-                 source = {{ type = \"synthetic\", signal = \"sine\" }}\n"
-            );
-            let mut c = crate::config::Config::parse(&text, "c.toml")?;
-            c.base_dir = dir.path().to_path_buf();
-            c.validate("c.toml").map(|_| c)
+        let with = |mqtt: &str| -> Result<crate::sink::config::MqttConfig, String> {
+            let m: crate::sink::config::MqttConfig =
+                toml::from_str(&format!("url = \"mqtt://127.0.0.1\"\n{mqtt}")).map_err(|e| e.to_string())?;
+            m.validate().map(|_| m).map_err(|(key, reason)| format!("{key}: {reason}"))
         };
-        let c = with("").unwrap();
-        assert!(from_config(&c).unwrap().is_none(), "absent queue_dir: memory only");
-        let c = with("queue_dir = \"state/q\"\nqueue_max_bytes = 65536\nqueue_fsync = \"always\"").unwrap();
-        let q = from_config(&c).unwrap().unwrap();
+        let resolve = |p: &Path| dir.path().join(p);
+        let m = with("").unwrap();
+        assert!(from_config(&m, &resolve).unwrap().is_none(), "absent queue_dir: memory only");
+        let m = with("queue_dir = \"state/q\"\nqueue_max_bytes = 65536\nqueue_fsync = \"always\"").unwrap();
+        assert_eq!(m.queue_fsync, FsyncPolicy::Always);
+        let q = from_config(&m, &resolve).unwrap().unwrap();
         assert!(dir.path().join("state/q").is_dir());
         q.append(&rec(1)).unwrap();
         assert_eq!(q.stats().records, 1);
+        // The policy is parsed once, at load: a bad one is refused there, never replaced by a default.
         for (bad, key) in [
             ("queue_dir = \"q\"\nqueue_fsync = \"sometimes\"", "queue_fsync"),
             ("queue_max_bytes = 10", "queue_max_bytes"),
             ("queue_max_age_s = 0", "queue_max_age_s"),
         ] {
-            let e = with(bad).unwrap_err().to_string();
+            let e = with(bad).unwrap_err();
             assert!(e.contains(key), "{e}");
         }
     }

@@ -1,6 +1,7 @@
 //! Outputs: where results go. Every sink takes results without blocking the
 //! inference worker; what it cannot take is dropped and counted.
 
+pub mod config;
 pub mod disk_queue;
 pub mod file;
 pub mod mqtt;
@@ -16,7 +17,7 @@ pub mod stdout;
 pub mod mqtt_tls {
     use std::path::{Path, PathBuf};
 
-    use crate::config::MqttTlsConfig;
+    use super::config::MqttTlsConfig;
 
     /// A TLS setting that cannot be used: here, any, as TLS is not built in.
     #[derive(Debug, thiserror::Error)]

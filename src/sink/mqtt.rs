@@ -46,8 +46,7 @@ pub use super::mqtt_proto::{Incoming, Protocol, PublishMeta};
 use crate::message::{Event, ResultMsg};
 use crate::metrics::MqttMetrics;
 
-/// Largest packet sent or accepted (an image frame on an MQTT source must fit).
-pub const MAX_PACKET_BYTES: usize = 8 << 20;
+pub use crate::mqtt::{valid_filter, valid_topic, MAX_PACKET_BYTES};
 
 /// Publishes handed to the client and not yet confirmed, at most. Below the
 /// client's in-flight limit so QoS 1/2 packet ids never collide. An MQTT 5
@@ -366,7 +365,7 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
 
     let (client, eventloop) = client_options(&settings);
     if let Some(disk) = &settings.disk_queue {
-        let _ = metrics.disk_queue.set(disk.clone());
+        let _ = metrics.disk_queue.set(disk.clone() as Arc<dyn crate::metrics::HealthSection>);
         let pending = disk.pending();
         if pending > 0 {
             log::info!("MQTT: {pending} results waiting in the disk queue from before; replaying them");
@@ -1255,25 +1254,6 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
             _ => return false,
         }
     }
-}
-
-/// A topic name one can publish to: not empty, no wildcards, no NUL.
-pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
-}
-
-/// A subscription filter: not empty, `+` alone in its level, `#` alone and last.
-pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let last = levels.len() - 1;
-    levels.iter().enumerate().all(|(i, level)| match *level {
-        "#" => i == last,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
 }
 
 /// An MQTT output of a pipeline.

@@ -41,6 +41,14 @@ impl Protocol {
     }
 }
 
+/// `[mqtt] protocol` in a config: parsed once, at load.
+impl<'de> serde::Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Protocol::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// MQTT 5 properties of one outgoing publish (ignored on MQTT 3.1.1).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublishMeta {

@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use thiserror::Error;
 
-use crate::config::MqttTlsConfig;
+use super::config::MqttTlsConfig;
 
 /// A TLS setting that cannot be used; the message names the key and the file.
 #[derive(Debug, Error)]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use glob::MatchOptions;
 
-use crate::config::SourceConfig;
+use super::config::SourceConfig;
 use crate::message::{Frame, Input};
 use crate::preprocess::decode_image;
 use crate::tensor::Tensor;

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::config::{HttpMode, SourceConfig};
 use super::{FrameGate, SourceCtx, SourceEnd, SourceError};
-use crate::config::{HttpMode, SourceConfig};
 use crate::message::{Frame, Input};
 
 /// Largest JPEG (stream part or snapshot) accepted.
@@ -364,36 +364,17 @@ fn redact_query(path: &str) -> String {
     format!("{before}?{}", pairs.join("&"))
 }
 
+/// The bytes of a %-escaped URL part; `None` when a `%` is not followed by two
+/// hex digits (percent-encoding would pass such a `%` through as it is).
 fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
+    let well_formed =
+        s.split('%').skip(1).all(|after| after.get(..2).is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())));
+    well_formed.then(|| percent_encoding::percent_decode_str(s).collect())
 }
 
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n =
-            (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
-        let sextet = |shift: u32| ALPHABET[(n >> shift) as usize & 63] as char;
-        out.push(sextet(18));
-        out.push(sextet(12));
-        out.push(if chunk.len() > 1 { sextet(6) } else { '=' });
-        out.push(if chunk.len() > 2 { sextet(0) } else { '=' });
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Headers of one stream part that matter here.
@@ -674,6 +655,10 @@ mod tests {
         t.set_credentials("admin", b"pw");
         assert_eq!(t.shown(), "http://admin:***@cam/capture");
         assert_eq!(t.auth.as_deref(), Some(format!("Basic {}", base64(b"admin:pw")).as_str()));
+        assert_eq!(percent_decode("a%41%3a%c3%A9"), Some("aA:é".as_bytes().to_vec()));
+        for bad in ["%zz", "%4", "100%", "%+f", "%é0"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
         assert_eq!(base64(b""), "");
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");

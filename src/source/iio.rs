@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::config::SourceConfig;
 use super::{SourceCtx, SourceEnd, SourceError};
-use crate::config::SourceConfig;
 use crate::message::{Input, Values};
 
 /// How often the same kind of warning (late samples, unreadable values) is logged at most.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::config::{LineFormat, SourceConfig};
+use super::config::{LineFormat, SourceConfig};
 use crate::message::{Input, Values};
 
 use super::{SourceCtx, SourceEnd, SourceError};

@@ -2,6 +2,7 @@
 //! pipeline's bounded queue and stops when asked; a source that fails is
 //! restarted with backoff and reported in health, never fatal to the daemon.
 
+pub mod config;
 pub mod files;
 #[cfg(feature = "http-source")]
 pub mod http;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::config::SourceConfig;
+use super::config::SourceConfig;
 use crate::message::{Input, InputQueue, Pushed};
 use crate::metrics::PipelineMetrics;
 use crate::sink::mqtt::MqttHandle;

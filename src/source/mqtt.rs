@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::config::{LineFormat, PayloadFormat, SourceConfig};
+use super::config::{LineFormat, PayloadFormat, SourceConfig};
 use crate::message::{Frame, Input, Values};
 use crate::sink::mqtt::{Incoming, MessageHandler, MqttHandle};
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use image::RgbImage;
 
+use super::config::{SourceConfig, StreamFormat};
 use super::{FrameGate, SourceCtx, SourceEnd, SourceError};
-use crate::config::{SourceConfig, StreamFormat};
 use crate::message::{Frame, Input, Values};
 
 /// Largest JPEG accepted from a stream; past it the stream is resynchronised.
@@ -506,7 +506,6 @@ fn find_soi(buf: &[u8], from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn jpeg(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
         let img = RgbImage::from_pixel(w, h, image::Rgb(rgb));
@@ -569,11 +568,7 @@ mod tests {
     }
 
     fn pipe_cfg(toml_source: &str) -> SourceConfig {
-        let text = format!(
-            "[[pipelines]]\nname = \"p\"\nmodel = \"m.onnx\"\n[pipelines.source]\ntype = \"pipe\"\n{toml_source}"
-        );
-        let cfg: Config = toml::from_str(&text).unwrap();
-        cfg.pipelines[0].source.clone()
+        toml::from_str(&format!("type = \"pipe\"\n{toml_source}")).unwrap()
     }
 
     fn collect(ctx: &SourceCtx) -> Vec<Input> {

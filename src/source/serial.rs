@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use serialport::{ClearBuffer, DataBits, FlowControl, Parity, SerialPort, StopBits};
 
+use super::config::{LineFormat, SourceConfig};
 use super::{SourceCtx, SourceEnd, SourceError};
-use crate::config::{LineFormat, SourceConfig};
 use crate::source::lines::LineSink;
 
 /// Lines longer than this (without a line end) are dropped.

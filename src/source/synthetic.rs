@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use image::{Rgb, RgbImage};
 
-use crate::config::{Signal, SourceConfig};
+use super::config::{Signal, SourceConfig};
 use crate::message::{Frame, Input, Values};
 
 use super::{SourceCtx, SourceEnd, SourceError};
@@ -675,7 +675,7 @@ mod tests {
 
     #[test]
     fn other_source_configs_are_refused() {
-        let cfg = SourceConfig::Lines { from: "stdin".into(), format: crate::config::LineFormat::Json };
+        let cfg = SourceConfig::Lines { from: "stdin".into(), format: crate::source::config::LineFormat::Json };
         assert!(run(&cfg, &ctx(1)).unwrap_err().0.contains("lines"));
     }
 }

@@ -26,8 +26,8 @@ use linuxvideo::stream::ReadStream;
 use linuxvideo::{BufType, CapabilityFlags, Device, Fract};
 use serde::Serialize;
 
+use super::config::{PixelFormat, SourceConfig};
 use super::{FrameGate, SourceCtx, SourceEnd, SourceError};
-use crate::config::{PixelFormat, SourceConfig};
 use crate::message::{Frame, Input};
 
 /// How long the capture loop waits for a frame before it looks for shutdown again.

@@ -43,7 +43,7 @@ pub(crate) fn allocs() -> u64 {
 fn window_path_does_not_allocate_per_sample() {
     let model = Model::load(&crate::model("vibration_int8.onnx"), &LoadOptions::default()).unwrap();
     let source: SourceConfig = toml::from_str("type = \"lines\"").unwrap();
-    let mut pre = Preprocessor::new(&PreprocessConfig::Auto, &model.inputs()[0], &source).unwrap();
+    let mut pre = Preprocessor::new(&PreprocessConfig::Auto, &model.inputs()[0], &source.output()).unwrap();
     let mut session = model.session().unwrap();
     let mut buf = pre.buffer();
     let mut outputs = Vec::new();

@@ -79,7 +79,7 @@ fn log_mel_matches_librosa() {
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let cfg: AudioConfig = serde_json::from_value(case["preprocess"].clone()).unwrap();
-        let plan = AudioPlan::resolve(&cfg, &pipe_source(1)).unwrap();
+        let plan = AudioPlan::resolve(&cfg, &pipe_source(1).output()).unwrap();
         let mel = plan.mel.clone().unwrap();
         let reference = Tensor::read_npy(&crate::model(&format!("ref/logmel/{name}.npy"))).unwrap();
         let (frames, n_mels) = plan.feature_shape().unwrap();
@@ -106,7 +106,7 @@ fn pipe_chunks_through_the_preprocessor_give_librosa_windows() {
     for (channels, input, shape) in
         [(1, signal.repeat(2), vec![1, 1, 40, 98]), (2, stereo, vec![1, 98, 40]), (1, signal.repeat(2), vec![1, 3920])]
     {
-        let mut pre = Preprocessor::new(&cfg, &spec(&shape), &pipe_source(channels)).unwrap();
+        let mut pre = Preprocessor::new(&cfg, &spec(&shape), &pipe_source(channels).output()).unwrap();
         let mut buf = pre.buffer();
         let mut windows = Vec::new();
         // 100 ms chunks, as the pipe source pushes them by default.
@@ -133,7 +133,7 @@ fn log_mel_windows_do_not_allocate_and_report_their_time() {
     let (signal, _) = load_cases();
     let cfg: PreprocessConfig =
         toml::from_str("type = \"audio\"\nwindow_ms = 1000\nhop_ms = 100\nfeatures = \"log_mel\"").unwrap();
-    let mut pre = Preprocessor::new(&cfg, &spec(&[1, 98, 40]), &pipe_source(1)).unwrap();
+    let mut pre = Preprocessor::new(&cfg, &spec(&[1, 98, 40]), &pipe_source(1).output()).unwrap();
     let mut buf = pre.buffer();
     let chunks: Vec<Input> = signal.chunks(1600).map(chunk).collect();
     for c in &chunks {
@@ -149,9 +149,11 @@ fn log_mel_windows_do_not_allocate_and_report_their_time() {
     assert_eq!(allocated, 0, "10 log-mel windows allocated {allocated} times");
 
     // Time per 1 s window (98 frames x 40 mels, n_fft 512): the median of a loop. Printed, not asserted.
-    let plan =
-        AudioPlan::resolve(&toml::from_str("window_ms = 1000\nfeatures = \"log_mel\"").unwrap(), &pipe_source(1))
-            .unwrap();
+    let plan = AudioPlan::resolve(
+        &toml::from_str("window_ms = 1000\nfeatures = \"log_mel\"").unwrap(),
+        &pipe_source(1).output(),
+    )
+    .unwrap();
     let mut mel = LogMel::new(plan.mel.as_ref().unwrap());
     let mut out = vec![0.0; 98 * 40];
     let mut times: Vec<Duration> = (0..51)

@@ -508,3 +508,146 @@ fn bench_json_has_the_documented_figures() {
     assert!(v["p50_ms"].as_f64() <= v["p99_ms"].as_f64());
     assert_eq!(v["runs"], 20);
 }
+
+/// Writes a model `y = x * gain` (or, without `x`, `y = gain + gain`), `x`
+/// f32 [1, 4] and `gain` an f32 scalar: declared as rank 0 when
+/// `gain_rank0`, else with no shape at all (as some exporters write a
+/// scalar input such as a sample rate).
+#[cfg(feature = "onnx")]
+fn scalar_input_model(dir: &std::path::Path, with_x: bool, gain_rank0: bool) -> std::path::PathBuf {
+    use prost::Message;
+    use tract_onnx::pb;
+    use tract_onnx::pb::tensor_shape_proto::{dimension::Value as Dim, Dimension};
+    let value = |name: &str, shape: Option<&[i64]>| pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: pb::tensor_proto::DataType::Float as i32,
+                shape: shape.map(|dims| pb::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension { value: Some(Dim::DimValue(d)), ..Default::default() })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let gain = value("gain", gain_rank0.then_some(&[][..]));
+    let (inputs, node_inputs, out_shape) = if with_x {
+        (vec![value("x", Some(&[1, 4])), gain], vec!["x".to_string(), "gain".to_string()], &[1i64, 4][..])
+    } else {
+        (vec![gain], vec!["gain".to_string(), "gain".to_string()], &[][..])
+    };
+    let op = if with_x { "Mul" } else { "Add" };
+    let node = pb::NodeProto { input: node_inputs, output: vec!["y".into()], op_type: op.into(), ..Default::default() };
+    let graph = pb::GraphProto {
+        name: "scalar".into(),
+        node: vec![node],
+        input: inputs,
+        output: vec![value("y", Some(out_shape))],
+        ..Default::default()
+    };
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let file = dir.join(format!(
+        "scalar_{}{}.onnx",
+        if with_x { "x_" } else { "" },
+        if gain_rank0 { "rank0" } else { "shapeless" }
+    ));
+    std::fs::write(&file, model.encode_to_vec()).unwrap();
+    file
+}
+
+#[test]
+#[cfg(feature = "onnx")]
+fn scalar_inputs_take_an_empty_shape_in_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let shapeless = scalar_input_model(dir.path(), true, false);
+    let x = dir.path().join("x.npy");
+    Tensor { shape: vec![1, 4], data: Data::F32(vec![1.0, 2.0, 3.0, 4.0]) }.write_npy(&x).unwrap();
+    let gain = dir.path().join("gain.npy");
+    Tensor { shape: vec![], data: Data::F32(vec![0.5]) }.write_npy(&gain).unwrap();
+
+    // A scalar input declared with no shape must be given one, and `NAME=` or `NAME=scalar` is it.
+    let out = edgeinfer(&["inspect", path(&shapeless)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("gain"), "{}", text(&out.stdout));
+    let out = edgeinfer(&["bench", path(&shapeless), "--runs", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("input `gain`: the model declares no shape"), "{}", text(&out.stderr));
+    for flag in ["gain=", "gain=scalar"] {
+        let out = edgeinfer(&["inspect", path(&shapeless), "--input-shape", flag, "--json"]);
+        assert!(out.status.success(), "{flag}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["inputs"][1]["name"], "gain");
+        assert_eq!(v["inputs"][1]["shape"], serde_json::json!([]), "{v}");
+        let out =
+            edgeinfer(&["bench", path(&shapeless), "--input-shape", flag, "--runs", "2", "--warmup", "0", "--json"]);
+        assert!(out.status.success(), "{flag}: {}", text(&out.stderr));
+        let out =
+            edgeinfer(&["infer", path(&shapeless), "--input-shape", flag, "--npy", path(&x), "--npy", path(&gain)]);
+        assert!(out.status.success(), "{flag}: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["outputs"][0]["value"], serde_json::json!([[0.5, 1.0, 1.5, 2.0]]), "{v}");
+    }
+    // The 0-d array pins the scalar by itself.
+    let out = edgeinfer(&["infer", path(&shapeless), "--npy", path(&x), "--npy", path(&gain)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // A shape whose rank the model contradicts is one line naming the input.
+    let rank0 = scalar_input_model(dir.path(), true, true);
+    for (flag, input) in [("gain=1", "gain"), ("x=scalar", "x")] {
+        for cmd in ["inspect", "bench", "infer"] {
+            let mut args = vec![cmd, path(&rank0), "--input-shape", flag];
+            if cmd == "infer" {
+                args.extend(["--npy", path(&x), "--npy", path(&gain)]);
+            }
+            let out = edgeinfer(&args);
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {flag}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{cmd} {flag}: {err}");
+            assert!(err.contains(&format!("`{input}`")) && err.contains("dimensions"), "{cmd} {flag}: {err}");
+        }
+    }
+    // A rank-0 declaration needs no flag; a single scalar input takes `scalar` without a name.
+    let out = edgeinfer(&["bench", path(&rank0), "--runs", "1", "--warmup", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let only = scalar_input_model(dir.path(), false, false);
+    let out = edgeinfer(&["infer", path(&only), "--input-shape", "scalar", "--npy", path(&gain)]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([]), "{v}");
+    assert_eq!(v["outputs"][0]["value"], serde_json::json!(1.0), "{v}");
+    // A malformed size says how to write a scalar.
+    let out = edgeinfer(&["bench", path(&only), "--input-shape", "gain=one"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`NAME=scalar` for a scalar"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn bench_takes_input_shape_like_infer() {
+    let m = crate::model("digits_cnn_dynamic.onnx");
+    let out = edgeinfer(&["bench", path(&m), "--runs", "1", "--warmup", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--input-shape image=1,3,HEIGHT,WIDTH"), "{}", text(&out.stderr));
+    let out =
+        edgeinfer(&["bench", path(&m), "--input-shape", "image=2,3,40,48", "--runs", "2", "--warmup", "0", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"], 2);
+    // The same syntax without a name (the first input), and the same errors as infer.
+    let out = edgeinfer(&["bench", path(&m), "--input-shape", "1x3x32x32", "--runs", "1", "--warmup", "0"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = edgeinfer(&["bench", path(&m), "--input-shape", "image=1,1,32,32", "--runs", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("dimension 1 is fixed at 3"), "{}", text(&out.stderr));
+    let out = edgeinfer(&["bench", path(&m), "--input-shape", "pixels=1,3,32,32", "--runs", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no such input"), "{}", text(&out.stderr));
+}

@@ -141,7 +141,7 @@ fn photo_through_the_pipeline_stages_matches_the_reference() {
     let model = load();
     let pre_cfg: PreprocessConfig = toml::from_str("type = \"image\"\nresize = \"letterbox\"").unwrap();
     let source: SourceConfig = toml::from_str("type = \"files\"\npath = \"x\"").unwrap();
-    let mut pre = Preprocessor::new(&pre_cfg, &model.inputs()[0], &source).unwrap();
+    let mut pre = Preprocessor::new(&pre_cfg, &model.inputs()[0], &source.output()).unwrap();
     let post_cfg = toml::from_str("type = \"detect\"").unwrap();
     let mut post = Postprocessor::new(Some(&post_cfg), model.outputs(), labels()).unwrap();
     let bytes = std::fs::read(crate::model("samples/detect/faces.jpg")).unwrap();
