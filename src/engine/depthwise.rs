@@ -15,10 +15,13 @@
 //!
 //! [`use_for_depthwise_convs`] swaps tract's `Conv` for this operator in a
 //! decluttered graph, before tract's code generation, on x86-64 with AVX2
-//! and FMA only ([`cpu_supported`] says why not elsewhere). The sums are in
+//! and FMA and on aarch64 for int8 models ([`cpu_supported`] says why not
+//! elsewhere). The sums are in
 //! a different order than tract's, so a value can differ from tract's in its
 //! last bits; the epilogue's arithmetic is that of the operators it
-//! replaces, bit for bit.
+//! replaces, bit for bit. On aarch64, where it reads an int8 operator's
+//! indices and its weights are int8 steps, it sums in integers instead
+//! (`depthwise_int8.rs`).
 
 use std::sync::Arc;
 

@@ -6,13 +6,17 @@
 //! The float loops of [`Depthwise`] spent most of a Pi core's depthwise
 //! instructions widening each index to f32 and on nine separate loads per
 //! four outputs (37.9 M of 102 M instructions for MobileNetV2 int8 on a
-//! Cortex-A76). Here each channel's indices are copied once into 16-bit
-//! planes with the zero subtracted (so padding is 0), and blocks of 8
-//! outputs by two rows are summed with `smlal`, on every aarch64 core.
+//! Cortex-A76). Here each channel's indices are copied once into planes and
+//! summed in blocks of 8 outputs by two rows: 16-bit planes with the zero
+//! subtracted and `smlal` on every aarch64 core ([`neon`]), signed bytes
+//! gathered by `tbl` and `sdot` on cores with the dot product ([`dot`]).
+//! With an output pair, the scaling, clip and rounding are one multiply-add
+//! and a conversion ([`Requant`]).
 //!
 //! [`run_plain`] is the reference: plain loops that every vector variant
 //! matches bit for bit (the sums are exact; the scaling is one fused
-//! multiply-add, the epilogue that of [`super::int8_conv`]'s rows).
+//! multiply-add, then [`Requant`] or the epilogue of [`super::int8_conv`]'s
+//! rows).
 
 use std::sync::Arc;
 

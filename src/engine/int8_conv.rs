@@ -31,7 +31,7 @@
 //! [`use_for_int8_convs`] swaps tract's operators, and what follows them,
 //! for this one before code generation, where the rung in use measured
 //! faster than tract's float kernels ([`Isa::int8_in_graphs`]: AVX-VNNI,
-//! AVX-512 VNNI, SDOT). Every rung gives the scalar loops' bits, which the
+//! AVX-512 VNNI, SMLAL, SDOT). Every rung gives the scalar loops' bits, which the
 //! tests check on each rung the CPU has.
 
 use std::sync::Arc;
