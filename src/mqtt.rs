@@ -1,5 +1,6 @@
 //! What the MQTT client (`sink::mqtt`), the embedded broker (`broker`) and
-//! the config checks must agree on: the packet limit and what a topic is. The start of the top-level MQTT module the connection, its
+//! the config checks must agree on: the packet limit and what a topic is.
+//! It is the start of the top-level MQTT module that the connection, its
 //! driver and the disk store are to move into (docs/development.md).
 
 /// Largest packet sent or accepted (an image frame on an MQTT source must fit):
