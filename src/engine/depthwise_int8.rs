@@ -664,7 +664,8 @@ pub(super) mod dot {
                 let src_end = (c * h * w) + (y + 1) * w;
                 if i < w && src_end + 8 - w <= x.len() {
                     let keep = vcgt_u8(vdup_n_u8(w as u8), vcreate_u8(0x0706_0504_0302_0100));
-                    let b = veor_u8(vld1_u8(row.as_ptr()), vget_low_u8(flip));
+                    // From `x`, not `row`: the read goes past the row (checked above).
+                    let b = veor_u8(vld1_u8(x.as_ptr().add(src_end - w)), vget_low_u8(flip));
                     let b = vbsl_u8(keep, b, vdup_n_u8(iw.zero ^ 0x80));
                     vst1_u8(plane.as_mut_ptr().add(start), b);
                     i = w;
