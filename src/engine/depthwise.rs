@@ -413,7 +413,7 @@ impl Op for Depthwise {
         let input =
             self.input_u8.map(|g| format!("input: indices (u8) on step {} range [{}, {}]", g.scale, g.lo, g.hi));
         let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
-        let sums = self.int.as_ref().map(|_| "sums: integer (int8 weights, 16-bit planes, smlal)".to_string());
+        let sums = self.int.as_ref().map(|_| format!("sums: integer (int8 weights, {})", int::loops()));
         let first = format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad);
         Ok([first].into_iter().chain(pair).chain(input).chain(output).chain(sums).collect())
     }

@@ -255,6 +255,19 @@ pub(super) fn run_all<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &m
     })
 }
 
+/// Which loops [`run`] takes on this CPU, for the operator's `info`.
+pub(super) fn loops() -> &'static str {
+    #[cfg(target_arch = "aarch64")]
+    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot {
+        return "byte planes, tbl and sdot";
+    }
+    if cfg!(target_arch = "aarch64") {
+        "16-bit planes, smlal"
+    } else {
+        "plain loops"
+    }
+}
+
 /// Channels `first..` into `out` on the best loops this CPU has.
 fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
     #[cfg(target_arch = "aarch64")]

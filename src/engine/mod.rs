@@ -1093,6 +1093,17 @@ mod tests {
                 nodes.filter(|n| n.op.name() == op && n.outputs[0].fact.datum_type == DatumType::U8).count()
             };
             assert_eq!((narrow(int8_conv::OP_NAME), narrow(depthwise::OP_NAME)), (17, 17));
+            // On aarch64 the depthwise ones sum in integers, and say on which loops.
+            if cfg!(target_arch = "aarch64") {
+                let want = if isa::Isa::current() == isa::Isa::NeonDot { "sdot" } else { "smlal" };
+                let infos: Vec<String> = model
+                    .nodes()
+                    .iter()
+                    .filter(|n| n.op.name() == depthwise::OP_NAME)
+                    .map(|n| n.op.info().unwrap().join("; "))
+                    .collect();
+                assert!(infos.iter().all(|i| i.contains("sums: integer") && i.contains(want)), "{infos:?}");
+            }
         } else {
             assert_eq!(count(int8_conv::OP_NAME), 0, "{ops:?}");
         }
