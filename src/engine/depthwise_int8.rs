@@ -281,6 +281,27 @@ fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: 
     run_plain(op, iw, x, out, first);
 }
 
+/// Calls `$f::<U, REQ, CLAMP, QDQ, SH>(op, iw, ...)` with the folded
+/// requantization, the clip, the pair and the vertical stride as constants
+/// (the channel loops of both aarch64 variants).
+#[cfg(target_arch = "aarch64")]
+macro_rules! by_variant {
+    ($f:ident, $op:expr, $iw:expr, $($arg:expr),*) => {
+        match ($iw.req.is_some(), $op.epi.clamps(), $op.epi.qdq.is_some(), $op.strides[0] == 2) {
+            (true, _, _, false) => $f::<U, true, false, false, 1>($op, $iw, $($arg),*),
+            (true, _, _, true) => $f::<U, true, false, false, 2>($op, $iw, $($arg),*),
+            (false, true, false, false) => $f::<U, false, true, false, 1>($op, $iw, $($arg),*),
+            (false, true, false, true) => $f::<U, false, true, false, 2>($op, $iw, $($arg),*),
+            (false, false, true, false) => $f::<U, false, false, true, 1>($op, $iw, $($arg),*),
+            (false, false, true, true) => $f::<U, false, false, true, 2>($op, $iw, $($arg),*),
+            (false, true, true, false) => $f::<U, false, true, true, 1>($op, $iw, $($arg),*),
+            (false, true, true, true) => $f::<U, false, true, true, 2>($op, $iw, $($arg),*),
+            (false, false, false, false) => $f::<U, false, false, false, 1>($op, $iw, $($arg),*),
+            (false, false, false, true) => $f::<U, false, false, false, 2>($op, $iw, $($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 pub(super) mod neon {
     //! The aarch64 loops: 16-bit planes, `smlal` by 8 outputs and two rows.
@@ -305,21 +326,7 @@ pub(super) mod neon {
             let p = planes.as_mut_slice();
             // SAFETY: NEON is the aarch64 baseline; the loops' reads and
             // writes are inside `p`, `x` and `out` (checked at their entry).
-            unsafe {
-                let s2 = op.strides[0] == 2;
-                match (iw.req.is_some(), op.epi.clamps(), op.epi.qdq.is_some(), s2) {
-                    (true, _, _, false) => channels::<U, true, false, false, 1>(op, iw, x, out, first, p),
-                    (true, _, _, true) => channels::<U, true, false, false, 2>(op, iw, x, out, first, p),
-                    (false, true, false, false) => channels::<U, false, true, false, 1>(op, iw, x, out, first, p),
-                    (false, true, false, true) => channels::<U, false, true, false, 2>(op, iw, x, out, first, p),
-                    (false, false, true, false) => channels::<U, false, false, true, 1>(op, iw, x, out, first, p),
-                    (false, false, true, true) => channels::<U, false, false, true, 2>(op, iw, x, out, first, p),
-                    (false, true, true, false) => channels::<U, false, true, true, 1>(op, iw, x, out, first, p),
-                    (false, true, true, true) => channels::<U, false, true, true, 2>(op, iw, x, out, first, p),
-                    (false, false, false, false) => channels::<U, false, false, false, 1>(op, iw, x, out, first, p),
-                    (false, false, false, true) => channels::<U, false, false, false, 2>(op, iw, x, out, first, p),
-                }
-            }
+            unsafe { by_variant!(channels, op, iw, x, out, first, p) }
         })
     }
 
@@ -602,19 +609,7 @@ pub(super) mod dot {
             plane.clear();
             plane.resize(hp * row_len + READ, iw.zero ^ 0x80);
             let p = plane.as_mut_slice();
-            let s2 = op.strides[0] == 2;
-            match (iw.req.is_some(), op.epi.clamps(), op.epi.qdq.is_some(), s2) {
-                (true, _, _, false) => channels::<U, true, false, false, 1>(op, iw, x, out, first, p),
-                (true, _, _, true) => channels::<U, true, false, false, 2>(op, iw, x, out, first, p),
-                (false, true, false, false) => channels::<U, false, true, false, 1>(op, iw, x, out, first, p),
-                (false, true, false, true) => channels::<U, false, true, false, 2>(op, iw, x, out, first, p),
-                (false, false, true, false) => channels::<U, false, false, true, 1>(op, iw, x, out, first, p),
-                (false, false, true, true) => channels::<U, false, false, true, 2>(op, iw, x, out, first, p),
-                (false, true, true, false) => channels::<U, false, true, true, 1>(op, iw, x, out, first, p),
-                (false, true, true, true) => channels::<U, false, true, true, 2>(op, iw, x, out, first, p),
-                (false, false, false, false) => channels::<U, false, false, false, 1>(op, iw, x, out, first, p),
-                (false, false, false, true) => channels::<U, false, false, false, 2>(op, iw, x, out, first, p),
-            }
+            by_variant!(channels, op, iw, x, out, first, p)
         })
     }
 
