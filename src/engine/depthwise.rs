@@ -15,11 +15,11 @@
 //!
 //! [`use_for_depthwise_convs`] swaps tract's `Conv` for this operator in a
 //! decluttered graph, before tract's code generation, on x86-64 with AVX2
-//! and FMA and on aarch64 for int8 models ([`cpu_supported`] says why not
-//! elsewhere). The sums are in
+//! and FMA, on aarch64 for int8 models, and on 32-bit ARM for those of a
+//! QDQ model ([`cpu_supported`] says why not elsewhere). The sums are in
 //! a different order than tract's, so a value can differ from tract's in its
 //! last bits; the epilogue's arithmetic is that of the operators it
-//! replaces, bit for bit. On aarch64, where it reads an int8 operator's
+//! replaces, bit for bit. On ARM, where it reads an int8 operator's
 //! indices and its weights are int8 steps, it sums in integers instead
 //! (`depthwise_int8.rs`).
 
@@ -146,8 +146,11 @@ impl Depthwise {
     pub fn reading_indices(&self, grid: QuantDequant) -> Option<Depthwise> {
         // On aarch64 the integer loops measured far cheaper than the float
         // ones (docs/int8-kernels.md); on x86-64 the float loops stay.
-        let int =
-            if cfg!(target_arch = "aarch64") { IntDw::new(&self.weights, &self.bias, &self.epi, grid) } else { None };
+        let int = if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+            IntDw::new(&self.weights, &self.bias, &self.epi, grid)
+        } else {
+            None
+        };
         self.input_u8.is_none().then(|| Depthwise { input_u8: Some(grid), int, ..self.clone() })
     }
 
@@ -385,18 +388,18 @@ fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: us
 /// a channels-last depthwise kernel, and tract's declutter lays float
 /// models' depthwise convolutions out channels-last for it, so this operator
 /// only matches those of int8 models, which the engine keeps channels-first
-/// for the integer operators around them. armv7's baseline has no NEON:
-/// tract's own convolution stays.
+/// for the integer operators around them. armv7's baseline has no NEON, so
+/// there it only takes a QDQ model's, for its integer loops (`replace`).
 pub fn cpu_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     {
         super::isa::Isa::int8_in_graphs()
     }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")))]
     {
         false
     }
@@ -572,14 +575,22 @@ pub fn use_for_depthwise_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !cpu_supported() {
         return Ok(0);
     }
-    replace(model, true)
+    // 32-bit ARM: only the convolutions whose input is a static pair's (a
+    // QDQ model's), which the integer loops take once their input is
+    // indices; this target's float loops have no NEON, and measured slower
+    // than tract's (docs/int8-kernels.md).
+    replace(model, true, cfg!(target_arch = "arm"))
 }
 
-/// The replacement, with or without folding what follows (the tests compare both).
-fn replace(model: &mut TypedModel, fold: bool) -> TractResult<usize> {
+/// The replacement, with or without folding what follows (the tests compare
+/// both), of every convolution or only those that read a quantize/dequantize pair.
+fn replace(model: &mut TypedModel, fold: bool, only_after_pairs: bool) -> TractResult<usize> {
     let convs: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     let mut replaced = 0;
     for id in convs {
+        if only_after_pairs && QuantDequant::of(model.node(model.node(id).inputs[0].node)).is_none() {
+            continue;
+        }
         let Some(mut op) = for_conv(model, id) else { continue };
         let (end, axes) = if fold { fold_epilogue(model, id, &mut op) } else { (OutletId::new(id, 0), vec![]) };
         let node = model.node(id);
@@ -688,7 +699,7 @@ pub(super) mod tests {
     fn run(mut model: TypedModel, input: &Tensor, ours: Option<bool>) -> (Vec<f32>, Vec<String>) {
         model.declutter().unwrap();
         if let Some(fold) = ours {
-            assert_eq!(replace(&mut model, fold).unwrap(), 1, "the convolution is replaced");
+            assert_eq!(replace(&mut model, fold, false).unwrap(), 1, "the convolution is replaced");
         }
         model.optimize().unwrap();
         let ops = model.nodes().iter().map(|n| n.op.name().to_string()).collect();

@@ -263,6 +263,8 @@ pub(super) fn loops() -> &'static str {
     }
     if cfg!(target_arch = "aarch64") {
         "16-bit planes, smlal"
+    } else if cfg!(target_arch = "arm") {
+        "16-bit planes, vmlal"
     } else {
         "plain loops"
     }
@@ -277,7 +279,9 @@ fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: 
     } else {
         neon::run(op, iw, x, out, first)
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "arm")]
+    arm32::run(op, iw, x, out, first);
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
     run_plain(op, iw, x, out, first);
 }
 
@@ -541,6 +545,449 @@ pub(super) mod neon {
             // SAFETY: NEON is the aarch64 baseline.
             unsafe {
                 ReqRegs { ilo: vdup_n_u8(ilo), ihi: vdup_n_u8(ihi), lo: vdupq_n_f32(lo), scale: vdupq_n_f32(scale) }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "arm")]
+pub(super) mod arm32 {
+    //! The 32-bit ARM loops: 16-bit planes as on aarch64's `neon`, blocks of
+    //! 8 outputs by two rows summed with `vmlal.s16` by scalar, and the
+    //! folded requantization ([`Requant`]) on the same registers; inline
+    //! assembly throughout, as in `int8_arm32.rs` (whose module note says
+    //! why, and which registers it may use). Operators without an output
+    //! pair take the reference loops.
+
+    use std::arch::asm;
+
+    use super::{Depthwise, IndexOut, IntDw, Requant, TAPS};
+    use crate::engine::quant_dequant::ROUND_MAGIC;
+
+    /// Outputs per block.
+    const LANES: usize = 8;
+
+    // Which d-register lane holds weight `t`: d0-d2, four 16-bit lanes each.
+    /// The multiply-adds of one block, per vertical stride and row count:
+    /// input row `i` (of `rows`, plus `col` bytes) times kernel row `i` into
+    /// the first output row's sums (q12-q13) and, with two rows, kernel row
+    /// `i - SH` into the second's (q14-q15).
+    macro_rules! macs_text {
+        (1, true) => {
+            concat!(
+                "ldr {p}, [{rows}, #0]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[0]\n",
+                "vmlal.s16 q13, d17, d0[0]\n",
+                "vmlal.s16 q12, d18, d0[1]\n",
+                "vmlal.s16 q13, d19, d0[1]\n",
+                "vmlal.s16 q12, d20, d0[2]\n",
+                "vmlal.s16 q13, d21, d0[2]\n",
+                "ldr {p}, [{rows}, #4]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[3]\n",
+                "vmlal.s16 q13, d17, d0[3]\n",
+                "vmlal.s16 q14, d16, d0[0]\n",
+                "vmlal.s16 q15, d17, d0[0]\n",
+                "vmlal.s16 q12, d18, d1[0]\n",
+                "vmlal.s16 q13, d19, d1[0]\n",
+                "vmlal.s16 q14, d18, d0[1]\n",
+                "vmlal.s16 q15, d19, d0[1]\n",
+                "vmlal.s16 q12, d20, d1[1]\n",
+                "vmlal.s16 q13, d21, d1[1]\n",
+                "vmlal.s16 q14, d20, d0[2]\n",
+                "vmlal.s16 q15, d21, d0[2]\n",
+                "ldr {p}, [{rows}, #8]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d1[2]\n",
+                "vmlal.s16 q13, d17, d1[2]\n",
+                "vmlal.s16 q14, d16, d0[3]\n",
+                "vmlal.s16 q15, d17, d0[3]\n",
+                "vmlal.s16 q12, d18, d1[3]\n",
+                "vmlal.s16 q13, d19, d1[3]\n",
+                "vmlal.s16 q14, d18, d1[0]\n",
+                "vmlal.s16 q15, d19, d1[0]\n",
+                "vmlal.s16 q12, d20, d2[0]\n",
+                "vmlal.s16 q13, d21, d2[0]\n",
+                "vmlal.s16 q14, d20, d1[1]\n",
+                "vmlal.s16 q15, d21, d1[1]\n",
+                "ldr {p}, [{rows}, #12]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q14, d16, d1[2]\n",
+                "vmlal.s16 q15, d17, d1[2]\n",
+                "vmlal.s16 q14, d18, d1[3]\n",
+                "vmlal.s16 q15, d19, d1[3]\n",
+                "vmlal.s16 q14, d20, d2[0]\n",
+                "vmlal.s16 q15, d21, d2[0]\n",
+            )
+        };
+        (1, false) => {
+            concat!(
+                "ldr {p}, [{rows}, #0]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[0]\n",
+                "vmlal.s16 q13, d17, d0[0]\n",
+                "vmlal.s16 q12, d18, d0[1]\n",
+                "vmlal.s16 q13, d19, d0[1]\n",
+                "vmlal.s16 q12, d20, d0[2]\n",
+                "vmlal.s16 q13, d21, d0[2]\n",
+                "ldr {p}, [{rows}, #4]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[3]\n",
+                "vmlal.s16 q13, d17, d0[3]\n",
+                "vmlal.s16 q12, d18, d1[0]\n",
+                "vmlal.s16 q13, d19, d1[0]\n",
+                "vmlal.s16 q12, d20, d1[1]\n",
+                "vmlal.s16 q13, d21, d1[1]\n",
+                "ldr {p}, [{rows}, #8]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d1[2]\n",
+                "vmlal.s16 q13, d17, d1[2]\n",
+                "vmlal.s16 q12, d18, d1[3]\n",
+                "vmlal.s16 q13, d19, d1[3]\n",
+                "vmlal.s16 q12, d20, d2[0]\n",
+                "vmlal.s16 q13, d21, d2[0]\n",
+            )
+        };
+        (2, true) => {
+            concat!(
+                "ldr {p}, [{rows}, #0]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[0]\n",
+                "vmlal.s16 q13, d17, d0[0]\n",
+                "vmlal.s16 q12, d18, d0[1]\n",
+                "vmlal.s16 q13, d19, d0[1]\n",
+                "vmlal.s16 q12, d20, d0[2]\n",
+                "vmlal.s16 q13, d21, d0[2]\n",
+                "ldr {p}, [{rows}, #4]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d0[3]\n",
+                "vmlal.s16 q13, d17, d0[3]\n",
+                "vmlal.s16 q12, d18, d1[0]\n",
+                "vmlal.s16 q13, d19, d1[0]\n",
+                "vmlal.s16 q12, d20, d1[1]\n",
+                "vmlal.s16 q13, d21, d1[1]\n",
+                "ldr {p}, [{rows}, #8]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q12, d16, d1[2]\n",
+                "vmlal.s16 q13, d17, d1[2]\n",
+                "vmlal.s16 q14, d16, d0[0]\n",
+                "vmlal.s16 q15, d17, d0[0]\n",
+                "vmlal.s16 q12, d18, d1[3]\n",
+                "vmlal.s16 q13, d19, d1[3]\n",
+                "vmlal.s16 q14, d18, d0[1]\n",
+                "vmlal.s16 q15, d19, d0[1]\n",
+                "vmlal.s16 q12, d20, d2[0]\n",
+                "vmlal.s16 q13, d21, d2[0]\n",
+                "vmlal.s16 q14, d20, d0[2]\n",
+                "vmlal.s16 q15, d21, d0[2]\n",
+                "ldr {p}, [{rows}, #12]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q14, d16, d0[3]\n",
+                "vmlal.s16 q15, d17, d0[3]\n",
+                "vmlal.s16 q14, d18, d1[0]\n",
+                "vmlal.s16 q15, d19, d1[0]\n",
+                "vmlal.s16 q14, d20, d1[1]\n",
+                "vmlal.s16 q15, d21, d1[1]\n",
+                "ldr {p}, [{rows}, #16]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+                "vmlal.s16 q14, d16, d1[2]\n",
+                "vmlal.s16 q15, d17, d1[2]\n",
+                "vmlal.s16 q14, d18, d1[3]\n",
+                "vmlal.s16 q15, d19, d1[3]\n",
+                "vmlal.s16 q14, d20, d2[0]\n",
+                "vmlal.s16 q15, d21, d2[0]\n",
+            )
+        };
+    }
+
+    /// The block's requantization: each sum `* m + b` (fused), clamped to the
+    /// index bounds, rounded by `ROUND_MAGIC` ([`Requant::index`]: the clamp
+    /// before the rounding gives the same index, as both bounds are whole),
+    /// narrowed to bytes and stored at `o0` and `o1`.
+    macro_rules! requant_text {
+        () => {
+            concat!(
+                "vld1.32 {{d6[], d7[]}}, [{c}]!\n",
+                "vld1.32 {{d8[], d9[]}}, [{c}]!\n",
+                "vld1.32 {{d10[], d11[]}}, [{c}]!\n",
+                "vld1.32 {{d12[], d13[]}}, [{c}]!\n",
+                "vld1.32 {{d14[], d15[]}}, [{c}]\n",
+                "vcvt.f32.s32 q12, q12\n",
+                "vcvt.f32.s32 q13, q13\n",
+                "vcvt.f32.s32 q14, q14\n",
+                "vcvt.f32.s32 q15, q15\n",
+                "vmov q8, q4\n",
+                "vmov q9, q4\n",
+                "vmov q10, q4\n",
+                "vmov q11, q4\n",
+                "vfma.f32 q8, q12, q3\n",
+                "vfma.f32 q9, q13, q3\n",
+                "vfma.f32 q10, q14, q3\n",
+                "vfma.f32 q11, q15, q3\n",
+                "vmax.f32 q8, q8, q5\n",
+                "vmax.f32 q9, q9, q5\n",
+                "vmax.f32 q10, q10, q5\n",
+                "vmax.f32 q11, q11, q5\n",
+                "vmin.f32 q8, q8, q6\n",
+                "vmin.f32 q9, q9, q6\n",
+                "vmin.f32 q10, q10, q6\n",
+                "vmin.f32 q11, q11, q6\n",
+                "vadd.f32 q8, q8, q7\n",
+                "vadd.f32 q9, q9, q7\n",
+                "vadd.f32 q10, q10, q7\n",
+                "vadd.f32 q11, q11, q7\n",
+                "vsub.i32 q8, q8, q7\n",
+                "vsub.i32 q9, q9, q7\n",
+                "vsub.i32 q10, q10, q7\n",
+                "vsub.i32 q11, q11, q7\n",
+                "vmovn.i32 d16, q8\n",
+                "vmovn.i32 d17, q9\n",
+                "vmovn.i32 d18, q10\n",
+                "vmovn.i32 d19, q11\n",
+                "vmovn.i16 d16, q8\n",
+                "vmovn.i16 d17, q9\n",
+                "vst1.8 {{d16}}, [{o0}]\n",
+                "vst1.8 {{d17}}, [{o1}]\n",
+            )
+        };
+    }
+
+    /// One block: weights from `w` (12 i16, the last 3 zero), sums of the
+    /// rows, requantized with the constants at `c` ([`Consts`]).
+    macro_rules! block {
+        ($sh:tt, $two:tt, $w:expr, $rows:expr, $col:expr, $t1:expr, $u:expr, $c:expr, $o0:expr, $o1:expr) => {
+            asm!(
+                ".fpu neon-vfpv4\n",
+                "vld1.16 {{d0, d1, d2}}, [{w}]\n",
+                "vmov.i32 q12, #0\n",
+                "vmov.i32 q13, #0\n",
+                "vmov.i32 q14, #0\n",
+                "vmov.i32 q15, #0\n",
+                macs_text!($sh, $two),
+                requant_text!(),
+                w = in(reg) $w,
+                rows = in(reg) $rows,
+                col = in(reg) $col,
+                t1 = in(reg) $t1,
+                u = in(reg) $u,
+                c = inout(reg) $c => _,
+                o0 = in(reg) $o0,
+                o1 = in(reg) $o1,
+                p = out(reg) _,
+                out("d0") _, out("d1") _, out("d2") _, out("d3") _, out("d4") _, out("d5") _, out("d6") _, out("d7") _,
+                out("d8") _, out("d9") _, out("d10") _, out("d11") _, out("d12") _, out("d13") _, out("d14") _, out("d15") _,
+                options(nostack),
+            )
+        };
+    }
+
+    /// A channel's requantization as the blocks load it: `m`, `b`, the
+    /// lowest and highest index as f32, `ROUND_MAGIC`.
+    #[repr(C)]
+    struct Consts([f32; 5]);
+
+    /// Channels `first..` of the indices `x` into `out`, through planes kept
+    /// by the thread between inferences; without an output pair, on the
+    /// reference loops.
+    pub(in crate::engine) fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
+        let Some(req) = iw.req.as_ref() else {
+            return super::run_plain(op, iw, x, out, first);
+        };
+        thread_local! {
+            static PLANES: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        PLANES.with_borrow_mut(|planes| {
+            planes.clear();
+            planes.resize(op.planes_len(), 0);
+            // SAFETY: the op only has integer weights on this target when
+            // the CPU has NEON and VFPv4 (`Depthwise::reading_indices`);
+            // the loops' reads and writes are inside `planes`, `x` and
+            // `out` (checked at their entry).
+            unsafe {
+                if op.strides[0] == 2 {
+                    channels::<U, 2>(op, iw, req, x, out, first, planes)
+                } else {
+                    channels::<U, 1>(op, iw, req, x, out, first, planes)
+                }
+            }
+        })
+    }
+
+    /// Copies one input row of indices into the planes as `n - zero`:
+    /// columns `col` of the padded row to phase `col % sw` at `col / sw`
+    /// (`at` holds where source columns 0 and 1 go), 16 at a time.
+    fn fill_row(src: &[u8], planes: &mut [i16], at: [usize; 2], sw: usize, zero: u8) {
+        let w = src.len();
+        let (evens, odds) = if sw == 1 { (w, 0) } else { (w.div_ceil(2), w / 2) };
+        assert!(at[0] + evens <= planes.len() && at[1] + odds <= planes.len());
+        let mut i = 0;
+        while i + 16 <= w {
+            // SAFETY: NEON as for the blocks (`run`); 16 bytes read from
+            // `src`, 16 (stride 1) or 8 + 8 (stride 2) values written within
+            // the bounds checked above.
+            unsafe {
+                let s = src.as_ptr().add(i);
+                if sw == 1 {
+                    let d = planes.as_mut_ptr().add(at[0] + i);
+                    asm!(
+                        ".fpu neon",
+                        "vdup.8 d4, {z}",
+                        "vld1.8 {{d0, d1}}, [{s}]",
+                        "vsubl.u8 q8, d0, d4",
+                        "vsubl.u8 q9, d1, d4",
+                        "vst1.16 {{d16-d19}}, [{d}]",
+                        z = in(reg) zero as u32, s = in(reg) s, d = in(reg) d,
+                        out("d0") _, out("d1") _, out("d4") _,
+                        options(nostack),
+                    );
+                } else {
+                    let (d0, d1) = (planes.as_mut_ptr().add(at[0] + i / 2), planes.as_mut_ptr().add(at[1] + i / 2));
+                    asm!(
+                        ".fpu neon",
+                        "vdup.8 d4, {z}",
+                        "vld2.8 {{d0, d1}}, [{s}]",
+                        "vsubl.u8 q8, d0, d4",
+                        "vsubl.u8 q9, d1, d4",
+                        "vst1.16 {{d16, d17}}, [{d0}]",
+                        "vst1.16 {{d18, d19}}, [{d1}]",
+                        z = in(reg) zero as u32, s = in(reg) s, d0 = in(reg) d0, d1 = in(reg) d1,
+                        out("d0") _, out("d1") _, out("d4") _,
+                        options(nostack),
+                    );
+                }
+            }
+            i += 16;
+        }
+        for (j, &v) in src.iter().enumerate().skip(i) {
+            // Shifts, not divisions: this target divides in a library call.
+            let to = if sw == 1 {
+                at[0] + j
+            } else if j % 2 == 0 {
+                at[0] + j / 2
+            } else {
+                at[1] + j / 2
+            };
+            planes[to] = v as i16 - zero as i16;
+        }
+    }
+
+    /// The channel loop: fill the planes (`n - zero`, each column to its
+    /// phase), then two output rows at a time in blocks of 8.
+    unsafe fn channels<U: IndexOut, const SH: usize>(
+        op: &Depthwise,
+        iw: &IntDw,
+        req: &Requant,
+        x: &[u8],
+        out: &mut [U],
+        first: usize,
+        planes: &mut [i16],
+    ) {
+        let [h, w] = op.in_hw;
+        let [ho, wo] = op.out_hw();
+        let sw = op.strides[1];
+        let (hp, row_len, wo_blocks) = op.layout();
+        let phase = hp * row_len;
+        let channels = out.len() / (ho * wo);
+        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len());
+        assert!(x.len() >= (first + channels) * h * w && first + channels <= op.channels);
+        // Taps 1 and 2 of a row, in bytes from tap 0: the second as a step
+        // from the first (post-increments).
+        let taps_at: [usize; 3] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
+        let t1 = 2 * taps_at[1];
+        let u = (2 * taps_at[2]).wrapping_sub(t1);
+        let col_at = |j: usize| ((op.pad[1] + j) % sw) * phase + (op.pad[1] + j) / sw;
+        let index = std::mem::size_of::<U>() == 1;
+        let mut spare = [[0u8; LANES]; 2];
+        for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+            let c = first + ix;
+            let src = &x[c * h * w..][..h * w];
+            for (y, row) in src.chunks_exact(w).enumerate() {
+                let base = (y + op.pad[0]) * row_len;
+                fill_row(row, planes, [base + col_at(0), base + col_at(1.min(w - 1))], sw, iw.zero);
+            }
+            let mut wts = [0i16; 12];
+            wts[..TAPS].copy_from_slice(iw.weights(c));
+            let consts = Consts([req.m[c], req.b[c], req.ilo as f32, req.ihi as f32, ROUND_MAGIC]);
+            let out = out.as_mut_ptr();
+            for pair in 0..ho.div_ceil(2) {
+                let first_row = 2 * pair * SH;
+                let two = 2 * pair + 1 < ho;
+                let rows: [*const i16; 5] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp { i } else { 0 };
+                    planes.as_ptr().add((first_row + i) * row_len)
+                });
+                // Whole blocks only, the last one ending at the row's end (as
+                // on aarch64); rows shorter than a block go through `spare`.
+                let mut col = 0;
+                while col < wo {
+                    let n = (wo - col).min(LANES);
+                    if n < LANES && wo >= LANES {
+                        col = wo - LANES;
+                        continue;
+                    }
+                    let dst = [out.add(2 * pair * wo + col), out.add((2 * pair + 1).min(ho - 1) * wo + col)];
+                    let direct = index && n == LANES;
+                    let o: [*mut u8; 2] = if direct {
+                        [dst[0] as *mut u8, if two { dst[1] as *mut u8 } else { spare[1].as_mut_ptr() }]
+                    } else {
+                        [spare[0].as_mut_ptr(), spare[1].as_mut_ptr()]
+                    };
+                    let (w_ptr, r_ptr, cb, cp) = (wts.as_ptr(), rows.as_ptr(), 2 * col, consts.0.as_ptr());
+                    match (SH, two) {
+                        (1, true) => block!(1, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (_, true) => block!(2, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        // One row reads kernel rows 0-2 whatever the stride.
+                        (_, false) => block!(1, false, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                    }
+                    if !direct {
+                        for (r, idx) in spare.iter().enumerate().take(if two { 2 } else { 1 }) {
+                            for (k, &i) in idx.iter().enumerate().take(n) {
+                                *dst[r].add(k) = U::from_index(i, req.lo, req.scale);
+                            }
+                        }
+                    }
+                    if col + LANES >= wo {
+                        break;
+                    }
+                    col += LANES;
+                }
             }
         }
     }
@@ -870,9 +1317,9 @@ mod tests {
 
     #[test]
     fn vector_loops_match_the_reference_bit_for_bit() {
-        if !cfg!(target_arch = "aarch64") {
+        if !cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
             println!(
-                "SKIPPED: the integer depthwise loops are aarch64 NEON; this {} host runs only the reference",
+                "SKIPPED: the integer depthwise loops are ARM NEON; this {} host runs only the reference",
                 std::env::consts::ARCH
             );
             return;
@@ -895,7 +1342,14 @@ mod tests {
             }
             v
         };
-        #[cfg(not(target_arch = "aarch64"))]
+        #[cfg(target_arch = "arm")]
+        let variants: Vec<Variant> = if crate::engine::isa::Isa::Neon.cpu_has() {
+            vec![("vmlal", arm32::run::<u8>, arm32::run::<f32>)]
+        } else {
+            println!("SKIPPED: the VMLAL depthwise loops: this CPU has no NEON with VFPv4");
+            vec![]
+        };
+        #[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
         let variants: Vec<Variant> = vec![];
         let mut cases = 0;
         for epi in epilogues() {

@@ -471,34 +471,50 @@ impl Int8Conv {
             // SAFETY: every `at` is a pixel's position plus a tap's offset, at most `last`.
             unsafe { *src.get_unchecked(at) as u32 }
         };
+        self.im2col_runs(g, packed, |packed, [o0, o1, o2, o3], start, at, n| {
+            let words = &mut packed[at..at + n];
+            if sw == 1 {
+                // Contiguous reads: the compiler vectorises this form.
+                for (i, word) in words.iter_mut().enumerate() {
+                    let pos = start + i;
+                    *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
+                }
+            } else {
+                for (i, word) in words.iter_mut().enumerate() {
+                    let pos = start + i * sw;
+                    *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
+                }
+            }
+        });
+    }
+
+    /// The walk every im2col packing makes: for each quad of taps and each
+    /// stretch of an output row inside one block of `NR` pixels (up to the
+    /// end of the row or of the block, whichever is first),
+    /// `f(packed, the quad's four tap offsets, the plane position of the
+    /// stretch's first pixel, its first word, its pixels)`; then each quad's
+    /// words past the last pixel are zeroed (any value would do: never stored).
+    #[inline(always)]
+    fn im2col_runs(
+        &self,
+        g: &Im2col,
+        packed: &mut [u32],
+        mut f: impl FnMut(&mut [u32], [usize; 4], usize, usize, usize),
+    ) {
+        let ([sh, sw], [ho, wo]) = (g.strides, g.out_hw);
+        let (_, wp) = Self::planes_hw(g);
         for quad in 0..self.quads() {
-            let &[o0, o1, o2, o3] = &g.offsets[4 * quad..4 * quad + 4] else { unreachable!("whole quads") };
+            let o: [usize; 4] = g.offsets[4 * quad..4 * quad + 4].try_into().expect("whole quads");
             for oy in 0..ho {
                 let row = oy * sh * wp;
                 let mut ox = 0;
                 while ox < wo {
-                    // Up to the end of the row or of the pixel block, whichever is first.
                     let px = oy * wo + ox;
                     let n = (wo - ox).min(NR - px % NR);
-                    let at = self.word_at(quad, px);
-                    let start = row + ox * sw;
-                    let words = &mut packed[at..at + n];
-                    if sw == 1 {
-                        // Contiguous reads: the compiler vectorises this form.
-                        for (i, word) in words.iter_mut().enumerate() {
-                            let pos = start + i;
-                            *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
-                        }
-                    } else {
-                        for (i, word) in words.iter_mut().enumerate() {
-                            let pos = start + i * sw;
-                            *word = get(pos + o0) | get(pos + o1) << 8 | get(pos + o2) << 16 | get(pos + o3) << 24;
-                        }
-                    }
+                    f(packed, o, row + ox * sw, self.word_at(quad, px), n);
                     ox += n;
                 }
             }
-            // The last block's pixels past the output: any value, never stored.
             let p = self.pixels;
             if !p.is_multiple_of(NR) {
                 let at = self.word_at(quad, p);
@@ -533,7 +549,7 @@ impl Int8Conv {
     ///
     /// # Safety
     /// `o < self.out_channels`, and the arrays hold a value per channel.
-    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64", target_arch = "arm"))]
     #[inline(always)]
     unsafe fn scaling(&self, o: usize) -> (f32, f32) {
         (*self.mul.get_unchecked(o), *self.bias.get_unchecked(o))
@@ -545,7 +561,7 @@ impl Int8Conv {
     ///
     /// # Safety
     /// As for [`Self::scaling`].
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     #[inline(always)]
     unsafe fn signed_corr(&self, o: usize) -> i32 {
         *self.corr.get_unchecked(o) + 128 * *self.wsum.get_unchecked(o)
@@ -553,7 +569,7 @@ impl Int8Conv {
 
     /// Asserts that channels `first..first + channels` have their
     /// per-channel values: what [`Self::scaling`] relies on.
-    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+    #[cfg(any(target_arch = "aarch64", target_arch = "x86_64", target_arch = "arm"))]
     fn check_channels(&self, first: usize, channels: usize) {
         let end = first + channels;
         assert!(end <= self.out_channels);
@@ -561,8 +577,8 @@ impl Int8Conv {
     }
 
     /// Whether no weight is -128, so that two products of a signed input
-    /// byte and a weight add up within 16 bits (`neon::run_pairs`).
-    #[cfg(target_arch = "aarch64")]
+    /// byte and a weight add up within 16 bits (`neon::run_pairs`, `arm32::run_pairs`).
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     fn pairs_fit(&self) -> bool {
         self.weights.iter().all(|w| w.to_le_bytes().iter().all(|&b| b != 0x80))
     }
@@ -593,6 +609,11 @@ impl Int8Conv {
             let weights16 = avx2::split_weights(&self.weights, self.out_channels + MR).into();
             return Int8Conv { isa, weights16, ..self.clone() };
         }
+        // 32-bit ARM has no widened loops: an operator with a weight of
+        // -128 runs the reference loops (quantizers keep weights symmetric,
+        // -127..=127, so this is rare).
+        #[cfg(target_arch = "arm")]
+        let isa = if isa == Isa::Neon && !self.pairs_fit() { Isa::Scalar } else { isa };
         #[cfg(target_arch = "aarch64")]
         let wide = isa == Isa::Neon && !self.pairs_fit();
         #[cfg(not(target_arch = "aarch64"))]
@@ -715,6 +736,17 @@ impl Int8Conv {
                 neon::pack_im2col_signed(self, g, bytes, packed);
                 return Ok(Packed::Words(packed));
             }
+            #[cfg(target_arch = "arm")]
+            (None, x) if self.isa == Isa::Neon => {
+                arm32::pack_signed(self, x, packed);
+                return Ok(Packed::Words(packed));
+            }
+            #[cfg(target_arch = "arm")]
+            (Some(g), Input::Values(x)) if self.isa == Isa::Neon => {
+                arm32::fill_planes(self, g, x, bytes);
+                arm32::pack_im2col_signed(self, g, bytes, packed);
+                return Ok(Packed::Words(packed));
+            }
             (Some(g), Input::Values(x)) => {
                 self.fill_planes(g, x, bytes);
                 self.pack_im2col(g, bytes, packed)
@@ -726,14 +758,14 @@ impl Int8Conv {
         let _ = (vnni, avx2, &wide);
         match self.isa {
             #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot => neon::to_signed(packed),
+            Isa::NeonDot => to_signed(packed),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon if !self.weights16.is_empty() => {
                 neon::widen(packed, wide);
                 return Ok(Packed::Wide(wide));
             }
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => neon::to_signed(packed),
+            #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+            Isa::Neon => to_signed(packed),
             _ => {}
         }
         Ok(Packed::Words(packed))
@@ -762,6 +794,10 @@ impl Int8Conv {
             // SAFETY: NEON is the aarch64 baseline; `with_isa` kept the
             // widened weights (and `pack` the widened input) for weights of -128.
             (Isa::Neon, Packed::Words(packed)) => unsafe { neon::run_pairs(self, packed, out, first) },
+            #[cfg(target_arch = "arm")]
+            // SAFETY: the op only has this ISA when the CPU has NEON and
+            // VFPv4 and no weight is -128 (`with_isa`); `pack` made the input signed.
+            (Isa::Neon, Packed::Words(packed)) => unsafe { arm32::run_pairs(self, packed, out, first) },
             (_, Packed::Words(packed)) => self.run_plain(packed, out, first),
             (isa, Packed::Wide(_)) => unreachable!("{OP_NAME}: widened input for the {isa} kernels"),
         }
@@ -812,7 +848,7 @@ unsafe fn finish_row<T: Out, const CLAMP: bool, const QDQ: bool>(
 }
 
 /// Calls `$f::<T, CLAMP, QDQ>` with the epilogue's clip and pair as constants.
-#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64", target_arch = "arm"))]
 macro_rules! by_epilogue {
     ($f:ident, $op:ident, $($arg:expr),*) => {
         match ($op.epi.clamps(), $op.epi.qdq.is_some()) {
@@ -838,9 +874,25 @@ macro_rules! store_rows {
     };
 }
 
+/// Flips each packed byte's top bit: index `n` becomes the signed byte
+/// `n - 128`, as the ARM loops multiply signed bytes.
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+fn to_signed(packed: &mut [u32]) {
+    for w in packed {
+        *w ^= 0x8080_8080;
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 #[path = "int8_neon.rs"]
 pub(super) mod neon;
+
+#[cfg(target_arch = "arm")]
+#[path = "int8_arm32.rs"]
+mod arm32;
+
+#[cfg(target_arch = "arm")]
+pub(super) use arm32::cpu_has_neon as arm32_cpu_has_neon;
 
 #[cfg(target_arch = "x86_64")]
 #[path = "int8_avx2.rs"]
@@ -1547,7 +1599,14 @@ fn build(
         dynamic: false,
         out_shape,
     };
-    Some(op.with_isa(Isa::current()))
+    let op = op.with_isa(Isa::current());
+    // 32-bit ARM has no loops for a weight of -128 (`with_isa` falls back to
+    // the reference's): tract's float kernels are faster than those, so the
+    // convolution stays tract's (`quantize_dynamic`'s weights have -128).
+    if cfg!(target_arch = "arm") && op.isa != Isa::current() {
+        return None;
+    }
+    Some(op)
 }
 
 /// Folds what follows the sum at node `sum` into `op` ([`Folded::after`]);
@@ -1842,6 +1901,8 @@ mod tests {
             cc(3, 16, &[9, 11], &[3, 3], &[1, 1], &[1, 1], (&[1, 1], &[1, 1])),
             // MobileNet's stem: stride 2, three input channels (a depth of 27, not whole quads).
             cc(3, 32, &[15, 15], &[3, 3], &[2, 2], &[1, 1], (&[1, 1], &[1, 1])),
+            // Stride 2 with rows of 20 outputs: the packings' 16-pixel vector steps.
+            cc(3, 8, &[6, 40], &[3, 3], &[2, 2], &[1, 1], (&[1, 1], &[1, 1])),
             // The vibration model's Gabor bank: 1-D, 41 taps, padded by 20.
             cc(3, 10, &[50], &[41], &[1], &[1], (&[20], &[20])),
             ConvCase { batch_axis: false, ..cc(5, 9, &[12, 10], &[3, 3], &[1, 1], &[2, 2], (&[0, 0], &[0, 0])) },

@@ -8,7 +8,7 @@
 //! stores the same bits.
 //!
 //! SDOT multiplies signed bytes, while the packed indices are unsigned
-//! (0..=255 counted from the grid's low end): [`to_signed`] flips their top
+//! (0..=255 counted from the grid's low end): [`super::to_signed`] flips their top
 //! bit, which makes each `n - 128`, and the correction counts from
 //! `lo + 128` instead ([`Int8Conv::signed_corr`]). The widened form keeps the
 //! unsigned indices: a byte fits in an i16 either way.
@@ -22,13 +22,6 @@ use std::arch::asm;
 use super::super::epilogue::Epilogue;
 use super::super::quant_dequant::ROUND_MAGIC;
 use super::{Im2col, Int8Conv, Out, MR, NR, PX};
-
-/// Flips each packed byte's top bit: index `n` becomes the signed byte `n - 128`.
-pub(super) fn to_signed(packed: &mut [u32]) {
-    for w in packed {
-        *w ^= 0x8080_8080;
-    }
-}
 
 /// Widens the packed quads (runs of `NR` pixels' words per quad, byte `j`
 /// of a word being channel `4 * quad + j`) to one i16 row of `NR` pixels per
@@ -130,7 +123,7 @@ impl Rows<'_> {
 }
 
 /// Packs a 1x1 convolution's input as [`Int8Conv::pack_plain`] does, with
-/// each byte's top bit flipped ([`to_signed`]): 16 pixels of four channels
+/// each byte's top bit flipped ([`super::to_signed`]): 16 pixels of four channels
 /// at a time, interleaved into words by `st4`.
 pub(super) fn pack_signed(op: &Int8Conv, x: Rows, packed: &mut [u32]) {
     let (k, p, pp) = (op.in_channels, op.pixels, op.padded_pixels());
@@ -188,7 +181,7 @@ pub(super) fn fill_planes(op: &Int8Conv, g: &Im2col, x: &[f32], bytes: &mut Vec<
     }
 }
 
-/// [`Int8Conv::pack_im2col`] then [`to_signed`], 16 pixels of a row at a
+/// [`Int8Conv::pack_im2col`] then [`super::to_signed`], 16 pixels of a row at a
 /// time for strides 1 and 2: four taps' bytes loaded as vectors (`ld2`
 /// takes every other byte for a stride of 2), flipped and interleaved into
 /// words by `st4`, where the plain loops load each byte on its own.
@@ -203,67 +196,49 @@ pub(super) fn pack_im2col_signed(op: &Int8Conv, g: &Im2col, bytes: &[u8], packed
         // SAFETY: every `at` is a pixel's position plus a tap's offset, at most `last`.
         unsafe { *bytes.get_unchecked(at) as u32 }
     };
-    for quad in 0..op.quads() {
-        let o: [usize; 4] = g.offsets[4 * quad..4 * quad + 4].try_into().expect("whole quads");
+    op.im2col_runs(g, packed, |packed, o, start, at, n| {
         let far = o.iter().max().copied().unwrap_or(0);
-        for oy in 0..ho {
-            let row = oy * sh * wp;
-            let mut ox = 0;
-            while ox < wo {
-                let px = oy * wo + ox;
-                let n = (wo - ox).min(NR - px % NR);
-                let at = op.word_at(quad, px);
-                let start = row + ox * sw;
-                let mut i = 0;
-                // Whole vectors whose reads stay inside the planes.
-                while i + 16 <= n && (sw == 1 || sw == 2) && start + (i + 16) * sw + far <= bytes.len() {
-                    let pos = start + i * sw;
-                    // SAFETY: NEON is the aarch64 baseline; the loads end at
-                    // `pos + 16 * sw + far`, checked above, and the 16 words
-                    // are inside `packed` (n <= NR - px % NR, 16 divides NR).
-                    unsafe {
-                        let flip = vdupq_n_u8(0x80);
-                        let tap = |off: usize| {
-                            let src = bytes.as_ptr().add(pos + off);
-                            let b = if sw == 1 { vld1q_u8(src) } else { vld2q_u8(src).0 };
-                            veorq_u8(b, flip)
-                        };
-                        let words = uint8x16x4_t(tap(o[0]), tap(o[1]), tap(o[2]), tap(o[3]));
-                        vst4q_u8(packed.as_mut_ptr().add(at + i) as *mut u8, words);
-                    }
-                    i += 16;
-                }
-                // Then 8 (short rows: small images, strided layers).
-                while i + 8 <= n && (sw == 1 || sw == 2) && start + (i + 8) * sw + far + 8 <= bytes.len() {
-                    let pos = start + i * sw;
-                    // SAFETY: as above, with 8 pixels (`ld2` of 16 bytes).
-                    unsafe {
-                        let flip = vdup_n_u8(0x80);
-                        let tap = |off: usize| {
-                            let src = bytes.as_ptr().add(pos + off);
-                            let b = if sw == 1 { vld1_u8(src) } else { vld2_u8(src).0 };
-                            veor_u8(b, flip)
-                        };
-                        let words = uint8x8x4_t(tap(o[0]), tap(o[1]), tap(o[2]), tap(o[3]));
-                        vst4_u8(packed.as_mut_ptr().add(at + i) as *mut u8, words);
-                    }
-                    i += 8;
-                }
-                for (j, word) in packed[at + i..at + n].iter_mut().enumerate() {
-                    let pos = start + (i + j) * sw;
-                    *word = (get(pos + o[0]) | get(pos + o[1]) << 8 | get(pos + o[2]) << 16 | get(pos + o[3]) << 24)
-                        ^ 0x8080_8080;
-                }
-                ox += n;
+        let mut i = 0;
+        // Whole vectors whose reads stay inside the planes.
+        while i + 16 <= n && (sw == 1 || sw == 2) && start + (i + 16) * sw + far <= bytes.len() {
+            let pos = start + i * sw;
+            // SAFETY: NEON is the aarch64 baseline; the loads end at
+            // `pos + 16 * sw + far`, checked above, and the 16 words
+            // are inside `packed` (n <= NR - px % NR, 16 divides NR).
+            unsafe {
+                let flip = vdupq_n_u8(0x80);
+                let tap = |off: usize| {
+                    let src = bytes.as_ptr().add(pos + off);
+                    let b = if sw == 1 { vld1q_u8(src) } else { vld2q_u8(src).0 };
+                    veorq_u8(b, flip)
+                };
+                let words = uint8x16x4_t(tap(o[0]), tap(o[1]), tap(o[2]), tap(o[3]));
+                vst4q_u8(packed.as_mut_ptr().add(at + i) as *mut u8, words);
             }
+            i += 16;
         }
-        // The last block's pixels past the output: any value, never stored.
-        let p = op.pixels;
-        if !p.is_multiple_of(NR) {
-            let at = op.word_at(quad, p);
-            packed[at..at + NR - p % NR].fill(0);
+        // Then 8 (short rows: small images, strided layers).
+        while i + 8 <= n && (sw == 1 || sw == 2) && start + (i + 8) * sw + far + 8 <= bytes.len() {
+            let pos = start + i * sw;
+            // SAFETY: as above, with 8 pixels (`ld2` of 16 bytes).
+            unsafe {
+                let flip = vdup_n_u8(0x80);
+                let tap = |off: usize| {
+                    let src = bytes.as_ptr().add(pos + off);
+                    let b = if sw == 1 { vld1_u8(src) } else { vld2_u8(src).0 };
+                    veor_u8(b, flip)
+                };
+                let words = uint8x8x4_t(tap(o[0]), tap(o[1]), tap(o[2]), tap(o[3]));
+                vst4_u8(packed.as_mut_ptr().add(at + i) as *mut u8, words);
+            }
+            i += 8;
         }
-    }
+        for (j, word) in packed[at + i..at + n].iter_mut().enumerate() {
+            let pos = start + (i + j) * sw;
+            *word =
+                (get(pos + o[0]) | get(pos + o[1]) << 8 | get(pos + o[2]) << 16 | get(pos + o[3]) << 24) ^ 0x8080_8080;
+        }
+    });
 }
 
 /// Packs a 1x1 convolution's input straight into the widened form
@@ -387,7 +362,7 @@ macro_rules! sdot {
     };
 }
 
-/// [`Int8Conv::run_plain`] with SDOT, on packed quads made signed by [`to_signed`].
+/// [`Int8Conv::run_plain`] with SDOT, on packed quads made signed by [`super::to_signed`].
 ///
 /// # Safety
 /// The CPU must have the dot product (`dotprod`); `packed` holds the op's
@@ -618,7 +593,7 @@ unsafe fn pairs_loop(acc: &mut [[int32x4_t; 4]; PAIR_ROWS], xs: *const i8, ws: *
 const PAIR_ROWS: usize = 4;
 
 /// [`Int8Conv::run_plain`] for cores without the dot product, on packed quads
-/// made signed by [`to_signed`], for weights in -127..=127
+/// made signed by [`super::to_signed`], for weights in -127..=127
 /// ([`Int8Conv::pairs_fit`]): `smull`/`smlal` multiply the bytes of two
 /// quads (8 pixels' and a channel's, the channel's word broadcast by
 /// `ld1r`) into 16-bit lanes, where two products of at most 128 * 127 add

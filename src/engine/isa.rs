@@ -4,10 +4,9 @@
 //!
 //! Each architecture has a ladder, from the portable scalar reference up:
 //! x86-64 `scalar < avx2 < avxvnni < avx512` (AVX-512 with VNNI), aarch64
-//! `scalar < neon < dotprod` (SDOT). A cap names a rung of this machine's
-//! ladder; the kernels used are the lower of it and the best the CPU has.
-//! 32-bit ARM has only the scalar rung for now: tract's float kernels run
-//! there, as on x86-64 without VNNI (see [`Isa::has_int8_kernels`]).
+//! `scalar < neon < dotprod` (SDOT), 32-bit ARM `scalar < neon` (VMULL and
+//! VMLAL, with VFPv4). A cap names a rung of this machine's ladder; the
+//! kernels used are the lower of it and the best the CPU has.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -27,7 +26,8 @@ pub enum Isa {
     AvxVnni,
     /// x86-64 AVX-512 with VNNI (Ice Lake and later, AMD Zen 4).
     Avx512Vnni,
-    /// aarch64 NEON without the dot product (Cortex-A53, Cortex-A72: Pi 3, Pi 4, Zero 2 W).
+    /// aarch64 NEON without the dot product (Cortex-A53, Cortex-A72: Pi 3, Pi 4, Zero 2 W);
+    /// on 32-bit ARM, NEON with VFPv4 (the same boards and the Pi 2 under 32-bit Raspberry Pi OS).
     Neon,
     /// aarch64 NEON with SDOT (Cortex-A55, Cortex-A76: Pi 5).
     NeonDot,
@@ -56,6 +56,7 @@ impl Isa {
             Isa::Avx2 => "x86 AVX2",
             Isa::AvxVnni => "x86 AVX-VNNI",
             Isa::Avx512Vnni => "x86 AVX-512 VNNI",
+            Isa::Neon if cfg!(target_arch = "arm") => "armv7 NEON (VMLAL)",
             Isa::Neon => "aarch64 NEON (SMLAL)",
             Isa::NeonDot => "aarch64 NEON dot product (SDOT)",
         }
@@ -67,7 +68,9 @@ impl Isa {
         return &[Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni];
         #[cfg(target_arch = "aarch64")]
         return &[Isa::Scalar, Isa::Neon, Isa::NeonDot];
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        #[cfg(target_arch = "arm")]
+        return &[Isa::Scalar, Isa::Neon];
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")))]
         return &[Isa::Scalar];
     }
 
@@ -90,6 +93,9 @@ impl Isa {
             Isa::Neon => true,
             #[cfg(target_arch = "aarch64")]
             Isa::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            // Not in armv7's baseline; `is_arm_feature_detected!` is not stable.
+            #[cfg(target_arch = "arm")]
+            Isa::Neon => super::int8_conv::arm32_cpu_has_neon(),
             #[allow(unreachable_patterns)]
             _ => false,
         }

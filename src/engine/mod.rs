@@ -1092,7 +1092,9 @@ mod tests {
                 let nodes = model.nodes().iter();
                 nodes.filter(|n| n.op.name() == op && n.outputs[0].fact.datum_type == DatumType::U8).count()
             };
-            assert_eq!((narrow(int8_conv::OP_NAME), narrow(depthwise::OP_NAME)), (17, 17));
+            // (armv7: tract's depthwise convolutions read and write f32.)
+            let handed = if depthwise::cpu_supported() { 17 } else { 0 };
+            assert_eq!((narrow(int8_conv::OP_NAME), narrow(depthwise::OP_NAME)), (handed, handed));
             // On aarch64 the depthwise ones sum in integers, and say on which loops.
             if cfg!(target_arch = "aarch64") {
                 let want = if isa::Isa::current() == isa::Isa::NeonDot { "sdot" } else { "smlal" };
