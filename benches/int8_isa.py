@@ -8,6 +8,11 @@ as .json):
   and ONNX Runtime's aarch64 wheel on an emulated Cortex-A72 (Pi 4: the `neon` rung) and
   Cortex-A76 (Pi 5: `dotprod`), through the shared harness `../shared/armcost/measure.py`
   (set it up once as its README says). Instructions are not time: no caches, no pipeline.
+* armv7 (32-bit Raspberry Pi OS), the same proxy: instructions per inference of edgeinfer's
+  armv7 binary under a plugin-enabled `qemu-arm -cpu cortex-a7` (`benches/qemu-arm.sh` builds
+  it once from armcost's qemu source), int8 on its default rung, int8 capped to `scalar`
+  (tract's float kernels: what 32-bit boards ran before the `neon` rung) and float. ONNX
+  Runtime ships no armv7 wheel, so this part compares edgeinfer with itself.
 * x86, timed on this machine: `edgeinfer bench` capped at each rung this CPU has
   (EDGEINFER_ISA=scalar, avx2, avxvnni, avx512; `scalar` is tract's float kernels) and ONNX
   Runtime (one thread, whatever kernels it picks here), interleaved in rounds, medians of p50.
@@ -16,8 +21,10 @@ Each table gives edgeinfer / ONNX Runtime and int8 / own float, per model and CP
 
     cargo build --release                                         # x86 binary
     cargo build --release --target aarch64-unknown-linux-gnu      # aarch64 binary (ARM part)
+    cargo build --release --target armv7-unknown-linux-gnueabihf  # armv7 binary (armv7 part)
     python3 benches/int8_isa.py                                   # both parts, ~25 min
     python3 benches/int8_isa.py --skip-arm --rounds 5             # x86 only
+    python3 benches/int8_isa.py --skip-arm --skip-x86             # armv7 only (~3 min)
     python3 benches/int8_isa.py --models dynint8                  # the pairs whose int8 stem has "dynint8"
 
 It reports; it asserts nothing about speed.
@@ -113,6 +120,44 @@ def arm_part(armcost, bin_a64, out_json):
     return {"insns": insns, "isa": isa}
 
 
+def armv7_count(qemu, plugin, exe, model, runs, env):
+    """Instructions `edgeinfer bench --runs RUNS` executes under qemu-arm, counted by libinsn."""
+    log = REPO / "target" / "armv7-insns.log"
+    cmd = [str(qemu), "-cpu", "cortex-a7", "-L", "/usr/arm-linux-gnueabihf", "-plugin", str(plugin),
+           "-d", "plugin", "-D", str(log), str(exe), "bench", str(model), "--runs", str(runs),
+           "--warmup", "1", "--threads", "1", "--json"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    total = [ln for ln in log.read_text().splitlines() if ln.startswith("total insns:")]
+    return int(total[-1].split(":")[1])
+
+
+def armv7_part(armcost, exe):
+    """Per pair: instructions per inference (two run counts' difference) of int8 on the default
+    rung, int8 on `scalar` and float, and the rung `inspect` reports."""
+    qemu = armcost / "qemu" / "bin" / "qemu-arm"
+    plugin = armcost / "qemu" / "plugins" / "libinsn.so"
+    if not qemu.exists():
+        sys.exit(f"{qemu} is missing: run benches/qemu-arm.sh once (after armcost's build-qemu.sh)")
+    # tract reads NEON from /proc/cpuinfo, which under qemu-user is this host's.
+    base = dict(os.environ, RUST_LOG="error", TRACT_CPU_ARM32_NEON="true")
+    base.pop("EDGEINFER_ISA", None)
+    insns, isa = {}, None
+    for i8, f32 in PAIRS:
+        for stem, label, cap in ((i8, "default", None), (i8, "scalar", "scalar"), (f32, "float", None)):
+            env = dict(base, **({"EDGEINFER_ISA": cap} if cap else {}))
+            model = model_path(stem)
+            n = max(2, runs_for(stem) // 10)
+            lo = armv7_count(qemu, plugin, exe, model, 1, env)
+            hi = armv7_count(qemu, plugin, exe, model, 1 + n, env)
+            insns[f"{stem}|{label}"] = (hi - lo) / n
+            print(f"armv7: {stem} ({label}) {fmt_n(insns[f'{stem}|{label}'])}", file=sys.stderr)
+    cmd = ["qemu-arm", "-cpu", "cortex-a7", "-L", "/usr/arm-linux-gnueabihf", str(exe), "inspect",
+           str(model_path("vibration_int8")), "--json"]
+    v, err, _ = compare_ort.run_json(cmd, base)
+    isa = v["isa"] if v else f"? ({err})"
+    return {"insns": insns, "isa": isa}
+
+
 def fmt_n(x):
     for unit, d in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= d:
@@ -142,6 +187,18 @@ def markdown(report):
                 lines.append(f"| {cpu} ({board}) | float | {f32} | {fmt_n(ef) if ef else '-'} | "
                              f"{fmt_n(of) if of else '-'} | {ratio(ef, of)} | | |")
         lines.append("")
+    a7 = report.get("armv7")
+    if a7:
+        g = a7["insns"]
+        lines += ["## armv7: instructions per inference under qemu-arm -cpu cortex-a7 (a proxy, not time)", "",
+                  f"`{a7['isa']}` is the rung int8 models take by default; `scalar` keeps tract's float kernels "
+                  "with rounded activations (what 32-bit boards ran before). No ONNX Runtime armv7 wheel exists.",
+                  "", "| model | int8 (default rung) | int8 (`scalar`) | float | default / float | scalar / float |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for i8, f32 in PAIRS:
+            d, sc, fl = g.get(f"{i8}|default"), g.get(f"{i8}|scalar"), g.get(f"{f32}|float")
+            lines.append(f"| {i8} | {fmt_n(d)} | {fmt_n(sc)} | {fmt_n(fl)} | {ratio(d, fl)} | {ratio(sc, fl)} |")
+        lines.append("")
     x86 = report.get("x86")
     if x86:
         lines += [f"## x86: p50 time on this host (ms, median of {x86['rounds']} interleaved rounds)", "",
@@ -169,6 +226,9 @@ def main():
     ap.add_argument("--edgeinfer", type=pathlib.Path, default=REPO / "target" / "release" / "edgeinfer")
     ap.add_argument("--edgeinfer-a64", type=pathlib.Path,
                     default=REPO / "target" / "aarch64-unknown-linux-gnu" / "release" / "edgeinfer")
+    ap.add_argument("--edgeinfer-armv7", type=pathlib.Path,
+                    default=REPO / "target" / "armv7-unknown-linux-gnueabihf" / "release" / "edgeinfer")
+    ap.add_argument("--skip-armv7", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-arm", action="store_true")
     ap.add_argument("--skip-x86", action="store_true")
@@ -189,6 +249,9 @@ def main():
               "cpu": f"{info.get('cpu', platform.processor())} ({isa or 'no AVX2'})", "ort": ort}
     if not args.skip_arm:
         report["arm"] = arm_part(args.armcost, args.edgeinfer_a64.resolve(), args.out.with_suffix(".arm.json"))
+    if not args.skip_armv7:
+        armcost_dir = pathlib.Path(os.environ.get("ARMCOST", "/tmp/armcost"))
+        report["armv7"] = armv7_part(armcost_dir, args.edgeinfer_armv7.resolve())
     if not args.skip_x86:
         report["x86"] = x86_part(args.edgeinfer.resolve(), args.rounds)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
