@@ -136,7 +136,7 @@ pub struct Int8Conv {
     corr: Arc<[i32]>,
     /// Per output channel: the sum of its integer weights, for the
     /// correction of kernels that count the input from `lo + 128`
-    /// ([`Self::signed_corr`]).
+    /// (`corr + 128 * wsum`).
     wsum: Arc<[i32]>,
     /// Per output channel: the input's step times the weights' step.
     mul: Arc<[f32]>,
@@ -556,12 +556,13 @@ impl Int8Conv {
     }
 
     /// The correction of kernels whose packed input counts from `lo + 128`
-    /// (signed bytes: the aarch64 rungs) for output channel `o`, without
+    /// (signed bytes: the 32-bit ARM rung; the aarch64 blocks compute it in
+    /// their assembly) for output channel `o`, without
     /// bounds checks: see [`Self::scaling`].
     ///
     /// # Safety
     /// As for [`Self::scaling`].
-    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+    #[cfg(target_arch = "arm")]
     #[inline(always)]
     unsafe fn signed_corr(&self, o: usize) -> i32 {
         *self.corr.get_unchecked(o) + 128 * *self.wsum.get_unchecked(o)

@@ -10,7 +10,7 @@
 //! SDOT multiplies signed bytes, while the packed indices are unsigned
 //! (0..=255 counted from the grid's low end): [`super::to_signed`] flips their top
 //! bit, which makes each `n - 128`, and the correction counts from
-//! `lo + 128` instead ([`Int8Conv::signed_corr`]). The widened form keeps the
+//! `lo + 128` instead (`corr + 128 * wsum`, in the blocks' assembly). The widened form keeps the
 //! unsigned indices: a byte fits in an i16 either way.
 //!
 //! There is no stable intrinsic for SDOT yet, so it is one instruction of
@@ -347,21 +347,6 @@ unsafe fn store_row<T: Out, const CLAMP: bool, const QDQ: bool>(
     T::store_neon::<CLAMP, QDQ>(regs, v, out, n);
 }
 
-/// One SDOT: each of `acc`'s four sums plus the dot product of its pixel's
-/// four bytes in `x` with the four bytes of word `LANE` of `w`.
-macro_rules! sdot {
-    ($acc:expr, $x:expr, $w:expr, $lane:literal) => {
-        asm!(
-            "sdot {acc:v}.4s, {x:v}.16b, {w:v}.4b[{lane}]",
-            acc = inout(vreg) $acc,
-            x = in(vreg) $x,
-            w = in(vreg) $w,
-            lane = const $lane,
-            options(pure, nomem, nostack, preserves_flags)
-        )
-    };
-}
-
 /// [`Int8Conv::run_plain`] with SDOT, on packed quads made signed by [`super::to_signed`].
 ///
 /// # Safety
@@ -373,6 +358,235 @@ pub(super) unsafe fn run_dot<T: Out>(op: &Int8Conv, packed: &[u32], out: &mut [T
     by_epilogue!(run_dot_with, op, packed, out, first)
 }
 
+/// The clip of one row's two value registers (v0, v1) to `[v4, v5]`, or nothing.
+macro_rules! dot_clip {
+    (true) => {
+        concat!(
+            "fmaxnm v0.4s, v0.4s, v4.4s\n",
+            "fmaxnm v1.4s, v1.4s, v4.4s\n",
+            "fminnm v0.4s, v0.4s, v5.4s\n",
+            "fminnm v1.4s, v1.4s, v5.4s\n",
+        )
+    };
+    (false) => {
+        ""
+    };
+}
+
+/// One row's end: f32 values as they are (`f32`), through the output pair
+/// (`qdq`: inverse step v6, bounds v7-v8, step v9, `ROUND_MAGIC` v10), or
+/// as the pair's indices (`u8`: the rounded pattern minus v11's), stored at
+/// `{o}`, which then moves on by `{os}` bytes.
+macro_rules! dot_out {
+    (f32) => {
+        concat!("stp q0, q1, [{o}]\n", "add {o}, {o}, {os}\n")
+    };
+    (qdq) => {
+        concat!(
+            dot_grid!(),
+            "fsub v0.4s, v0.4s, v10.4s\n",
+            "fsub v1.4s, v1.4s, v10.4s\n",
+            "fmul v0.4s, v0.4s, v9.4s\n",
+            "fmul v1.4s, v1.4s, v9.4s\n",
+            dot_out!(f32),
+        )
+    };
+    (u8) => {
+        concat!(
+            dot_grid!(),
+            "sub v0.4s, v0.4s, v11.4s\n",
+            "sub v1.4s, v1.4s, v11.4s\n",
+            "xtn v0.4h, v0.4s\n",
+            "xtn2 v0.8h, v1.4s\n",
+            "xtn v0.8b, v0.8h\n",
+            "str d0, [{o}]\n",
+            "add {o}, {o}, {os}\n",
+        )
+    };
+}
+
+/// v0 and v1 onto the output pair's grid, plus `ROUND_MAGIC` (rounded).
+macro_rules! dot_grid {
+    () => {
+        concat!(
+            "fmul v0.4s, v0.4s, v6.4s\n",
+            "fmul v1.4s, v1.4s, v6.4s\n",
+            "fmax v0.4s, v0.4s, v7.4s\n",
+            "fmax v1.4s, v1.4s, v7.4s\n",
+            "fmin v0.4s, v0.4s, v8.4s\n",
+            "fmin v1.4s, v1.4s, v8.4s\n",
+            "fadd v0.4s, v0.4s, v10.4s\n",
+            "fadd v1.4s, v1.4s, v10.4s\n",
+        )
+    };
+}
+
+/// One output channel's row of 8 sums (registers `$a`, `$b`): to f32, times
+/// the channel's scale plus its bias (lane `$l` of `$m` and `$bi`, fused),
+/// then the clip and the store.
+macro_rules! dot_row {
+    ($a:literal, $b:literal, $l:literal, $m:literal, $bi:literal, $clip:tt, $out:tt) => {
+        concat!(
+            "scvtf v",
+            $a,
+            ".4s, v",
+            $a,
+            ".4s\n",
+            "scvtf v",
+            $b,
+            ".4s, v",
+            $b,
+            ".4s\n",
+            "dup v0.4s, v",
+            $bi,
+            ".s[",
+            $l,
+            "]\n",
+            "dup v1.4s, v",
+            $bi,
+            ".s[",
+            $l,
+            "]\n",
+            "fmla v0.4s, v",
+            $a,
+            ".4s, v",
+            $m,
+            ".s[",
+            $l,
+            "]\n",
+            "fmla v1.4s, v",
+            $b,
+            ".4s, v",
+            $m,
+            ".s[",
+            $l,
+            "]\n",
+            dot_clip!($clip),
+            dot_out!($out),
+        )
+    };
+}
+
+/// A [`run_dot`] block in assembly: the 16 sums (v16-v31, two per channel)
+/// start from the channels' signed corrections, take `{n}` quads of SDOT,
+/// then go through the epilogue, row by row.
+macro_rules! dot_block {
+    ($clip:tt, $out:tt, $($operands:tt)*) => {
+        asm!(
+            // corr + 128 * wsum for 8 channels: the correction of signed bytes.
+            "ldp q0, q1, [{corr}]",
+            "ldp q2, q3, [{wsum}]",
+            "shl v2.4s, v2.4s, #7",
+            "shl v3.4s, v3.4s, #7",
+            "add v0.4s, v0.4s, v2.4s",
+            "add v1.4s, v1.4s, v3.4s",
+            "dup v16.4s, v0.s[0]", "dup v17.4s, v0.s[0]",
+            "dup v18.4s, v0.s[1]", "dup v19.4s, v0.s[1]",
+            "dup v20.4s, v0.s[2]", "dup v21.4s, v0.s[2]",
+            "dup v22.4s, v0.s[3]", "dup v23.4s, v0.s[3]",
+            "dup v24.4s, v1.s[0]", "dup v25.4s, v1.s[0]",
+            "dup v26.4s, v1.s[1]", "dup v27.4s, v1.s[1]",
+            "dup v28.4s, v1.s[2]", "dup v29.4s, v1.s[2]",
+            "dup v30.4s, v1.s[3]", "dup v31.4s, v1.s[3]",
+            "2:",
+            "ldp q0, q1, [{xs}], #128",
+            "ldp q2, q3, [{ws}]",
+            "add {ws}, {ws}, {wstride}",
+            "sdot v16.4s, v0.16b, v2.4b[0]", "sdot v17.4s, v1.16b, v2.4b[0]",
+            "sdot v18.4s, v0.16b, v2.4b[1]", "sdot v19.4s, v1.16b, v2.4b[1]",
+            "sdot v20.4s, v0.16b, v2.4b[2]", "sdot v21.4s, v1.16b, v2.4b[2]",
+            "sdot v22.4s, v0.16b, v2.4b[3]", "sdot v23.4s, v1.16b, v2.4b[3]",
+            "sdot v24.4s, v0.16b, v3.4b[0]", "sdot v25.4s, v1.16b, v3.4b[0]",
+            "sdot v26.4s, v0.16b, v3.4b[1]", "sdot v27.4s, v1.16b, v3.4b[1]",
+            "sdot v28.4s, v0.16b, v3.4b[2]", "sdot v29.4s, v1.16b, v3.4b[2]",
+            "sdot v30.4s, v0.16b, v3.4b[3]", "sdot v31.4s, v1.16b, v3.4b[3]",
+            "subs {n}, {n}, #1",
+            "b.ne 2b",
+            "ldp q12, q13, [{mul}]",
+            "ldp q14, q15, [{bias}]",
+            "ld1r {{v4.4s}}, [{c}], #4",
+            "ld1r {{v5.4s}}, [{c}], #4",
+            "ld1r {{v6.4s}}, [{c}], #4",
+            "ld1r {{v7.4s}}, [{c}], #4",
+            "ld1r {{v8.4s}}, [{c}], #4",
+            "ld1r {{v9.4s}}, [{c}], #4",
+            "ld1r {{v10.4s}}, [{c}], #4",
+            "ld1r {{v11.4s}}, [{c}]",
+            dot_row!(16, 17, 0, 12, 14, $clip, $out),
+            dot_row!(18, 19, 1, 12, 14, $clip, $out),
+            dot_row!(20, 21, 2, 12, 14, $clip, $out),
+            dot_row!(22, 23, 3, 12, 14, $clip, $out),
+            dot_row!(24, 25, 0, 13, 15, $clip, $out),
+            dot_row!(26, 27, 1, 13, 15, $clip, $out),
+            dot_row!(28, 29, 2, 13, 15, $clip, $out),
+            dot_row!(30, 31, 3, 13, 15, $clip, $out),
+            $($operands)*
+            out("v0") _, out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _, out("v7") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,
+            out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _, out("v21") _, out("v22") _, out("v23") _,
+            out("v24") _, out("v25") _, out("v26") _, out("v27") _, out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+            options(nostack),
+        )
+    };
+}
+
+/// The epilogue's constants in the order the blocks load them (v4-v11):
+/// the clip's bounds, the output pair's inverse step, bounds and step,
+/// `ROUND_MAGIC`, and the pattern of the pair's `lo + ROUND_MAGIC`.
+fn epilogue_consts(op: &Int8Conv) -> [u32; 8] {
+    let qd = op.epi.by_value().qd;
+    [
+        op.epi.clamp.0.to_bits(),
+        op.epi.clamp.1.to_bits(),
+        qd.inv_scale.to_bits(),
+        qd.lo.to_bits(),
+        qd.hi.to_bits(),
+        qd.scale.to_bits(),
+        ROUND_MAGIC.to_bits(),
+        (qd.lo + ROUND_MAGIC).to_bits(),
+    ]
+}
+
+/// The end of a [`run_pairs`] block in assembly: each channel's pairs of
+/// partial sums (v16-v31, four per channel) added into 8 sums (two
+/// registers), plus its signed correction, then the rows as in [`dot_block`].
+macro_rules! pairs_end {
+    ($clip:tt, $out:tt, $($operands:tt)*) => {
+        asm!(
+            "addp v16.4s, v16.4s, v17.4s", "addp v17.4s, v18.4s, v19.4s",
+            "addp v20.4s, v20.4s, v21.4s", "addp v21.4s, v22.4s, v23.4s",
+            "addp v24.4s, v24.4s, v25.4s", "addp v25.4s, v26.4s, v27.4s",
+            "addp v28.4s, v28.4s, v29.4s", "addp v29.4s, v30.4s, v31.4s",
+            "ldr q0, [{corr}]",
+            "ldr q1, [{wsum}]",
+            "shl v1.4s, v1.4s, #7",
+            "add v0.4s, v0.4s, v1.4s",
+            "dup v1.4s, v0.s[0]", "add v16.4s, v16.4s, v1.4s", "add v17.4s, v17.4s, v1.4s",
+            "dup v1.4s, v0.s[1]", "add v20.4s, v20.4s, v1.4s", "add v21.4s, v21.4s, v1.4s",
+            "dup v1.4s, v0.s[2]", "add v24.4s, v24.4s, v1.4s", "add v25.4s, v25.4s, v1.4s",
+            "dup v1.4s, v0.s[3]", "add v28.4s, v28.4s, v1.4s", "add v29.4s, v29.4s, v1.4s",
+            "ldr q12, [{mul}]",
+            "ldr q14, [{bias}]",
+            "ld1r {{v4.4s}}, [{c}], #4",
+            "ld1r {{v5.4s}}, [{c}], #4",
+            "ld1r {{v6.4s}}, [{c}], #4",
+            "ld1r {{v7.4s}}, [{c}], #4",
+            "ld1r {{v8.4s}}, [{c}], #4",
+            "ld1r {{v9.4s}}, [{c}], #4",
+            "ld1r {{v10.4s}}, [{c}], #4",
+            "ld1r {{v11.4s}}, [{c}]",
+            dot_row!(16, 17, 0, 12, 14, $clip, $out),
+            dot_row!(20, 21, 1, 12, 14, $clip, $out),
+            dot_row!(24, 25, 2, 12, 14, $clip, $out),
+            dot_row!(28, 29, 3, 12, 14, $clip, $out),
+            $($operands)*
+            out("v0") _, out("v1") _, out("v4") _, out("v5") _, out("v6") _, out("v7") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v14") _,
+            options(nostack),
+        )
+    };
+}
+
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     op: &Int8Conv,
@@ -382,47 +596,73 @@ unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
 ) {
     let (p, opad, quads) = (op.pixels, op.out_channels + MR, op.quads());
     let channels = out.len() / p;
-    assert!(packed.len() >= quads * op.padded_pixels());
+    assert!(packed.len() >= quads * op.padded_pixels() && quads >= 1);
     op.check_channels(first, channels);
-    let regs = Regs::new(&op.epi);
+    // Indices (u8) always end in the output pair; f32 values may.
+    let index = std::mem::size_of::<T>() == 1;
+    assert!(!index || QDQ, "indices need the output's pair");
+    let consts = epilogue_consts(op);
+    // A block of fewer channels or pixels stores here, then copies; its
+    // per-channel values come from `tail`, zero past the last channel.
+    let mut spare = [[T::default(); PX]; MR];
+    let mut tail = ([0i32; MR], [0i32; MR], [0f32; MR], [0f32; MR]);
     let out = out.as_mut_ptr();
+    let wstride = 4 * opad;
     for px in (0..p).step_by(PX) {
         let n = (p - px).min(PX);
         let mut o = 0;
         while o < channels {
             let rows = (channels - o).min(MR);
-            let mut acc = [[vdupq_n_s32(0); 2]; MR];
-            for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                let c = vdupq_n_s32(op.signed_corr(first + o + r));
-                *acc = [c, c];
+            let c0 = first + o;
+            let (corr, wsum, mul, bias) = if c0 + MR <= op.out_channels {
+                (op.corr.as_ptr().add(c0), op.wsum.as_ptr().add(c0), op.mul.as_ptr().add(c0), op.bias.as_ptr().add(c0))
+            } else {
+                let k = op.out_channels - c0;
+                tail.0[..k].copy_from_slice(&op.corr[c0..]);
+                tail.1[..k].copy_from_slice(&op.wsum[c0..]);
+                tail.2[..k].copy_from_slice(&op.mul[c0..]);
+                tail.3[..k].copy_from_slice(&op.bias[c0..]);
+                (tail.0.as_ptr(), tail.1.as_ptr(), tail.2.as_ptr(), tail.3.as_ptr())
+            };
+            let whole = rows == MR && n == PX;
+            let (dst, os) = if whole {
+                (out.add(o * p + px), p * std::mem::size_of::<T>())
+            } else {
+                (spare.as_mut_ptr() as *mut T, PX * std::mem::size_of::<T>())
+            };
+            let xs = packed.as_ptr().add(op.word_at(0, px));
+            let ws = op.weights.as_ptr().add(c0);
+            macro_rules! go {
+                ($clip:tt, $out:tt) => {
+                    dot_block!(
+                        $clip, $out,
+                        corr = in(reg) corr,
+                        wsum = in(reg) wsum,
+                        xs = inout(reg) xs => _,
+                        ws = inout(reg) ws => _,
+                        wstride = in(reg) wstride,
+                        n = inout(reg) quads => _,
+                        mul = in(reg) mul,
+                        bias = in(reg) bias,
+                        c = inout(reg) consts.as_ptr() => _,
+                        o = inout(reg) dst => _,
+                        os = in(reg) os,
+                    )
+                };
             }
-            let mut xs = packed.as_ptr().add(op.word_at(0, px)) as *const i8;
-            let mut ws = op.weights.as_ptr().add(first + o) as *const i8;
-            for _ in 0..quads {
-                let x0 = vld1q_s8(xs);
-                let x1 = vld1q_s8(xs.add(16));
-                let w0 = vld1q_s8(ws);
-                let w1 = vld1q_s8(ws.add(16));
-                sdot!(acc[0][0], x0, w0, 0);
-                sdot!(acc[0][1], x1, w0, 0);
-                sdot!(acc[1][0], x0, w0, 1);
-                sdot!(acc[1][1], x1, w0, 1);
-                sdot!(acc[2][0], x0, w0, 2);
-                sdot!(acc[2][1], x1, w0, 2);
-                sdot!(acc[3][0], x0, w0, 3);
-                sdot!(acc[3][1], x1, w0, 3);
-                sdot!(acc[4][0], x0, w1, 0);
-                sdot!(acc[4][1], x1, w1, 0);
-                sdot!(acc[5][0], x0, w1, 1);
-                sdot!(acc[5][1], x1, w1, 1);
-                sdot!(acc[6][0], x0, w1, 2);
-                sdot!(acc[6][1], x1, w1, 2);
-                sdot!(acc[7][0], x0, w1, 3);
-                sdot!(acc[7][1], x1, w1, 3);
-                xs = xs.add(4 * NR);
-                ws = ws.add(4 * opad);
+            match (index, CLAMP, QDQ) {
+                (true, true, _) => go!(true, u8),
+                (true, false, _) => go!(false, u8),
+                (false, true, true) => go!(true, qdq),
+                (false, true, false) => go!(true, f32),
+                (false, false, true) => go!(false, qdq),
+                (false, false, false) => go!(false, f32),
             }
-            store_rows!(op, acc, rows, first, o, out, p, px, n, &regs, [0 1 2 3 4 5 6 7]);
+            if !whole {
+                for (r, row) in spare.iter().enumerate().take(rows) {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add((o + r) * p + px), n);
+                }
+            }
             o += MR;
         }
     }
@@ -619,7 +859,12 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     let channels = out.len() / p;
     assert!(packed.len() >= quads * op.padded_pixels());
     op.check_channels(first, channels);
-    let regs = Regs::new(&op.epi);
+    let index = std::mem::size_of::<T>() == 1;
+    assert!(!index || QDQ, "indices need the output's pair");
+    let consts = epilogue_consts(op);
+    // As in `run_dot_with`: short blocks store to `spare`, read `tail`.
+    let mut spare = [[T::default(); PX]; PAIR_ROWS];
+    let mut tail = ([0i32; PAIR_ROWS], [0i32; PAIR_ROWS], [0f32; PAIR_ROWS], [0f32; PAIR_ROWS]);
     let out = out.as_mut_ptr();
     for px in (0..p).step_by(PX) {
         let n = (p - px).min(PX);
@@ -649,16 +894,57 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
                     acc[3] = vpadalq_s16(acc[3], vmull_high_s8(x0b, w0));
                 }
             }
-            // Every row's pairs added first, which frees the 16 sums'
-            // registers before the epilogue's constants come back.
-            let sums: [[int32x4_t; 2]; PAIR_ROWS] =
-                std::array::from_fn(|r| [vpaddq_s32(acc[r][0], acc[r][1]), vpaddq_s32(acc[r][2], acc[r][3])]);
-            for (r, sums) in sums.iter().enumerate().take(rows) {
-                let c = first + o + r;
-                let corr = vdupq_n_s32(op.signed_corr(c));
-                let (mul, bias) = op.scaling(c);
-                let sums = sums.map(|s| vaddq_s32(s, corr));
-                store_row::<T, CLAMP, QDQ>(sums, mul, bias, &regs, out.add((o + r) * p + px), n);
+            let c0 = first + o;
+            let (corr, wsum, mul, bias) = if c0 + PAIR_ROWS <= op.out_channels {
+                (op.corr.as_ptr().add(c0), op.wsum.as_ptr().add(c0), op.mul.as_ptr().add(c0), op.bias.as_ptr().add(c0))
+            } else {
+                let k = op.out_channels - c0;
+                tail.0[..k].copy_from_slice(&op.corr[c0..]);
+                tail.1[..k].copy_from_slice(&op.wsum[c0..]);
+                tail.2[..k].copy_from_slice(&op.mul[c0..]);
+                tail.3[..k].copy_from_slice(&op.bias[c0..]);
+                (tail.0.as_ptr(), tail.1.as_ptr(), tail.2.as_ptr(), tail.3.as_ptr())
+            };
+            let whole = rows == PAIR_ROWS && n == PX;
+            let (dst, os) = if whole {
+                (out.add(o * p + px), p * std::mem::size_of::<T>())
+            } else {
+                (spare.as_mut_ptr() as *mut T, PX * std::mem::size_of::<T>())
+            };
+            macro_rules! go {
+                ($clip:tt, $out:tt) => {
+                    pairs_end!(
+                        $clip, $out,
+                        inout("v16") acc[0][0] => _, inout("v17") acc[0][1] => _,
+                        inout("v18") acc[0][2] => _, inout("v19") acc[0][3] => _,
+                        inout("v20") acc[1][0] => _, inout("v21") acc[1][1] => _,
+                        inout("v22") acc[1][2] => _, inout("v23") acc[1][3] => _,
+                        inout("v24") acc[2][0] => _, inout("v25") acc[2][1] => _,
+                        inout("v26") acc[2][2] => _, inout("v27") acc[2][3] => _,
+                        inout("v28") acc[3][0] => _, inout("v29") acc[3][1] => _,
+                        inout("v30") acc[3][2] => _, inout("v31") acc[3][3] => _,
+                        corr = in(reg) corr,
+                        wsum = in(reg) wsum,
+                        mul = in(reg) mul,
+                        bias = in(reg) bias,
+                        c = inout(reg) consts.as_ptr() => _,
+                        o = inout(reg) dst => _,
+                        os = in(reg) os,
+                    )
+                };
+            }
+            match (index, CLAMP, QDQ) {
+                (true, true, _) => go!(true, u8),
+                (true, false, _) => go!(false, u8),
+                (false, true, true) => go!(true, qdq),
+                (false, true, false) => go!(true, f32),
+                (false, false, true) => go!(false, qdq),
+                (false, false, false) => go!(false, f32),
+            }
+            if !whole {
+                for (r, row) in spare.iter().enumerate().take(rows) {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add((o + r) * p + px), n);
+                }
             }
             o += PAIR_ROWS;
         }
