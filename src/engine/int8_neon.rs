@@ -1,11 +1,14 @@
 //! The aarch64 block loops of [`Int8Conv`]: SDOT on the packed quads for
-//! cores with the dot product (Cortex-A55, A76: Pi 5), and SMLAL on the
-//! quads widened to 16 bits for those without (Cortex-A53, A72: Pi 3, Pi 4).
+//! cores with the dot product (Cortex-A55, A76: Pi 5), and SMLAL on pairs
+//! of quads (or on the quads widened to 16 bits, for weights of -128) for
+//! those without (Cortex-A53, A72: Pi 3, Pi 4).
 //!
-//! Both sum blocks of 8 output channels by 8 pixels in 16 registers of four
-//! 32-bit sums, starting from the zero correction, and hand each row of 8
-//! sums to the same epilogue as the scalar reference, so every variant
-//! stores the same bits.
+//! They sum blocks of output channels by 8 pixels in 16 registers of four
+//! 32-bit sums, with the zero correction, and run each row of 8 sums
+//! through the scalar reference's epilogue arithmetic, so every variant
+//! stores the same bits. The SDOT block and the end of the SMLAL-pairs
+//! block are assembly from the sums to the stores: the compiler's schedule
+//! of the same steps spilled the sums.
 //!
 //! SDOT multiplies signed bytes, while the packed indices are unsigned
 //! (0..=255 counted from the grid's low end): [`super::to_signed`] flips their top
