@@ -61,8 +61,8 @@ struct Block<T> {
     pair: [u32; 6],
 }
 
-/// Zeroes the sums, runs `steps` double-quad steps, then one quad more when
-/// `odd` is not zero, and adds each sum's pairs: channel 0's 8 sums end in
+/// Zeroes the sums, runs `steps` double-quad steps, then `odd` single quads,
+/// and adds each sum's pairs: channel 0's 8 sums end in
 /// `q8`-`q9`, channel 1's in `q12`-`q13`.
 macro_rules! sums_text {
     () => {
@@ -113,12 +113,14 @@ macro_rules! sums_text {
             "vpadal.s16 q15, q7\n",
             "subs {n}, {n}, #1\n",
             "bne 2b\n",
+            // Then `odd` quads one at a time: one product per 16-bit lane,
+            // exact for any weights.
             "3:\n",
             "cmp {odd}, #0\n",
             "beq 4f\n",
-            "vld1.8 {{d0-d3}}, [{xs}]\n",
+            "vld1.8 {{d0-d3}}, [{xs}], {quad}\n",
             "vld1.32 {{d8[]}}, [{ws}]!\n",
-            "vld1.32 {{d10[]}}, [{ws}]\n",
+            "vld1.32 {{d10[]}}, [{ws}], {skip}\n",
             "vmull.s8 q6, d0, d8\n",
             "vmull.s8 q7, d1, d8\n",
             "vpadal.s16 q8, q6\n",
@@ -135,6 +137,8 @@ macro_rules! sums_text {
             "vmull.s8 q7, d3, d10\n",
             "vpadal.s16 q14, q6\n",
             "vpadal.s16 q15, q7\n",
+            "subs {odd}, {odd}, #1\n",
+            "b 3b\n",
             "4:\n",
             // Each pixel's two halves: pairs of lanes added.
             "vpadd.i32 d16, d16, d17\n",
@@ -284,7 +288,7 @@ macro_rules! block {
             xs = inout(reg) $xs => _,
             ws = inout(reg) $ws => _,
             n = inout(reg) $steps => _,
-            odd = in(reg) $odd,
+            odd = inout(reg) $odd => _,
             skip = in(reg) $skip,
             quad = in(reg) 4 * NR,
             blk = inout(reg) $blk => _,
@@ -296,13 +300,13 @@ macro_rules! block {
 }
 
 /// [`Int8Conv::run_plain`] with VMULL/VMLAL, on packed quads made signed
-/// (`to_signed`), for weights in -127..=127 ([`Int8Conv::pairs_fit`]).
+/// (`to_signed`): two quads per step for weights in -127..=127
+/// ([`Int8Conv::pairs_fit`]), one otherwise.
 ///
 /// # Safety
 /// The CPU must have NEON and VFPv4 ([`cpu_has_neon`]); `packed` holds the
 /// op's packed, signed input ([`Int8Conv::word_at`] layout, whole blocks),
-/// `out` whole rows of `pixels` values for channels `first..`, and no
-/// weight is -128.
+/// and `out` whole rows of `pixels` values for channels `first..`.
 pub(super) unsafe fn run_pairs<T: Out>(op: &Int8Conv, packed: &[u32], out: &mut [T], first: usize) {
     by_epilogue!(run_with, op, packed, out, first)
 }
@@ -356,7 +360,8 @@ unsafe fn run_with<T: Out, const CLAMP: bool, const QDQ: bool>(
                 }
             }
             let ws = op.weights.as_ptr().add(first + o) as *const u8;
-            let (steps, odd) = (quads / 2, quads % 2);
+            // With a weight of -128, one quad at a time (`single_quads`).
+            let (steps, odd) = if op.single_quads { (0, quads) } else { (quads / 2, quads % 2) };
             let b = &mut blk as *mut Block<T>;
             match (index, CLAMP, QDQ) {
                 (true, true, _) => block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(true), store_u8_text!())),

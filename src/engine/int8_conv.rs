@@ -150,6 +150,9 @@ pub struct Int8Conv {
     /// SMLAL loops ([`Isa::Neon`]) `[4 * quads][O + MR]`, for AVX2's
     /// ([`Isa::Avx2`]) as `avx2::split_weights` lays them out; empty otherwise.
     weights16: Arc<[i16]>,
+    /// Whether the 32-bit ARM loops multiply one quad at a time: a weight
+    /// of -128 would overflow the 16-bit sum of two quads' products.
+    single_quads: bool,
     /// Whether the input is each value's index on [`Self::input`] (`u8`,
     /// from a depthwise operator) instead of the f32 value; 1x1 only.
     input_u8: bool,
@@ -181,6 +184,7 @@ impl PartialEq for Int8Conv {
             && self.wsum == other.wsum
             && self.isa == other.isa
             && self.weights16 == other.weights16
+            && self.single_quads == other.single_quads
             && same_bits(&self.mul, &other.mul)
             && same_bits(&self.bias, &other.bias)
             && self.epi == other.epi
@@ -610,11 +614,12 @@ impl Int8Conv {
             let weights16 = avx2::split_weights(&self.weights, self.out_channels + MR).into();
             return Int8Conv { isa, weights16, ..self.clone() };
         }
-        // 32-bit ARM has no widened loops: an operator with a weight of
-        // -128 runs the reference loops (quantizers keep weights symmetric,
-        // -127..=127, so this is rare).
+        // 32-bit ARM has no widened loops: with a weight of -128 its loops
+        // take one quad at a time.
         #[cfg(target_arch = "arm")]
-        let isa = if isa == Isa::Neon && !self.pairs_fit() { Isa::Scalar } else { isa };
+        let single_quads = isa == Isa::Neon && !self.pairs_fit();
+        #[cfg(not(target_arch = "arm"))]
+        let single_quads = false;
         #[cfg(target_arch = "aarch64")]
         let wide = isa == Isa::Neon && !self.pairs_fit();
         #[cfg(not(target_arch = "aarch64"))]
@@ -634,7 +639,7 @@ impl Int8Conv {
         } else {
             Arc::new([])
         };
-        Int8Conv { isa, weights16, ..self.clone() }
+        Int8Conv { isa, weights16, single_quads, ..self.clone() }
     }
 
     /// [`Self::eval_input`] on values (the tests' entry).
@@ -797,7 +802,7 @@ impl Int8Conv {
             (Isa::Neon, Packed::Words(packed)) => unsafe { neon::run_pairs(self, packed, out, first) },
             #[cfg(target_arch = "arm")]
             // SAFETY: the op only has this ISA when the CPU has NEON and
-            // VFPv4 and no weight is -128 (`with_isa`); `pack` made the input signed.
+            // VFPv4 (`with_isa`); `pack` made the input signed.
             (Isa::Neon, Packed::Words(packed)) => unsafe { arm32::run_pairs(self, packed, out, first) },
             (_, Packed::Words(packed)) => self.run_plain(packed, out, first),
             (isa, Packed::Wide(_)) => unreachable!("{OP_NAME}: widened input for the {isa} kernels"),
@@ -1595,19 +1600,13 @@ fn build(
         epi: Epilogue::NONE,
         isa: Isa::Scalar,
         weights16: Arc::new([]),
+        single_quads: false,
         input_u8: false,
         out_u8: false,
         dynamic: false,
         out_shape,
     };
-    let op = op.with_isa(Isa::current());
-    // 32-bit ARM has no loops for a weight of -128 (`with_isa` falls back to
-    // the reference's): tract's float kernels are faster than those, so the
-    // convolution stays tract's (`quantize_dynamic`'s weights have -128).
-    if cfg!(target_arch = "arm") && op.isa != Isa::current() {
-        return None;
-    }
-    Some(op)
+    Some(op.with_isa(Isa::current()))
 }
 
 /// Folds what follows the sum at node `sum` into `op` ([`Folded::after`]);
