@@ -567,172 +567,112 @@ pub(super) mod arm32 {
     /// Outputs per block.
     const LANES: usize = 8;
 
-    // Which d-register lane holds weight `t`: d0-d2, four 16-bit lanes each.
+    /// Loads the input row whose pointer is at byte `$at` of `rows` (plus
+    /// `col` bytes): its three taps in d16-d21.
+    macro_rules! dw_load {
+        ($at:literal) => {
+            concat!(
+                "ldr {p}, [{rows}, #",
+                $at,
+                "]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}]\n",
+            )
+        };
+    }
+
+    /// The loaded row's three taps times kernel row `$k` (weights in lanes
+    /// of d0-d2, four per register), into the sums `q$lo`-`q$hi`.
+    macro_rules! dw_macs {
+        ($lo:literal, $hi:literal, 0) => {
+            dw_macs!($lo, $hi, "d0[0]", "d0[1]", "d0[2]")
+        };
+        ($lo:literal, $hi:literal, 1) => {
+            dw_macs!($lo, $hi, "d0[3]", "d1[0]", "d1[1]")
+        };
+        ($lo:literal, $hi:literal, 2) => {
+            dw_macs!($lo, $hi, "d1[2]", "d1[3]", "d2[0]")
+        };
+        ($lo:literal, $hi:literal, $a:literal, $b:literal, $c:literal) => {
+            concat!(
+                "vmlal.s16 q",
+                $lo,
+                ", d16, ",
+                $a,
+                "\n",
+                "vmlal.s16 q",
+                $hi,
+                ", d17, ",
+                $a,
+                "\n",
+                "vmlal.s16 q",
+                $lo,
+                ", d18, ",
+                $b,
+                "\n",
+                "vmlal.s16 q",
+                $hi,
+                ", d19, ",
+                $b,
+                "\n",
+                "vmlal.s16 q",
+                $lo,
+                ", d20, ",
+                $c,
+                "\n",
+                "vmlal.s16 q",
+                $hi,
+                ", d21, ",
+                $c,
+                "\n",
+            )
+        };
+    }
+
     /// The multiply-adds of one block, per vertical stride and row count:
-    /// input row `i` (of `rows`, plus `col` bytes) times kernel row `i` into
-    /// the first output row's sums (q12-q13) and, with two rows, kernel row
-    /// `i - SH` into the second's (q14-q15).
+    /// input row `i` times kernel row `i` into the first output row's sums
+    /// (q12-q13) and, with two rows, kernel row `i - SH` into the second's
+    /// (q14-q15). One row reads kernel rows 0-2 whatever the stride.
     macro_rules! macs_text {
         (1, true) => {
             concat!(
-                "ldr {p}, [{rows}, #0]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[0]\n",
-                "vmlal.s16 q13, d17, d0[0]\n",
-                "vmlal.s16 q12, d18, d0[1]\n",
-                "vmlal.s16 q13, d19, d0[1]\n",
-                "vmlal.s16 q12, d20, d0[2]\n",
-                "vmlal.s16 q13, d21, d0[2]\n",
-                "ldr {p}, [{rows}, #4]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[3]\n",
-                "vmlal.s16 q13, d17, d0[3]\n",
-                "vmlal.s16 q14, d16, d0[0]\n",
-                "vmlal.s16 q15, d17, d0[0]\n",
-                "vmlal.s16 q12, d18, d1[0]\n",
-                "vmlal.s16 q13, d19, d1[0]\n",
-                "vmlal.s16 q14, d18, d0[1]\n",
-                "vmlal.s16 q15, d19, d0[1]\n",
-                "vmlal.s16 q12, d20, d1[1]\n",
-                "vmlal.s16 q13, d21, d1[1]\n",
-                "vmlal.s16 q14, d20, d0[2]\n",
-                "vmlal.s16 q15, d21, d0[2]\n",
-                "ldr {p}, [{rows}, #8]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d1[2]\n",
-                "vmlal.s16 q13, d17, d1[2]\n",
-                "vmlal.s16 q14, d16, d0[3]\n",
-                "vmlal.s16 q15, d17, d0[3]\n",
-                "vmlal.s16 q12, d18, d1[3]\n",
-                "vmlal.s16 q13, d19, d1[3]\n",
-                "vmlal.s16 q14, d18, d1[0]\n",
-                "vmlal.s16 q15, d19, d1[0]\n",
-                "vmlal.s16 q12, d20, d2[0]\n",
-                "vmlal.s16 q13, d21, d2[0]\n",
-                "vmlal.s16 q14, d20, d1[1]\n",
-                "vmlal.s16 q15, d21, d1[1]\n",
-                "ldr {p}, [{rows}, #12]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q14, d16, d1[2]\n",
-                "vmlal.s16 q15, d17, d1[2]\n",
-                "vmlal.s16 q14, d18, d1[3]\n",
-                "vmlal.s16 q15, d19, d1[3]\n",
-                "vmlal.s16 q14, d20, d2[0]\n",
-                "vmlal.s16 q15, d21, d2[0]\n",
-            )
-        };
-        (1, false) => {
-            concat!(
-                "ldr {p}, [{rows}, #0]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[0]\n",
-                "vmlal.s16 q13, d17, d0[0]\n",
-                "vmlal.s16 q12, d18, d0[1]\n",
-                "vmlal.s16 q13, d19, d0[1]\n",
-                "vmlal.s16 q12, d20, d0[2]\n",
-                "vmlal.s16 q13, d21, d0[2]\n",
-                "ldr {p}, [{rows}, #4]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[3]\n",
-                "vmlal.s16 q13, d17, d0[3]\n",
-                "vmlal.s16 q12, d18, d1[0]\n",
-                "vmlal.s16 q13, d19, d1[0]\n",
-                "vmlal.s16 q12, d20, d1[1]\n",
-                "vmlal.s16 q13, d21, d1[1]\n",
-                "ldr {p}, [{rows}, #8]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d1[2]\n",
-                "vmlal.s16 q13, d17, d1[2]\n",
-                "vmlal.s16 q12, d18, d1[3]\n",
-                "vmlal.s16 q13, d19, d1[3]\n",
-                "vmlal.s16 q12, d20, d2[0]\n",
-                "vmlal.s16 q13, d21, d2[0]\n",
+                dw_load!(0),
+                dw_macs!(12, 13, 0),
+                dw_load!(4),
+                dw_macs!(12, 13, 1),
+                dw_macs!(14, 15, 0),
+                dw_load!(8),
+                dw_macs!(12, 13, 2),
+                dw_macs!(14, 15, 1),
+                dw_load!(12),
+                dw_macs!(14, 15, 2),
             )
         };
         (2, true) => {
             concat!(
-                "ldr {p}, [{rows}, #0]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[0]\n",
-                "vmlal.s16 q13, d17, d0[0]\n",
-                "vmlal.s16 q12, d18, d0[1]\n",
-                "vmlal.s16 q13, d19, d0[1]\n",
-                "vmlal.s16 q12, d20, d0[2]\n",
-                "vmlal.s16 q13, d21, d0[2]\n",
-                "ldr {p}, [{rows}, #4]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d0[3]\n",
-                "vmlal.s16 q13, d17, d0[3]\n",
-                "vmlal.s16 q12, d18, d1[0]\n",
-                "vmlal.s16 q13, d19, d1[0]\n",
-                "vmlal.s16 q12, d20, d1[1]\n",
-                "vmlal.s16 q13, d21, d1[1]\n",
-                "ldr {p}, [{rows}, #8]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q12, d16, d1[2]\n",
-                "vmlal.s16 q13, d17, d1[2]\n",
-                "vmlal.s16 q14, d16, d0[0]\n",
-                "vmlal.s16 q15, d17, d0[0]\n",
-                "vmlal.s16 q12, d18, d1[3]\n",
-                "vmlal.s16 q13, d19, d1[3]\n",
-                "vmlal.s16 q14, d18, d0[1]\n",
-                "vmlal.s16 q15, d19, d0[1]\n",
-                "vmlal.s16 q12, d20, d2[0]\n",
-                "vmlal.s16 q13, d21, d2[0]\n",
-                "vmlal.s16 q14, d20, d0[2]\n",
-                "vmlal.s16 q15, d21, d0[2]\n",
-                "ldr {p}, [{rows}, #12]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q14, d16, d0[3]\n",
-                "vmlal.s16 q15, d17, d0[3]\n",
-                "vmlal.s16 q14, d18, d1[0]\n",
-                "vmlal.s16 q15, d19, d1[0]\n",
-                "vmlal.s16 q14, d20, d1[1]\n",
-                "vmlal.s16 q15, d21, d1[1]\n",
-                "ldr {p}, [{rows}, #16]\n",
-                "add {p}, {p}, {col}\n",
-                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
-                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
-                "vld1.16 {{d20, d21}}, [{p}]\n",
-                "vmlal.s16 q14, d16, d1[2]\n",
-                "vmlal.s16 q15, d17, d1[2]\n",
-                "vmlal.s16 q14, d18, d1[3]\n",
-                "vmlal.s16 q15, d19, d1[3]\n",
-                "vmlal.s16 q14, d20, d2[0]\n",
-                "vmlal.s16 q15, d21, d2[0]\n",
+                dw_load!(0),
+                dw_macs!(12, 13, 0),
+                dw_load!(4),
+                dw_macs!(12, 13, 1),
+                dw_load!(8),
+                dw_macs!(12, 13, 2),
+                dw_macs!(14, 15, 0),
+                dw_load!(12),
+                dw_macs!(14, 15, 1),
+                dw_load!(16),
+                dw_macs!(14, 15, 2),
+            )
+        };
+        (1, false) => {
+            concat!(
+                dw_load!(0),
+                dw_macs!(12, 13, 0),
+                dw_load!(4),
+                dw_macs!(12, 13, 1),
+                dw_load!(8),
+                dw_macs!(12, 13, 2)
             )
         };
     }
