@@ -363,20 +363,18 @@ unsafe fn run_with<T: Out, const CLAMP: bool, const QDQ: bool>(
             // With a weight of -128, one quad at a time (`single_quads`).
             let (steps, odd) = if op.single_quads { (0, quads) } else { (quads / 2, quads % 2) };
             let b = &mut blk as *mut Block<T>;
-            match (index, CLAMP, QDQ) {
-                (true, true, _) => block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(true), store_u8_text!())),
-                (true, false, _) => block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(false), store_u8_text!())),
-                (false, true, true) => {
-                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(true), store_f32_text!(true)))
-                }
-                (false, true, false) => {
-                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(true), store_f32_text!(false)))
-                }
-                (false, false, true) => {
-                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!(false), store_f32_text!(true)))
-                }
-                (false, false, false) => block!(xs, ws, steps, odd, skip, b, store_f32_text!(false)),
+            macro_rules! go {
+                ($clip:tt, u8) => {
+                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!($clip), store_u8_text!()))
+                };
+                ($clip:tt, qdq) => {
+                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!($clip), store_f32_text!(true)))
+                };
+                ($clip:tt, f32) => {
+                    block!(xs, ws, steps, odd, skip, b, concat!(clip_text!($clip), store_f32_text!(false)))
+                };
             }
+            by_store!(go, index, CLAMP, QDQ);
             if n < PX {
                 for (r, row) in spare.iter().enumerate().take(rows) {
                     std::ptr::copy_nonoverlapping(row.as_ptr(), out.add((o + r) * p + px), n);

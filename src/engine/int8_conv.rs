@@ -866,6 +866,24 @@ macro_rules! by_epilogue {
     };
 }
 
+/// `$go!(clip, end)` with the block's clip (`true`/`false`) and how it
+/// ends: `u8` indices (which always follow a pair), the pair's values
+/// (`qdq`) or plain `f32` values; the ARM rungs' assembly blocks take these
+/// as their epilogue's text.
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+macro_rules! by_store {
+    ($go:ident, $index:expr, $clamp:expr, $qdq:expr) => {
+        match ($index, $clamp, $qdq) {
+            (true, true, _) => $go!(true, u8),
+            (true, false, _) => $go!(false, u8),
+            (false, true, true) => $go!(true, qdq),
+            (false, true, false) => $go!(true, f32),
+            (false, false, true) => $go!(false, qdq),
+            (false, false, false) => $go!(false, f32),
+        }
+    };
+}
+
 /// `store_row(acc[r], ...)` for rows `r < rows`, a literal row index per
 /// use so that the sums stay in registers.
 #[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]

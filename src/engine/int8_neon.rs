@@ -590,6 +590,58 @@ macro_rules! pairs_end {
     };
 }
 
+/// What a block with fewer than `R` channels or `PX` pixels reads and
+/// stores instead of the op's arrays and the output: per-channel values
+/// zero past the last channel, and a spare block of rows copied out after.
+struct Short<T, const R: usize> {
+    spare: [[T; PX]; R],
+    corr: [i32; R],
+    wsum: [i32; R],
+    mul: [f32; R],
+    bias: [f32; R],
+}
+
+impl<T: Out, const R: usize> Short<T, R> {
+    fn new() -> Self {
+        Short { spare: [[T::default(); PX]; R], corr: [0; R], wsum: [0; R], mul: [0.0; R], bias: [0.0; R] }
+    }
+
+    /// Channels `c0..c0 + R`'s correction, weight sum, scale and bias: in
+    /// the op's arrays when it has them all, else copied here.
+    fn channels(&mut self, op: &Int8Conv, c0: usize) -> (*const i32, *const i32, *const f32, *const f32) {
+        if c0 + R <= op.out_channels {
+            (op.corr[c0..].as_ptr(), op.wsum[c0..].as_ptr(), op.mul[c0..].as_ptr(), op.bias[c0..].as_ptr())
+        } else {
+            let k = op.out_channels - c0;
+            self.corr[..k].copy_from_slice(&op.corr[c0..]);
+            self.wsum[..k].copy_from_slice(&op.wsum[c0..]);
+            self.mul[..k].copy_from_slice(&op.mul[c0..]);
+            self.bias[..k].copy_from_slice(&op.bias[c0..]);
+            (self.corr.as_ptr(), self.wsum.as_ptr(), self.mul.as_ptr(), self.bias.as_ptr())
+        }
+    }
+
+    /// Where a block stores its first row and the bytes between rows: at
+    /// `out` (rows `p` values apart) for a whole block, else in the spare.
+    fn dst(&mut self, whole: bool, out: *mut T, p: usize) -> (*mut T, usize) {
+        if whole {
+            (out, p * std::mem::size_of::<T>())
+        } else {
+            (self.spare.as_mut_ptr() as *mut T, PX * std::mem::size_of::<T>())
+        }
+    }
+
+    /// A short block's first `rows` rows of `n` values, from the spare to `out` (rows `p` apart).
+    ///
+    /// # Safety
+    /// `out` must be writable for those rows.
+    unsafe fn copy_out(&self, rows: usize, out: *mut T, p: usize, n: usize) {
+        for (r, row) in self.spare.iter().enumerate().take(rows) {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * p), n);
+        }
+    }
+}
+
 #[target_feature(enable = "neon,dotprod")]
 unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     op: &Int8Conv,
@@ -605,10 +657,7 @@ unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     let index = std::mem::size_of::<T>() == 1;
     assert!(!index || QDQ, "indices need the output's pair");
     let consts = epilogue_consts(op);
-    // A block of fewer channels or pixels stores here, then copies; its
-    // per-channel values come from `tail`, zero past the last channel.
-    let mut spare = [[T::default(); PX]; MR];
-    let mut tail = ([0i32; MR], [0i32; MR], [0f32; MR], [0f32; MR]);
+    let mut short = Short::<T, MR>::new();
     let out = out.as_mut_ptr();
     let wstride = 4 * opad;
     for px in (0..p).step_by(PX) {
@@ -617,22 +666,9 @@ unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
         while o < channels {
             let rows = (channels - o).min(MR);
             let c0 = first + o;
-            let (corr, wsum, mul, bias) = if c0 + MR <= op.out_channels {
-                (op.corr.as_ptr().add(c0), op.wsum.as_ptr().add(c0), op.mul.as_ptr().add(c0), op.bias.as_ptr().add(c0))
-            } else {
-                let k = op.out_channels - c0;
-                tail.0[..k].copy_from_slice(&op.corr[c0..]);
-                tail.1[..k].copy_from_slice(&op.wsum[c0..]);
-                tail.2[..k].copy_from_slice(&op.mul[c0..]);
-                tail.3[..k].copy_from_slice(&op.bias[c0..]);
-                (tail.0.as_ptr(), tail.1.as_ptr(), tail.2.as_ptr(), tail.3.as_ptr())
-            };
-            let whole = rows == MR && n == PX;
-            let (dst, os) = if whole {
-                (out.add(o * p + px), p * std::mem::size_of::<T>())
-            } else {
-                (spare.as_mut_ptr() as *mut T, PX * std::mem::size_of::<T>())
-            };
+            let (corr, wsum, mul, bias) = short.channels(op, c0);
+            let whole = rows == short.spare.len() && n == PX;
+            let (dst, os) = short.dst(whole, out.add(o * p + px), p);
             let xs = packed.as_ptr().add(op.word_at(0, px));
             let ws = op.weights.as_ptr().add(c0);
             macro_rules! go {
@@ -653,18 +689,9 @@ unsafe fn run_dot_with<T: Out, const CLAMP: bool, const QDQ: bool>(
                     )
                 };
             }
-            match (index, CLAMP, QDQ) {
-                (true, true, _) => go!(true, u8),
-                (true, false, _) => go!(false, u8),
-                (false, true, true) => go!(true, qdq),
-                (false, true, false) => go!(true, f32),
-                (false, false, true) => go!(false, qdq),
-                (false, false, false) => go!(false, f32),
-            }
+            by_store!(go, index, CLAMP, QDQ);
             if !whole {
-                for (r, row) in spare.iter().enumerate().take(rows) {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add((o + r) * p + px), n);
-                }
+                short.copy_out(rows, out.add(o * p + px), p, n);
             }
             o += MR;
         }
@@ -865,9 +892,7 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     let index = std::mem::size_of::<T>() == 1;
     assert!(!index || QDQ, "indices need the output's pair");
     let consts = epilogue_consts(op);
-    // As in `run_dot_with`: short blocks store to `spare`, read `tail`.
-    let mut spare = [[T::default(); PX]; PAIR_ROWS];
-    let mut tail = ([0i32; PAIR_ROWS], [0i32; PAIR_ROWS], [0f32; PAIR_ROWS], [0f32; PAIR_ROWS]);
+    let mut short = Short::<T, PAIR_ROWS>::new();
     let out = out.as_mut_ptr();
     for px in (0..p).step_by(PX) {
         let n = (p - px).min(PX);
@@ -898,22 +923,9 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
                 }
             }
             let c0 = first + o;
-            let (corr, wsum, mul, bias) = if c0 + PAIR_ROWS <= op.out_channels {
-                (op.corr.as_ptr().add(c0), op.wsum.as_ptr().add(c0), op.mul.as_ptr().add(c0), op.bias.as_ptr().add(c0))
-            } else {
-                let k = op.out_channels - c0;
-                tail.0[..k].copy_from_slice(&op.corr[c0..]);
-                tail.1[..k].copy_from_slice(&op.wsum[c0..]);
-                tail.2[..k].copy_from_slice(&op.mul[c0..]);
-                tail.3[..k].copy_from_slice(&op.bias[c0..]);
-                (tail.0.as_ptr(), tail.1.as_ptr(), tail.2.as_ptr(), tail.3.as_ptr())
-            };
-            let whole = rows == PAIR_ROWS && n == PX;
-            let (dst, os) = if whole {
-                (out.add(o * p + px), p * std::mem::size_of::<T>())
-            } else {
-                (spare.as_mut_ptr() as *mut T, PX * std::mem::size_of::<T>())
-            };
+            let (corr, wsum, mul, bias) = short.channels(op, c0);
+            let whole = rows == short.spare.len() && n == PX;
+            let (dst, os) = short.dst(whole, out.add(o * p + px), p);
             macro_rules! go {
                 ($clip:tt, $out:tt) => {
                     pairs_end!(
@@ -936,18 +948,9 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
                     )
                 };
             }
-            match (index, CLAMP, QDQ) {
-                (true, true, _) => go!(true, u8),
-                (true, false, _) => go!(false, u8),
-                (false, true, true) => go!(true, qdq),
-                (false, true, false) => go!(true, f32),
-                (false, false, true) => go!(false, qdq),
-                (false, false, false) => go!(false, f32),
-            }
+            by_store!(go, index, CLAMP, QDQ);
             if !whole {
-                for (r, row) in spare.iter().enumerate().take(rows) {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.add((o + r) * p + px), n);
-                }
+                short.copy_out(rows, out.add(o * p + px), p, n);
             }
             o += PAIR_ROWS;
         }
