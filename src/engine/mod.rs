@@ -1095,9 +1095,13 @@ mod tests {
             // (armv7: tract's depthwise convolutions read and write f32.)
             let handed = if depthwise::cpu_supported() { 17 } else { 0 };
             assert_eq!((narrow(int8_conv::OP_NAME), narrow(depthwise::OP_NAME)), (handed, handed));
-            // On aarch64 the depthwise ones sum in integers, and say on which loops.
-            if cfg!(target_arch = "aarch64") {
-                let want = if isa::Isa::current() == isa::Isa::NeonDot { "sdot" } else { "smlal" };
+            // On ARM the depthwise ones sum in integers, and say on which loops.
+            if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+                let want = match isa::Isa::current() {
+                    isa::Isa::NeonDot => "sdot",
+                    _ if cfg!(target_arch = "arm") => "vmlal",
+                    _ => "smlal",
+                };
                 let infos: Vec<String> = model
                     .nodes()
                     .iter()
