@@ -602,15 +602,20 @@ struct Short<T, const R: usize> {
 }
 
 impl<T: Out, const R: usize> Short<T, R> {
+    #[inline(always)]
     fn new() -> Self {
         Short { spare: [[T::default(); PX]; R], corr: [0; R], wsum: [0; R], mul: [0.0; R], bias: [0.0; R] }
     }
 
     /// Channels `c0..c0 + R`'s correction, weight sum, scale and bias: in
     /// the op's arrays when it has them all, else copied here.
-    fn channels(&mut self, op: &Int8Conv, c0: usize) -> (*const i32, *const i32, *const f32, *const f32) {
+    ///
+    /// # Safety
+    /// The arrays hold a value per output channel (`Int8Conv::check_channels`).
+    #[inline(always)]
+    unsafe fn channels(&mut self, op: &Int8Conv, c0: usize) -> (*const i32, *const i32, *const f32, *const f32) {
         if c0 + R <= op.out_channels {
-            (op.corr[c0..].as_ptr(), op.wsum[c0..].as_ptr(), op.mul[c0..].as_ptr(), op.bias[c0..].as_ptr())
+            (op.corr.as_ptr().add(c0), op.wsum.as_ptr().add(c0), op.mul.as_ptr().add(c0), op.bias.as_ptr().add(c0))
         } else {
             let k = op.out_channels - c0;
             self.corr[..k].copy_from_slice(&op.corr[c0..]);
@@ -623,6 +628,7 @@ impl<T: Out, const R: usize> Short<T, R> {
 
     /// Where a block stores its first row and the bytes between rows: at
     /// `out` (rows `p` values apart) for a whole block, else in the spare.
+    #[inline(always)]
     fn dst(&mut self, whole: bool, out: *mut T, p: usize) -> (*mut T, usize) {
         if whole {
             (out, p * std::mem::size_of::<T>())
@@ -635,6 +641,7 @@ impl<T: Out, const R: usize> Short<T, R> {
     ///
     /// # Safety
     /// `out` must be writable for those rows.
+    #[inline(always)]
     unsafe fn copy_out(&self, rows: usize, out: *mut T, p: usize, n: usize) {
         for (r, row) in self.spare.iter().enumerate().take(rows) {
             std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * p), n);
