@@ -135,14 +135,7 @@ impl IndexOut for u8 {
         ptr: *mut u8,
         n: usize,
     ) {
-        use std::arch::aarch64::vst1_u8;
-        if n == 8 {
-            vst1_u8(ptr, idx);
-        } else {
-            let mut all = [0u8; 8];
-            vst1_u8(all.as_mut_ptr(), idx);
-            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
-        }
+        crate::engine::int8_conv::neon::store_first_u8(idx, ptr, n)
     }
 }
 
@@ -164,13 +157,7 @@ impl IndexOut for f32 {
         let wide = vmovl_u8(idx);
         let halves = [vmovl_u16(vget_low_u16(wide)), vmovl_high_u16(wide)];
         let v = halves.map(|h| vmulq_f32(vaddq_f32(vcvtq_f32_u32(h), lo), scale));
-        let mut all = [0f32; 8];
-        let dst = if n == 8 { ptr } else { all.as_mut_ptr() };
-        vst1q_f32(dst, v[0]);
-        vst1q_f32(dst.add(4), v[1]);
-        if n < 8 {
-            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
-        }
+        crate::engine::int8_conv::neon::store_first_f32(v, ptr, n)
     }
 }
 
@@ -427,12 +414,13 @@ pub(super) mod neon {
         // Where source columns 0 and 1 land: the padded column `pad + j`
         // goes to phase `(pad + j) % sw`, at `(pad + j) / sw`.
         let col_at = |j: usize| ((op.pad[1] + j) % sw) * phase + (op.pad[1] + j) / sw;
+        let cols = [col_at(0), col_at(1.min(w - 1))];
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
             let c = first + ix;
             let src = &x[c * h * w..][..h * w];
             for (y, row) in src.chunks_exact(w).enumerate() {
                 let base = (y + op.pad[0]) * row_len;
-                fill_row(row, planes, [base + col_at(0), base + col_at(1.min(w - 1))], sw, iw.zero);
+                fill_row(row, planes, cols.map(|c| base + c), sw, iw.zero);
             }
             let q = iw.weights(c);
             let k: [int16x8_t; TAPS] = std::array::from_fn(|t| vdupq_n_s16(q[t]));
@@ -441,6 +429,7 @@ pub(super) mod neon {
                 _ => (vdupq_n_f32(iw.mul[c]), vdupq_n_f32(op.bias[c])),
             };
             let out = out.as_mut_ptr();
+            let (last, n) = (wo.saturating_sub(LANES), wo.min(LANES));
             for pair in 0..ho.div_ceil(2) {
                 let first_row = 2 * pair * SH;
                 let two = 2 * pair + 1 < ho;
@@ -455,21 +444,17 @@ pub(super) mod neon {
                 // outputs of the next row already stored. Rows shorter than
                 // a block are stored in part.
                 let mut col = 0;
-                while col < wo {
-                    let n = (wo - col).min(LANES);
-                    if n < LANES && wo >= LANES {
-                        col = wo - LANES;
-                        continue;
-                    }
+                loop {
+                    let at = col.min(last);
                     if two {
-                        let acc = block::<SH, true>(&rows, &taps_at, &k, col);
-                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
-                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + col), n);
+                        let acc = block::<SH, true>(&rows, &taps_at, &k, at);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(at), n);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + at), n);
                     } else {
-                        let acc = block::<SH, false>(&rows, &taps_at, &k, col);
-                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
+                        let acc = block::<SH, false>(&rows, &taps_at, &k, at);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(at), n);
                     }
-                    if col + LANES >= wo {
+                    if at == last {
                         break;
                     }
                     col += LANES;
@@ -873,6 +858,7 @@ pub(super) mod arm32 {
         let t1 = 2 * taps_at[1];
         let u = (2 * taps_at[2]).wrapping_sub(t1);
         let col_at = |j: usize| ((op.pad[1] + j) % sw) * phase + (op.pad[1] + j) / sw;
+        let cols = [col_at(0), col_at(1.min(w - 1))];
         let index = std::mem::size_of::<U>() == 1;
         let mut spare = [[0u8; LANES]; 2];
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
@@ -880,7 +866,7 @@ pub(super) mod arm32 {
             let src = &x[c * h * w..][..h * w];
             for (y, row) in src.chunks_exact(w).enumerate() {
                 let base = (y + op.pad[0]) * row_len;
-                fill_row(row, planes, [base + col_at(0), base + col_at(1.min(w - 1))], sw, iw.zero);
+                fill_row(row, planes, cols.map(|c| base + c), sw, iw.zero);
             }
             let mut wts = [0i16; 12];
             wts[..TAPS].copy_from_slice(iw.weights(c));

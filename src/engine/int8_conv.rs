@@ -278,17 +278,7 @@ impl Out for f32 {
         ptr: *mut f32,
         n: usize,
     ) {
-        use std::arch::aarch64::vst1q_f32;
-        let v = v.map(|v| regs.apply::<CLAMP, QDQ>(v));
-        if n == PX {
-            vst1q_f32(ptr, v[0]);
-            vst1q_f32(ptr.add(4), v[1]);
-        } else {
-            let mut all = [0f32; PX];
-            vst1q_f32(all.as_mut_ptr(), v[0]);
-            vst1q_f32(all.as_mut_ptr().add(4), v[1]);
-            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
-        }
+        neon::store_first_f32(v.map(|v| regs.apply::<CLAMP, QDQ>(v)), ptr, n)
     }
 }
 
@@ -310,16 +300,9 @@ impl Out for u8 {
         ptr: *mut u8,
         n: usize,
     ) {
-        use std::arch::aarch64::{vcombine_u16, vmovn_u16, vmovn_u32, vst1_u8};
+        use std::arch::aarch64::{vcombine_u16, vmovn_u16, vmovn_u32};
         let [lo, hi] = v.map(|v| vmovn_u32(regs.index::<CLAMP>(v)));
-        let bytes = vmovn_u16(vcombine_u16(lo, hi));
-        if n == PX {
-            vst1_u8(ptr, bytes);
-        } else {
-            let mut all = [0u8; PX];
-            vst1_u8(all.as_mut_ptr(), bytes);
-            std::ptr::copy_nonoverlapping(all.as_ptr(), ptr, n);
-        }
+        neon::store_first_u8(vmovn_u16(vcombine_u16(lo, hi)), ptr, n)
     }
 
     #[cfg(target_arch = "x86_64")]

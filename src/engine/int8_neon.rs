@@ -45,6 +45,55 @@ pub(super) fn widen(packed: &[u32], wide: &mut Vec<i16>) {
     }
 }
 
+/// The first `n` (at most 8) bytes of `v` at `ptr`: whole when `n` is 8,
+/// else in pieces of 4, 2 and 1. Not through a buffer and `memcpy`: the
+/// call's clobbers made the loops around keep their registers on the stack.
+#[inline(always)]
+pub(in crate::engine) unsafe fn store_first_u8(v: uint8x8_t, ptr: *mut u8, n: usize) {
+    if n >= 8 {
+        return vst1_u8(ptr, v);
+    }
+    let mut bits = vget_lane_u64::<0>(vreinterpret_u64_u8(v));
+    let mut p = ptr;
+    if n & 4 != 0 {
+        (p as *mut u32).write_unaligned(bits as u32);
+        bits >>= 32;
+        p = p.add(4);
+    }
+    if n & 2 != 0 {
+        (p as *mut u16).write_unaligned(bits as u16);
+        bits >>= 16;
+        p = p.add(2);
+    }
+    if n & 1 != 0 {
+        *p = bits as u8;
+    }
+}
+
+/// The first `n` (at most 8) of the values in `v` at `ptr`, in pieces as
+/// [`store_first_u8`].
+#[inline(always)]
+pub(in crate::engine) unsafe fn store_first_f32(v: [float32x4_t; 2], ptr: *mut f32, n: usize) {
+    if n >= 8 {
+        vst1q_f32(ptr, v[0]);
+        return vst1q_f32(ptr.add(4), v[1]);
+    }
+    let (mut a, mut p) = (v[0], ptr);
+    if n & 4 != 0 {
+        vst1q_f32(p, a);
+        a = v[1];
+        p = p.add(4);
+    }
+    if n & 2 != 0 {
+        vst1_f32(p, vget_low_f32(a));
+        a = vextq_f32::<2>(a, a);
+        p = p.add(2);
+    }
+    if n & 1 != 0 {
+        *p = vgetq_lane_f32::<0>(a);
+    }
+}
+
 /// `v`'s indices on the op's input grid, four lanes: [`Int8Conv::grid_index`]'s
 /// arithmetic, the rounded value's pattern minus that of the grid's low end.
 #[inline(always)]
@@ -493,8 +542,7 @@ macro_rules! dot_block {
             "dup v30.4s, v1.s[3]", "dup v31.4s, v1.s[3]",
             "2:",
             "ldp q0, q1, [{xs}], #128",
-            "ldp q2, q3, [{ws}]",
-            "add {ws}, {ws}, {wstride}",
+            "ld1 {{v2.16b, v3.16b}}, [{ws}], {wstride}",
             "sdot v16.4s, v0.16b, v2.4b[0]", "sdot v17.4s, v1.16b, v2.4b[0]",
             "sdot v18.4s, v0.16b, v2.4b[1]", "sdot v19.4s, v1.16b, v2.4b[1]",
             "sdot v20.4s, v0.16b, v2.4b[2]", "sdot v21.4s, v1.16b, v2.4b[2]",
@@ -776,31 +824,26 @@ unsafe fn run_wide_with<T: Out, const CLAMP: bool, const QDQ: bool>(
 /// sums each).
 ///
 /// In assembly because the compiler's own schedule of the same intrinsics
-/// cost 78 instructions per step, where these are 60: it widened each
+/// cost 78 instructions per step, where these are 54: it widened each
 /// weight word to 8 bytes and took the pixels' high halves with `ext`,
 /// added an address per `ld1r`, and spilled two sums. Here the 16 sums
-/// stay in v16-v31, the 8 broadcast weight words in v4-v11 (one pointer,
-/// post-incremented), the pixels in v0-v3, the 16-bit products in v12-v15.
+/// stay in v16-v31, the 8 broadcast weight words in v4-v11 (two `ld4r`,
+/// each the four channels' words of one quad), the pixels in v0-v3, the
+/// 16-bit products in v12-v15.
 ///
 /// # Safety
 /// `xs` and `ws` must hold `steps` steps (`steps >= 1`) as laid out above.
 #[inline(always)]
 unsafe fn pairs_loop(acc: &mut [[int32x4_t; 4]; PAIR_ROWS], xs: *const i8, ws: *const i32, steps: usize, opad: usize) {
-    // From channel 3 of a quad to channel 0 of the next one.
-    let skip = opad * 4 - 12;
+    // From channel 0 of a quad to channel 0 of the next one: `ld4r` takes
+    // four channels' words at once, one broadcast register each.
+    let skip = opad * 4;
     asm!(
         "2:",
-        "ldp q0, q1, [{xs}]",
         "ldp q2, q3, [{xs}, #128]",
-        "add {xs}, {xs}, #256",
-        "ld1r {{v4.4s}}, [{ws}], #4",
-        "ld1r {{v5.4s}}, [{ws}], #4",
-        "ld1r {{v6.4s}}, [{ws}], #4",
-        "ld1r {{v7.4s}}, [{ws}], {skip}",
-        "ld1r {{v8.4s}}, [{ws}], #4",
-        "ld1r {{v9.4s}}, [{ws}], #4",
-        "ld1r {{v10.4s}}, [{ws}], #4",
-        "ld1r {{v11.4s}}, [{ws}], {skip}",
+        "ldp q0, q1, [{xs}], #256",
+        "ld4r {{v4.4s, v5.4s, v6.4s, v7.4s}}, [{ws}], {skip}",
+        "ld4r {{v8.4s, v9.4s, v10.4s, v11.4s}}, [{ws}], {skip}",
         "smull v12.8h, v0.8b, v4.8b",
         "smull2 v13.8h, v0.16b, v4.16b",
         "smull v14.8h, v1.8b, v4.8b",
