@@ -872,6 +872,7 @@ pub(super) mod arm32 {
             wts[..TAPS].copy_from_slice(iw.weights(c));
             let consts = Consts([req.m[c], req.b[c], req.ilo as f32, req.ihi as f32, ROUND_MAGIC]);
             let out = out.as_mut_ptr();
+            let (last, n) = (wo.saturating_sub(LANES), wo.min(LANES));
             for pair in 0..ho.div_ceil(2) {
                 let first_row = 2 * pair * SH;
                 let two = 2 * pair + 1 < ho;
@@ -882,20 +883,16 @@ pub(super) mod arm32 {
                 // Whole blocks only, the last one ending at the row's end (as
                 // on aarch64); rows shorter than a block go through `spare`.
                 let mut col = 0;
-                while col < wo {
-                    let n = (wo - col).min(LANES);
-                    if n < LANES && wo >= LANES {
-                        col = wo - LANES;
-                        continue;
-                    }
-                    let dst = [out.add(2 * pair * wo + col), out.add((2 * pair + 1).min(ho - 1) * wo + col)];
+                loop {
+                    let col_at = col.min(last);
+                    let dst = [out.add(2 * pair * wo + col_at), out.add((2 * pair + 1).min(ho - 1) * wo + col_at)];
                     let direct = index && n == LANES;
                     let o: [*mut u8; 2] = if direct {
                         [dst[0] as *mut u8, if two { dst[1] as *mut u8 } else { spare[1].as_mut_ptr() }]
                     } else {
                         [spare[0].as_mut_ptr(), spare[1].as_mut_ptr()]
                     };
-                    let (w_ptr, r_ptr, cb, cp) = (wts.as_ptr(), rows.as_ptr(), 2 * col, consts.0.as_ptr());
+                    let (w_ptr, r_ptr, cb, cp) = (wts.as_ptr(), rows.as_ptr(), 2 * col_at, consts.0.as_ptr());
                     match (SH, two) {
                         (1, true) => block!(1, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
                         (_, true) => block!(2, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
@@ -909,7 +906,7 @@ pub(super) mod arm32 {
                             }
                         }
                     }
-                    if col + LANES >= wo {
+                    if col_at == last {
                         break;
                     }
                     col += LANES;
@@ -1070,6 +1067,7 @@ pub(super) mod dot {
                 _ => (vdupq_n_f32(iw.mul[c]), vdupq_n_f32(op.bias[c])),
             };
             let out = out.as_mut_ptr();
+            let (last, n) = (wo.saturating_sub(LANES), wo.min(LANES));
             for pair in 0..ho.div_ceil(2) {
                 let first_row = 2 * pair * SH;
                 let two = 2 * pair + 1 < ho;
@@ -1081,16 +1079,12 @@ pub(super) mod dot {
                 // As the 16-bit loops: whole blocks, the last one ending at
                 // the row's end; rows shorter than a block stored in part.
                 let mut col = 0;
-                while col < wo {
-                    let n = (wo - col).min(LANES);
-                    if n < LANES && wo >= LANES {
-                        col = wo - LANES;
-                        continue;
-                    }
+                loop {
+                    let col_at = col.min(last);
                     let mut acc = [[corr; 2]; 2];
                     let used = if two { SH + 3 } else { 3 };
                     for (i, row) in rows.iter().enumerate().take(used) {
-                        let p = row.add(col * sw);
+                        let p = row.add(col_at * sw);
                         let t = int8x16x2_t(vld1q_s8(p), vld1q_s8(p.add(16)));
                         let (g0, g1) = (vqtbl2q_s8(t, idx[0]), vqtbl2q_s8(t, idx[1]));
                         if i < 3 {
@@ -1102,11 +1096,11 @@ pub(super) mod dot {
                             sdot!(acc[1][1], g1, k[i - SH]);
                         }
                     }
-                    store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col), n);
+                    store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(col_at), n);
                     if two {
-                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + col), n);
+                        store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + col_at), n);
                     }
-                    if col + LANES >= wo {
+                    if col_at == last {
                         break;
                     }
                     col += LANES;

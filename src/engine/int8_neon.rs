@@ -818,10 +818,79 @@ unsafe fn run_wide_with<T: Out, const CLAMP: bool, const QDQ: bool>(
     }
 }
 
+/// One output channel's part of a [`pairs_loop`] step: the products of
+/// pixels v0-v3 and the channel's two broadcast words (`$w0`, `$w1`), in
+/// pairs of 16-bit lanes (v12-v15), then into its four sums (`$a0`..`$a3`)
+/// by `$op`: `saddlp` on the first step, which sets them, `sadalp` after.
+macro_rules! pairs_channel {
+    ($op:literal, $w0:literal, $w1:literal, $a0:literal, $a1:literal, $a2:literal, $a3:literal) => {
+        concat!(
+            "smull v12.8h, v0.8b, v",
+            $w0,
+            ".8b\n",
+            "smull2 v13.8h, v0.16b, v",
+            $w0,
+            ".16b\n",
+            "smull v14.8h, v1.8b, v",
+            $w0,
+            ".8b\n",
+            "smull2 v15.8h, v1.16b, v",
+            $w0,
+            ".16b\n",
+            "smlal v12.8h, v2.8b, v",
+            $w1,
+            ".8b\n",
+            "smlal2 v13.8h, v2.16b, v",
+            $w1,
+            ".16b\n",
+            "smlal v14.8h, v3.8b, v",
+            $w1,
+            ".8b\n",
+            "smlal2 v15.8h, v3.16b, v",
+            $w1,
+            ".16b\n",
+            $op,
+            " v",
+            $a0,
+            ".4s, v12.8h\n",
+            $op,
+            " v",
+            $a1,
+            ".4s, v13.8h\n",
+            $op,
+            " v",
+            $a2,
+            ".4s, v14.8h\n",
+            $op,
+            " v",
+            $a3,
+            ".4s, v15.8h\n",
+        )
+    };
+}
+
+/// One [`pairs_loop`] step: two quads of 8 pixels and of 4 channels' weights
+/// loaded, then each channel's products added by `$op`.
+macro_rules! pairs_step {
+    ($op:literal) => {
+        concat!(
+            "ldp q2, q3, [{xs}, #128]\n",
+            "ldp q0, q1, [{xs}], #256\n",
+            "ld4r {{v4.4s, v5.4s, v6.4s, v7.4s}}, [{ws}], {skip}\n",
+            "ld4r {{v8.4s, v9.4s, v10.4s, v11.4s}}, [{ws}], {skip}\n",
+            pairs_channel!($op, "4", "8", "16", "17", "18", "19"),
+            pairs_channel!($op, "5", "9", "20", "21", "22", "23"),
+            pairs_channel!($op, "6", "10", "24", "25", "26", "27"),
+            pairs_channel!($op, "7", "11", "28", "29", "30", "31"),
+            "subs {n}, {n}, #1\n",
+        )
+    };
+}
+
 /// `steps` double-quad steps of one [`run_pairs`] block: 4 output channels
 /// (`ws`, then `opad` words on per quad) by 8 pixels (`xs`, 4 * `NR` bytes on
-/// per quad), added to `acc` (per channel: pixels 0-1, 2-3, 4-5, 6-7, two
-/// sums each).
+/// per quad), returned as per channel four registers of sums (pixels 0-1,
+/// 2-3, 4-5, 6-7, two sums each).
 ///
 /// In assembly because the compiler's own schedule of the same intrinsics
 /// cost 78 instructions per step, where these are 54: it widened each
@@ -829,83 +898,38 @@ unsafe fn run_wide_with<T: Out, const CLAMP: bool, const QDQ: bool>(
 /// added an address per `ld1r`, and spilled two sums. Here the 16 sums
 /// stay in v16-v31, the 8 broadcast weight words in v4-v11 (two `ld4r`,
 /// each the four channels' words of one quad), the pixels in v0-v3, the
-/// 16-bit products in v12-v15.
+/// 16-bit products in v12-v15. The first step sets the sums (`saddlp`), so
+/// that they need no zeroing: 16 instructions a block.
 ///
 /// # Safety
 /// `xs` and `ws` must hold `steps` steps (`steps >= 1`) as laid out above.
 #[inline(always)]
-unsafe fn pairs_loop(acc: &mut [[int32x4_t; 4]; PAIR_ROWS], xs: *const i8, ws: *const i32, steps: usize, opad: usize) {
+unsafe fn pairs_loop(xs: *const i8, ws: *const i32, steps: usize, opad: usize) -> [[int32x4_t; 4]; PAIR_ROWS] {
+    debug_assert!(steps >= 1);
     // From channel 0 of a quad to channel 0 of the next one: `ld4r` takes
     // four channels' words at once, one broadcast register each.
     let skip = opad * 4;
+    let ([a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]);
     asm!(
+        pairs_step!("saddlp"),
+        "b.eq 3f",
         "2:",
-        "ldp q2, q3, [{xs}, #128]",
-        "ldp q0, q1, [{xs}], #256",
-        "ld4r {{v4.4s, v5.4s, v6.4s, v7.4s}}, [{ws}], {skip}",
-        "ld4r {{v8.4s, v9.4s, v10.4s, v11.4s}}, [{ws}], {skip}",
-        "smull v12.8h, v0.8b, v4.8b",
-        "smull2 v13.8h, v0.16b, v4.16b",
-        "smull v14.8h, v1.8b, v4.8b",
-        "smull2 v15.8h, v1.16b, v4.16b",
-        "smlal v12.8h, v2.8b, v8.8b",
-        "smlal2 v13.8h, v2.16b, v8.16b",
-        "smlal v14.8h, v3.8b, v8.8b",
-        "smlal2 v15.8h, v3.16b, v8.16b",
-        "sadalp v16.4s, v12.8h",
-        "sadalp v17.4s, v13.8h",
-        "sadalp v18.4s, v14.8h",
-        "sadalp v19.4s, v15.8h",
-        "smull v12.8h, v0.8b, v5.8b",
-        "smull2 v13.8h, v0.16b, v5.16b",
-        "smull v14.8h, v1.8b, v5.8b",
-        "smull2 v15.8h, v1.16b, v5.16b",
-        "smlal v12.8h, v2.8b, v9.8b",
-        "smlal2 v13.8h, v2.16b, v9.16b",
-        "smlal v14.8h, v3.8b, v9.8b",
-        "smlal2 v15.8h, v3.16b, v9.16b",
-        "sadalp v20.4s, v12.8h",
-        "sadalp v21.4s, v13.8h",
-        "sadalp v22.4s, v14.8h",
-        "sadalp v23.4s, v15.8h",
-        "smull v12.8h, v0.8b, v6.8b",
-        "smull2 v13.8h, v0.16b, v6.16b",
-        "smull v14.8h, v1.8b, v6.8b",
-        "smull2 v15.8h, v1.16b, v6.16b",
-        "smlal v12.8h, v2.8b, v10.8b",
-        "smlal2 v13.8h, v2.16b, v10.16b",
-        "smlal v14.8h, v3.8b, v10.8b",
-        "smlal2 v15.8h, v3.16b, v10.16b",
-        "sadalp v24.4s, v12.8h",
-        "sadalp v25.4s, v13.8h",
-        "sadalp v26.4s, v14.8h",
-        "sadalp v27.4s, v15.8h",
-        "smull v12.8h, v0.8b, v7.8b",
-        "smull2 v13.8h, v0.16b, v7.16b",
-        "smull v14.8h, v1.8b, v7.8b",
-        "smull2 v15.8h, v1.16b, v7.16b",
-        "smlal v12.8h, v2.8b, v11.8b",
-        "smlal2 v13.8h, v2.16b, v11.16b",
-        "smlal v14.8h, v3.8b, v11.8b",
-        "smlal2 v15.8h, v3.16b, v11.16b",
-        "sadalp v28.4s, v12.8h",
-        "sadalp v29.4s, v13.8h",
-        "sadalp v30.4s, v14.8h",
-        "sadalp v31.4s, v15.8h",
-        "subs {n}, {n}, #1",
+        pairs_step!("sadalp"),
         "b.ne 2b",
+        "3:",
         xs = inout(reg) xs => _,
         ws = inout(reg) ws => _,
         n = inout(reg) steps => _,
         skip = in(reg) skip,
-        inout("v16") acc[0][0], inout("v17") acc[0][1], inout("v18") acc[0][2], inout("v19") acc[0][3],
-        inout("v20") acc[1][0], inout("v21") acc[1][1], inout("v22") acc[1][2], inout("v23") acc[1][3],
-        inout("v24") acc[2][0], inout("v25") acc[2][1], inout("v26") acc[2][2], inout("v27") acc[2][3],
-        inout("v28") acc[3][0], inout("v29") acc[3][1], inout("v30") acc[3][2], inout("v31") acc[3][3],
+        out("v16") a0, out("v17") a1, out("v18") a2, out("v19") a3,
+        out("v20") b0, out("v21") b1, out("v22") b2, out("v23") b3,
+        out("v24") c0, out("v25") c1, out("v26") c2, out("v27") c3,
+        out("v28") d0, out("v29") d1, out("v30") d2, out("v31") d3,
         out("v0") _, out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _, out("v7") _,
         out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,
         options(nostack, readonly),
     );
+    [[a0, a1, a2, a3], [b0, b1, b2, b3], [c0, c1, c2, c3], [d0, d1, d2, d3]]
 }
 
 /// Output channels of a [`run_pairs`] block: four, by 8 pixels, leave room
@@ -951,16 +975,18 @@ unsafe fn run_pairs_with<T: Out, const CLAMP: bool, const QDQ: bool>(
             let rows = (channels - o).min(PAIR_ROWS);
             // Per channel, four registers of pairs of partial sums: pixels
             // 0-1, 2-3, 4-5, 6-7, two halves of each pixel's quads.
-            let mut acc = [[vdupq_n_s32(0); 4]; PAIR_ROWS];
             let mut xs = packed.as_ptr().add(op.word_at(0, px)) as *const i8;
             let mut ws = op.weights.as_ptr().add(first + o) as *const i32;
             // Two quads at a time, 16-bit products summed in pairs.
             let steps = quads / 2;
-            if steps > 0 {
-                pairs_loop(&mut acc, xs, ws, steps, opad);
+            let mut acc = if steps > 0 {
+                let acc = pairs_loop(xs, ws, steps, opad);
                 xs = xs.add(steps * 8 * NR);
                 ws = ws.add(steps * 2 * opad);
-            }
+                acc
+            } else {
+                [[vdupq_n_s32(0); 4]; PAIR_ROWS]
+            };
             if quads % 2 == 1 {
                 let (x0a, x0b) = (vld1q_s8(xs), vld1q_s8(xs.add(16)));
                 for (r, acc) in acc.iter_mut().enumerate() {
