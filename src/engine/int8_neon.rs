@@ -113,6 +113,12 @@ unsafe fn row_bytes(src: &[f32], valid: usize, consts: &GridRegs) -> uint8x16_t 
         tail[..valid].copy_from_slice(&src[..valid]);
         tail.as_ptr()
     };
+    bytes16(ptr, consts)
+}
+
+/// The 16 values at `ptr` as their indices on the op's input grid, one byte each.
+#[inline(always)]
+unsafe fn bytes16(ptr: *const f32, consts: &GridRegs) -> uint8x16_t {
     let GridRegs { inv, lo, hi, base } = *consts;
     let n: [uint32x4_t; 4] = std::array::from_fn(|i| indices(vld1q_f32(ptr.add(4 * i)), inv, lo, hi, base));
     let h0 = vcombine_u16(vmovn_u32(n[0]), vmovn_u32(n[1]));
@@ -183,22 +189,43 @@ pub(super) fn pack_signed(op: &Int8Conv, x: Rows, packed: &mut [u32]) {
     let grid = GridRegs::new(op);
     // SAFETY: NEON is the aarch64 baseline; every read is of a row's valid
     // pixels (checked slices), every write of 16 words inside `packed`
-    // (16 divides NR, so a step's words are consecutive).
+    // (16 divides NR, so a step's words are consecutive, and `px < pp`
+    // puts them below `quads * pp`).
     unsafe {
         let flip = vdupq_n_u8(0x80);
         let zero = vdupq_n_u8(0);
+        let base = packed.as_mut_ptr();
         for quad in 0..op.quads() {
-            for px in (0..pp).step_by(16) {
+            // Whole groups of 16 pixels of four channels straight from the
+            // rows (checked once here): no tail, no missing channel.
+            let whole = if 4 * quad + 4 <= k { p / 16 * 16 } else { 0 };
+            let store = |px: usize, words: [uint8x16_t; 4]| {
+                let words = uint8x16x4_t(words[0], words[1], words[2], words[3]);
+                vst4q_u8(base.add(op.word_at(quad, px)) as *mut u8, words);
+            };
+            match x {
+                _ if whole == 0 => {}
+                Rows::Indices(x) => {
+                    let rows: [*const u8; 4] = std::array::from_fn(|j| x[(4 * quad + j) * p..][..p].as_ptr());
+                    for px in (0..whole).step_by(16) {
+                        store(px, rows.map(|r| veorq_u8(vld1q_u8(r.add(px)), flip)));
+                    }
+                }
+                Rows::Values(x) => {
+                    let rows: [*const f32; 4] = std::array::from_fn(|j| x[(4 * quad + j) * p..][..p].as_ptr());
+                    for px in (0..whole).step_by(16) {
+                        store(px, rows.map(|r| veorq_u8(bytes16(r.add(px), &grid), flip)));
+                    }
+                }
+            }
+            for px in (whole..pp).step_by(16) {
                 let valid = p.saturating_sub(px).min(16);
                 let lane = |j: usize| {
                     let ch = 4 * quad + j;
                     let b = if ch < k && valid > 0 { x.bytes(ch, p, px, valid, &grid) } else { zero };
                     veorq_u8(b, flip)
                 };
-                let words = uint8x16x4_t(lane(0), lane(1), lane(2), lane(3));
-                let at = op.word_at(quad, px);
-                assert!(at + 16 <= packed.len());
-                vst4q_u8(packed.as_mut_ptr().add(at) as *mut u8, words);
+                store(px, [lane(0), lane(1), lane(2), lane(3)]);
             }
         }
     }
