@@ -1021,36 +1021,37 @@ pub(super) mod dot {
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
             let c = first + ix;
             let src = &x[c * h * w..][..h * w];
-            for (y, row) in src.chunks_exact(w).enumerate() {
-                let start = (y + op.pad[0]) * row_len + op.pad[1];
-                let dst = &mut plane[start..][..w];
-                let mut i = 0;
-                while i < w && w >= 16 {
-                    let at = i.min(w - 16);
-                    vst1q_u8(dst.as_mut_ptr().add(at), veorq_u8(vld1q_u8(row.as_ptr().add(at)), flip));
-                    i = at + 16;
-                }
-                while i < w && w >= 8 {
-                    let at = i.min(w - 8);
-                    vst1_u8(dst.as_mut_ptr().add(at), veor_u8(vld1_u8(row.as_ptr().add(at)), vget_low_u8(flip)));
-                    i = at + 8;
-                }
-                // Rows of fewer than 8 (7x7 layers): 8 bytes read where the
-                // input goes on that far, the ones past the row replaced by
-                // the padding's value; the row has room for them
-                // (`layout`), and they land on padding or slack.
-                let src_end = (c * h * w) + (y + 1) * w;
-                if i < w && src_end + 8 - w <= x.len() {
+            // The rows by pointer, `w` apart in the input and `row_len` in
+            // the plane (its rows have room for 8 bytes: `layout`).
+            let first_at = op.pad[0] * row_len + op.pad[1];
+            assert!(first_at + (h - 1) * row_len + w.max(8) <= plane.len());
+            let (s0, d0) = (src.as_ptr(), plane.as_mut_ptr().add(first_at));
+            let f8 = vget_low_u8(flip);
+            for y in 0..h {
+                let (s, d) = (s0.add(y * w), d0.add(y * row_len));
+                if w >= 16 {
+                    // By 16, the last 16 overlapping what is done.
+                    let mut i = 0;
+                    while i + 16 < w {
+                        vst1q_u8(d.add(i), veorq_u8(vld1q_u8(s.add(i)), flip));
+                        i += 16;
+                    }
+                    vst1q_u8(d.add(w - 16), veorq_u8(vld1q_u8(s.add(w - 16)), flip));
+                } else if w >= 8 {
+                    vst1_u8(d, veor_u8(vld1_u8(s), f8));
+                    vst1_u8(d.add(w - 8), veor_u8(vld1_u8(s.add(w - 8)), f8));
+                } else if c * h * w + y * w + 8 <= x.len() {
+                    // Rows of fewer than 8 (7x7 layers): 8 bytes read where
+                    // the input goes on that far (from `x`, checked here),
+                    // the ones past the row replaced by the padding's value;
+                    // they land on padding or slack.
                     let keep = vcgt_u8(vdup_n_u8(w as u8), vcreate_u8(0x0706_0504_0302_0100));
-                    // From `x`, not `row`: the read goes past the row (checked above).
-                    let b = veor_u8(vld1_u8(x.as_ptr().add(src_end - w)), vget_low_u8(flip));
-                    let b = vbsl_u8(keep, b, vdup_n_u8(iw.zero ^ 0x80));
-                    vst1_u8(plane.as_mut_ptr().add(start), b);
-                    i = w;
-                }
-                let dst = &mut plane[start..][..w];
-                for (d, &s) in dst[i..].iter_mut().zip(&row[i..]) {
-                    *d = s ^ 0x80;
+                    let b = veor_u8(vld1_u8(x.as_ptr().add(c * h * w + y * w)), f8);
+                    vst1_u8(d, vbsl_u8(keep, b, vdup_n_u8(iw.zero ^ 0x80)));
+                } else {
+                    for i in 0..w {
+                        *d.add(i) = *s.add(i) ^ 0x80;
+                    }
                 }
             }
             let q = iw.weights(c);
