@@ -321,73 +321,52 @@ pub(super) mod neon {
         })
     }
 
-    /// Copies one input row of indices into the planes as `n - zero`:
-    /// columns `col` of the padded row to phase `col % sw` at `col / sw`.
+    /// Copies one input row of indices into the planes of a stride of 2 as
+    /// `n - zero`: column `col` of the padded row to phase `col % 2` at
+    /// `col / 2`; `at` holds where source columns 0 and 1 go (their phases
+    /// differ). A stride of 1 copies rows in [`channels`].
     #[inline(always)]
-    unsafe fn fill_row(src: &[u8], planes: &mut [i16], at: [usize; 2], sw: usize, zero: u8) {
+    unsafe fn fill_row_s2(src: &[u8], planes: &mut [i16], at: [usize; 2], zero: u8) {
         let z = vdup_n_u8(zero);
         let zq = vdupq_n_u8(zero);
         let w = src.len();
-        if sw == 1 {
-            let dst = &mut planes[at[0]..][..w];
-            let mut i = 0;
-            while i + 16 <= w {
-                let b = vld1q_u8(src.as_ptr().add(i));
-                vst1q_s16(dst.as_mut_ptr().add(i), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(b), z)));
-                vst1q_s16(dst.as_mut_ptr().add(i + 8), vreinterpretq_s16_u16(vsubl_high_u8(b, zq)));
-                i += 16;
+        let (evens, odds) = (w.div_ceil(2), w / 2);
+        assert!(at[0] + evens <= planes.len() && at[1] + odds <= planes.len());
+        let (d0, d1) = (planes.as_mut_ptr().add(at[0]), planes.as_mut_ptr().add(at[1]));
+        let mut i = 0;
+        while i + 32 <= w {
+            let b = vld2q_u8(src.as_ptr().add(i));
+            let (e, o) = (b.0, b.1);
+            vst1q_s16(d0.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(e), z)));
+            vst1q_s16(d0.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(e, zq)));
+            vst1q_s16(d1.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(o), z)));
+            vst1q_s16(d1.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(o, zq)));
+            i += 32;
+        }
+        // By 16 (8 pairs), the last 16 overlapping, from an even column
+        // so that the phases stay: then one by one.
+        let sixteen = |at: usize| {
+            let b = vld2_u8(src.as_ptr().add(at));
+            vst1q_s16(d0.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.0, z)));
+            vst1q_s16(d1.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.1, z)));
+        };
+        if i + 16 <= w {
+            sixteen(i);
+            i += 16;
+        }
+        if i < w && w >= 16 {
+            let at = (w - 16) & !1;
+            sixteen(at);
+            i = i.max(at + 16);
+        }
+        while i < w {
+            let v = src[i] as i16 - zero as i16;
+            if i % 2 == 0 {
+                *d0.add(i / 2) = v;
+            } else {
+                *d1.add(i / 2) = v;
             }
-            // The rest by 8, the last 8 overlapping what is done (the same
-            // values again): one-by-one tails cost more than the rows.
-            while i < w && w >= 8 {
-                let at = i.min(w - 8);
-                let b = vld1_u8(src.as_ptr().add(at));
-                vst1q_s16(dst.as_mut_ptr().add(at), vreinterpretq_s16_u16(vsubl_u8(b, z)));
-                i = at + 8;
-            }
-            for (d, &s) in dst[i..].iter_mut().zip(&src[i..]) {
-                *d = s as i16 - zero as i16;
-            }
-        } else {
-            // `at` holds where source columns 0 and 1 go (their phases differ).
-            let (evens, odds) = (w.div_ceil(2), w / 2);
-            assert!(at[0] + evens <= planes.len() && at[1] + odds <= planes.len());
-            let (d0, d1) = (planes.as_mut_ptr().add(at[0]), planes.as_mut_ptr().add(at[1]));
-            let mut i = 0;
-            while i + 32 <= w {
-                let b = vld2q_u8(src.as_ptr().add(i));
-                let (e, o) = (b.0, b.1);
-                vst1q_s16(d0.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(e), z)));
-                vst1q_s16(d0.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(e, zq)));
-                vst1q_s16(d1.add(i / 2), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(o), z)));
-                vst1q_s16(d1.add(i / 2 + 8), vreinterpretq_s16_u16(vsubl_high_u8(o, zq)));
-                i += 32;
-            }
-            // By 16 (8 pairs), the last 16 overlapping, from an even column
-            // so that the phases stay: then one by one.
-            let sixteen = |at: usize| {
-                let b = vld2_u8(src.as_ptr().add(at));
-                vst1q_s16(d0.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.0, z)));
-                vst1q_s16(d1.add(at / 2), vreinterpretq_s16_u16(vsubl_u8(b.1, z)));
-            };
-            if i + 16 <= w {
-                sixteen(i);
-                i += 16;
-            }
-            if i < w && w >= 16 {
-                let at = (w - 16) & !1;
-                sixteen(at);
-                i = i.max(at + 16);
-            }
-            while i < w {
-                let v = src[i] as i16 - zero as i16;
-                if i % 2 == 0 {
-                    *d0.add(i / 2) = v;
-                } else {
-                    *d1.add(i / 2) = v;
-                }
-                i += 1;
-            }
+            i += 1;
         }
     }
 
@@ -415,12 +394,56 @@ pub(super) mod neon {
         // goes to phase `(pad + j) % sw`, at `(pad + j) / sw`.
         let col_at = |j: usize| ((op.pad[1] + j) % sw) * phase + (op.pad[1] + j) / sw;
         let cols = [col_at(0), col_at(1.min(w - 1))];
+        // Rows of fewer than 8 are copied as 8 values (the rest masked to the
+        // padding's 0) where a plane row has room for them.
+        let short8 = w < 8 && cols[0] + 8 <= row_len;
+        let (z, zq) = (vdup_n_u8(iw.zero), vdupq_n_u8(iw.zero));
+        let lane = vld1q_u16([0u16, 1, 2, 3, 4, 5, 6, 7].as_ptr());
+        let keep = vreinterpretq_s16_u16(vcltq_u16(lane, vdupq_n_u16(w.min(8) as u16)));
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
             let c = first + ix;
             let src = &x[c * h * w..][..h * w];
-            for (y, row) in src.chunks_exact(w).enumerate() {
-                let base = (y + op.pad[0]) * row_len;
-                fill_row(row, planes, cols.map(|c| base + c), sw, iw.zero);
+            if sw == 1 {
+                // The rows by pointer, `w` apart in the input and `row_len`
+                // in the planes, checked once per channel.
+                let first_at = op.pad[0] * row_len + cols[0];
+                assert!(first_at + (h - 1) * row_len + if short8 { 8 } else { w } <= planes.len());
+                let (s0, d0) = (src.as_ptr(), planes.as_mut_ptr().add(first_at));
+                let eight = |d: *mut i16, s: *const u8| vst1q_s16(d, vreinterpretq_s16_u16(vsubl_u8(vld1_u8(s), z)));
+                for y in 0..h {
+                    let (s, d) = (s0.add(y * w), d0.add(y * row_len));
+                    if w >= 16 {
+                        // By 16, the last 16 overlapping what is done.
+                        let sixteen = |i: usize| {
+                            let b = vld1q_u8(s.add(i));
+                            vst1q_s16(d.add(i), vreinterpretq_s16_u16(vsubl_u8(vget_low_u8(b), z)));
+                            vst1q_s16(d.add(i + 8), vreinterpretq_s16_u16(vsubl_high_u8(b, zq)));
+                        };
+                        let mut i = 0;
+                        while i + 16 < w {
+                            sixteen(i);
+                            i += 16;
+                        }
+                        sixteen(w - 16);
+                    } else if w >= 8 {
+                        eight(d, s);
+                        eight(d.add(w - 8), s.add(w - 8));
+                    } else if short8 && c * h * w + y * w + 8 <= x.len() {
+                        // 8 bytes read where the input goes on that far
+                        // (from `x`, checked here).
+                        let v = vsubl_u8(vld1_u8(x.as_ptr().add(c * h * w + y * w)), z);
+                        vst1q_s16(d, vandq_s16(vreinterpretq_s16_u16(v), keep));
+                    } else {
+                        for i in 0..w {
+                            *d.add(i) = *s.add(i) as i16 - iw.zero as i16;
+                        }
+                    }
+                }
+            } else {
+                for (y, row) in src.chunks_exact(w).enumerate() {
+                    let base = (y + op.pad[0]) * row_len;
+                    fill_row_s2(row, planes, cols.map(|c| base + c), iw.zero);
+                }
             }
             let q = iw.weights(c);
             let k: [int16x8_t; TAPS] = std::array::from_fn(|t| vdupq_n_s16(q[t]));
