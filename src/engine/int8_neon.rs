@@ -116,6 +116,14 @@ unsafe fn row_bytes(src: &[f32], valid: usize, consts: &GridRegs) -> uint8x16_t 
     bytes16(ptr, consts)
 }
 
+/// The 8 values at `ptr` as their indices on the op's input grid, one byte each.
+#[inline(always)]
+unsafe fn bytes8(ptr: *const f32, consts: &GridRegs) -> uint8x8_t {
+    let GridRegs { inv, lo, hi, base } = *consts;
+    let n: [uint32x4_t; 2] = std::array::from_fn(|i| indices(vld1q_f32(ptr.add(4 * i)), inv, lo, hi, base));
+    vmovn_u16(vcombine_u16(vmovn_u32(n[0]), vmovn_u32(n[1])))
+}
+
 /// The 16 values at `ptr` as their indices on the op's input grid, one byte each.
 #[inline(always)]
 unsafe fn bytes16(ptr: *const f32, consts: &GridRegs) -> uint8x16_t {
@@ -240,20 +248,24 @@ pub(super) fn fill_planes(op: &Int8Conv, g: &Im2col, x: &[f32], bytes: &mut Vec<
     let grid = GridRegs::new(op);
     for (plane, channel) in bytes.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
         for (row, line) in plane[pt * wp..].chunks_exact_mut(wp).zip(channel.chunks_exact(w)) {
-            let dst = &mut row[pl..pl + w];
-            for at in (0..w).step_by(16) {
-                let valid = (w - at).min(16);
-                // SAFETY: NEON is the aarch64 baseline; `row_bytes` reads
-                // `valid` values of `line`, 16 bytes go to a local.
-                unsafe {
-                    let b = row_bytes(&line[at..], valid, &grid);
-                    if valid == 16 {
-                        vst1q_u8(dst.as_mut_ptr().add(at), b);
-                    } else {
-                        let mut all = [0u8; 16];
-                        vst1q_u8(all.as_mut_ptr(), b);
-                        dst[at..].copy_from_slice(&all[..valid]);
+            let (dst, src) = (row[pl..pl + w].as_mut_ptr(), line.as_ptr());
+            // SAFETY: NEON is the aarch64 baseline; every read and write is
+            // inside the row's `w` values (checked slices above): by 16, the
+            // last 16 overlapping what is done (the same bytes again), by 8
+            // likewise, and rows of fewer than 8 through `row_bytes`.
+            unsafe {
+                if w >= 16 {
+                    let mut at = 0;
+                    while at + 16 < w {
+                        vst1q_u8(dst.add(at), bytes16(src.add(at), &grid));
+                        at += 16;
                     }
+                    vst1q_u8(dst.add(w - 16), bytes16(src.add(w - 16), &grid));
+                } else if w >= 8 {
+                    vst1_u8(dst, bytes8(src, &grid));
+                    vst1_u8(dst.add(w - 8), bytes8(src.add(w - 8), &grid));
+                } else {
+                    store_first_u8(vget_low_u8(row_bytes(line, w, &grid)), dst, w);
                 }
             }
         }
