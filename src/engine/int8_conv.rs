@@ -2285,6 +2285,31 @@ mod tests {
     }
 
     #[test]
+    fn indices_on_a_grid_of_fewer_levels_are_clamped_alike_on_every_isa() {
+        // A byte grid of 101 levels from -20: the top index (100) and the low
+        // end are the ARM blocks' integer clamp, which a full grid only
+        // meets at 255.
+        let grid = QuantDequant::new(0.05, -20.0, 80.0);
+        let (mut bottom, mut top) = (false, false);
+        for case in cases().into_iter().filter(|c| c.qdq) {
+            let (op, input) = operator(&case);
+            let x = input.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let n = op.out_channels * op.pixels;
+            let narrow = Int8Conv { out_u8: true, epi: Epilogue { qdq: Some(grid), ..op.epi }, ..op.clone() };
+            let mut want = vec![0u8; n];
+            narrow.with_isa(Isa::Scalar).eval_with(&x, &mut want).unwrap();
+            assert!(want.iter().all(|&i| i <= 100));
+            (bottom, top) = (bottom || want.contains(&0), top || want.contains(&100));
+            for isa in Isa::available() {
+                let mut got = vec![7u8; n];
+                narrow.with_isa(isa).eval_with(&x, &mut got).unwrap();
+                assert_eq!(got, want, "k {} o {} hw {:?} {isa}", case.k, case.o, case.hw);
+            }
+        }
+        assert!(bottom && top, "the cases reach both ends of the grid");
+    }
+
+    #[test]
     fn a_depthwise_convolution_reads_and_writes_indices_with_the_same_results() {
         if !super::super::depthwise::cpu_supported() {
             eprintln!("skipped: our depthwise operator does not run on this CPU");
