@@ -887,14 +887,16 @@ def structured_images(n, seed, size=224):
 
 
 def _np_conv(x, w, stride, group):
-    """Reference conv (no bias) for the three conv kinds used in MobileNetV2."""
+    """Reference conv (no bias, padded by k // 2) for the conv kinds of the MobileNets:
+    1x1, full kxk, depthwise kxk."""
     o, ci, kh, kw = w.shape
     if kh == 1:
         xs = x[:, :, ::stride, ::stride]
         return np.einsum("oc,bchw->bohw", w[:, :, 0, 0], xs, optimize=True)
     B, C, H, W = x.shape
-    Ho, Wo = (H + 2 - kh) // stride + 1, (W + 2 - kw) // stride + 1
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    p = kh // 2
+    Ho, Wo = (H + 2 * p - kh) // stride + 1, (W + 2 * p - kw) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
     if group == C and ci == 1:  # depthwise
         y = np.zeros((B, C, Ho, Wo), np.float32)
         for ky in range(kh):
@@ -903,20 +905,15 @@ def _np_conv(x, w, stride, group):
                     xp[:, :, ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]
         return y
     patches = np.stack([xp[:, :, ky:ky + stride * Ho:stride, kx:kx + stride * Wo:stride]
-                        for ky in range(kh) for kx in range(kw)], axis=2)  # B,C,9,Ho,Wo
+                        for ky in range(kh) for kx in range(kw)], axis=2)  # B,C,k*k,Ho,Wo
     return np.einsum("ock,bckhw->bohw", w.reshape(o, ci, kh * kw), patches, optimize=True)
 
 
-def build_mobilenetv2_f32():
-    """Builds models/mobilenetv2_f32.onnx. Conv weights: seeded He-normal; then, like a
-    batch-norm folded into the conv, each output channel is rescaled/shifted so that its
-    pre-activation has zero mean / unit std over 4 seeded 'structured' images, plus a small
-    random shift (beta ~ N(0, 0.1)). Projection (linear) convs of residual blocks use gamma 0.5."""
-    log("[mobilenetv2_f32]")
-    rng = np.random.default_rng(20240601)
-    xb = structured_images(4, seed=11)
-    g = Graph("mobilenetv2")
-    state = {"x": xb, "name": "input"}
+def bn_folded_conv(g, rng, state):
+    """A conv adder for `g`: seeded He-normal weights, then, like a batch-norm folded into
+    the conv, each output channel rescaled/shifted so that its pre-activation has zero
+    mean / `gamma` std over the images in state["x"] (run through the net so far), plus a
+    small random shift (beta ~ N(0, 0.1)); ReLU6 after it with `act`. Advances `state`."""
 
     def conv_bn(cin, cout, k, stride, group, act, name, gamma=1.0):
         fan_in = (cin // group) * k * k
@@ -934,6 +931,21 @@ def build_mobilenetv2_f32():
             y = np.clip(y, 0, 6)
             out = g.clip6(out, name=f"{name}_relu6")
         state["x"], state["name"] = y, out
+
+    return conv_bn
+
+
+def build_mobilenetv2_f32():
+    """Builds models/mobilenetv2_f32.onnx. Conv weights: seeded He-normal; then, like a
+    batch-norm folded into the conv, each output channel is rescaled/shifted so that its
+    pre-activation has zero mean / unit std over 4 seeded 'structured' images, plus a small
+    random shift (beta ~ N(0, 0.1)). Projection (linear) convs of residual blocks use gamma 0.5."""
+    log("[mobilenetv2_f32]")
+    rng = np.random.default_rng(20240601)
+    xb = structured_images(4, seed=11)
+    g = Graph("mobilenetv2")
+    state = {"x": xb, "name": "input"}
+    conv_bn = bn_folded_conv(g, rng, state)
 
     conv_bn(3, 32, 3, 2, 1, True, "stem_conv")
     cin = 32
@@ -1007,6 +1019,63 @@ def build_mobilenetv2():
 # main
 # --------------------------------------------------------------------------------------
 
+DW5_CFG = [  # kernel k, expansion t, output channels c, stride s: MobileNetV3-style 5x5 stages
+    (3, 1, 16, 1), (5, 4, 24, 2), (5, 3, 24, 1), (5, 3, 40, 2),
+    (5, 3, 40, 1), (3, 4, 48, 2), (5, 6, 48, 1),
+]
+
+
+def build_dw5x5():
+    """Builds models/dw5x5_cnn_{f32,int8}.onnx: a small MobileNetV3-style network (ReLU6, no
+    squeeze-excite) whose depthwise convolutions are mostly 5x5, of stride 1 and 2, at 128x128,
+    with 10 untrained outputs. It exists to test and measure 5x5 depthwise kernels."""
+    log("[dw5x5_cnn]")
+    rng = np.random.default_rng(20261207)
+    size = 128
+    xb = structured_images(4, seed=21, size=size)
+    g = Graph("dw5x5_cnn")
+    state = {"x": xb, "name": "input"}
+    conv_bn = bn_folded_conv(g, rng, state)
+    conv_bn(3, 16, 3, 2, 1, True, "stem_conv")
+    cin = 16
+    for bi, (k, t, c, s) in enumerate(DW5_CFG):
+        inp_x, inp_name = state["x"], state["name"]
+        hidden = cin * t
+        pre = f"block{bi}"
+        if t != 1:
+            conv_bn(cin, hidden, 1, 1, 1, True, f"{pre}_expand")
+        conv_bn(hidden, hidden, k, s, hidden, True, f"{pre}_dw")
+        residual = s == 1 and cin == c
+        conv_bn(hidden, c, 1, 1, 1, False, f"{pre}_project", gamma=0.5 if residual else 1.0)
+        if residual:
+            state["x"] = state["x"] + inp_x
+            state["name"] = g.node("Add", [inp_name, state["name"]], name=f"{pre}_add")
+        cin = c
+    conv_bn(cin, 256, 1, 1, 1, True, "head_conv")
+    x = g.node("GlobalAveragePool", [state["name"]], name="gap")
+    x = g.node("Flatten", [x], name="flatten", axis=1)
+    fw = he(rng, (10, 256), 256, gain=1.0) * 2.0
+    fb = rng.normal(0, 0.01, 10).astype(np.float32)
+    g.gemm(x, fw, fb, name="classifier", out="logits")
+    m = g.model([vi("input", TensorProto.FLOAT, [1, 3, size, size])], [vi("logits", TensorProto.FLOAT, [1, 10])])
+    p = HERE / "dw5x5_cnn_f32.onnx"
+    save_model(m, p)
+    q = HERE / "dw5x5_cnn_int8.onnx"
+    qstatic(p, q, "input", [c[None] for c in structured_images(16, seed=22, size=size)], QuantFormat.QDQ)
+    # reference input: of 16 seeded candidates, the one whose int8 top-1 wins by the largest margin
+    s_q = session(q)
+    cands = structured_images(16, seed=23, size=size)
+    margins = [np.diff(np.sort(run(s_q, [im[None]])[0].ravel())[-2:])[0] for im in cands]
+    ci = int(np.argmax(margins))
+    x0 = cands[ci][None]
+    record(p.stem, **model_info(p))
+    record(q.stem, **model_info(q))
+    extra = {"input_description": f"structured_images(16, seed=23, size=128)[{ci}]: smooth synthetic "
+                                  "pattern, values in [0,1), no normalisation"}
+    save_ref(p.stem, p, [x0], top1_output="logits", extra=extra)
+    save_ref(q.stem, q, [x0], quantized=True, top1_output="logits", extra=extra)
+
+
 BUILDERS = collections.OrderedDict([
     ("digits", lambda: build_digits()),
     ("vibration", lambda: build_vibration()),
@@ -1014,6 +1083,7 @@ BUILDERS = collections.OrderedDict([
     ("breast_cancer_mlp", lambda: build_breast_cancer_mlp()),
     ("mobilenetv2", lambda: build_mobilenetv2()),
     ("mobilenetv2_f32", lambda: build_mobilenetv2_f32()),
+    ("dw5x5_cnn", lambda: build_dw5x5()),
     ("multi_io", lambda: build_multi_io()),
     ("unsupported_op", lambda: build_unsupported()),
     ("tree_binary_repro", lambda: build_tree_binary_repro()),

@@ -306,7 +306,7 @@ fn print_loaded(model: &Model, report: &Report, out: &mut dyn Write) -> std::io:
     let count = |op: &str| info.optimized_ops.get(op).copied().unwrap_or(0);
     let (ours, tracts) = (count(engine::DEPTHWISE_OP), count(engine::TRACT_DEPTHWISE_OP));
     if ours + tracts > 0 {
-        writeln!(out, "depthwise    {ours} convolutions on edgeinfer's 3x3 kernel, {tracts} on tract's")?;
+        writeln!(out, "depthwise    {ours} convolutions on edgeinfer's kernels (3x3, 5x5), {tracts} on tract's")?;
     }
     let int8_convs = count(engine::INT8_CONV_OP);
     if int8_convs > 0 {

@@ -1,4 +1,4 @@
-//! A 3x3 depthwise convolution of our own, `EdgeinferDepthwise`, for the
+//! A 3x3 or 5x5 depthwise convolution of our own, `EdgeinferDepthwise`, for the
 //! channels-first, batch-of-one form MobileNet-style networks export to ONNX,
 //! with the element-wise operations that follow it (a ReLU6 clip, an int8
 //! activation's quantize/dequantize pair) run in the same loop.
@@ -42,22 +42,28 @@ use int::IntDw;
 /// The op name tract's plan (and `inspect`'s operator counts) show.
 pub const OP_NAME: &str = "EdgeinferDepthwise";
 
-/// Kernel side: the only size the shipped networks (and MobileNet V1-V3) use.
-const K: usize = 3;
+/// The largest kernel side: MobileNet V1-V2 use 3x3, V3 and EfficientNet
+/// 5x5 too. The loops take the side as a constant, with arrays of this size.
+const KMAX: usize = 5;
+
+/// Kernel sides this operator computes.
+const SIDES: [usize; 2] = [3, 5];
 
 /// Output values computed together: one AVX register.
 const LANES: usize = 8;
 
-/// A 3x3 depthwise convolution over one `[1, C, H, W]` or `[C, H, W]` f32
-/// tensor, then `clamp(lo, hi)`, then optionally a quantize/dequantize pair.
+/// A 3x3 or 5x5 depthwise convolution over one `[1, C, H, W]` or `[C, H, W]`
+/// f32 tensor, then `clamp(lo, hi)`, then optionally a quantize/dequantize pair.
 #[derive(Debug, Clone)]
 pub struct Depthwise {
     channels: usize,
+    /// Kernel side: one of [`SIDES`].
+    k: usize,
     in_hw: [usize; 2],
     strides: [usize; 2],
     /// Zero padding: top, left, bottom, right.
     pad: [usize; 4],
-    /// `C x 9` weights, row-major per channel.
+    /// `C x k x k` weights, row-major per channel.
     weights: Arc<[f32]>,
     /// One bias per channel.
     bias: Arc<[f32]>,
@@ -118,6 +124,7 @@ impl Source for u8 {
 impl PartialEq for Depthwise {
     fn eq(&self, other: &Self) -> bool {
         self.channels == other.channels
+            && self.k == other.k
             && self.in_hw == other.in_hw
             && self.strides == other.strides
             && self.pad == other.pad
@@ -147,7 +154,7 @@ impl Depthwise {
         // On ARM the integer loops measured far cheaper than the float ones
         // (docs/int8-kernels.md); on x86-64 the float loops stay.
         let int = if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
-            IntDw::new(&self.weights, &self.bias, &self.epi, grid)
+            IntDw::new(self.k, &self.weights, &self.bias, &self.epi, grid)
         } else {
             None
         };
@@ -173,7 +180,7 @@ impl Depthwise {
         let hp = self.in_hw[0] + self.pad[0] + self.pad[2];
         let wp = self.in_hw[1] + self.pad[1] + self.pad[3];
         let wo_blocks = self.out_hw()[1].next_multiple_of(LANES);
-        let row = wp.div_ceil(self.strides[1]).max((K - 1) / self.strides[1] + wo_blocks);
+        let row = wp.div_ceil(self.strides[1]).max((self.k - 1) / self.strides[1] + wo_blocks);
         (hp, row, wo_blocks)
     }
 
@@ -187,7 +194,7 @@ impl Depthwise {
     /// Runs channels `first..first + out.len() / plane` of `x` into `out`,
     /// through `planes` ([`Self::planes_len`] zeros).
     #[inline(always)]
-    fn run_channels<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    fn run_channels<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const K: usize>(
         &self,
         x: &[T],
         out: &mut [U],
@@ -206,7 +213,7 @@ impl Depthwise {
         // positions, so the padding stays zero. The blocks past the last
         // output of a row read whatever follows (the next row, or the slack)
         // into values that are never stored.
-        let taps_at: [usize; K] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
+        let taps_at: [usize; KMAX] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
         let mut last = [U::default(); LANES];
         for (ix, out) in out.chunks_exact_mut(ho * wo).enumerate() {
             let c = first + ix;
@@ -238,31 +245,35 @@ impl Depthwise {
                     }
                 }
             }
-            let k: [f32; K * K] = self.weights[c * K * K..][..K * K].try_into().expect("9 weights per channel");
+            let k = &self.weights[c * K * K..][..K * K];
             let bias = self.bias[c];
             // Two output rows at a time: with a vertical stride of `SH` they
             // read `SH + K` input rows, not `2 * K`, and share the weights.
             for (pair, out_rows) in out.chunks_mut(2 * wo).enumerate() {
                 let first_row = 2 * pair * SH;
-                let rows: [[&[f32]; K]; K + 2] = std::array::from_fn(|i| {
-                    let i = if first_row + i < hp { i } else { 0 };
-                    std::array::from_fn(|dx| &planes[(first_row + i) * row_len + taps_at[dx]..][..wo_blocks])
+                // Only the first `K + SH` rows and `K` taps are read.
+                let rows: [[&[f32]; KMAX]; KMAX + 2] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp && i < K + SH { i } else { 0 };
+                    std::array::from_fn(|dx| match dx < K {
+                        true => &planes[(first_row + i) * row_len + taps_at[dx]..][..wo_blocks],
+                        false => &[],
+                    })
                 });
                 let (row0, row1) = out_rows.split_at_mut(wo);
                 let mut col = 0;
                 while col + LANES <= wo {
                     let out0: &mut [U; LANES] = (&mut row0[col..col + LANES]).try_into().expect("a full block");
                     if row1.is_empty() {
-                        block::<U, CLAMP, QDQ, SH, false>(&rows, &k, bias, epi, col, out0, &mut last);
+                        block::<U, CLAMP, QDQ, SH, false, K>(&rows, k, bias, epi, col, out0, &mut last);
                     } else {
                         let out1: &mut [U; LANES] = (&mut row1[col..col + LANES]).try_into().expect("a full block");
-                        block::<U, CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, out0, out1);
+                        block::<U, CLAMP, QDQ, SH, true, K>(&rows, k, bias, epi, col, out0, out1);
                     }
                     col += LANES;
                 }
                 if col < wo {
                     let mut last0 = [U::default(); LANES];
-                    block::<U, CLAMP, QDQ, SH, true>(&rows, &k, bias, epi, col, &mut last0, &mut last);
+                    block::<U, CLAMP, QDQ, SH, true, K>(&rows, k, bias, epi, col, &mut last0, &mut last);
                     row0[col..].copy_from_slice(&last0[..wo - col]);
                     if !row1.is_empty() {
                         row1[col..].copy_from_slice(&last[..wo - col]);
@@ -275,7 +286,7 @@ impl Depthwise {
     /// Every channel of `x` into `out`, split between threads by channels.
     fn run_all<T: Source, U: Sink>(&self, x: &[T], out: &mut [U]) -> TractResult<()> {
         let [ho, wo] = self.out_hw();
-        let work = out.len() * K * K;
+        let work = out.len() * self.k * self.k;
         // One plane per channel.
         tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
             self.run(x, chunk, first);
@@ -294,27 +305,41 @@ impl Depthwise {
             planes.resize(self.planes_len(), 0.0);
             let p = planes.as_mut_slice();
             match (self.epi.clamps(), self.epi.qdq.is_some(), self.strides[0] == 2) {
-                (true, false, false) => run_fast::<T, U, true, false, 1>(self, x, out, first, p),
-                (true, false, true) => run_fast::<T, U, true, false, 2>(self, x, out, first, p),
-                (false, true, false) => run_fast::<T, U, false, true, 1>(self, x, out, first, p),
-                (false, true, true) => run_fast::<T, U, false, true, 2>(self, x, out, first, p),
-                (true, true, false) => run_fast::<T, U, true, true, 1>(self, x, out, first, p),
-                (true, true, true) => run_fast::<T, U, true, true, 2>(self, x, out, first, p),
-                (false, false, false) => run_fast::<T, U, false, false, 1>(self, x, out, first, p),
-                (false, false, true) => run_fast::<T, U, false, false, 2>(self, x, out, first, p),
+                (true, false, false) => self.run_side::<T, U, true, false, 1>(x, out, first, p),
+                (true, false, true) => self.run_side::<T, U, true, false, 2>(x, out, first, p),
+                (false, true, false) => self.run_side::<T, U, false, true, 1>(x, out, first, p),
+                (false, true, true) => self.run_side::<T, U, false, true, 2>(x, out, first, p),
+                (true, true, false) => self.run_side::<T, U, true, true, 1>(x, out, first, p),
+                (true, true, true) => self.run_side::<T, U, true, true, 2>(x, out, first, p),
+                (false, false, false) => self.run_side::<T, U, false, false, 1>(x, out, first, p),
+                (false, false, true) => self.run_side::<T, U, false, false, 2>(x, out, first, p),
             }
         })
+    }
+
+    /// [`run_fast`] with the kernel side as a constant.
+    fn run_side<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        &self,
+        x: &[T],
+        out: &mut [U],
+        first: usize,
+        planes: &mut [f32],
+    ) {
+        match self.k {
+            3 => run_fast::<T, U, CLAMP, QDQ, SH, 3>(self, x, out, first, planes),
+            _ => run_fast::<T, U, CLAMP, QDQ, SH, 5>(self, x, out, first, planes),
+        }
     }
 }
 
 /// `LANES` outputs from column `col` on, of one output row (`rows[..K]`) or, with
 /// `TWO`, of the next one too (`rows[SH..SH + K]`): each the bias plus
-/// nine fused multiply-adds in row-major tap order, then the epilogue.
+/// `K * K` fused multiply-adds in row-major tap order, then the epilogue.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool>(
-    rows: &[[&[f32]; K]; K + 2],
-    k: &[f32; K * K],
+fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO: bool, const K: usize>(
+    rows: &[[&[f32]; KMAX]; KMAX + 2],
+    k: &[f32],
     bias: f32,
     epi: Applied,
     col: usize,
@@ -325,7 +350,7 @@ fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO
     let mut acc1 = [bias; LANES];
     let used = if TWO { SH + K } else { K };
     for (i, row) in rows.iter().enumerate().take(used) {
-        for (dx, taps) in row.iter().enumerate() {
+        for (dx, taps) in row.iter().enumerate().take(K) {
             let src: &[f32; LANES] = taps[col..col + LANES].try_into().expect("taps cover whole blocks");
             if i < K {
                 let w = k[i * K + dx];
@@ -355,7 +380,7 @@ fn block<U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const TWO
 /// (on aarch64 vectorised for its baseline NEON; unused elsewhere:
 /// `cpu_supported` keeps the op out of graphs, but the crate builds on every
 /// target).
-fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const K: usize>(
     op: &Depthwise,
     x: &[T],
     out: &mut [U],
@@ -365,20 +390,20 @@ fn run_fast<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: us
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        fn run_avx2_fma<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+        fn run_avx2_fma<T: Source, U: Sink, const CLAMP: bool, const QDQ: bool, const SH: usize, const K: usize>(
             op: &Depthwise,
             x: &[T],
             out: &mut [U],
             first: usize,
             planes: &mut [f32],
         ) {
-            op.run_channels::<T, U, CLAMP, QDQ, SH>(x, out, first, planes)
+            op.run_channels::<T, U, CLAMP, QDQ, SH, K>(x, out, first, planes)
         }
         // SAFETY: the op is only put in a graph when the CPU has AVX2 and FMA (`cpu_supported`).
-        unsafe { run_avx2_fma::<T, U, CLAMP, QDQ, SH>(op, x, out, first, planes) }
+        unsafe { run_avx2_fma::<T, U, CLAMP, QDQ, SH, K>(op, x, out, first, planes) }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    op.run_channels::<T, U, CLAMP, QDQ, SH>(x, out, first, planes)
+    op.run_channels::<T, U, CLAMP, QDQ, SH, K>(x, out, first, planes)
 }
 
 /// CPUs this operator is used on: x86-64 with AVX2 and FMA (checked at run
@@ -416,8 +441,9 @@ impl Op for Depthwise {
         let input =
             self.input_u8.map(|g| format!("input: indices (u8) on step {} range [{}, {}]", g.scale, g.lo, g.hi));
         let output = self.out_u8.then(|| "output: the pair's indices (u8)".to_string());
-        let sums = self.int.as_ref().map(|_| format!("sums: integer (int8 weights, {})", int::loops()));
-        let first = format!("3x3 stride {sh}x{sw} pad {:?}, {clip}", self.pad);
+        let sums = self.int.as_ref().map(|_| format!("sums: integer (int8 weights, {})", int::loops(self)));
+        let k = self.k;
+        let first = format!("{k}x{k} stride {sh}x{sw} pad {:?}, {clip}", self.pad);
         Ok([first].into_iter().chain(pair).chain(input).chain(output).chain(sums).collect())
     }
 
@@ -470,8 +496,8 @@ fn const_values(model: &TypedModel, outlet: OutletId, len: usize) -> Option<Vec<
     const_f32(model, outlet).map(|(_, v)| v).filter(|v| v.len() == len)
 }
 
-/// The operator for the `Conv` at `node`, if it is a 3x3 f32 depthwise
-/// convolution of one channels-first image this module computes.
+/// The operator for the `Conv` at `node`, if it is a 3x3 or 5x5 f32
+/// depthwise convolution of one channels-first image this module computes.
 fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
     let node = model.node(node);
     let conv = node.op_as::<Conv>()?;
@@ -479,7 +505,8 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
     let channels = spec.input_channels;
     let plain = conv.q_params.is_none() && conv.kernel_fmt == KernelFormat::OIHW && node.inputs.len() == 3;
     let depthwise = conv.group == channels && spec.output_channels == channels && channels > 0;
-    if !plain || !depthwise || spec.kernel_shape.as_slice() != [K, K] {
+    let k = spec.kernel_shape[0];
+    if !plain || !depthwise || spec.kernel_shape.as_slice() != [k, k] || !SIDES.contains(&k) {
         return None;
     }
     let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
@@ -504,26 +531,27 @@ fn for_conv(model: &TypedModel, node: usize) -> Option<Depthwise> {
         (DataFormat::NCHW, &[1, c, h, w]) | (DataFormat::CHW, &[c, h, w]) if c == channels => [h, w],
         _ => return None,
     };
-    if input.datum_type != DatumType::F32 || hw[0] + pad[0] + pad[2] < K || hw[1] + pad[1] + pad[3] < K {
+    if input.datum_type != DatumType::F32 || hw[0] + pad[0] + pad[2] < k || hw[1] + pad[1] + pad[3] < k {
         return None;
     }
-    let out_hw = [(hw[0] + pad[0] + pad[2] - K) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - K) / strides[1] + 1];
+    let out_hw = [(hw[0] + pad[0] + pad[2] - k) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - k) / strides[1] + 1];
     let output = &node.outputs[0].fact;
     let out_shape: TVec<usize> = output.shape.as_concrete()?.into();
     if output.datum_type != DatumType::F32 || out_shape[out_shape.len() - 2..] != out_hw {
         return None;
     }
-    // OIHW with one input channel per group: [C, 1, 3, 3].
-    if model.outlet_fact(node.inputs[1]).ok()?.shape.as_concrete()? != [channels, 1, K, K] {
+    // OIHW with one input channel per group: [C, 1, k, k].
+    if model.outlet_fact(node.inputs[1]).ok()?.shape.as_concrete()? != [channels, 1, k, k] {
         return None;
     }
-    let weights = const_values(model, node.inputs[1], channels * K * K)?;
+    let weights = const_values(model, node.inputs[1], channels * k * k)?;
     let bias = match const_values(model, node.inputs[2], channels) {
         Some(b) => b,
         None => vec![scalar_const(model, node.inputs[2])?; channels],
     };
     Some(Depthwise {
         channels,
+        k,
         in_hw: hw,
         strides,
         pad,
@@ -568,22 +596,23 @@ fn fold_epilogue(model: &TypedModel, conv: usize, op: &mut Depthwise) -> (Outlet
     (end, axes)
 }
 
-/// Replaces each 3x3 f32 depthwise `Conv` of a decluttered graph, and the
+/// Replaces each 3x3 or 5x5 f32 depthwise `Conv` of a decluttered graph, and the
 /// clip or quantize/dequantize pair after it, by [`Depthwise`]; runs before
 /// tract's code generation. Returns how many convolutions were replaced.
 pub fn use_for_depthwise_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !cpu_supported() {
         return Ok(0);
     }
-    // 32-bit ARM: only the convolutions whose input is a static pair's (a
-    // QDQ model's), which the integer loops take once their input is
+    // 32-bit ARM: only the 3x3 convolutions whose input is a static pair's
+    // (a QDQ model's), which the integer loops take once their input is
     // indices; this target's float loops have no NEON, and measured slower
     // than tract's (docs/int8-kernels.md).
     replace(model, true, cfg!(target_arch = "arm"))
 }
 
 /// The replacement, with or without folding what follows (the tests compare
-/// both), of every convolution or only those that read a quantize/dequantize pair.
+/// both), of every convolution or only the 3x3 ones that read a
+/// quantize/dequantize pair.
 fn replace(model: &mut TypedModel, fold: bool, only_after_pairs: bool) -> TractResult<usize> {
     let convs: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     let mut replaced = 0;
@@ -592,6 +621,10 @@ fn replace(model: &mut TypedModel, fold: bool, only_after_pairs: bool) -> TractR
             continue;
         }
         let Some(mut op) = for_conv(model, id) else { continue };
+        // 32-bit ARM's integer loops are 3x3 only; tract keeps the rest there.
+        if only_after_pairs && op.k != 3 {
+            continue;
+        }
         let (end, axes) = if fold { fold_epilogue(model, id, &mut op) } else { (OutletId::new(id, 0), vec![]) };
         let node = model.node(id);
         let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
@@ -644,6 +677,7 @@ pub(super) mod tests {
 
     struct Case {
         channels: usize,
+        k: usize,
         hw: [usize; 2],
         strides: [usize; 2],
         pad: [usize; 4],
@@ -652,20 +686,20 @@ pub(super) mod tests {
 
     /// A graph of one depthwise convolution and `then`, and an input for it.
     fn graph(case: &Case, then: &[Then]) -> (TypedModel, Tensor) {
-        let Case { channels: c, hw: [h, w], strides, pad, batch_axis } = *case;
+        let Case { channels: c, k, hw: [h, w], strides, pad, batch_axis } = *case;
         let mut shape: TVec<usize> = tvec![c, h, w];
         if batch_axis {
             shape.insert(0, 1);
         }
         let mut model = TypedModel::default();
         let mut wire = model.add_source("x", DatumType::F32.fact(&*shape)).unwrap();
-        let kernel = Tensor::from_shape(&[c, 1, K, K], &values(c * K * K, 7)).unwrap();
+        let kernel = Tensor::from_shape(&[c, 1, k, k], &values(c * k * k, 7)).unwrap();
         let bias = Tensor::from_shape(&[c], &values(c, 11)).unwrap();
         let kernel = model.add_const("kernel", kernel).unwrap();
         let bias = model.add_const("bias", bias).unwrap();
         let fmt = if batch_axis { DataFormat::NCHW } else { DataFormat::CHW };
         let padding = PaddingSpec::Explicit(tvec![pad[0], pad[1]], tvec![pad[2], pad[3]]);
-        let spec = PoolSpec::new(fmt, tvec![K, K], padding, None, Some(tvec![strides[0], strides[1]]), c, c);
+        let spec = PoolSpec::new(fmt, tvec![k, k], padding, None, Some(tvec![strides[0], strides[1]]), c, c);
         let conv = Conv::new(spec, KernelFormat::OIHW, c, None);
         wire = model.wire_node("conv", conv, &[wire, kernel, bias]).unwrap()[0];
         for (i, step) in then.iter().enumerate() {
@@ -715,15 +749,23 @@ pub(super) mod tests {
     }
 
     fn cases() -> Vec<Case> {
-        let case = |channels, hw, strides, pad, batch_axis| Case { channels, hw, strides, pad, batch_axis };
+        let case = |channels, k, hw, strides, pad, batch_axis| Case { channels, k, hw, strides, pad, batch_axis };
         vec![
-            case(5, [7, 9], [1, 1], [1, 1, 1, 1], true),
-            case(4, [8, 8], [2, 2], [1, 1, 1, 1], true),
-            case(3, [9, 11], [2, 2], [1, 1, 1, 1], false),
+            case(5, 3, [7, 9], [1, 1], [1, 1, 1, 1], true),
+            case(4, 3, [8, 8], [2, 2], [1, 1, 1, 1], true),
+            case(3, 3, [9, 11], [2, 2], [1, 1, 1, 1], false),
             // Wider than one block of LANES, asymmetric padding, mixed strides.
-            case(4, [6, 37], [1, 2], [0, 1, 1, 0], true),
-            case(2, [5, 40], [2, 1], [0, 0, 0, 0], false),
-            case(3, [3, 3], [1, 1], [0, 0, 0, 0], true),
+            case(4, 3, [6, 37], [1, 2], [0, 1, 1, 0], true),
+            case(2, 3, [5, 40], [2, 1], [0, 0, 0, 0], false),
+            case(3, 3, [3, 3], [1, 1], [0, 0, 0, 0], true),
+            // 5x5 (MobileNetV3, EfficientNet): "same" padding of 2, stride 2
+            // padded 1 and 2 (TF's SAME), unpadded, the smallest input.
+            case(5, 5, [7, 9], [1, 1], [2, 2, 2, 2], true),
+            case(4, 5, [14, 14], [2, 2], [1, 1, 2, 2], true),
+            case(3, 5, [9, 21], [2, 2], [2, 2, 2, 2], false),
+            case(4, 5, [6, 37], [1, 2], [0, 2, 1, 0], true),
+            case(2, 5, [5, 40], [2, 1], [0, 0, 0, 0], false),
+            case(3, 5, [5, 5], [1, 1], [0, 0, 0, 0], true),
         ]
     }
 
@@ -753,13 +795,14 @@ pub(super) mod tests {
             return;
         }
         // Large enough for tract's threading threshold (32768 values of work).
-        for strides in [[1, 1], [2, 2]] {
-            let case = Case { channels: 8, hw: [24, 40], strides, pad: [1, 1, 1, 1], batch_axis: true };
+        for (k, strides) in [(3, [1, 1]), (3, [2, 2]), (5, [1, 1]), (5, [2, 2])] {
+            let pad = [k / 2; 4];
+            let case = Case { channels: 8, k, hw: [24, 40], strides, pad, batch_axis: true };
             let (model, input) = graph(&case, &[Then::Max(0.0), Then::Min(6.0)]);
             let one = run_on_threads(model.clone(), &input, 1);
             let two = run_on_threads(model, &input, 2);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&one), bits(&two), "strides {strides:?}");
+            assert_eq!(bits(&one), bits(&two), "{k}x{k} strides {strides:?}");
         }
     }
 
@@ -779,8 +822,10 @@ pub(super) mod tests {
             vec![Then::DropBatchAxis, qdq],
             vec![Then::Max(0.0), Then::DropBatchAxis, Then::Min(0.6), qdq],
         ];
-        for chain in chains {
-            let case = Case { channels: 6, hw: [10, 35], strides: [1, 1], pad: [1, 1, 1, 1], batch_axis: true };
+        for (i, chain) in chains.into_iter().enumerate() {
+            // Every other chain after a 5x5 kernel.
+            let (k, pad) = if i % 2 == 0 { (3, [1; 4]) } else { (5, [2; 4]) };
+            let case = Case { channels: 6, k, hw: [10, 35], strides: [1, 1], pad, batch_axis: true };
             let (model, input) = graph(&case, &chain);
             let (fused, ops) = run(model.clone(), &input, Some(true));
             let (apart, apart_ops) = run(model.clone(), &input, Some(false));

@@ -27,13 +27,12 @@ use crate::engine::epilogue::Epilogue;
 use crate::engine::int8_conv::{integer_weights, largest, Out};
 use crate::engine::quant_dequant::QuantDequant;
 
-/// Taps of a 3x3 kernel.
-const TAPS: usize = 9;
-
 /// A depthwise convolution's weights as int8 steps, for one input grid.
 #[derive(Debug, Clone)]
 pub(super) struct IntDw {
-    /// `C x 9` weights in steps, row-major per channel.
+    /// Taps per channel: 9 or 25.
+    taps: usize,
+    /// `C x taps` weights in steps, row-major per channel.
     q: Arc<[i16]>,
     /// Per channel, the weights' step times the input grid's.
     mul: Arc<[f32]>,
@@ -176,26 +175,27 @@ impl IntDw {
     /// The integer form of `C x 9` float `weights` reading indices on
     /// `grid`, if every channel's weights are whole multiples of one step in
     /// -128..=127 and the grid holds the value 0 (the padding).
-    pub(super) fn new(weights: &[f32], bias: &[f32], epi: &Epilogue, grid: QuantDequant) -> Option<IntDw> {
+    pub(super) fn new(k: usize, weights: &[f32], bias: &[f32], epi: &Epilogue, grid: QuantDequant) -> Option<IntDw> {
+        let taps = k * k;
         let zero = -grid.lo;
         if !(0.0..=255.0).contains(&zero) || zero.fract() != 0.0 || !grid.scale.is_finite() {
             return None;
         }
         let top = largest(weights);
         let mut q = Vec::with_capacity(weights.len());
-        let mut mul = Vec::with_capacity(weights.len() / TAPS);
-        for row in weights.chunks_exact(TAPS) {
+        let mut mul = Vec::with_capacity(weights.len() / taps);
+        for row in weights.chunks_exact(taps) {
             let (step, ints) = integer_weights(row, top)?;
             q.extend(ints.iter().map(|&v| v as i16));
             mul.push(step * grid.scale);
         }
         let req = Requant::new(epi, &mul, bias);
-        Some(IntDw { q: q.into(), mul: mul.into(), zero: zero as u8, req })
+        Some(IntDw { taps, q: q.into(), mul: mul.into(), zero: zero as u8, req })
     }
 
-    /// Channel `c`'s nine weights.
-    fn weights(&self, c: usize) -> &[i16; TAPS] {
-        self.q[c * TAPS..][..TAPS].try_into().expect("nine weights per channel")
+    /// Channel `c`'s weights.
+    fn weights(&self, c: usize) -> &[i16] {
+        &self.q[c * self.taps..][..self.taps]
     }
 }
 
@@ -215,8 +215,8 @@ pub(super) fn run_plain<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: 
             for (ox, o) in row.iter_mut().enumerate() {
                 let mut acc = 0i32;
                 for (t, &wt) in q.iter().enumerate() {
-                    let iy = (oy * sh + t / 3) as isize - pt;
-                    let ix = (ox * sw + t % 3) as isize - pl;
+                    let iy = (oy * sh + t / op.k) as isize - pt;
+                    let ix = (ox * sw + t % op.k) as isize - pl;
                     if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
                         let n = src[iy as usize * w + ix as usize] as i32 - iw.zero as i32;
                         acc += wt as i32 * n;
@@ -235,17 +235,18 @@ pub(super) fn run_plain<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: 
 /// between threads by channels.
 pub(super) fn run_all<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U]) -> TractResult<()> {
     let [ho, wo] = op.out_hw();
-    let work = out.len() * TAPS;
+    let work = out.len() * iw.taps;
     tract_linalg::multithread::par_chunks_mut(out, ho * wo, work, |first, chunk| {
         run(op, iw, x, chunk, first);
         Ok(())
     })
 }
 
-/// Which loops [`run`] takes on this CPU, for the operator's `info`.
-pub(super) fn loops() -> &'static str {
+/// Which loops [`run`] takes for `op` on this CPU, for the operator's `info`.
+#[cfg_attr(not(target_arch = "aarch64"), allow(unused_variables))]
+pub(super) fn loops(op: &Depthwise) -> &'static str {
     #[cfg(target_arch = "aarch64")]
-    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot {
+    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot && op.k == 3 {
         return "byte planes, tbl and sdot";
     }
     if cfg!(target_arch = "aarch64") {
@@ -259,8 +260,9 @@ pub(super) fn loops() -> &'static str {
 
 /// Channels `first..` into `out` on the best loops this CPU has.
 fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
+    // The SDOT loops gather three taps a row: 5x5 kernels take `smlal`.
     #[cfg(target_arch = "aarch64")]
-    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot {
+    if crate::engine::isa::Isa::current() == crate::engine::isa::Isa::NeonDot && op.k == 3 {
         // SAFETY: the rung in use is only `dotprod` when the CPU has it.
         unsafe { dot::run(op, iw, x, out, first) }
     } else {
@@ -272,34 +274,37 @@ fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: 
     run_plain(op, iw, x, out, first);
 }
 
-/// Calls `$f::<U, REQ, CLAMP, QDQ, SH>(op, iw, ...)` with the folded
+/// Calls `$f::<U, REQ, CLAMP, QDQ, SH, $k...>(op, iw, ...)` with the folded
 /// requantization, the clip, the pair and the vertical stride as constants
-/// (the channel loops of both aarch64 variants).
+/// (the channel loops of both aarch64 variants), then the constants in
+/// brackets (the kernel side of the `smlal` loops).
 #[cfg(target_arch = "aarch64")]
 macro_rules! by_variant {
-    ($f:ident, $op:expr, $iw:expr, $($arg:expr),*) => {
+    ($f:ident, [$($k:tt)*], $op:expr, $iw:expr, $($arg:expr),*) => {
         match ($iw.req.is_some(), $op.epi.clamps(), $op.epi.qdq.is_some(), $op.strides[0] == 2) {
-            (true, _, _, false) => $f::<U, true, false, false, 1>($op, $iw, $($arg),*),
-            (true, _, _, true) => $f::<U, true, false, false, 2>($op, $iw, $($arg),*),
-            (false, true, false, false) => $f::<U, false, true, false, 1>($op, $iw, $($arg),*),
-            (false, true, false, true) => $f::<U, false, true, false, 2>($op, $iw, $($arg),*),
-            (false, false, true, false) => $f::<U, false, false, true, 1>($op, $iw, $($arg),*),
-            (false, false, true, true) => $f::<U, false, false, true, 2>($op, $iw, $($arg),*),
-            (false, true, true, false) => $f::<U, false, true, true, 1>($op, $iw, $($arg),*),
-            (false, true, true, true) => $f::<U, false, true, true, 2>($op, $iw, $($arg),*),
-            (false, false, false, false) => $f::<U, false, false, false, 1>($op, $iw, $($arg),*),
-            (false, false, false, true) => $f::<U, false, false, false, 2>($op, $iw, $($arg),*),
+            (true, _, _, false) => $f::<U, true, false, false, 1 $(, $k)*>($op, $iw, $($arg),*),
+            (true, _, _, true) => $f::<U, true, false, false, 2 $(, $k)*>($op, $iw, $($arg),*),
+            (false, true, false, false) => $f::<U, false, true, false, 1 $(, $k)*>($op, $iw, $($arg),*),
+            (false, true, false, true) => $f::<U, false, true, false, 2 $(, $k)*>($op, $iw, $($arg),*),
+            (false, false, true, false) => $f::<U, false, false, true, 1 $(, $k)*>($op, $iw, $($arg),*),
+            (false, false, true, true) => $f::<U, false, false, true, 2 $(, $k)*>($op, $iw, $($arg),*),
+            (false, true, true, false) => $f::<U, false, true, true, 1 $(, $k)*>($op, $iw, $($arg),*),
+            (false, true, true, true) => $f::<U, false, true, true, 2 $(, $k)*>($op, $iw, $($arg),*),
+            (false, false, false, false) => $f::<U, false, false, false, 1 $(, $k)*>($op, $iw, $($arg),*),
+            (false, false, false, true) => $f::<U, false, false, false, 2 $(, $k)*>($op, $iw, $($arg),*),
         }
     };
 }
 
 #[cfg(target_arch = "aarch64")]
 pub(super) mod neon {
-    //! The aarch64 loops: 16-bit planes, `smlal` by 8 outputs and two rows.
+    //! The aarch64 loops: 16-bit planes, `smlal` by 8 outputs and two rows,
+    //! for 3x3 and 5x5 kernels.
 
     use std::arch::aarch64::*;
 
-    use super::{Depthwise, IndexOut, IntDw, Requant, TAPS};
+    use super::super::KMAX;
+    use super::{Depthwise, IndexOut, IntDw, Requant};
     use crate::engine::int8_conv::neon::Regs;
 
     /// Outputs per block: two registers of four sums.
@@ -317,7 +322,12 @@ pub(super) mod neon {
             let p = planes.as_mut_slice();
             // SAFETY: NEON is the aarch64 baseline; the loops' reads and
             // writes are inside `p`, `x` and `out` (checked at their entry).
-            unsafe { by_variant!(channels, op, iw, x, out, first, p) }
+            unsafe {
+                match op.k {
+                    3 => by_variant!(channels, [3], op, iw, x, out, first, p),
+                    _ => by_variant!(channels, [5], op, iw, x, out, first, p),
+                }
+            }
         })
     }
 
@@ -372,7 +382,15 @@ pub(super) mod neon {
 
     /// The channel loop: fill the planes, then two output rows at a time.
     #[inline(always)]
-    unsafe fn channels<U: IndexOut, const REQ: bool, const CLAMP: bool, const QDQ: bool, const SH: usize>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn channels<
+        U: IndexOut,
+        const REQ: bool,
+        const CLAMP: bool,
+        const QDQ: bool,
+        const SH: usize,
+        const K: usize,
+    >(
         op: &Depthwise,
         iw: &IntDw,
         x: &[u8],
@@ -385,9 +403,9 @@ pub(super) mod neon {
         let sw = op.strides[1];
         let (hp, row_len, wo_blocks) = op.layout();
         let phase = hp * row_len;
-        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len());
+        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len() && op.k == K && iw.taps == K * K);
         assert!(x.len() >= (first + out.len() / (ho * wo)) * h * w && first + out.len() / (ho * wo) <= op.channels);
-        let taps_at: [usize; 3] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
+        let taps_at: [usize; KMAX] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
         let regs = Regs::new(&op.epi);
         let req = ReqRegs::new(iw.req.as_ref());
         // Where source columns 0 and 1 land: the padded column `pad + j`
@@ -445,8 +463,9 @@ pub(super) mod neon {
                     fill_row_s2(row, planes, cols.map(|c| base + c), iw.zero);
                 }
             }
-            let q = iw.weights(c);
-            let k: [int16x8_t; TAPS] = std::array::from_fn(|t| vdupq_n_s16(q[t]));
+            let q = &iw.weights(c)[..K * K];
+            // 25 registers for a 5x5 kernel: the compiler keeps some on the stack.
+            let k: [int16x8_t; KMAX * KMAX] = std::array::from_fn(|t| vdupq_n_s16(if t < K * K { q[t] } else { 0 }));
             let (mul, bias) = match &iw.req {
                 Some(r) if REQ => (vdupq_n_f32(r.m[c]), vdupq_n_f32(r.b[c])),
                 _ => (vdupq_n_f32(iw.mul[c]), vdupq_n_f32(op.bias[c])),
@@ -456,8 +475,8 @@ pub(super) mod neon {
             for pair in 0..ho.div_ceil(2) {
                 let first_row = 2 * pair * SH;
                 let two = 2 * pair + 1 < ho;
-                let rows: [*const i16; 5] = std::array::from_fn(|i| {
-                    let i = if first_row + i < hp { i } else { 0 };
+                let rows: [*const i16; KMAX + 2] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp && i < K + SH { i } else { 0 };
                     planes.as_ptr().add((first_row + i) * row_len)
                 });
                 let dst = out.add(2 * pair * wo);
@@ -470,11 +489,11 @@ pub(super) mod neon {
                 loop {
                     let at = col.min(last);
                     if two {
-                        let acc = block::<SH, true>(&rows, &taps_at, &k, at);
+                        let acc = block::<SH, true, K>(&rows, &taps_at, &k, at);
                         store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(at), n);
                         store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[1], mul, bias, dst.add(wo + at), n);
                     } else {
-                        let acc = block::<SH, false>(&rows, &taps_at, &k, at);
+                        let acc = block::<SH, false, K>(&rows, &taps_at, &k, at);
                         store::<U, REQ, CLAMP, QDQ>(&regs, &req, acc[0], mul, bias, dst.add(at), n);
                     }
                     if at == last {
@@ -487,26 +506,26 @@ pub(super) mod neon {
     }
 
     /// The sums of 8 outputs from column `col` of one output row (its input
-    /// rows `rows[..3]`) and, with `TWO`, of the next (`rows[SH..SH + 3]`).
+    /// rows `rows[..K]`) and, with `TWO`, of the next (`rows[SH..SH + K]`).
     #[inline(always)]
-    unsafe fn block<const SH: usize, const TWO: bool>(
-        rows: &[*const i16; 5],
-        taps_at: &[usize; 3],
-        k: &[int16x8_t; TAPS],
+    unsafe fn block<const SH: usize, const TWO: bool, const K: usize>(
+        rows: &[*const i16; KMAX + 2],
+        taps_at: &[usize; KMAX],
+        k: &[int16x8_t; KMAX * KMAX],
         col: usize,
     ) -> [[int32x4_t; 2]; 2] {
         let mut acc = [[vdupq_n_s32(0); 2]; 2];
-        let used = if TWO { SH + 3 } else { 3 };
+        let used = if TWO { SH + K } else { K };
         for (i, row) in rows.iter().enumerate().take(used) {
-            for (dx, &at) in taps_at.iter().enumerate() {
+            for (dx, &at) in taps_at.iter().enumerate().take(K) {
                 let v = vld1q_s16(row.add(at + col));
-                if i < 3 {
-                    let w = k[i * 3 + dx];
+                if i < K {
+                    let w = k[i * K + dx];
                     acc[0][0] = vmlal_s16(acc[0][0], vget_low_s16(v), vget_low_s16(w));
                     acc[0][1] = vmlal_high_s16(acc[0][1], v, w);
                 }
                 if TWO && i >= SH {
-                    let w = k[(i - SH) * 3 + dx];
+                    let w = k[(i - SH) * K + dx];
                     acc[1][0] = vmlal_s16(acc[1][0], vget_low_s16(v), vget_low_s16(w));
                     acc[1][1] = vmlal_high_s16(acc[1][1], v, w);
                 }
@@ -569,8 +588,11 @@ pub(super) mod arm32 {
 
     use std::arch::asm;
 
-    use super::{Depthwise, IndexOut, IntDw, Requant, TAPS};
+    use super::{Depthwise, IndexOut, IntDw, Requant};
     use crate::engine::quant_dequant::ROUND_MAGIC;
+
+    /// Taps of a 3x3 kernel, these loops' only size.
+    const TAPS: usize = 9;
 
     /// Outputs per block.
     const LANES: usize = 8;
@@ -775,7 +797,7 @@ pub(super) mod arm32 {
     /// by the thread between inferences; without an output pair, on the
     /// reference loops.
     pub(in crate::engine) fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
-        let Some(req) = iw.req.as_ref() else {
+        let Some(req) = iw.req.as_ref().filter(|_| op.k == 3) else {
             return super::run_plain(op, iw, x, out, first);
         };
         thread_local! {
@@ -996,13 +1018,14 @@ pub(super) mod dot {
         thread_local! {
             static PLANE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        assert_eq!(op.k, 3, "the SDOT loops gather 3 taps a row");
         let (hp, row_len) = layout(op);
         PLANE.with_borrow_mut(|plane| {
             // Padding holds the value 0: the index `zero`, as a signed byte.
             plane.clear();
             plane.resize(hp * row_len + READ, iw.zero ^ 0x80);
             let p = plane.as_mut_slice();
-            by_variant!(channels, op, iw, x, out, first, p)
+            by_variant!(channels, [], op, iw, x, out, first, p)
         })
     }
 
@@ -1077,7 +1100,7 @@ pub(super) mod dot {
                     }
                 }
             }
-            let q = iw.weights(c);
+            let q: &[i16; 9] = iw.weights(c).try_into().expect("nine weights per channel");
             // Kernel row k as four-byte groups (its three weights, then 0).
             let k: [int8x16_t; 3] = std::array::from_fn(|r| {
                 let g: [i8; 16] = std::array::from_fn(|i| if i % 4 == 3 { 0 } else { q[3 * r + i % 4] as i8 });
@@ -1142,26 +1165,30 @@ mod tests {
 
     /// A depthwise operator reading indices on `grid`, with int8-step
     /// weights, and its integer form.
+    #[allow(clippy::too_many_arguments)]
     fn op(
         c: usize,
+        k: usize,
         hw: [usize; 2],
         strides: [usize; 2],
         pad: [usize; 4],
         epi: Epilogue,
         grid: QuantDequant,
     ) -> Depthwise {
-        let out_hw = [(hw[0] + pad[0] + pad[2] - 3) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - 3) / strides[1] + 1];
+        let out_hw = [(hw[0] + pad[0] + pad[2] - k) / strides[0] + 1, (hw[1] + pad[1] + pad[3] - k) / strides[1] + 1];
         // Per-channel steps, each channel with a weight of +-127 (how
         // symmetric quantizers scale them), the rest anywhere in between.
-        let mut weights: Vec<f32> = values(c * TAPS, 7).iter().map(|v| (v * 127.0).round()).collect();
-        for (ch, row) in weights.chunks_exact_mut(TAPS).enumerate() {
-            row[ch % TAPS] = if ch % 2 == 0 { 127.0 } else { -127.0 };
+        let taps = k * k;
+        let mut weights: Vec<f32> = values(c * taps, 7).iter().map(|v| (v * 127.0).round()).collect();
+        for (ch, row) in weights.chunks_exact_mut(taps).enumerate() {
+            row[ch % taps] = if ch % 2 == 0 { 127.0 } else { -127.0 };
             let step = 0.01 + ch as f32 * 0.003;
             row.iter_mut().for_each(|w| *w *= step);
         }
         let bias: Vec<f32> = values(c, 11).iter().map(|v| v * 0.5).collect();
         let mut op = Depthwise {
             channels: c,
+            k,
             in_hw: hw,
             strides,
             pad,
@@ -1173,7 +1200,7 @@ mod tests {
             int: None,
             out_shape: tvec![1, c, out_hw[0], out_hw[1]],
         };
-        op.int = IntDw::new(&op.weights, &op.bias, &op.epi, grid);
+        op.int = IntDw::new(k, &op.weights, &op.bias, &op.epi, grid);
         assert!(op.int.is_some(), "the test's weights are whole steps");
         op
     }
@@ -1206,8 +1233,15 @@ mod tests {
         ];
         for grid in grids {
             for epi in epilogues() {
-                for (strides, pad) in [([1, 1], [1, 1, 1, 1]), ([2, 2], [0, 0, 1, 1]), ([2, 2], [1, 1, 1, 1])] {
-                    let op = op(5, [9, 13], strides, pad, epi, grid);
+                let shapes = [
+                    (3, [1, 1], [1, 1, 1, 1]),
+                    (3, [2, 2], [0, 0, 1, 1]),
+                    (3, [2, 2], [1, 1, 1, 1]),
+                    (5, [1, 1], [2, 2, 2, 2]),
+                    (5, [2, 2], [1, 1, 2, 2]),
+                ];
+                for (k, strides, pad) in shapes {
+                    let op = op(5, k, [9, 13], strides, pad, epi, grid);
                     let iw = op.int.clone().expect("integer form");
                     let x = indices(5 * 9 * 13, 3);
                     let n: usize = op.out_shape.iter().product();
@@ -1239,17 +1273,17 @@ mod tests {
     fn padding_reads_the_value_zero_and_a_grid_without_zero_is_refused() {
         // All inputs at the grid's zero: every output is the bias alone.
         let grid = QuantDequant::new(0.02, -100.0, 155.0);
-        let op = op(2, [4, 4], [1, 1], [1, 1, 1, 1], Epilogue::NONE, grid);
+        let op = op(2, 3, [4, 4], [1, 1], [1, 1, 1, 1], Epilogue::NONE, grid);
         let iw = op.int.clone().unwrap();
         let mut out = vec![0f32; 2 * 16];
         run_plain(&op, &iw, &[100u8; 32], &mut out, 0);
         assert!(out[..16].iter().all(|&v| v == op.bias[0]) && out[16..].iter().all(|&v| v == op.bias[1]));
         // A grid whose range leaves out 0 cannot pad.
-        assert!(IntDw::new(&op.weights, &op.bias, &op.epi, QuantDequant::new(0.02, 3.0, 258.0)).is_none());
+        assert!(IntDw::new(3, &op.weights, &op.bias, &op.epi, QuantDequant::new(0.02, 3.0, 258.0)).is_none());
         // Weights off any int8 grid stay on the float loops.
         let mut w = op.weights.to_vec();
         w[1] += 0.000_37;
-        assert!(IntDw::new(&w, &op.bias, &op.epi, grid).is_none());
+        assert!(IntDw::new(3, &w, &op.bias, &op.epi, grid).is_none());
     }
 
     /// Every geometry the vector loops special-case: short, ragged and
@@ -1296,25 +1330,35 @@ mod tests {
         #[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
         let variants: Vec<Variant> = vec![];
         let mut cases = 0;
-        for epi in epilogues() {
+        let pads = |k: usize| match k {
+            3 => [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]],
+            _ => [[2, 2, 2, 2], [1, 1, 2, 2], [0, 2, 0, 1], [0, 0, 0, 0]],
+        };
+        for (k, epi) in [3, 5].into_iter().flat_map(|k| epilogues().into_iter().map(move |e| (k, e))) {
             for strides in [[1, 1], [2, 2], [1, 2], [2, 1]] {
-                for pad in [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]] {
+                for pad in pads(k) {
                     for hw in [[3, 3], [4, 7], [7, 8], [5, 9], [6, 16], [9, 17], [8, 33], [3, 40], [2, 56]] {
-                        if hw[0] + pad[0] + pad[2] < 3 || hw[1] + pad[1] + pad[3] < 3 {
+                        if hw[0] + pad[0] + pad[2] < k || hw[1] + pad[1] + pad[3] < k {
                             continue;
                         }
-                        let op = op(4, hw, strides, pad, epi, grid);
+                        let op = op(4, k, hw, strides, pad, epi, grid);
                         let iw = op.int.clone().unwrap();
                         let x = indices(4 * hw[0] * hw[1], cases as u32);
                         let plane = op.out_shape[2] * op.out_shape[3];
                         for first in [0, 1] {
                             let n = (4 - first) * plane;
                             for (name, bytes, floats) in &variants {
+                                if k != 3 && *name != "smlal" {
+                                    continue; // `run` takes 5x5 kernels to `smlal` or the reference
+                                }
                                 let (mut want, mut got) = (vec![0u8; n], vec![7u8; n]);
                                 run_plain(&op, &iw, &x, &mut want, first);
                                 bytes(&op, &iw, &x, &mut got, first);
                                 if epi.qdq.is_some() {
-                                    assert_eq!(got, want, "{name} {epi:?} {strides:?} {pad:?} {hw:?} from {first}");
+                                    assert_eq!(
+                                        got, want,
+                                        "{name} {k}x{k} {epi:?} {strides:?} {pad:?} {hw:?} from {first}"
+                                    );
                                 }
                                 let (mut want, mut got) = (vec![0f32; n], vec![7f32; n]);
                                 run_plain(&op, &iw, &x, &mut want, first);
@@ -1323,7 +1367,7 @@ mod tests {
                                 assert_eq!(
                                     bits(&got),
                                     bits(&want),
-                                    "{name} {epi:?} {strides:?} {pad:?} {hw:?} from {first}"
+                                    "{name} {k}x{k} {epi:?} {strides:?} {pad:?} {hw:?} from {first}"
                                 );
                                 cases += 1;
                             }

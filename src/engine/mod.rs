@@ -7,7 +7,7 @@
 //! convert`, or a start-up `cache` entry) gives the same typed graph without
 //! the ONNX parser. Either way the graph is then optimised and planned once,
 //! after our own operators replace tract's where the CPU suits them: 3x3
-//! depthwise convolutions (`depthwise`), int8 convolutions on integer
+//! and 5x5 depthwise convolutions (`depthwise`), int8 convolutions on integer
 //! kernels (`int8_conv`, one block loop per instruction set, chosen by
 //! `isa`; `layout` keeps an int8 graph channels-first for them on aarch64)
 //! and float 1x1 convolutions (`pointwise`).
@@ -329,7 +329,7 @@ impl std::fmt::Debug for Model {
 /// A unit test keeps it equal to the version in Cargo.lock.
 pub const TRACT_VERSION: &str = "0.23.9";
 
-/// The name our 3x3 depthwise convolution has in `ModelInfo::optimized_ops`.
+/// The name our 3x3 and 5x5 depthwise convolution has in `ModelInfo::optimized_ops`.
 pub const DEPTHWISE_OP: &str = depthwise::OP_NAME;
 
 /// The name our int8 convolution has in `ModelInfo::optimized_ops`.
@@ -1116,6 +1116,38 @@ mod tests {
         // The float 1x1 operator takes the 34 pointwise ones the integer kernel does not.
         let pointwise = if !int8_conv::cpu_supported() && pointwise::cpu_supported() { 34 } else { 0 };
         assert_eq!(count(pointwise::OP_NAME), pointwise, "{ops:?}");
+    }
+
+    #[test]
+    #[cfg(feature = "onnx")]
+    fn five_by_five_depthwise_convolutions_run_on_our_operator() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dw5x5_cnn_int8.onnx");
+        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
+        let model = loaded.plan.model();
+        let infos: Vec<String> = model
+            .nodes()
+            .iter()
+            .filter(|n| n.op.name() == depthwise::OP_NAME)
+            .map(|n| n.op.info().unwrap().join("; "))
+            .collect();
+        let fives = infos.iter().filter(|i| i.starts_with("5x5 ")).count();
+        // Seven depthwise convolutions, five of them 5x5 (two of stride 2);
+        // 32-bit ARM has integer loops for the 3x3 ones only.
+        let want = match () {
+            _ if !depthwise::cpu_supported() => (0, 0),
+            _ if cfg!(target_arch = "arm") => (2, 0),
+            _ => (7, 5),
+        };
+        assert_eq!((infos.len(), fives), want, "{infos:?}");
+        // On aarch64 the 5x5 ones sum in integers on `smlal` whatever the core
+        // (the first 3x3 one reads f32: the stem's output also feeds a residual Add).
+        if cfg!(target_arch = "aarch64") && want.0 > 0 {
+            let five = infos.iter().filter(|i| i.starts_with("5x5 "));
+            assert!(
+                five.clone().all(|i| i.contains("sums: integer (int8 weights, 16-bit planes, smlal)")),
+                "{infos:?}"
+            );
+        }
     }
 
     #[test]

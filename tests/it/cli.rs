@@ -237,7 +237,7 @@ fn inspect_says_where_depthwise_convolutions_run() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let line = stdout.lines().find(|l| l.starts_with("depthwise    ")).unwrap_or_else(|| panic!("{stdout}"));
-    // "depthwise    N convolutions on edgeinfer's 3x3 kernel, M on tract's": MobileNetV2 has 17.
+    // "depthwise    N convolutions on edgeinfer's kernels (3x3, 5x5), M on tract's": MobileNetV2 has 17.
     let numbers: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     assert_eq!(numbers.len(), 2, "{line}");
     assert_eq!(numbers[0] + numbers[1], 17, "{line}");
