@@ -603,16 +603,15 @@ pub fn use_for_depthwise_convs(model: &mut TypedModel) -> TractResult<usize> {
     if !cpu_supported() {
         return Ok(0);
     }
-    // 32-bit ARM: only the 3x3 convolutions whose input is a static pair's
-    // (a QDQ model's), which the integer loops take once their input is
+    // 32-bit ARM: only the convolutions whose input is a static pair's (a
+    // QDQ model's), which the integer loops take once their input is
     // indices; this target's float loops have no NEON, and measured slower
     // than tract's (docs/int8-kernels.md).
     replace(model, true, cfg!(target_arch = "arm"))
 }
 
 /// The replacement, with or without folding what follows (the tests compare
-/// both), of every convolution or only the 3x3 ones that read a
-/// quantize/dequantize pair.
+/// both), of every convolution or only those that read a quantize/dequantize pair.
 fn replace(model: &mut TypedModel, fold: bool, only_after_pairs: bool) -> TractResult<usize> {
     let convs: Vec<usize> = model.nodes().iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     let mut replaced = 0;
@@ -621,10 +620,6 @@ fn replace(model: &mut TypedModel, fold: bool, only_after_pairs: bool) -> TractR
             continue;
         }
         let Some(mut op) = for_conv(model, id) else { continue };
-        // 32-bit ARM's integer loops are 3x3 only; tract keeps the rest there.
-        if only_after_pairs && op.k != 3 {
-            continue;
-        }
         let (end, axes) = if fold { fold_epilogue(model, id, &mut op) } else { (OutletId::new(id, 0), vec![]) };
         let node = model.node(id);
         let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));

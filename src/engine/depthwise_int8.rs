@@ -580,7 +580,8 @@ pub(super) mod neon {
 #[cfg(target_arch = "arm")]
 pub(super) mod arm32 {
     //! The 32-bit ARM loops: 16-bit planes as on aarch64's `neon`, blocks of
-    //! 8 outputs by two rows summed with `vmlal.s16` by scalar, and the
+    //! 8 outputs by two rows summed with `vmlal.s16` by scalar (3x3 and 5x5
+    //! kernels), and the
     //! folded requantization ([`Requant`]) on the same registers; inline
     //! assembly throughout, as in `int8_arm32.rs` (whose module note says
     //! why, and which registers it may use). Operators without an output
@@ -588,11 +589,12 @@ pub(super) mod arm32 {
 
     use std::arch::asm;
 
+    use super::super::KMAX;
     use super::{Depthwise, IndexOut, IntDw, Requant};
     use crate::engine::quant_dequant::ROUND_MAGIC;
 
-    /// Taps of a 3x3 kernel, these loops' only size.
-    const TAPS: usize = 9;
+    /// Weights loaded per block: a 5x5 kernel's 25 in whole d registers.
+    const WTS: usize = 28;
 
     /// Outputs per block.
     const LANES: usize = 8;
@@ -661,12 +663,138 @@ pub(super) mod arm32 {
         };
     }
 
-    /// The multiply-adds of one block, per vertical stride and row count:
-    /// input row `i` times kernel row `i` into the first output row's sums
-    /// (q12-q13) and, with two rows, kernel row `i - SH` into the second's
-    /// (q14-q15). One row reads kernel rows 0-2 whatever the stride.
+    /// Loads taps 0-2 of the input row whose pointer is at byte `$at` of
+    /// `rows` (plus `col` bytes) in d16-d21, and steps `p` on to tap 3: for a
+    /// 5x5 kernel, whose taps alternate the two steps (`t1`, `u`) as a 3x3
+    /// one's do.
+    macro_rules! dw5_load_a {
+        ($at:literal) => {
+            concat!(
+                "ldr {p}, [{rows}, #",
+                $at,
+                "]\n",
+                "add {p}, {p}, {col}\n",
+                "vld1.16 {{d16, d17}}, [{p}], {t1}\n",
+                "vld1.16 {{d18, d19}}, [{p}], {u}\n",
+                "vld1.16 {{d20, d21}}, [{p}], {t1}\n",
+            )
+        };
+    }
+
+    /// Taps 3 and 4 of the row [`dw5_load_a`] loaded, in d16-d19.
+    macro_rules! dw5_load_b {
+        () => {
+            concat!("vld1.16 {{d16, d17}}, [{p}], {u}\n", "vld1.16 {{d18, d19}}, [{p}]\n")
+        };
+    }
+
+    /// Taps 0-2 ([`dw5_load_a`]) times 5x5 kernel row `$r` (25 weights in
+    /// lanes of d0-d6, row-major) into the sums `q$lo`-`q$hi`.
+    macro_rules! dw5_macs_a {
+        ($lo:literal, $hi:literal, 0) => {
+            dw_macs!($lo, $hi, "d0[0]", "d0[1]", "d0[2]")
+        };
+        ($lo:literal, $hi:literal, 1) => {
+            dw_macs!($lo, $hi, "d1[1]", "d1[2]", "d1[3]")
+        };
+        ($lo:literal, $hi:literal, 2) => {
+            dw_macs!($lo, $hi, "d2[2]", "d2[3]", "d3[0]")
+        };
+        ($lo:literal, $hi:literal, 3) => {
+            dw_macs!($lo, $hi, "d3[3]", "d4[0]", "d4[1]")
+        };
+        ($lo:literal, $hi:literal, 4) => {
+            dw_macs!($lo, $hi, "d5[0]", "d5[1]", "d5[2]")
+        };
+    }
+
+    /// Taps 3-4 ([`dw5_load_b`]) times 5x5 kernel row `$r`.
+    macro_rules! dw5_macs_b {
+        ($lo:literal, $hi:literal, 0) => {
+            dw5_macs_b!($lo, $hi, "d0[3]", "d1[0]")
+        };
+        ($lo:literal, $hi:literal, 1) => {
+            dw5_macs_b!($lo, $hi, "d2[0]", "d2[1]")
+        };
+        ($lo:literal, $hi:literal, 2) => {
+            dw5_macs_b!($lo, $hi, "d3[1]", "d3[2]")
+        };
+        ($lo:literal, $hi:literal, 3) => {
+            dw5_macs_b!($lo, $hi, "d4[2]", "d4[3]")
+        };
+        ($lo:literal, $hi:literal, 4) => {
+            dw5_macs_b!($lo, $hi, "d5[3]", "d6[0]")
+        };
+        ($lo:literal, $hi:literal, $a:literal, $b:literal) => {
+            concat!(
+                "vmlal.s16 q",
+                $lo,
+                ", d16, ",
+                $a,
+                "\n",
+                "vmlal.s16 q",
+                $hi,
+                ", d17, ",
+                $a,
+                "\n",
+                "vmlal.s16 q",
+                $lo,
+                ", d18, ",
+                $b,
+                "\n",
+                "vmlal.s16 q",
+                $hi,
+                ", d19, ",
+                $b,
+                "\n",
+            )
+        };
+    }
+
+    /// One input row of a 5x5 block: its five taps times each listed
+    /// kernel row `$r` into the sums `q$lo`-`q$hi`.
+    macro_rules! dw5_row {
+        ($at:literal $(, ($lo:literal, $hi:literal, $r:tt))+) => {
+            concat!(dw5_load_a!($at), $(dw5_macs_a!($lo, $hi, $r),)+ dw5_load_b!(), $(dw5_macs_b!($lo, $hi, $r),)+)
+        };
+    }
+
+    /// The multiply-adds of one block, per kernel side, vertical stride and
+    /// row count: input row `i` times kernel row `i` into the first output
+    /// row's sums (q12-q13) and, with two rows, kernel row `i - SH` into the
+    /// second's (q14-q15). One row reads kernel rows `0..k` whatever the stride.
     macro_rules! macs_text {
-        (1, true) => {
+        (5, 1, true) => {
+            concat!(
+                dw5_row!(0, (12, 13, 0)),
+                dw5_row!(4, (12, 13, 1), (14, 15, 0)),
+                dw5_row!(8, (12, 13, 2), (14, 15, 1)),
+                dw5_row!(12, (12, 13, 3), (14, 15, 2)),
+                dw5_row!(16, (12, 13, 4), (14, 15, 3)),
+                dw5_row!(20, (14, 15, 4)),
+            )
+        };
+        (5, 2, true) => {
+            concat!(
+                dw5_row!(0, (12, 13, 0)),
+                dw5_row!(4, (12, 13, 1)),
+                dw5_row!(8, (12, 13, 2), (14, 15, 0)),
+                dw5_row!(12, (12, 13, 3), (14, 15, 1)),
+                dw5_row!(16, (12, 13, 4), (14, 15, 2)),
+                dw5_row!(20, (14, 15, 3)),
+                dw5_row!(24, (14, 15, 4)),
+            )
+        };
+        (5, 1, false) => {
+            concat!(
+                dw5_row!(0, (12, 13, 0)),
+                dw5_row!(4, (12, 13, 1)),
+                dw5_row!(8, (12, 13, 2)),
+                dw5_row!(12, (12, 13, 3)),
+                dw5_row!(16, (12, 13, 4)),
+            )
+        };
+        (3, 1, true) => {
             concat!(
                 dw_load!(0),
                 dw_macs!(12, 13, 0),
@@ -680,7 +808,7 @@ pub(super) mod arm32 {
                 dw_macs!(14, 15, 2),
             )
         };
-        (2, true) => {
+        (3, 2, true) => {
             concat!(
                 dw_load!(0),
                 dw_macs!(12, 13, 0),
@@ -695,7 +823,7 @@ pub(super) mod arm32 {
                 dw_macs!(14, 15, 2),
             )
         };
-        (1, false) => {
+        (3, 1, false) => {
             concat!(
                 dw_load!(0),
                 dw_macs!(12, 13, 0),
@@ -759,20 +887,30 @@ pub(super) mod arm32 {
         };
     }
 
-    /// One block: weights from `w` (12 i16, the last 3 zero), sums of the
-    /// rows, requantized with the constants at `c` ([`Consts`]).
+    /// The weights of a `$k`x`$k` kernel from `w` into d0-d2 (3x3) or d0-d6 (5x5).
+    macro_rules! weights_text {
+        (3) => {
+            "vld1.16 {{d0, d1, d2}}, [{w}]\n"
+        };
+        (5) => {
+            concat!("vld1.16 {{d0, d1, d2, d3}}, [{w}]!\n", "vld1.16 {{d4, d5, d6}}, [{w}]\n")
+        };
+    }
+
+    /// One block: weights from `w` (`WTS` i16, zero past the kernel's),
+    /// sums of the rows, requantized with the constants at `c` ([`Consts`]).
     macro_rules! block {
-        ($sh:tt, $two:tt, $w:expr, $rows:expr, $col:expr, $t1:expr, $u:expr, $c:expr, $o0:expr, $o1:expr) => {
+        ($k:tt, $sh:tt, $two:tt, $w:expr, $rows:expr, $col:expr, $t1:expr, $u:expr, $c:expr, $o0:expr, $o1:expr) => {
             asm!(
                 ".fpu neon-vfpv4\n",
-                "vld1.16 {{d0, d1, d2}}, [{w}]\n",
+                weights_text!($k),
                 "vmov.i32 q12, #0\n",
                 "vmov.i32 q13, #0\n",
                 "vmov.i32 q14, #0\n",
                 "vmov.i32 q15, #0\n",
-                macs_text!($sh, $two),
+                macs_text!($k, $sh, $two),
                 requant_text!(),
-                w = in(reg) $w,
+                w = inout(reg) $w => _,
                 rows = in(reg) $rows,
                 col = in(reg) $col,
                 t1 = in(reg) $t1,
@@ -797,7 +935,7 @@ pub(super) mod arm32 {
     /// by the thread between inferences; without an output pair, on the
     /// reference loops.
     pub(in crate::engine) fn run<U: IndexOut>(op: &Depthwise, iw: &IntDw, x: &[u8], out: &mut [U], first: usize) {
-        let Some(req) = iw.req.as_ref().filter(|_| op.k == 3) else {
+        let Some(req) = iw.req.as_ref() else {
             return super::run_plain(op, iw, x, out, first);
         };
         thread_local! {
@@ -811,10 +949,11 @@ pub(super) mod arm32 {
             // the loops' reads and writes are inside `planes`, `x` and
             // `out` (checked at their entry).
             unsafe {
-                if op.strides[0] == 2 {
-                    channels::<U, 2>(op, iw, req, x, out, first, planes)
-                } else {
-                    channels::<U, 1>(op, iw, req, x, out, first, planes)
+                match (op.k, op.strides[0]) {
+                    (3, 2) => channels::<U, 2, 3>(op, iw, req, x, out, first, planes),
+                    (3, _) => channels::<U, 1, 3>(op, iw, req, x, out, first, planes),
+                    (_, 2) => channels::<U, 2, 5>(op, iw, req, x, out, first, planes),
+                    (_, _) => channels::<U, 1, 5>(op, iw, req, x, out, first, planes),
                 }
             }
         })
@@ -880,7 +1019,7 @@ pub(super) mod arm32 {
 
     /// The channel loop: fill the planes (`n - zero`, each column to its
     /// phase), then two output rows at a time in blocks of 8.
-    unsafe fn channels<U: IndexOut, const SH: usize>(
+    unsafe fn channels<U: IndexOut, const SH: usize, const K: usize>(
         op: &Depthwise,
         iw: &IntDw,
         req: &Requant,
@@ -895,10 +1034,11 @@ pub(super) mod arm32 {
         let (hp, row_len, wo_blocks) = op.layout();
         let phase = hp * row_len;
         let channels = out.len() / (ho * wo);
-        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len());
+        assert!(wo_blocks % LANES == 0 && planes.len() >= op.planes_len() && op.k == K && iw.taps == K * K);
         assert!(x.len() >= (first + channels) * h * w && first + channels <= op.channels);
         // Taps 1 and 2 of a row, in bytes from tap 0: the second as a step
-        // from the first (post-increments).
+        // from the first (post-increments). Further taps (5x5) alternate
+        // the same two steps.
         let taps_at: [usize; 3] = std::array::from_fn(|dx| (dx % sw) * phase + dx / sw);
         let t1 = 2 * taps_at[1];
         let u = (2 * taps_at[2]).wrapping_sub(t1);
@@ -913,16 +1053,16 @@ pub(super) mod arm32 {
                 let base = (y + op.pad[0]) * row_len;
                 fill_row(row, planes, cols.map(|c| base + c), sw, iw.zero);
             }
-            let mut wts = [0i16; 12];
-            wts[..TAPS].copy_from_slice(iw.weights(c));
+            let mut wts = [0i16; WTS];
+            wts[..K * K].copy_from_slice(iw.weights(c));
             let consts = Consts([req.m[c], req.b[c], req.ilo as f32, req.ihi as f32, ROUND_MAGIC]);
             let out = out.as_mut_ptr();
             let (last, n) = (wo.saturating_sub(LANES), wo.min(LANES));
             for pair in 0..ho.div_ceil(2) {
                 let first_row = 2 * pair * SH;
                 let two = 2 * pair + 1 < ho;
-                let rows: [*const i16; 5] = std::array::from_fn(|i| {
-                    let i = if first_row + i < hp { i } else { 0 };
+                let rows: [*const i16; KMAX + 2] = std::array::from_fn(|i| {
+                    let i = if first_row + i < hp && i < K + SH { i } else { 0 };
                     planes.as_ptr().add((first_row + i) * row_len)
                 });
                 // Whole blocks only, the last one ending at the row's end (as
@@ -938,11 +1078,14 @@ pub(super) mod arm32 {
                         [spare[0].as_mut_ptr(), spare[1].as_mut_ptr()]
                     };
                     let (w_ptr, r_ptr, cb, cp) = (wts.as_ptr(), rows.as_ptr(), 2 * col_at, consts.0.as_ptr());
-                    match (SH, two) {
-                        (1, true) => block!(1, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
-                        (_, true) => block!(2, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
-                        // One row reads kernel rows 0-2 whatever the stride.
-                        (_, false) => block!(1, false, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                    // One row reads kernel rows `0..K` whatever the stride.
+                    match (K, SH, two) {
+                        (3, 1, true) => block!(3, 1, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (3, _, true) => block!(3, 2, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (3, _, false) => block!(3, 1, false, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (_, 1, true) => block!(5, 1, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (_, _, true) => block!(5, 2, true, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
+                        (_, _, false) => block!(5, 1, false, w_ptr, r_ptr, cb, t1, u, cp, o[0], o[1]),
                     }
                     if !direct {
                         for (r, idx) in spare.iter().enumerate().take(if two { 2 } else { 1 }) {
@@ -1348,8 +1491,8 @@ mod tests {
                         for first in [0, 1] {
                             let n = (4 - first) * plane;
                             for (name, bytes, floats) in &variants {
-                                if k != 3 && *name != "smlal" {
-                                    continue; // `run` takes 5x5 kernels to `smlal` or the reference
+                                if k != 3 && *name == "sdot" {
+                                    continue; // `run` takes 5x5 kernels to `smlal`
                                 }
                                 let (mut want, mut got) = (vec![0u8; n], vec![7u8; n]);
                                 run_plain(&op, &iw, &x, &mut want, first);
