@@ -46,9 +46,10 @@ import compare_ort  # noqa: E402  (run_json, bench_ort, machine_info)
 
 PAIRS = [("mobilenetv2_int8", "mobilenetv2_f32"), ("digits_cnn_int8", "digits_cnn_f32"),
          ("vibration_int8", "vibration_f32"), ("dw5x5_cnn_int8", "dw5x5_cnn_f32"),
+         ("frames_mlp_int8", "frames_mlp_f32"),
          # onnxruntime's quantize_dynamic (DynamicQuantizeLinear -> ConvInteger / MatMulInteger)
          ("mobilenetv2_dynint8", "mobilenetv2_f32"), ("digits_cnn_dynint8", "digits_cnn_f32")]
-RUNS = {"mobilenetv2": 30, "digits": 300, "vibration": 1000, "dw5x5": 200}
+RUNS = {"mobilenetv2": 30, "digits": 300, "vibration": 1000, "dw5x5": 200, "frames": 1000}
 ARM_CPUS = {"cortex-a72": "Pi 4", "cortex-a76": "Pi 5"}
 
 

@@ -1076,6 +1076,44 @@ def build_dw5x5():
     save_ref(q.stem, q, [x0], quantized=True, top1_output="logits", extra=extra)
 
 
+def build_frames_mlp():
+    """Builds models/frames_mlp_{f32,int8}.onnx: a keyword-spotting-shaped sequence model, a
+    per-frame MLP over 49 frames of 40 features (MatMul + Add + Relu three times: 40 -> 128 ->
+    128 -> 64), the mean over frames and a 12-way Gemm; random weights. Its QDQ form has
+    MatMuls of 49 rows, which test and measure integer matrix products beyond a classifier's
+    matrix-vector one."""
+    log("[frames_mlp]")
+    rng = np.random.default_rng(20261208)
+    frames, feats = 49, 40
+    g = Graph("frames_mlp")
+    x = "frames"
+    for i, (k, n) in enumerate([(feats, 128), (128, 128), (128, 64)]):
+        w = g.const(f"fc{i}.weight", he(rng, (k, n), k))
+        b = g.const(f"fc{i}.bias", rng.normal(0, 0.1, n).astype(np.float32))
+        x = g.node("MatMul", [x, w], name=f"fc{i}")
+        x = g.node("Add", [x, b], name=f"fc{i}_bias")
+        x = g.relu(x, name=f"fc{i}_relu")
+    x = g.node("ReduceMean", [x], name="pool", axes=[1], keepdims=0)
+    g.gemm(x, he(rng, (12, 64), 64, gain=1.0) * 2.0, rng.normal(0, 0.01, 12), name="classifier", out="logits")
+    m = g.model([vi("frames", TensorProto.FLOAT, [1, frames, feats])], [vi("logits", TensorProto.FLOAT, [1, 12])])
+    p = HERE / "frames_mlp_f32.onnx"
+    save_model(m, p)
+    q = HERE / "frames_mlp_int8.onnx"
+    calib = [rng.normal(0, 1, (1, frames, feats)).astype(np.float32) for _ in range(16)]
+    qstatic(p, q, "frames", calib, QuantFormat.QDQ)
+    # reference input: of 16 seeded candidates, the one whose int8 top-1 wins by the largest margin
+    s_q = session(q)
+    cands = [rng.normal(0, 1, (1, frames, feats)).astype(np.float32) for _ in range(16)]
+    margins = [np.diff(np.sort(run(s_q, [c])[0].ravel())[-2:])[0] for c in cands]
+    ci = int(np.argmax(margins))
+    record(p.stem, **model_info(p))
+    record(q.stem, **model_info(q))
+    extra = {"input_description": f"candidate {ci} of 16 seeded N(0, 1) inputs after 16 calibration ones "
+                                  "(seed 20261208)"}
+    save_ref(p.stem, p, [cands[ci]], top1_output="logits", extra=extra)
+    save_ref(q.stem, q, [cands[ci]], quantized=True, top1_output="logits", extra=extra)
+
+
 BUILDERS = collections.OrderedDict([
     ("digits", lambda: build_digits()),
     ("vibration", lambda: build_vibration()),
@@ -1084,6 +1122,7 @@ BUILDERS = collections.OrderedDict([
     ("mobilenetv2", lambda: build_mobilenetv2()),
     ("mobilenetv2_f32", lambda: build_mobilenetv2_f32()),
     ("dw5x5_cnn", lambda: build_dw5x5()),
+    ("frames_mlp", lambda: build_frames_mlp()),
     ("multi_io", lambda: build_multi_io()),
     ("unsupported_op", lambda: build_unsupported()),
     ("tree_binary_repro", lambda: build_tree_binary_repro()),

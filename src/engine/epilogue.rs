@@ -158,7 +158,17 @@ impl Folded {
     /// `pixels` values) while they are a bias `Add` (first, unless `biased`
     /// already), clip bounds (`Max`, `Min` with a single-valued constant) and
     /// one quantize/dequantize pair.
-    pub fn after(model: &TypedModel, sum: usize, pixels: usize, o: usize, mut biased: bool) -> Folded {
+    pub fn after(model: &TypedModel, sum: usize, pixels: usize, o: usize, biased: bool) -> Folded {
+        Folded::walk(model, sum, pixels, o, biased, false)
+    }
+
+    /// [`Folded::after`] a sum whose channels are its last axis (a row-wise
+    /// product, `[.., M, O]`): its bias is `[.., 1, O]`.
+    pub fn after_rows(model: &TypedModel, sum: usize, rows: usize, o: usize) -> Folded {
+        Folded::walk(model, sum, rows, o, false, true)
+    }
+
+    fn walk(model: &TypedModel, sum: usize, pixels: usize, o: usize, mut biased: bool, last: bool) -> Folded {
         let outputs = model.output_outlets().map(|o| o.to_vec()).unwrap_or_default();
         let mut folded = Folded { bias: None, epi: Epilogue::NONE, end: OutletId::new(sum, 0) };
         loop {
@@ -169,7 +179,7 @@ impl Folded {
             }
             let next = model.node(succs[0].node);
             // The bias comes first: before a clip or a pair it is no longer a bias.
-            let bias = (!biased && folded.epi == Epilogue::NONE).then(|| bias_of(model, end, next, pixels, o));
+            let bias = (!biased && folded.epi == Epilogue::NONE).then(|| bias_of(model, end, next, pixels, o, last));
             if let Some(values) = bias.flatten() {
                 folded.bias = Some(values);
                 biased = true;
@@ -240,8 +250,16 @@ pub fn swap_in_from(
 
 /// The bias values when `next`, the only consumer of `cur` (the sum of `o`
 /// channels of `pixels` values), adds one constant per output channel:
-/// `[O, 1, 1]`, or with a leading 1; any shape of `O` values for one pixel.
-fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o: usize) -> Option<Vec<f32>> {
+/// `[O, 1, 1]`, or with a leading 1; any shape of `O` values for one pixel;
+/// with `last` (channels on the last axis), `[.., 1, O]`.
+fn bias_of(
+    model: &TypedModel,
+    cur: OutletId,
+    next: &TypedNode,
+    pixels: usize,
+    o: usize,
+    last: bool,
+) -> Option<Vec<f32>> {
     next.op_as::<TypedBinOp>().filter(|b| b.1.is_none() && b.0.name() == "Add" && next.inputs.len() == 2)?;
     let fact = model.outlet_fact(cur).ok()?;
     if fact.shape != next.outputs[0].fact.shape {
@@ -250,10 +268,12 @@ fn bias_of(model: &TypedModel, cur: OutletId, next: &TypedNode, pixels: usize, o
     let (shape, values) = const_f32(model, next.inputs.iter().copied().find(|&i| i != cur)?)?;
     let rank = fact.rank();
     let single = pixels == 1 && shape.iter().filter(|&&d| d != 1).count() <= 1;
-    let per_channel = rank >= 3
+    // The channels' axis: the last for a row-wise product, else the third from last.
+    let at = if last { rank - 1 } else { rank.wrapping_sub(3) };
+    let per_channel = (last || rank >= 3)
         && shape.len() == rank
-        && shape[rank - 3] == o
-        && shape.iter().enumerate().all(|(i, &d)| i == rank - 3 || d == 1);
+        && shape[at] == o
+        && shape.iter().enumerate().all(|(i, &d)| i == at || d == 1);
     (values.len() == o && (single || per_channel)).then_some(values)
 }
 

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use tract_core::internal::{
     AxisOp, DatumType, DatumTypeExt, EvalContext, EvalOp, InOut, Op, OutletId, StaticName, TValue, TVec, TractResult,
-    TypedFact, TypedModel, TypedNode, TypedOp,
+    TypedFact, TypedModel, TypedModelPatch, TypedNode, TypedOp,
 };
 use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_core::ops::einsum::EinSum;
@@ -1399,6 +1399,42 @@ fn is_matvec(es: &EinSum, xi: usize, wi: usize, x: &[usize], y: &[usize]) -> boo
     x.iter().enumerate().all(|(i, &d)| i == ko || d == 1) && y.iter().enumerate().all(|(i, &d)| i == oo || d == 1)
 }
 
+/// Whether `es`, with the activation at input `xi` (shape `x`) and constant
+/// rank-2 weights at `wi` (output shape `y`), is a product of each row of
+/// the activation by the weights (a QDQ `MatMul` or `Gemm` of a sequence or
+/// batch: `[.., M, K] x [K, O] -> [.., M, O]`): `K` the activation's last
+/// axis, `O` the output's, the activation's other axes the output's others
+/// in the same order (an axis of one may be summed away: a batch of one),
+/// more than one row. Returns whether the weights are `[K, O]` (else `[O, K]`).
+fn is_rowwise(es: &EinSum, xi: usize, wi: usize, x: &[usize], y: &[usize]) -> Option<bool> {
+    let axes = &es.axes;
+    let (rank, y_rank) = (x.len(), y.len());
+    if axes.input_count() != 2 || axes.rank(InOut::In(wi)) != 2 || rank < 2 || y_rank < 2 {
+        return None;
+    }
+    // The weights' axis summed with the activation's last one, and the other.
+    let k = axes.axis((InOut::In(xi), rank - 1)).ok()?;
+    let kw = match k.inputs[wi].as_slice() {
+        &[a] if k.inputs[xi].len() == 1 && k.outputs[0].is_empty() => a,
+        _ => return None,
+    };
+    let o = axes.axis((InOut::In(wi), 1 - kw)).ok()?;
+    if !o.inputs[xi].is_empty() || o.outputs[0].as_slice() != [y_rank - 1] {
+        return None;
+    }
+    // The activation's other axes, in order, are the output's others.
+    let mut next = 0;
+    for (i, &d) in x[..rank - 1].iter().enumerate() {
+        let a = axes.axis((InOut::In(xi), i)).ok()?;
+        match (a.inputs[wi].is_empty(), a.outputs[0].as_slice()) {
+            (true, &[at]) if at == next && y[at] == d => next += 1,
+            (true, &[]) if d == 1 => {}
+            _ => return None,
+        }
+    }
+    (next == y_rank - 1 && x[..rank - 1].iter().product::<usize>() > 1).then_some(kw == 0)
+}
+
 /// The operator for the `EinSum` at `node`, if it is a 1x1 convolution of
 /// one channels-first image ([`is_pointwise`]) or a matrix-vector product
 /// ([`is_matvec`]) with constant integer-step weights and an input on a
@@ -1424,6 +1460,57 @@ fn for_einsum(model: &TypedModel, node: usize) -> Option<(Int8Conv, OutletId)> {
     let (grid, dynamic, input) = input_grid(model, node.inputs[p.xi])?;
     let op = build(grid, k, o, pixels, None, &w, vec![0.0; o], p.out_shape)?;
     Some((Int8Conv { dynamic, ..op }, input))
+}
+
+/// The operator for the `EinSum` at `node`, if it is a row-wise product
+/// ([`is_rowwise`]) with constant integer-step weights and an input on a
+/// byte grid: the same product transposed, `[K, M] -> [O, M]` (a 1x1
+/// convolution of `M` pixels, which every rung's kernels compute), with the
+/// outlet it reads. [`swap_in_rowwise`] moves the axes around it.
+fn for_rowwise(model: &TypedModel, node: usize) -> Option<(Int8Conv, OutletId)> {
+    let node = model.node(node);
+    let p = Product::of(model, node)?;
+    let k_first = is_rowwise(p.es, p.xi, p.wi, &p.in_shape, &p.out_shape)?;
+    let (rank, y_rank) = (p.in_shape.len(), p.out_shape.len());
+    let (k, o) = (p.in_shape[rank - 1], p.out_shape[y_rank - 1]);
+    let rows: usize = p.in_shape[..rank - 1].iter().product();
+    // At most 2^14 input channels, as for the other forms.
+    if k > 16_384 || k == 0 || o == 0 {
+        return None;
+    }
+    let (w_shape, w) = const_f32(model, node.inputs[p.wi])?;
+    let w = match (&*w_shape, k_first) {
+        (&[kk, oo], true) if (kk, oo) == (k, o) => {
+            (0..o).flat_map(|oc| (0..k).map(move |i| (oc, i))).map(|(oc, i)| w[i * o + oc]).collect()
+        }
+        (&[oo, kk], false) if (kk, oo) == (k, o) => w,
+        _ => return None,
+    };
+    let (grid, dynamic, input) = input_grid(model, node.inputs[p.xi])?;
+    let out_shape: TVec<usize> = std::iter::once(o).chain(p.out_shape[..y_rank - 1].iter().copied()).collect();
+    let op = build(grid, k, o, rows, None, &w, vec![0.0; o], out_shape)?;
+    Some((Int8Conv { dynamic, ..op }, input))
+}
+
+/// Puts `op` ([`for_rowwise`]) in place of the product at `id` and the
+/// bias, clip and pair after it, reading `input` with its last axis moved
+/// first (the rows' values become the pixels of each channel) and moving
+/// the output's first axis last.
+fn swap_in_rowwise(model: &mut TypedModel, id: usize, input: OutletId, mut op: Int8Conv) -> TractResult<()> {
+    let folded = Folded::after_rows(model, id, op.pixels, op.out_channels);
+    if let Some(bias) = folded.bias {
+        op.bias = bias.into();
+    }
+    op.epi = folded.epi;
+    let node = model.node(id);
+    let (rank, y_rank) = (model.outlet_fact(input)?.rank(), op.out_shape.len());
+    let mut patch = TypedModelPatch::new(format!("{OP_NAME} for {}", node.name));
+    let tap = patch.tap_model(model, input)?;
+    let cols = patch.wire_node(format!("{}.channels_first", node.name), AxisOp::Move(rank - 1, 0), &[tap])?[0];
+    let sums = patch.wire_node(&node.name, op, &[cols])?[0];
+    let rows = patch.wire_node(format!("{}.channels_last", node.name), AxisOp::Move(0, y_rank - 1), &[sums])?[0];
+    patch.shunt_outside(model, folded.end, rows)?;
+    patch.apply(model)
 }
 
 /// An f32 `EinSum` of one activation by constant weights, both shapes
@@ -1693,8 +1780,14 @@ fn narrow_edges(model: &mut TypedModel) -> TractResult<usize> {
 fn replace(model: &mut TypedModel) -> TractResult<usize> {
     let ids: Vec<usize> =
         model.nodes().iter().filter(|n| n.op_is::<EinSum>() || n.op_is::<Conv>()).map(|n| n.id).collect();
-    let mut replaced = 0;
+    let (mut replaced, mut rowwise) = (0, 0);
     for id in ids {
+        if let Some((op, input)) = for_rowwise(model, id) {
+            swap_in_rowwise(model, id, input, op)?;
+            replaced += 1;
+            rowwise += 1;
+            continue;
+        }
         let found = match for_conv(model, id) {
             Some((op, input)) => Some((op, input, true)),
             None => for_einsum(model, id).map(|(op, input)| (op, input, false)),
@@ -1706,6 +1799,13 @@ fn replace(model: &mut TypedModel) -> TractResult<usize> {
     }
     if replaced > 0 {
         model.compact()?;
+    }
+    if rowwise > 0 {
+        // Between two row-wise products the first's moved output goes
+        // through tract's bias add and pair into the second's move back:
+        // tract's axis pass carries the move through them, and the two cancel.
+        let change_axes = Box::<tract_core::optim::change_axes::ChangeAxes>::default();
+        tract_core::optim::Optimizer { passes: vec![change_axes], steps: None }.optimize(model)?;
     }
     Ok(replaced)
 }
@@ -2178,6 +2278,72 @@ mod tests {
         model.select_output_outlets(&[wire]).unwrap();
         let x: Vec<f32> = ints(k, 3, -10, 265).iter().map(|&v| v as f32 * IN_STEP).collect();
         (model, Tensor::from_shape(&[1, k, 1, 1], &x).unwrap())
+    }
+
+    /// A QDQ MatMul of several rows as tract's declutter leaves it: `expr`
+    /// on an activation of `x_shape` (`K` last) and weights `[K, O]` (ONNX
+    /// MatMul) or `[O, K]` (Gemm with `transB`), then a bias on the last axis
+    /// and a pair, which stay tract's.
+    fn rowwise_graph(expr: &str, x_shape: &[usize], o: usize, k_first: bool) -> (TypedModel, Tensor) {
+        let k = x_shape[x_shape.len() - 1];
+        let mut model = TypedModel::default();
+        let mut wire = model.add_source("x", DatumType::F32.fact(x_shape)).unwrap();
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(IN_STEP, 0.0, 255.0)), None);
+        wire = model.wire_node("in_pair", pair, &[wire]).unwrap()[0];
+        let w: Vec<f32> = ints(o * k, 21, -127, 127).iter().map(|&v| v as f32 * 0.004).collect();
+        let w = match k_first {
+            true => Tensor::from_shape(&[k, o], &(0..k * o).map(|i| w[(i % o) * k + i / o]).collect::<Vec<_>>()),
+            false => Tensor::from_shape(&[o, k], &w),
+        };
+        let w = model.add_const("w", w.unwrap()).unwrap();
+        let sum = EinSum { axes: expr.parse().unwrap(), operating_dt: DatumType::F32, q_params: None };
+        wire = model.wire_node("fc", sum, &[wire, w]).unwrap()[0];
+        let y_rank = model.outlet_fact(wire).unwrap().rank();
+        let mut b_shape = vec![1; y_rank];
+        b_shape[y_rank - 1] = o;
+        let b: Vec<f32> = ints(o, 23, -50, 50).iter().map(|&v| v as f32 * 0.1).collect();
+        let b = model.add_const("b", Tensor::from_shape(&b_shape, &b).unwrap()).unwrap();
+        wire = model.wire_node("bias", TypedBinOp(Box::new(Add), None), &[wire, b]).unwrap()[0];
+        let pair = ElementWiseOp(Box::new(QuantDequant::new(OUT_STEP, -128.0, 127.0)), None);
+        wire = model.wire_node("out_pair", pair, &[wire]).unwrap()[0];
+        model.select_output_outlets(&[wire]).unwrap();
+        let n = x_shape.iter().product();
+        let x: Vec<f32> = ints(n, 3, -10, 265).iter().map(|&v| v as f32 * IN_STEP).collect();
+        (model, Tensor::from_shape(x_shape, &x).unwrap())
+    }
+
+    #[test]
+    fn row_wise_products_match_tracts_float_sums_within_one_step() {
+        let shapes: [(&str, &[usize], bool); 5] = [
+            ("mk,kn->mn", &[7, 24], true),
+            ("bmk,nk->bmn", &[1, 9, 33], false),
+            ("bmk,kn->bmn", &[2, 5, 16], true),
+            // A keyword spotter's frames: 49 rows of 40, the batch of one
+            // summed away (how tract declutters an ONNX MatMul of them).
+            ("bmk,kn->bmn", &[1, 49, 40], true),
+            ("bmk,kn->mn", &[1, 49, 40], true),
+        ];
+        for (expr, x_shape, k_first) in shapes {
+            let (model, input) = rowwise_graph(expr, x_shape, 10, k_first);
+            let label = format!("{expr} {x_shape:?}");
+            let (want, _) = run(model.clone(), &input, false);
+            let (got, ops) = run(model.clone(), &input, true);
+            assert!(ops.iter().any(|o| o == OP_NAME) && !ops.iter().any(|o| o.contains("MatMul")), "{label}: {ops:?}");
+            // The bias (on the last axis) and the output pair are folded in.
+            let passes = ops.iter().filter(|o| o.contains("Add") || o.contains("QuantDequant")).count();
+            assert_eq!(passes, 1, "{label}: only the input's pair is left: {ops:?}");
+            assert_close(&got, &want, OUT_STEP * 1.001, &label);
+            // Every rung's kernels give the reference's bits.
+            let mut model = model;
+            super::super::declutter(&mut model).unwrap();
+            let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).unwrap().id;
+            let (op, _) = for_rowwise(&model, id).expect("a row-wise product");
+            assert_eq!(
+                (op.in_channels, op.out_channels, op.pixels),
+                (x_shape[x_shape.len() - 1], 10, input.len() / op.in_channels)
+            );
+            assert_isas_give_scalar_values(&op, &input, &label);
+        }
     }
 
     #[test]

@@ -1146,6 +1146,25 @@ mod tests {
 
     #[test]
     #[cfg(feature = "onnx")]
+    fn qdq_matmuls_of_several_rows_run_on_the_integer_kernels() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/frames_mlp_int8.onnx");
+        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
+        let infos: Vec<String> = (loaded.plan.model().nodes().iter())
+            .filter(|n| n.op.name() == int8_conv::OP_NAME)
+            .map(|n| n.op.info().unwrap().join("; "))
+            .filter(|i| !i.contains(" 1 pixels"))
+            .collect();
+        // Its three MatMuls of 49 frames: 40 -> 128, 128 -> 128, 128 -> 64
+        // (and the classifier, a matrix-vector product, left out here).
+        let want = if int8_conv::cpu_supported() { 3 } else { 0 };
+        assert_eq!(infos.len(), want, "{infos:?}");
+        for (info, (k, o)) in infos.iter().zip([(40, 128), (128, 128), (128, 64)]) {
+            assert!(info.contains(&format!("{k} -> {o} channels, 49 pixels")), "{infos:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "onnx")]
     fn float_pointwise_convolutions_run_on_our_operator_from_onnx_and_from_the_cache() {
         // The detector is fetched from its wheel (models/fetch_detector.py), not committed.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/detector_yolov8n.onnx");

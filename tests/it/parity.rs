@@ -153,6 +153,17 @@ fn dw5x5_cnn_int8_matches_ort() {
     check("dw5x5_cnn_int8", int8(3.0));
 }
 
+/// Three QDQ MatMuls of 49 rows (a per-frame MLP): integer matrix products.
+#[test]
+fn frames_mlp_f32_matches_ort() {
+    check("frames_mlp_f32", FLOAT);
+}
+
+#[test]
+fn frames_mlp_int8_matches_ort() {
+    check("frames_mlp_int8", int8(2.0));
+}
+
 #[test]
 fn multi_io_matches_ort() {
     check("multi_io", FLOAT);
@@ -230,7 +241,7 @@ fn wrong_shape_overrides_name_the_input() {
 #[test]
 #[cfg(feature = "threads")]
 fn int8_models_give_the_same_bits_on_one_and_four_threads() {
-    for stem in ["mobilenetv2_int8", "dw5x5_cnn_int8", "digits_cnn_int8", "digits_cnn_dynint8"] {
+    for stem in ["mobilenetv2_int8", "dw5x5_cnn_int8", "frames_mlp_int8", "digits_cnn_int8", "digits_cnn_dynint8"] {
         let src = crate::model(&format!("{stem}.onnx"));
         let one = Model::load(&src, &LoadOptions::default()).unwrap();
         let four = Model::load(&src, &LoadOptions { threads: 4, ..Default::default() }).unwrap();
