@@ -615,6 +615,14 @@ pub(super) mod arm32 {
         };
     }
 
+    /// One tap of 8 values (`d$x0`, `d$x1`) times the weight in lane `$w`,
+    /// into the sums `q$lo`-`q$hi`.
+    macro_rules! dw_tap {
+        ($lo:literal, $hi:literal, $x0:literal, $x1:literal, $w:literal) => {
+            concat!("vmlal.s16 q", $lo, ", d", $x0, ", ", $w, "\n", "vmlal.s16 q", $hi, ", d", $x1, ", ", $w, "\n",)
+        };
+    }
+
     /// The loaded row's three taps times kernel row `$k` (weights in lanes
     /// of d0-d2, four per register), into the sums `q$lo`-`q$hi`.
     macro_rules! dw_macs {
@@ -628,38 +636,7 @@ pub(super) mod arm32 {
             dw_macs!($lo, $hi, "d1[2]", "d1[3]", "d2[0]")
         };
         ($lo:literal, $hi:literal, $a:literal, $b:literal, $c:literal) => {
-            concat!(
-                "vmlal.s16 q",
-                $lo,
-                ", d16, ",
-                $a,
-                "\n",
-                "vmlal.s16 q",
-                $hi,
-                ", d17, ",
-                $a,
-                "\n",
-                "vmlal.s16 q",
-                $lo,
-                ", d18, ",
-                $b,
-                "\n",
-                "vmlal.s16 q",
-                $hi,
-                ", d19, ",
-                $b,
-                "\n",
-                "vmlal.s16 q",
-                $lo,
-                ", d20, ",
-                $c,
-                "\n",
-                "vmlal.s16 q",
-                $hi,
-                ", d21, ",
-                $c,
-                "\n",
-            )
+            concat!(dw_tap!($lo, $hi, 16, 17, $a), dw_tap!($lo, $hi, 18, 19, $b), dw_tap!($lo, $hi, 20, 21, $c))
         };
     }
 
@@ -726,28 +703,7 @@ pub(super) mod arm32 {
             dw5_macs_b!($lo, $hi, "d5[3]", "d6[0]")
         };
         ($lo:literal, $hi:literal, $a:literal, $b:literal) => {
-            concat!(
-                "vmlal.s16 q",
-                $lo,
-                ", d16, ",
-                $a,
-                "\n",
-                "vmlal.s16 q",
-                $hi,
-                ", d17, ",
-                $a,
-                "\n",
-                "vmlal.s16 q",
-                $lo,
-                ", d18, ",
-                $b,
-                "\n",
-                "vmlal.s16 q",
-                $hi,
-                ", d19, ",
-                $b,
-                "\n",
-            )
+            concat!(dw_tap!($lo, $hi, 16, 17, $a), dw_tap!($lo, $hi, 18, 19, $b))
         };
     }
 
