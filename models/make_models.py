@@ -935,6 +935,21 @@ def bn_folded_conv(g, rng, state):
     return conv_bn
 
 
+def inverted_residual(g, state, conv_bn, cin, t, c, k, stride, pre):
+    """A MobileNetV2/V3 block on `state` through `conv_bn`: expand 1x1 (when t > 1), depthwise
+    kxk, linear project 1x1, and a residual Add when stride is 1 and cin = c."""
+    inp_x, inp_name = state["x"], state["name"]
+    hidden = cin * t
+    if t != 1:
+        conv_bn(cin, hidden, 1, 1, 1, True, f"{pre}_expand")
+    conv_bn(hidden, hidden, k, stride, hidden, True, f"{pre}_dw")
+    residual = stride == 1 and cin == c
+    conv_bn(hidden, c, 1, 1, 1, False, f"{pre}_project", gamma=0.5 if residual else 1.0)
+    if residual:
+        state["x"] = state["x"] + inp_x
+        state["name"] = g.node("Add", [inp_name, state["name"]], name=f"{pre}_add")
+
+
 def build_mobilenetv2_f32():
     """Builds models/mobilenetv2_f32.onnx. Conv weights: seeded He-normal; then, like a
     batch-norm folded into the conv, each output channel is rescaled/shifted so that its
@@ -953,17 +968,7 @@ def build_mobilenetv2_f32():
     for t, c, n, s in MBV2_CFG:
         for i in range(n):
             stride = s if i == 0 else 1
-            inp_x, inp_name = state["x"], state["name"]
-            hidden = cin * t
-            pre = f"block{bi}"
-            if t != 1:
-                conv_bn(cin, hidden, 1, 1, 1, True, f"{pre}_expand")
-            conv_bn(hidden, hidden, 3, stride, hidden, True, f"{pre}_dw")
-            residual = stride == 1 and cin == c
-            conv_bn(hidden, c, 1, 1, 1, False, f"{pre}_project", gamma=0.5 if residual else 1.0)
-            if residual:
-                state["x"] = state["x"] + inp_x
-                state["name"] = g.node("Add", [inp_name, state["name"]], name=f"{pre}_add")
+            inverted_residual(g, state, conv_bn, cin, t, c, 3, stride, f"block{bi}")
             cin = c
             bi += 1
     conv_bn(cin, 1280, 1, 1, 1, True, "head_conv")
@@ -1039,17 +1044,7 @@ def build_dw5x5():
     conv_bn(3, 16, 3, 2, 1, True, "stem_conv")
     cin = 16
     for bi, (k, t, c, s) in enumerate(DW5_CFG):
-        inp_x, inp_name = state["x"], state["name"]
-        hidden = cin * t
-        pre = f"block{bi}"
-        if t != 1:
-            conv_bn(cin, hidden, 1, 1, 1, True, f"{pre}_expand")
-        conv_bn(hidden, hidden, k, s, hidden, True, f"{pre}_dw")
-        residual = s == 1 and cin == c
-        conv_bn(hidden, c, 1, 1, 1, False, f"{pre}_project", gamma=0.5 if residual else 1.0)
-        if residual:
-            state["x"] = state["x"] + inp_x
-            state["name"] = g.node("Add", [inp_name, state["name"]], name=f"{pre}_add")
+        inverted_residual(g, state, conv_bn, cin, t, c, k, s, f"block{bi}")
         cin = c
     conv_bn(cin, 256, 1, 1, 1, True, "head_conv")
     x = g.node("GlobalAveragePool", [state["name"]], name="gap")

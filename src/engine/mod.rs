@@ -1062,12 +1062,25 @@ mod tests {
         assert!(left < pairs, "{left} of {pairs} pairs left as passes: {:?}", info.optimized_ops);
     }
 
+    /// Each `op` node's info in the plan, joined into one line.
+    #[cfg(feature = "onnx")]
+    fn infos_of(model: &TypedModel, op: &str) -> Vec<String> {
+        let nodes = model.nodes().iter().filter(|n| n.op.name() == op);
+        nodes.map(|n| n.op.info().unwrap().join("; ")).collect()
+    }
+
+    /// A committed model, loaded without a warm-up.
+    #[cfg(feature = "onnx")]
+    fn load_committed(file: &str) -> Model {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(file);
+        Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap()
+    }
+
     #[test]
     #[cfg(feature = "onnx")]
     fn loading_runs_depthwise_convolutions_on_our_operator() {
         // The committed int8 MobileNetV2 (the float one is generated, not committed).
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mobilenetv2_int8.onnx");
-        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
+        let loaded = load_committed("mobilenetv2_int8.onnx");
         let ops = &loaded.info().optimized_ops;
         let count = |name: &str| ops.iter().filter(|(op, _)| op.contains(name)).map(|(_, n)| n).sum::<usize>();
         if depthwise::cpu_supported() {
@@ -1102,12 +1115,7 @@ mod tests {
                     _ if cfg!(target_arch = "arm") => "vmlal",
                     _ => "smlal",
                 };
-                let infos: Vec<String> = model
-                    .nodes()
-                    .iter()
-                    .filter(|n| n.op.name() == depthwise::OP_NAME)
-                    .map(|n| n.op.info().unwrap().join("; "))
-                    .collect();
+                let infos = infos_of(model, depthwise::OP_NAME);
                 assert!(infos.iter().all(|i| i.contains("sums: integer") && i.contains(want)), "{infos:?}");
             }
         } else {
@@ -1121,15 +1129,7 @@ mod tests {
     #[test]
     #[cfg(feature = "onnx")]
     fn five_by_five_depthwise_convolutions_run_on_our_operator() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dw5x5_cnn_int8.onnx");
-        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
-        let model = loaded.plan.model();
-        let infos: Vec<String> = model
-            .nodes()
-            .iter()
-            .filter(|n| n.op.name() == depthwise::OP_NAME)
-            .map(|n| n.op.info().unwrap().join("; "))
-            .collect();
+        let infos = infos_of(load_committed("dw5x5_cnn_int8.onnx").plan.model(), depthwise::OP_NAME);
         let fives = infos.iter().filter(|i| i.starts_with("5x5 ")).count();
         // Seven depthwise convolutions, five of them 5x5 (two of stride 2).
         let want = if depthwise::cpu_supported() { (7, 5) } else { (0, 0) };
@@ -1147,13 +1147,8 @@ mod tests {
     #[test]
     #[cfg(feature = "onnx")]
     fn qdq_matmuls_of_several_rows_run_on_the_integer_kernels() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/frames_mlp_int8.onnx");
-        let loaded = Model::load(&path, &LoadOptions { skip_warmup: true, ..Default::default() }).unwrap();
-        let infos: Vec<String> = (loaded.plan.model().nodes().iter())
-            .filter(|n| n.op.name() == int8_conv::OP_NAME)
-            .map(|n| n.op.info().unwrap().join("; "))
-            .filter(|i| !i.contains(" 1 pixels"))
-            .collect();
+        let mut infos = infos_of(load_committed("frames_mlp_int8.onnx").plan.model(), int8_conv::OP_NAME);
+        infos.retain(|i| !i.contains(" 1 pixels"));
         // Its three MatMuls of 49 frames: 40 -> 128, 128 -> 128, 128 -> 64
         // (and the classifier, a matrix-vector product, left out here).
         let want = if int8_conv::cpu_supported() { 3 } else { 0 };
