@@ -2338,11 +2338,18 @@ mod tests {
             super::super::declutter(&mut model).unwrap();
             let id = model.nodes().iter().find(|n| n.op_is::<EinSum>()).unwrap().id;
             let (op, _) = for_rowwise(&model, id).expect("a row-wise product");
+            assert!(!op.dynamic, "{label}");
             assert_eq!(
                 (op.in_channels, op.out_channels, op.pixels),
                 (x_shape[x_shape.len() - 1], 10, input.len() / op.in_channels)
             );
             assert_isas_give_scalar_values(&op, &input, &label);
+            // And with the input's grid picked per inference (a dynamically quantized model).
+            let dynamic = made_dynamic(rowwise_graph(expr, x_shape, 10, k_first).0);
+            let (want, _) = run(dynamic.clone(), &input, false);
+            let (got, ops) = run(dynamic, &input, true);
+            assert!(ops.iter().any(|o| o == OP_NAME), "dynamic, {label}: {ops:?}");
+            assert_close(&got, &want, OUT_STEP * 1.001, &format!("dynamic, {label}"));
         }
     }
 
