@@ -51,9 +51,10 @@ profile=ci-arm
 # embedded broker (the packaged config uses it) and TLS (ring must cross-build
 # with just the cross gcc) and `threads` (tract's rayon pool: the tests check
 # that our operators give the same bits on 1 and 4 threads, as on a Pi's 4
-# cores). V4L2, the HTTP camera and serial sources are left out: x86 tests
+# cores) and `http-server` (the status page and /metrics: its axum comes with
+# the broker anyway). V4L2, the HTTP camera and serial sources are left out: x86 tests
 # them, and each would be compiled once more per ARM target.
-feature_list=onnx,broker,tls,threads
+feature_list=onnx,broker,tls,threads,http-server
 features=(--no-default-features --features "$feature_list")
 # Unit tests that hold pure, arch-sensitive logic (numbers, parsing), the
 # start-up cache's streamed reader (threads, weights read into tensors: what a

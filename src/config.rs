@@ -1,7 +1,7 @@
 //! The daemon's TOML configuration: the whole file ([`Config`]), which
 //! aggregates the components' own settings (`source::config`,
 //! `preprocess::config`, `postprocess::config`, `sink::config`,
-//! `homeassistant`), re-exported here, with the daemon's own tables
+//! `homeassistant`, `http`), re-exported here, with the daemon's own tables
 //! (`[engine]`, `[broker]`, `[health]`, `[shutdown]`, `[commands]`). `load`
 //! parses (unknown keys are refused), resolves paths (relative to the config
 //! file), has each component check its values and runs the checks that
@@ -79,6 +79,9 @@ pub struct Config {
     /// Engine settings shared by every pipeline: threads and the start-up cache.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The status page and Prometheus `/metrics` (off unless the `[http]` table is there).
+    #[serde(default)]
+    pub http: Option<crate::http::HttpConfig>,
     /// The pipelines: source -> preprocess -> model -> postprocess -> outputs.
     #[serde(default)]
     pub pipelines: Vec<PipelineConfig>,
@@ -198,27 +201,13 @@ impl CommandsConfig {
 
     /// The HMAC secret, if one is configured; `resolve` makes a relative path absolute.
     pub fn secret(&self, resolve: &dyn Fn(&std::path::Path) -> PathBuf) -> Result<Option<Vec<u8>>, String> {
-        if let Some(var) = &self.hmac_secret_env {
-            let v = std::env::var(var)
-                .map_err(|_| format!("commands.hmac_secret_env: environment variable `{var}` is not set"))?;
-            return non_empty(v.into_bytes(), "commands.hmac_secret_env").map(Some);
-        }
-        if let Some(file) = &self.hmac_secret_file {
-            let path = resolve(file);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("commands.hmac_secret_file: {}: {e}", path.display()))?;
-            let line = text.lines().next().unwrap_or("").trim_end().to_string();
-            return non_empty(line.into_bytes(), "commands.hmac_secret_file").map(Some);
-        }
-        Ok(None)
+        crate::secret::read(
+            self.hmac_secret_env.as_deref(),
+            self.hmac_secret_file.as_deref(),
+            ("commands.hmac_secret_env", "commands.hmac_secret_file"),
+            resolve,
+        )
     }
-}
-
-fn non_empty(secret: Vec<u8>, key: &str) -> Result<Vec<u8>, String> {
-    if secret.is_empty() {
-        return Err(format!("{key}: the secret is empty"));
-    }
-    Ok(secret)
 }
 
 /// One pipeline.
@@ -327,6 +316,9 @@ impl Config {
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
+        if let Some(http) = &self.http {
+            http.validate().map_err(|(k, r)| bad(format!("http.{k}"), r))?;
+        }
         check_threads(self.engine.threads).map_err(|r| bad("engine.threads".into(), r))?;
         if let Some(dir) = &self.engine.cache_dir {
             let dir = self.resolve(dir);

@@ -4,7 +4,7 @@
 
 /// Every optional Cargo feature, in Cargo.toml's order, and whether this binary has it.
 /// A new optional part is one line here plus its `#[cfg]`s.
-pub const FEATURES: [(&str, bool); 7] = [
+pub const FEATURES: [(&str, bool); 8] = [
     ("onnx", cfg!(feature = "onnx")),
     ("broker", cfg!(feature = "broker")),
     ("v4l2", cfg!(feature = "v4l2")),
@@ -12,6 +12,7 @@ pub const FEATURES: [(&str, bool); 7] = [
     ("serial", cfg!(feature = "serial")),
     ("tls", cfg!(feature = "tls")),
     ("threads", cfg!(feature = "threads")),
+    ("http-server", cfg!(feature = "http-server")),
 ];
 
 /// True when this binary was built with `feature`.

@@ -11,6 +11,7 @@
 //! - [`stats`]: percentiles and resident memory, for the metrics and the `bench` tool.
 //! - [`mqtt`]: what the MQTT client, the embedded broker and the config checks share (packet size, topics).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`secret`]: secrets named by an environment variable or a file (HMAC key, status page password).
 //! - [`engine`]: the only module that touches tract; loads, pins, optimises and runs models.
 //! - [`message`]: what flows between stages: inputs, what a source gives, the bounded input queue, results.
 //! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
@@ -21,6 +22,7 @@
 //! - [`sink`]: outputs (mqtt, stdout, file) that never block inference, and the MQTT connection; `sink::config`.
 //! - [`source`]: input sources, one thread each; their settings and what each gives in `source::config`.
 //! - [`homeassistant`]: Home Assistant MQTT discovery configs for each pipeline.
+//! - [`http`]: the status page and Prometheus `/metrics` (`[http]`; the server needs feature `http-server`).
 //! - [`config`]: the daemon's TOML file: aggregates the components' settings, loads, runs the cross-component checks.
 //! - [`cmd`]: the `inspect`, `infer`, `bench`, `convert` and `devices` subcommands, called by `main.rs`.
 //! - [`prepare`]: start-up checks: a pipeline's model loaded and its stages fitted to it; `edgeinfer check`.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod engine;
 pub mod features;
 pub mod homeassistant;
+pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
@@ -44,6 +47,7 @@ pub mod postprocess;
 pub mod prepare;
 pub mod preprocess;
 pub mod sdnotify;
+pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod stats;

@@ -3,22 +3,36 @@
 //! the hot path, except the latency ring, which one worker writes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use heapless::HistoryBuf;
+use image::RgbImage;
+
+use crate::message::ResultMsg;
 
 /// Latency samples kept per stage for percentiles.
 pub const LATENCY_SAMPLES: usize = 1024;
 
-/// Recent latencies of one stage, in milliseconds.
+/// Upper bounds (seconds) of the latency histogram's buckets, as Prometheus
+/// exposes them (`le`); a last `+Inf` bucket is implied. From half a
+/// millisecond (a small model on a desktop CPU) to 10 s (a big one on a Pi Zero).
+pub const LATENCY_BUCKETS_S: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Latencies of one stage, in milliseconds: the recent samples (for
+/// percentiles) and a histogram of every sample since start (for `/metrics`).
 pub struct StageLatency {
     recent: HistoryBuf<f32, LATENCY_SAMPLES>,
+    /// Samples per bucket of [`LATENCY_BUCKETS_S`] (not cumulative), and above the last.
+    buckets: [u64; LATENCY_BUCKETS_S.len() + 1],
+    count: u64,
+    sum_ms: f64,
 }
 
 impl Default for StageLatency {
     fn default() -> Self {
-        StageLatency { recent: HistoryBuf::new() }
+        StageLatency { recent: HistoryBuf::new(), buckets: [0; LATENCY_BUCKETS_S.len() + 1], count: 0, sum_ms: 0.0 }
     }
 }
 
@@ -26,16 +40,46 @@ impl StageLatency {
     /// Records one duration.
     pub fn record(&mut self, ms: f64) {
         self.recent.write(ms as f32);
+        let s = ms / 1000.0;
+        let bucket = LATENCY_BUCKETS_S.iter().position(|&le| s <= le).unwrap_or(LATENCY_BUCKETS_S.len());
+        self.buckets[bucket] += 1;
+        self.count += 1;
+        self.sum_ms += ms;
     }
 
     /// p50 and p99 of the recent samples (None when empty).
     pub fn percentiles(&self) -> Option<(f64, f64)> {
-        if self.recent.is_empty() {
+        self.percentiles_of_last(LATENCY_SAMPLES)
+    }
+
+    /// p50 and p99 of the newest `n` samples (fewer if fewer are kept; None when none).
+    pub fn percentiles_of_last(&self, n: usize) -> Option<(f64, f64)> {
+        let skip = self.recent.len().saturating_sub(n);
+        let mut v: Vec<f64> = self.recent.oldest_ordered().skip(skip).map(|&x| x as f64).collect();
+        if v.is_empty() {
             return None;
         }
-        let mut v: Vec<f64> = self.recent.oldest_ordered().map(|&x| x as f64).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         Some((crate::stats::percentile(&v, 50.0), crate::stats::percentile(&v, 99.0)))
+    }
+
+    /// Samples recorded since start.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of every sample since start, in seconds.
+    pub fn sum_s(&self) -> f64 {
+        self.sum_ms / 1000.0
+    }
+
+    /// Cumulative counts per bucket of [`LATENCY_BUCKETS_S`], then the `+Inf` bucket (= count).
+    pub fn cumulative_buckets(&self) -> [u64; LATENCY_BUCKETS_S.len() + 1] {
+        let mut out = self.buckets;
+        for i in 1..out.len() {
+            out[i] += out[i - 1];
+        }
+        out
     }
 }
 
@@ -50,6 +94,79 @@ pub struct Latencies {
     pub postprocess: StageLatency,
     /// Capture to result.
     pub total: StageLatency,
+}
+
+impl Latencies {
+    /// Each stage with its name as the health message and `/metrics` call it.
+    pub fn stages(&self) -> [(&'static str, &StageLatency); 4] {
+        [
+            ("preprocess", &self.preprocess),
+            ("inference", &self.inference),
+            ("postprocess", &self.postprocess),
+            ("total", &self.total),
+        ]
+    }
+}
+
+/// The newest result of a pipeline and, for cameras, the frame it came from:
+/// what the status page shows. Kept only while the page is on ([http]): the
+/// worker moves the frame in (no copy) instead of dropping it.
+#[derive(Default)]
+pub struct Latest {
+    slot: Mutex<LatestView>,
+}
+
+/// What [`Latest`] holds.
+#[derive(Default, Clone)]
+pub struct LatestView {
+    /// The newest result.
+    pub result: Option<Arc<ResultMsg>>,
+    /// The newest frame that reached the model, with its own result (boxes match the picture).
+    pub frame: Option<(Arc<RgbImage>, Arc<ResultMsg>)>,
+    /// The model now running (changes with `reload_model`).
+    pub model: ModelView,
+}
+
+/// The model a pipeline runs, as the status page and `/metrics` name it.
+#[derive(Default, Clone, Debug, PartialEq)]
+pub struct ModelView {
+    /// Name (file stem).
+    pub name: String,
+    /// SHA-256 of the ONNX file, hex.
+    pub sha256: String,
+    /// Quantization form ("QDQ", "float (not quantized)", ...).
+    pub quantization: String,
+    /// Which kernels run it.
+    pub kernels: String,
+}
+
+impl Latest {
+    /// A slot for a pipeline running `model`.
+    pub fn new(model: ModelView) -> Self {
+        Latest { slot: Mutex::new(LatestView { model, ..Default::default() }) }
+    }
+
+    /// Keeps `result`, and `frame` (with that result) when the input was a frame.
+    pub fn store(&self, result: Arc<ResultMsg>, frame: Option<RgbImage>) {
+        if let Ok(mut s) = self.slot.lock() {
+            if let Some(f) = frame {
+                s.frame = Some((Arc::new(f), result.clone()));
+            }
+            s.result = Some(result);
+        }
+    }
+
+    /// Notes a model swap.
+    pub fn set_model(&self, model: ModelView) {
+        if let Ok(mut s) = self.slot.lock() {
+            s.model = model;
+        }
+    }
+
+    /// A copy of what is held (the frame and results are shared, not copied).
+    pub fn view(&self) -> LatestView {
+        self.slot.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }
 
 /// Figures of one pipeline.
@@ -239,6 +356,49 @@ mod tests {
             s.record(i as f64);
         }
         assert_eq!(s.percentiles(), Some((50.0, 99.0)));
+    }
+
+    #[test]
+    fn the_histogram_counts_every_sample_in_its_bucket() {
+        let mut s = StageLatency::default();
+        for ms in [0.2, 0.5, 0.7, 3.0, 20_000.0] {
+            s.record(ms);
+        }
+        let c = s.cumulative_buckets();
+        // le 0.0005 s holds 0.2 and 0.5 ms (upper bounds are inclusive), le 0.001 adds 0.7 ms.
+        assert_eq!((c[0], c[1], c[2], c[3]), (2, 3, 3, 4));
+        assert_eq!(c[LATENCY_BUCKETS_S.len() - 1], 4, "20 s is above the last bound");
+        assert_eq!(c[LATENCY_BUCKETS_S.len()], 5);
+        assert_eq!(s.count(), 5);
+        assert!((s.sum_s() - 20.0044).abs() < 1e-9);
+        assert_eq!(s.percentiles_of_last(2), Some((3.0, 20_000.0)));
+    }
+
+    #[test]
+    fn latest_keeps_the_newest_frame_with_its_own_result() {
+        let l = Latest::new(ModelView { name: "m".into(), ..Default::default() });
+        let msg = |seq| {
+            Arc::new(ResultMsg {
+                device: "d".into(),
+                pipeline: "p".into(),
+                model: "m".into(),
+                model_sha256: "0".into(),
+                seq,
+                captured: SystemTime::now(),
+                origin: None,
+                latency: Default::default(),
+                result: Default::default(),
+            })
+        };
+        assert!(l.view().result.is_none());
+        l.store(msg(1), Some(RgbImage::new(4, 2)));
+        l.store(msg(2), None);
+        let v = l.view();
+        assert_eq!(v.result.map(|r| r.seq), Some(2));
+        let (frame, of) = v.frame.unwrap();
+        assert_eq!((frame.dimensions(), of.seq), ((4, 2), 1), "the frame stays with the result made from it");
+        l.set_model(ModelView { name: "n".into(), ..Default::default() });
+        assert_eq!(l.view().model.name, "n");
     }
 
     #[test]

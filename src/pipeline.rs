@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context};
 
 use crate::config::{Config, OutputKind, When};
 use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
-use crate::metrics::{MqttMetrics, PipelineMetrics};
+use crate::metrics::{Latest, ModelView, MqttMetrics, PipelineMetrics};
 use crate::postprocess::events::{Decision, EventFilter};
 use crate::postprocess::results::Postprocessor;
 use crate::postprocess::snapshot::Snapshotter;
@@ -49,6 +49,8 @@ struct Worker {
     device: Arc<str>,
     snapshot: Option<SnapshotOut>,
     control: Arc<crate::commands::PipelineControl>,
+    /// The newest result and frame for the status page (None without `[http]`).
+    latest: Option<Arc<Latest>>,
 }
 
 /// Where a pipeline's snapshots go.
@@ -92,6 +94,17 @@ impl SnapshotOut {
     }
 }
 
+/// The model a pipeline runs, as the status page names it.
+fn model_view(p: &Prepared) -> ModelView {
+    let info = p.model.info();
+    ModelView {
+        name: info.name.clone(),
+        sha256: info.sha256.clone(),
+        quantization: info.quantization.clone(),
+        kernels: info.int8_path.clone(),
+    }
+}
+
 fn warn_limited(count: u64, pipeline: &str, what: &str) {
     if count.is_power_of_two() {
         log::warn!("pipeline `{pipeline}`: {what} ({count} so far)");
@@ -100,7 +113,7 @@ fn warn_limited(count: u64, pipeline: &str, what: &str) {
 
 impl Worker {
     fn run(mut self) {
-        let Worker { prepared, queue, outputs, metrics, device, snapshot, control } = &mut self;
+        let Worker { prepared, queue, outputs, metrics, device, snapshot, control, latest } = &mut self;
         let mut session = match prepared.model.session() {
             Ok(s) => s,
             Err(e) => {
@@ -129,6 +142,9 @@ impl Worker {
                     model_name = prepared.model.info().name.as_str().into();
                     sha = prepared.model.info().sha256.as_str().into();
                     buf = prepared.pre.buffer();
+                    if let Some(l) = latest {
+                        l.set_model(model_view(prepared));
+                    }
                     // A set_threshold taken while the new model was loading must outlive the swap:
                     // the control holds the current anomaly threshold.
                     let current = control.anomaly_threshold.lock().ok().and_then(|a| *a);
@@ -167,6 +183,7 @@ impl Worker {
             let captured = input.captured();
             let origin = input.origin().map(str::to_string);
             let mut mark = Instant::now();
+            let mut newest: Option<Arc<ResultMsg>> = None;
             let post = &mut prepared.post;
             let fed = prepared.pre.feed(&input, &mut buf, |tensor, geometry| {
                 let pre_ms = mark.elapsed().as_secs_f64() * 1000.0;
@@ -231,12 +248,23 @@ impl Worker {
                         snap.take(&frame.image, detections, metrics);
                     }
                 }
+                if latest.is_some() {
+                    newest = Some(msg);
+                }
                 mark = Instant::now();
             });
             if let Err(e) = fed {
                 let n = metrics.errors.fetch_add(1, Relaxed) + 1;
                 let from = origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default();
                 warn_limited(n, &pipeline, &format!("input{from} skipped: {e}"));
+            }
+            if let (Some(l), Some(msg)) = (latest.as_ref(), newest) {
+                // The frame is moved, not copied: the worker would drop it here anyway.
+                let frame = match input {
+                    crate::message::Input::Frame(f) => Some(f.image),
+                    _ => None,
+                };
+                l.store(msg, frame);
             }
         }
     }
@@ -313,12 +341,16 @@ pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
     let device: Arc<str> = cfg.device().into();
     let prepared: Vec<Prepared> = cfg.pipelines.iter().map(|p| prepare(&cfg, p)).collect::<anyhow::Result<_>>()?;
     let password = read_password(&cfg)?;
+    let http_credentials = match &cfg.http {
+        Some(h) => h.credentials(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?,
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("edgeinfer-io")
         .build()?;
-    let result = rt.block_on(run_async(cfg, device, prepared, password));
+    let result = rt.block_on(run_async(cfg, device, prepared, password, http_credentials));
     // A blocking read (stdin) may never return; do not wait for it.
     rt.shutdown_timeout(Duration::from_millis(500));
     result
@@ -329,8 +361,15 @@ async fn run_async(
     device: Arc<str>,
     prepared: Vec<Prepared>,
     password: Option<String>,
+    http_credentials: Option<(String, String)>,
 ) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
+    // Bound before anything starts: a taken port stops the daemon with a clear error.
+    #[cfg(feature = "http-server")]
+    let http_listener = match &cfg.http {
+        Some(h) => Some(crate::http::bind(h).await.map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     // SIGINT and SIGTERM are ours before the MQTT connection announces `online`: a
     // supervisor (or a test) that stops the daemon as soon as it sees it gets a clean
     // shutdown, not the signals' default action while the pipelines are being started.
@@ -371,6 +410,7 @@ async fn run_async(
     let mut line_threads = Vec::new();
     let mut workers = Vec::new();
     let mut controls = Vec::new();
+    let mut shown = Vec::new();
     let mut stdout_sink: Option<Arc<crate::sink::stdout::LineSink>> = None;
     for prep in prepared {
         let p = prep.cfg.clone();
@@ -442,7 +482,12 @@ async fn run_async(
         });
         let control = crate::commands::PipelineControl::new(&prep, cfg.resolve(&p.model));
         controls.push(control.clone());
+        let latest = cfg.http.as_ref().map(|_| Arc::new(Latest::new(model_view(&prep))));
+        if let Some(l) = &latest {
+            shown.push((metrics.clone(), l.clone(), p.source.kind()));
+        }
         let worker = Worker {
+            latest,
             control,
             prepared: prep,
             queue: queue.clone(),
@@ -483,6 +528,31 @@ async fn run_async(
         Arc::new(move || publish_health(&device, started, hub.as_ref(), &mqtt, &pipelines, &cfg, &registry))
     };
     let _ = health_cell.set(health_now);
+    #[cfg(feature = "http-server")]
+    let _status_page = match (http_listener, &cfg.http) {
+        (Some(listener), Some(h)) => {
+            let (device, mqtt, pipelines, registry) =
+                (device.clone(), mqtt_metrics.clone(), all_metrics.clone(), registry.clone());
+            let sources = crate::http::Sources {
+                device: device.to_string(),
+                started,
+                mqtt: mqtt.clone(),
+                pipelines: shown
+                    .into_iter()
+                    .map(|(metrics, latest, source)| crate::http::PipelineView {
+                        metrics,
+                        latest,
+                        source: source.into(),
+                    })
+                    .collect(),
+                health: Arc::new(move || health_json(&device, started, &mqtt, &pipelines, &registry)),
+            };
+            Some(crate::http::start(listener, h, http_credentials, sources).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
+    #[cfg(not(feature = "http-server"))]
+    let _ = (shown, http_credentials);
     let watchdog = crate::sdnotify::ready();
 
     let mut remaining = workers.len();

@@ -23,6 +23,8 @@ mod pipe;
 mod sensors;
 #[cfg(feature = "serial")]
 mod serial;
+#[cfg(feature = "http-server")]
+mod status_page;
 mod store_forward;
 mod support;
 mod systemd;
