@@ -494,9 +494,18 @@ impl Handler {
             }
             Command::ReloadModel { pipeline, model } => {
                 let c = self.registry.control(&pipeline)?.clone();
-                let path = match model {
+                let requested = match model {
                     Some(p) => self.cfg.resolve(&p),
                     None => c.model_path.lock().map_err(|_| "internal: lock poisoned")?.clone(),
+                };
+                // The path came in a message: only the configured model (trusted like the config
+                // file) or a file inside the models directory, signed when keys are set.
+                let configured = self.cfg.resolve(&c.cfg.model);
+                let (path, store) = if requested == configured {
+                    (requested, None)
+                } else {
+                    let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &configured)?;
+                    (store.confine(&requested).map_err(|e| format!("pipeline `{pipeline}`: {e}"))?, Some(store))
                 };
                 if c.reloading.swap(true, Relaxed) {
                     return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));
@@ -507,7 +516,10 @@ impl Handler {
                 let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
                 let spawned = std::thread::Builder::new().name(format!("reload-{pipeline}")).stack_size(8 << 20).spawn(
                     move || {
-                        let outcome = reload(&me.cfg, &loader, &path);
+                        let outcome = match store.as_ref().map(|s| s.check(&path)).transpose() {
+                            Ok(provenance) => reload(&me.cfg, &loader, &path, provenance),
+                            Err(e) => Err(format!("pipeline `{}`: {e}", loader.name)),
+                        };
                         loader.reloading.store(false, Relaxed);
                         me.reply(&name, &to, id, outcome);
                     },
@@ -577,9 +589,15 @@ pub fn check_new_config(current: &Config) -> Result<Value, String> {
     }))
 }
 
-/// Loads `path` for the pipeline, checks it fits, runs it on its reference input (or zeros),
-/// hands it to the worker and waits for the switch.
-fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<Value, String> {
+/// Loads `path` for the pipeline, checks it fits (and, with `provenance`, that the
+/// file loaded is the one whose hash was checked), runs it on its reference input (or
+/// zeros), hands it to the worker and waits for the switch.
+fn reload(
+    cfg: &Config,
+    c: &PipelineControl,
+    path: &std::path::Path,
+    provenance: Option<crate::model_store::Provenance>,
+) -> Result<Value, String> {
     let mut p = c.cfg.clone();
     p.model = path.to_path_buf();
     // Rebuilt with the current anomaly threshold, so a reload keeps a changed threshold.
@@ -587,6 +605,18 @@ fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<V
         p.postprocess = c.anomaly_config(t).or(p.postprocess);
     }
     let prepared = crate::prepare::prepare(cfg, &p).map_err(|e| format!("{e:#}"))?;
+    // A converted model names the hash of the ONNX file it came from, not its own.
+    let converted = prepared.model.info().origin == crate::engine::Origin::Converted;
+    if let Some(checked) = provenance.as_ref().filter(|_| !converted) {
+        let loaded = &prepared.model.info().sha256;
+        if *loaded != checked.sha256 {
+            return Err(format!(
+                "{}: the file changed while it was being loaded (sha256 {} checked, {loaded} loaded)",
+                path.display(),
+                checked.sha256
+            ));
+        }
+    }
     let new_fit = (prepared.model.inputs()[0].clone(), prepared.post.kind_name());
     {
         let fit = c.fit.lock().map_err(|_| "internal: lock poisoned")?;
@@ -669,6 +699,7 @@ fn reload(cfg: &Config, c: &PipelineControl, path: &std::path::Path) -> Result<V
         "sha256": info.sha256,
         "quantization": info.quantization,
         "checked_on": checked_on,
+        "signed_by": provenance.and_then(|p| p.signed_by),
         // False: no input arrived within 10 s; the worker switches before its next input.
         "swapped": swapped,
     }))

@@ -1,7 +1,7 @@
 //! The daemon's TOML configuration: the whole file ([`Config`]), which
 //! aggregates the components' own settings (`source::config`,
 //! `preprocess::config`, `postprocess::config`, `sink::config`,
-//! `homeassistant`, `http`), re-exported here, with the daemon's own tables
+//! `homeassistant`, `http`, `model_store`), re-exported here, with the daemon's own tables
 //! (`[engine]`, `[broker]`, `[health]`, `[shutdown]`, `[commands]`). `load`
 //! parses (unknown keys are refused), resolves paths (relative to the config
 //! file), has each component check its values and runs the checks that
@@ -79,6 +79,9 @@ pub struct Config {
     /// Engine settings shared by every pipeline: threads and the start-up cache.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// The models directory `reload_model` may read from, and the keys models must be signed with.
+    #[serde(default)]
+    pub models: crate::model_store::ModelsConfig,
     /// The status page and Prometheus `/metrics` (off unless the `[http]` table is there).
     #[serde(default)]
     pub http: Option<crate::http::HttpConfig>,
@@ -316,6 +319,13 @@ impl Config {
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
+        self.models.validate().map_err(|(k, r)| bad(format!("models.{k}"), r))?;
+        if let Some(dir) = &self.models.dir {
+            let dir = self.resolve(dir);
+            if !dir.is_dir() {
+                return Err(bad("models.dir".into(), format!("{} is not a directory", dir.display())));
+            }
+        }
         if let Some(http) = &self.http {
             http.validate().map_err(|(k, r)| bad(format!("http.{k}"), r))?;
         }

@@ -13,6 +13,7 @@
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`secret`]: secrets named by an environment variable or a file (HMAC key, status page password).
 //! - [`engine`]: the only module that touches tract; loads, pins, optimises and runs models.
+//! - [`model_store`]: the models directory `reload_model` may read from (confined, size-capped) and ed25519 model signatures.
 //! - [`message`]: what flows between stages: inputs, what a source gives, the bounded input queue, results.
 //! - `broker`: the embedded MQTT broker used when no broker is configured (feature `broker`).
 //! - [`preprocess`]: inputs into model inputs (images, windows, rows, audio); its settings in `preprocess::config`.
@@ -40,6 +41,7 @@ pub mod homeassistant;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod model_store;
 pub mod mqtt;
 pub mod payload;
 pub mod pipeline;

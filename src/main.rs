@@ -83,6 +83,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Sign models on a PC and check signatures, for boards with `[models] public_keys`.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Make an ed25519 signing key: FILE (private, PKCS#8 PEM, mode 0600) and FILE.pub.
+    Keygen {
+        /// Where to write the private key (never over an existing file).
+        #[arg(short, long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Sign a model: writes MODEL.sig (its SHA-256 and size, signed).
+    Sign {
+        /// The model file.
+        model: PathBuf,
+        /// The private key (from `edgeinfer model keygen` or `openssl genpkey -algorithm ed25519`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Signature file [default: MODEL.sig].
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check a model's signature against trusted public keys, as a board would.
+    Verify {
+        /// The model file.
+        model: PathBuf,
+        /// A trusted public key, base64 (repeatable).
+        #[arg(long = "public-key", value_name = "BASE64")]
+        public_keys: Vec<String>,
+        /// Signature file [default: MODEL.sig].
+        #[arg(long, value_name = "FILE")]
+        signature: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -279,6 +316,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Devices { json } => {
             cmd::devices::print(&cmd::devices::list(), json, &mut stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model { action } => {
+            match action {
+                ModelAction::Keygen { out } => cmd::model::keygen(&out, &mut stdout())?,
+                ModelAction::Sign { model, key, output } => {
+                    cmd::model::sign(&model, &key, output.as_deref(), &mut stdout())?;
+                }
+                ModelAction::Verify { model, public_keys, signature } => {
+                    cmd::model::verify(&model, signature.as_deref(), &public_keys, &mut stdout())?
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Infer(args) => {

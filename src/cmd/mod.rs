@@ -1,4 +1,4 @@
-//! The tools behind the CLI: `inspect`, `infer`, `bench`, `convert` and `devices`. Each
+//! The tools behind the CLI: `inspect`, `infer`, `bench`, `convert`, `devices` and `model`. Each
 //! takes parsed arguments and writes to the given streams, so tests can call
 //! them without spawning the binary.
 
@@ -7,6 +7,7 @@ pub mod convert;
 pub mod devices;
 pub mod infer;
 pub mod inspect;
+pub mod model;
 
 use std::collections::HashMap;
 

@@ -1,6 +1,7 @@
 //! Remote commands end to end: the real daemon, a real mosquitto, a real client publishing
 //! commands on `edgeinfer/<device>/cmd/<name>` and reading the replies.
 
+use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
@@ -415,4 +416,71 @@ source = { type = "files", path = "MODELS/samples/digits/digit_4_1.png", rate_hz
     assert_eq!(starts(&daemon), 2);
     daemon.signal("TERM");
     assert_eq!(daemon.wait(LONG), Some(0));
+}
+
+#[test]
+fn reload_model_reads_only_signed_files_inside_the_models_directory() {
+    let broker = Mosquitto::start();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("models");
+    std::fs::create_dir(&dir).unwrap();
+    // The PC side, as a user runs it: a key, and a signed model copied to the board.
+    let key = root.path().join("signer.key");
+    let run = |args: &[&str]| {
+        let out = crate::support::edgeinfer().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["model", "keygen", "--out", key.to_str().unwrap()]);
+    let public = std::fs::read_to_string(root.path().join("signer.key.pub")).unwrap().trim().to_string();
+    let good = dir.join("digits_v2.onnx");
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), &good).unwrap();
+    run(&["model", "sign", good.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    // Refused ones: unsigned; signed but altered since; a signature by a key the board
+    // does not trust; outside the directory, through `..`, a symlink out, a device.
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), dir.join("unsigned.onnx")).unwrap();
+    let altered = dir.join("altered.onnx");
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), &altered).unwrap();
+    std::fs::copy(dir.join("digits_v2.onnx.sig"), dir.join("altered.onnx.sig")).unwrap();
+    std::fs::OpenOptions::new().append(true).open(&altered).unwrap().write_all(b"\0").unwrap();
+    let other_key = root.path().join("other.key");
+    run(&["model", "keygen", "--out", other_key.to_str().unwrap()]);
+    let stranger = dir.join("stranger.onnx");
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), &stranger).unwrap();
+    run(&["model", "sign", stranger.to_str().unwrap(), "--key", other_key.to_str().unwrap()]);
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), root.path().join("outside.onnx")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("outside.onnx"), dir.join("link.onnx")).unwrap();
+
+    let mut op = Operator::new(broker.port, "cmd-store");
+    let models = format!("[models]\ndir = \"{}\"\npublic_keys = [\"{public}\"]", dir.display());
+    let daemon = Daemon::start(&config(broker.port, "cmd-store", &models));
+    assert!(op.wait_results(0, 2, LONG).len() >= 2, "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+    let mut refused = |model: Value, why: &str| {
+        let r = op.send("reload_model", json!({"pipeline": "digits", "model": model}));
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["error"].as_str().unwrap().contains(why), "want `{why}`: {r}");
+    };
+    refused(json!("/dev/zero"), "is outside the models directory");
+    refused(json!(format!("{}/../outside.onnx", dir.display())), "`..` is not allowed");
+    refused(json!(root.path().join("outside.onnx")), "is outside the models directory");
+    refused(json!(dir.join("link.onnx")), "(it leads to ");
+    refused(json!(dir.join("unsigned.onnx")), "models must be signed");
+    refused(json!(altered), "the signature is for another file");
+    refused(json!(stranger), "which is not in models.public_keys");
+    // Still the old model, still serving.
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 2, LONG);
+    assert!(model_names(&after).iter().all(|n| n == "digits_cnn_int8"), "{:?}", model_names(&after));
+
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": good}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["signed_by"], public.as_str(), "{r}");
+    assert_eq!(r["result"]["model"], "digits_v2");
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 2, LONG);
+    assert!(model_names(&after).iter().all(|n| n == "digits_v2"), "{:?}", model_names(&after));
+    // The configured model is trusted as the config is: back to it without a signature.
+    let configured = crate::model("digits_cnn_int8.onnx");
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": configured}));
+    assert_eq!((r["ok"].clone(), r["result"]["signed_by"].clone()), (json!(true), Value::Null), "{r}");
 }

@@ -1,0 +1,216 @@
+//! Where models may come from at run time, and proof of where they came
+//! from. `reload_model` reads only regular files inside the models
+//! directory (`[models] dir`, else the directory of the pipeline's
+//! configured model): no `..`, no symbolic link that leads out, no device
+//! or FIFO, nothing above `max_bytes`, because the path arrives in an MQTT
+//! message. With `public_keys` set, a model must also carry a valid ed25519
+//! signature (`MODEL.sig`, made by `edgeinfer model sign`) over its SHA-256.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+
+pub mod signature;
+
+pub use signature::{PublicKey, Signature};
+
+/// `[models]`: the models directory and the keys models must be signed with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// The directory `reload_model` may read from (relative: to the config file);
+    /// default: the directory of each pipeline's configured model.
+    pub dir: Option<PathBuf>,
+    /// Largest model file accepted at run time, in bytes.
+    pub max_bytes: u64,
+    /// Ed25519 public keys (base64, from `edgeinfer model keygen`); with any, models
+    /// loaded at run time must be signed by one of them.
+    pub public_keys: Vec<String>,
+}
+
+/// Default of `max_bytes`: 256 MiB, more than any model a board runs, far below what
+/// would exhaust its memory.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { dir: None, max_bytes: DEFAULT_MAX_BYTES, public_keys: Vec::new() }
+    }
+}
+
+impl ModelsConfig {
+    /// Checks the values; the error names the key (without the `models.` prefix).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_bytes == 0 {
+            return Err(("max_bytes".into(), "must be at least 1".into()));
+        }
+        self.keys().map_err(|(ix, e)| (format!("public_keys[{ix}]"), e))?;
+        Ok(())
+    }
+
+    /// The trusted keys; the error gives the index of a bad one.
+    pub fn keys(&self) -> Result<Vec<PublicKey>, (usize, String)> {
+        self.public_keys.iter().enumerate().map(|(ix, k)| PublicKey::parse(k).map_err(|e| (ix, e))).collect()
+    }
+
+    /// The store for a pipeline whose configured model is `model` (both resolved).
+    pub fn store(&self, resolve: &dyn Fn(&Path) -> PathBuf, model: &Path) -> Result<Store, String> {
+        let dir = match &self.dir {
+            Some(d) => resolve(d),
+            None => model.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+        };
+        let keys = self.keys().map_err(|(ix, e)| format!("models.public_keys[{ix}]: {e}"))?;
+        Store::new(&dir, self.max_bytes, keys)
+    }
+}
+
+/// The models directory of one pipeline, with the size cap and the trusted keys.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+    max_bytes: u64,
+    keys: Vec<PublicKey>,
+}
+
+/// Who signed a model that was checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// The key that signed it (base64), or None when no keys are configured.
+    pub signed_by: Option<String>,
+}
+
+impl Store {
+    /// A store over `dir` (which must exist).
+    pub fn new(dir: &Path, max_bytes: u64, keys: Vec<PublicKey>) -> Result<Store, String> {
+        let dir = dir.canonicalize().map_err(|e| format!("models directory {}: {e}", dir.display()))?;
+        Ok(Store { dir, max_bytes, keys })
+    }
+
+    /// The directory, with symbolic links resolved.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// True when models must be signed.
+    pub fn requires_signatures(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// `path` (absolute, or relative to the models directory) if it is a regular
+    /// file inside the directory, within the size cap, after resolving symbolic
+    /// links; else an error that names the path and the rule it breaks.
+    pub fn confine(&self, path: &Path) -> Result<PathBuf, String> {
+        let shown = path.display();
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!("{shown}: `..` is not allowed in a model path"));
+        }
+        let joined = if path.is_absolute() { path.to_path_buf() } else { self.dir.join(path) };
+        let real = joined.canonicalize().map_err(|e| format!("{shown}: {e}"))?;
+        if !real.starts_with(&self.dir) {
+            let via = if real != joined { format!(" (it leads to {})", real.display()) } else { String::new() };
+            return Err(format!("{shown} is outside the models directory {}{via}", self.dir.display()));
+        }
+        let meta = std::fs::metadata(&real).map_err(|e| format!("{shown}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("{shown} is not a regular file"));
+        }
+        if meta.len() > self.max_bytes {
+            return Err(format!("{shown} is {} bytes, above models.max_bytes ({})", meta.len(), self.max_bytes));
+        }
+        Ok(real)
+    }
+
+    /// The SHA-256 of a confined model and, when keys are configured, the key that
+    /// signed it: `MODEL.sig` must exist, name the same hash and size, and verify.
+    pub fn check(&self, model: &Path) -> Result<Provenance, String> {
+        let (sha256, size) = sha256_of(model, self.max_bytes)?;
+        if self.keys.is_empty() {
+            return Ok(Provenance { sha256, signed_by: None });
+        }
+        let sig_path = signature::path_for(model);
+        let text = std::fs::read_to_string(&sig_path)
+            .map_err(|e| format!("{}: models must be signed (models.public_keys is set): {e}", sig_path.display()))?;
+        let sig = Signature::parse(&text).map_err(|e| format!("{}: {e}", sig_path.display()))?;
+        let key = sig
+            .verify(&sha256, size, &self.keys)
+            .map_err(|e| format!("{}: {e} ({})", sig_path.display(), model.display()))?;
+        Ok(Provenance { sha256, signed_by: Some(key.to_base64()) })
+    }
+}
+
+/// SHA-256 (hex) and size of a file, read in blocks and never more than `max_bytes`.
+pub fn sha256_of(path: &Path, max_bytes: u64) -> Result<(String, u64), String> {
+    use sha2::{Digest, Sha256};
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f.take(max_bytes + 1), &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
+    if n > max_bytes {
+        return Err(format!("{}: larger than {max_bytes} bytes", path.display()));
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path, max: u64) -> Store {
+        Store::new(dir, max, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn only_regular_files_inside_the_directory_within_the_cap_are_accepted() {
+        let root = tempfile::tempdir().unwrap();
+        let models = root.path().join("models");
+        std::fs::create_dir(&models).unwrap();
+        std::fs::write(models.join("ok.onnx"), b"0123456789").unwrap();
+        std::fs::write(root.path().join("outside.onnx"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.path().join("outside.onnx"), models.join("link-out.onnx")).unwrap();
+        std::os::unix::fs::symlink(models.join("ok.onnx"), models.join("link-in.onnx")).unwrap();
+        std::fs::create_dir(models.join("sub")).unwrap();
+        let s = store(&models, 10);
+        let real = models.canonicalize().unwrap();
+        assert_eq!(s.confine(Path::new("ok.onnx")).unwrap(), real.join("ok.onnx"));
+        assert_eq!(s.confine(&models.join("ok.onnx")).unwrap(), real.join("ok.onnx"));
+        assert_eq!(s.confine(Path::new("link-in.onnx")).unwrap(), real.join("ok.onnx"), "a link that stays inside");
+        let refused = |p: &Path, why: &str| {
+            let e = s.confine(p).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", p.display());
+        };
+        refused(Path::new("../outside.onnx"), "`..` is not allowed");
+        refused(&root.path().join("outside.onnx"), "is outside the models directory");
+        refused(Path::new("link-out.onnx"), "(it leads to ");
+        refused(Path::new("/dev/zero"), "is outside the models directory");
+        refused(Path::new("sub"), "is not a regular file");
+        refused(Path::new("missing.onnx"), "No such file");
+        std::fs::write(models.join("big.onnx"), [0u8; 11]).unwrap();
+        refused(Path::new("big.onnx"), "11 bytes, above models.max_bytes (10)");
+        // Even a store over / refuses a device.
+        let everything = store(Path::new("/"), 1 << 30);
+        assert!(everything.confine(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+    }
+
+    #[test]
+    fn hashing_stops_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m");
+        std::fs::write(&f, b"abc").unwrap();
+        let (sha, n) = sha256_of(&f, 3).unwrap();
+        assert_eq!((sha.as_str(), n), ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", 3));
+        assert!(sha256_of(&f, 2).unwrap_err().contains("larger than 2 bytes"));
+    }
+
+    #[test]
+    fn config_names_a_bad_key_by_index() {
+        let c: ModelsConfig = toml::from_str("public_keys = [\"not base64!\"]").unwrap();
+        let (key, why) = c.validate().unwrap_err();
+        assert_eq!(key, "public_keys[0]");
+        assert!(why.contains("base64"), "{why}");
+        let c: ModelsConfig = toml::from_str("max_bytes = 0").unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "max_bytes");
+    }
+}
