@@ -112,6 +112,8 @@ pub enum Command {
     Health,
     /// Load a model (None: the current file again) and swap it in.
     ReloadModel { pipeline: String, model: Option<PathBuf> },
+    /// Download a model over HTTPS into the models directory, check it and swap it in.
+    UpdateModel { pipeline: String, url: String, sha256: String, name: Option<String> },
     /// Read the config file again, check it, and restart in place with it.
     ReloadConfig,
 }
@@ -154,11 +156,18 @@ pub fn parse(name: &str, obj: &Map<String, Value>) -> Result<Command, String> {
             };
             Command::ReloadModel { pipeline: string("pipeline")?, model }
         }
+        "update_model" => {
+            let name = match obj.get("name") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(string("name")?),
+            };
+            Command::UpdateModel { pipeline: string("pipeline")?, url: string("url")?, sha256: string("sha256")?, name }
+        }
         "reload_config" => Command::ReloadConfig,
         other => {
             return Err(format!(
                 "unknown command `{other}` (known: pause, resume, set_threshold, health, reload_model, \
-                 reload_config)"
+                 update_model, reload_config)"
             ))
         }
     })
@@ -530,6 +539,32 @@ impl Handler {
                 }
                 Ok(None)
             }
+            Command::UpdateModel { pipeline, url, sha256, name: file } => {
+                let c = self.registry.control(&pipeline)?.clone();
+                let configured = self.cfg.resolve(&c.cfg.model);
+                let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &configured)?;
+                let ca_file = self.cfg.models.ca_file.as_ref().map(|f| self.cfg.resolve(f));
+                if c.reloading.swap(true, Relaxed) {
+                    return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));
+                }
+                let me = self.clone();
+                let name = name.to_string();
+                let loader = c.clone();
+                let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
+                let spawned = std::thread::Builder::new().name(format!("update-{pipeline}")).stack_size(8 << 20).spawn(
+                    move || {
+                        let outcome =
+                            update(&me.cfg, &loader, &store, ca_file.as_deref(), &url, &sha256, file.as_deref());
+                        loader.reloading.store(false, Relaxed);
+                        me.reply(&name, &to, id, outcome);
+                    },
+                );
+                if let Err(e) = spawned {
+                    c.reloading.store(false, Relaxed);
+                    return Err(format!("cannot start the loader thread: {e}"));
+                }
+                Ok(None)
+            }
             Command::ReloadConfig => {
                 if self.reloading_config.swap(true, Relaxed) {
                     return Err("a reload_config is already being checked; try again when it replied".into());
@@ -703,6 +738,60 @@ fn reload(
         // False: no input arrived within 10 s; the worker switches before its next input.
         "swapped": swapped,
     }))
+}
+
+/// `update_model`: downloads into the models directory, then checks and swaps like `reload_model`.
+#[cfg(feature = "model-fetch")]
+fn update(
+    cfg: &Config,
+    c: &PipelineControl,
+    store: &crate::model_store::Store,
+    ca_file: Option<&std::path::Path>,
+    url: &str,
+    sha256: &str,
+    name: Option<&str>,
+) -> Result<Value, String> {
+    use crate::model_store::fetch;
+    let named = |e: String| format!("pipeline `{}`: {e}", c.name);
+    let agent = fetch::agent(ca_file).map_err(named)?;
+    let req = fetch::Request { url, sha256, name, signature: store.requires_signatures() };
+    let got = fetch::fetch(&agent, &req, store.dir(), store.max_bytes()).map_err(named)?;
+    log::info!(
+        "commands: pipeline `{}`: {} {} ({} bytes)",
+        c.name,
+        if got.reused { "already have" } else { "downloaded" },
+        got.path.display(),
+        got.bytes
+    );
+    let path = store.confine(&got.path).map_err(named)?;
+    let provenance = match store.check(&path) {
+        Ok(p) => p,
+        Err(e) => {
+            // Never trusted: a download whose signature fails does not stay in the directory.
+            if !got.reused {
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(crate::model_store::signature::path_for(&path));
+            }
+            return Err(named(e));
+        }
+    };
+    let mut result = reload(cfg, c, &path, Some(provenance))?;
+    result["downloaded"] =
+        json!({"url": url.split('?').next().unwrap_or(url), "bytes": got.bytes, "reused": got.reused});
+    Ok(result)
+}
+
+#[cfg(not(feature = "model-fetch"))]
+fn update(
+    _: &Config,
+    _: &PipelineControl,
+    _: &crate::model_store::Store,
+    _: Option<&std::path::Path>,
+    _: &str,
+    _: &str,
+    _: Option<&str>,
+) -> Result<Value, String> {
+    Err(crate::features::not_built("model-fetch", "update_model (downloads over HTTPS)"))
 }
 
 /// An f32 as the shortest decimal that reads back to it (0.1, not 0.10000000149011612).

@@ -4,7 +4,7 @@
 
 /// Every optional Cargo feature, in Cargo.toml's order, and whether this binary has it.
 /// A new optional part is one line here plus its `#[cfg]`s.
-pub const FEATURES: [(&str, bool); 8] = [
+pub const FEATURES: [(&str, bool); 9] = [
     ("onnx", cfg!(feature = "onnx")),
     ("broker", cfg!(feature = "broker")),
     ("v4l2", cfg!(feature = "v4l2")),
@@ -13,6 +13,7 @@ pub const FEATURES: [(&str, bool); 8] = [
     ("tls", cfg!(feature = "tls")),
     ("threads", cfg!(feature = "threads")),
     ("http-server", cfg!(feature = "http-server")),
+    ("model-fetch", cfg!(feature = "model-fetch")),
 ];
 
 /// True when this binary was built with `feature`.

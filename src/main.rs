@@ -109,6 +109,29 @@ enum ModelAction {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Download a model over HTTPS into a directory, checking its SHA-256 (as update_model does).
+    Fetch {
+        /// The https:// URL of the model.
+        url: String,
+        /// Its SHA-256 (hex); the download is refused if it differs.
+        #[arg(long)]
+        sha256: String,
+        /// Directory to write it into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// File name [default: the URL's last path segment].
+        #[arg(long)]
+        name: Option<String>,
+        /// Also download URL.sig (the model's signature).
+        #[arg(long)]
+        signature: bool,
+        /// CA certificates (PEM) to trust [default: the system's].
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Largest file accepted, in bytes.
+        #[arg(long, default_value_t = edgeinfer::model_store::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+    },
     /// Check a model's signature against trusted public keys, as a board would.
     Verify {
         /// The model file.
@@ -326,6 +349,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 ModelAction::Verify { model, public_keys, signature } => {
                     cmd::model::verify(&model, signature.as_deref(), &public_keys, &mut stdout())?
+                }
+                ModelAction::Fetch { url, sha256, dir, name, signature, ca_file, max_bytes } => {
+                    let req = cmd::model::FetchArgs { url, sha256, dir, name, signature, ca_file, max_bytes };
+                    cmd::model::fetch(&req, &mut stdout())?
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -70,6 +70,45 @@ pub fn verify(model: &Path, sig_file: Option<&Path>, keys: &[String], w: &mut dy
     Ok(())
 }
 
+/// What `edgeinfer model fetch` was given.
+pub struct FetchArgs {
+    /// https:// URL.
+    pub url: String,
+    /// Expected SHA-256, hex.
+    pub sha256: String,
+    /// Directory to write into.
+    pub dir: PathBuf,
+    /// File name (default: from the URL).
+    pub name: Option<String>,
+    /// Also fetch `URL.sig`.
+    pub signature: bool,
+    /// CA certificates to trust (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Size cap.
+    pub max_bytes: u64,
+}
+
+/// Downloads a model as `update_model` does on a board.
+#[cfg(feature = "model-fetch")]
+pub fn fetch(a: &FetchArgs, w: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::model_store::fetch;
+    let agent = fetch::agent(a.ca_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let req = fetch::Request { url: &a.url, sha256: &a.sha256, name: a.name.as_deref(), signature: a.signature };
+    let got = fetch::fetch(&agent, &req, &a.dir, a.max_bytes).map_err(anyhow::Error::msg)?;
+    if got.reused {
+        writeln!(w, "{}: already there with this SHA-256", got.path.display())?;
+    } else {
+        writeln!(w, "wrote {} ({} bytes, SHA-256 checked)", got.path.display(), got.bytes)?;
+    }
+    Ok(())
+}
+
+/// Without feature `model-fetch`: the error naming it.
+#[cfg(not(feature = "model-fetch"))]
+pub fn fetch(_: &FetchArgs, _: &mut dyn Write) -> anyhow::Result<()> {
+    anyhow::bail!(crate::features::not_built("model-fetch", "`edgeinfer model fetch`"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+#[cfg(feature = "model-fetch")]
+pub mod fetch;
 pub mod signature;
 
 pub use signature::{PublicKey, Signature};
@@ -27,6 +29,8 @@ pub struct ModelsConfig {
     /// Ed25519 public keys (base64, from `edgeinfer model keygen`); with any, models
     /// loaded at run time must be signed by one of them.
     pub public_keys: Vec<String>,
+    /// CA certificates (PEM) for `update_model` downloads; absent: the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Default of `max_bytes`: 256 MiB, more than any model a board runs, far below what
@@ -35,7 +39,7 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        ModelsConfig { dir: None, max_bytes: DEFAULT_MAX_BYTES, public_keys: Vec::new() }
+        ModelsConfig { dir: None, max_bytes: DEFAULT_MAX_BYTES, public_keys: Vec::new(), ca_file: None }
     }
 }
 
@@ -87,6 +91,11 @@ impl Store {
     pub fn new(dir: &Path, max_bytes: u64, keys: Vec<PublicKey>) -> Result<Store, String> {
         let dir = dir.canonicalize().map_err(|e| format!("models directory {}: {e}", dir.display()))?;
         Ok(Store { dir, max_bytes, keys })
+    }
+
+    /// The size cap, in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// The directory, with symbolic links resolved.

@@ -16,6 +16,8 @@ mod fleet;
 mod homeassistant;
 #[cfg(feature = "http-source")]
 mod http_camera;
+#[cfg(feature = "model-fetch")]
+mod model_updates;
 mod mqtt5;
 mod mqtt_hub;
 mod parity;

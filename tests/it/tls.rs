@@ -15,18 +15,18 @@ const LONG: Duration = Duration::from_secs(30);
 const QUIET: Duration = Duration::from_secs(3);
 
 /// Test certificates written as PEM files into a temp dir.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// `ca.pem`, `server.pem`/`server.key` (for `server_names`), `client.pem`/`client.key`
     /// signed by that CA, and `other-ca.pem`, a CA that signed nothing here.
-    fn new(server_names: &[&str]) -> Pki {
+    pub(crate) fn new(server_names: &[&str]) -> Pki {
         Self::with(server_names, false)
     }
 
