@@ -21,7 +21,7 @@ full=$out/edgeinfer-full
 cp "$target_dir/debug/edgeinfer" "$full"
 grep -q '^features: onnx' <<<"$("$full" --version)" || { echo "FAIL: $full is not the default build" >&2; exit 1; }
 
-features=broker,v4l2,http-source,serial,tls,threads,http-server
+features=broker,v4l2,http-source,serial,tls,threads,http-server,model-fetch
 cargo test --no-default-features --features "$features" --test it -- features:: >&2
 min=$out/edgeinfer-runtime-only
 cp "$target_dir/debug/edgeinfer" "$min"
