@@ -759,6 +759,25 @@ def build_unsupported():
     record(p.stem, **model_info(p))
 
 
+def build_unstable_digits():
+    """A deliberately broken digits classifier for the rollback test: the input and output of
+    digits_cnn_*, logits = sqrt(1 - sum(image)) * [0..9]. Finite on an all-zero image (the check
+    reload_model runs without a reference input), NaN on any real digit photo."""
+    log("[unstable_digits]")
+    g = Graph("unstable_digits")
+    s = g.node("ReduceSum", ["image"], name="sum_all", keepdims=0)
+    d = g.node("Sub", [g.const("one", np.array(1.0, np.float32)), s], name="one_minus_sum")
+    r = g.node("Sqrt", [d], name="sqrt")
+    g.node("Mul", [r, g.const("ramp", np.arange(10, dtype=np.float32).reshape(1, 10))], name="logits", out="logits")
+    m = g.model([vi("image", TensorProto.FLOAT, [1, 3, 32, 32])], [vi("logits", TensorProto.FLOAT, [1, 10])])
+    p = HERE / "unstable_digits.onnx"
+    save_model(m, p)
+    zeros = run(session(p), [np.zeros((1, 3, 32, 32), np.float32)])[0]
+    bright = run(session(p), [np.full((1, 3, 32, 32), 0.5, np.float32)])[0]
+    assert np.isfinite(zeros).all() and np.isnan(bright).all()
+    record(p.stem, **model_info(p))
+
+
 def build_tree_binary_repro():
     """Minimal repro of tract 0.23's binary TreeEnsembleClassifier label bug: one stump,
     positive-class leaf weights only (the skl2onnx binary form). For x=1.0 the positive-class
@@ -1124,6 +1143,7 @@ BUILDERS = collections.OrderedDict([
     ("digits_cnn_dynamic", lambda: build_digits_dynamic()),
     ("dynamic_int8", lambda: build_dynamic_int8()),
     ("corrupt", lambda: build_corrupt()),
+    ("unstable_digits", lambda: build_unstable_digits()),
 ])
 
 

@@ -179,6 +179,10 @@ pub struct Swap {
     pub prepared: Prepared,
     /// A session made off the worker thread.
     pub session: Session,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Its probation: the worker keeps the old model until it is over.
+    pub probation: crate::model_store::probation::Bounds,
     /// Told once the worker has switched.
     pub done: std::sync::mpsc::Sender<()>,
 }
@@ -216,6 +220,10 @@ pub struct PipelineControl {
     pub anomaly_threshold: Mutex<Option<f32>>,
     /// Successful model reloads.
     pub reloads: AtomicU64,
+    /// Models swapped back out after failing their probation.
+    pub rollbacks: AtomicU64,
+    /// The last run-time model change: on probation, accepted or rolled back (health `model_update`).
+    pub update: Mutex<Option<Value>>,
     /// A reload is loading a model now (one at a time: a burst must not run a Pi out of memory).
     reloading: AtomicBool,
     cfg: PipelineConfig,
@@ -243,6 +251,8 @@ impl PipelineControl {
             thresholds: Mutex::new(thresholds),
             anomaly_threshold: Mutex::new(anomaly),
             reloads: AtomicU64::new(0),
+            rollbacks: AtomicU64::new(0),
+            update: Mutex::new(None),
             reloading: AtomicBool::new(false),
             cfg: prep.cfg.clone(),
         })
@@ -261,6 +271,27 @@ impl PipelineControl {
                 Some(PostprocessConfig::Anomaly { threshold, score, normal_class, output })
             }
             _ => None,
+        }
+    }
+
+    /// The worker now runs `prep`, loaded from `path` (after a swap or a rollback): the next
+    /// `reload_model` is checked against it.
+    pub fn now_running(&self, prep: &Prepared, path: &std::path::Path) {
+        if let Ok(mut m) = self.model_path.lock() {
+            *m = path.to_path_buf();
+        }
+        if let Ok(mut f) = self.fit.lock() {
+            *f = (prep.model.inputs()[0].clone(), prep.post.kind_name());
+        }
+        if let Ok(mut m) = self.model_name.lock() {
+            *m = prep.model.info().name.clone();
+        }
+    }
+
+    /// Records the state of the last run-time model change.
+    pub fn set_update(&self, state: Value) {
+        if let Ok(mut u) = self.update.lock() {
+            *u = Some(state);
         }
     }
 
@@ -313,6 +344,8 @@ impl Registry {
             p.insert("paused".into(), c.paused.load(Relaxed).into());
             p.insert("skipped_paused".into(), c.skipped_paused.load(Relaxed).into());
             p.insert("model_reloads".into(), c.reloads.load(Relaxed).into());
+            p.insert("model_rollbacks".into(), c.rollbacks.load(Relaxed).into());
+            p.insert("model_update".into(), c.update.lock().ok().and_then(|u| u.clone()).unwrap_or(Value::Null));
             if let Ok(name) = c.model_name.lock() {
                 p.insert("model".into(), name.as_str().into());
             }
@@ -708,7 +741,9 @@ fn reload(
     }
     let info = prepared.model.info().clone();
     let (tx, rx) = std::sync::mpsc::channel();
-    c.push(|pending| pending.swap = Some(Swap { prepared, session, done: tx }));
+    let probation = cfg.models.probation();
+    let swap = Swap { prepared, session, path: path.to_path_buf(), probation, done: tx };
+    c.push(|pending| pending.swap = Some(swap));
     let swapped = match rx.recv_timeout(Duration::from_secs(10)) {
         Ok(()) => true,
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
@@ -716,15 +751,6 @@ fn reload(
             return Err("superseded by a newer reload_model before the worker took it".into())
         }
     };
-    if let Ok(mut m) = c.model_path.lock() {
-        *m = path.to_path_buf();
-    }
-    if let Ok(mut f) = c.fit.lock() {
-        *f = new_fit;
-    }
-    if let Ok(mut m) = c.model_name.lock() {
-        *m = info.name.clone();
-    }
     c.reloads.fetch_add(1, Relaxed);
     log::info!("commands: pipeline `{}`: model {} loaded (checked on {checked_on})", c.name, info.path.display());
     Ok(json!({
@@ -737,6 +763,8 @@ fn reload(
         "signed_by": provenance.and_then(|p| p.signed_by),
         // False: no input arrived within 10 s; the worker switches before its next input.
         "swapped": swapped,
+        // The old model comes back if these first inferences fail too often or run too slowly.
+        "probation_inferences": probation.inferences,
     }))
 }
 

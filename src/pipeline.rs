@@ -13,6 +13,7 @@ use anyhow::{anyhow, Context};
 use crate::config::{Config, OutputKind, When};
 use crate::message::{InputQueue, Latency, Overflow, ResultMsg};
 use crate::metrics::{Latest, ModelView, MqttMetrics, PipelineMetrics};
+use crate::model_store::probation::{Probation, Verdict};
 use crate::postprocess::events::{Decision, EventFilter};
 use crate::postprocess::results::Postprocessor;
 use crate::postprocess::snapshot::Snapshotter;
@@ -94,6 +95,49 @@ impl SnapshotOut {
     }
 }
 
+/// The model a worker ran before a run-time swap, kept until the new one passes its probation.
+struct Previous {
+    prepared: Prepared,
+    session: crate::engine::Session,
+    path: PathBuf,
+}
+
+/// A model swapped in at run time, on probation, and what comes back if it fails.
+struct OnProbation {
+    previous: Previous,
+    probation: Probation,
+}
+
+/// Makes the worker's per-model state follow the model now in `prepared` (a swap or a
+/// rollback): the outputs' class indexes, the status page, a changed anomaly threshold.
+/// Returns the new input buffer.
+fn follow_model(
+    prepared: &mut Prepared,
+    outputs: &mut [Output],
+    control: &crate::commands::PipelineControl,
+    latest: Option<&Arc<Latest>>,
+    pipeline: &str,
+) -> crate::tensor::Tensor {
+    for (out, o) in outputs.iter_mut().zip(&prepared.cfg.outputs) {
+        out.class = o.class.as_deref().and_then(|c| prepared.post.label_index(c));
+    }
+    if let Some(l) = latest {
+        l.set_model(model_view(prepared));
+    }
+    // A set_threshold taken while the new model was loading must outlive the swap:
+    // the control holds the current anomaly threshold.
+    let current = control.anomaly_threshold.lock().ok().and_then(|a| *a);
+    if let Some(t) = current.filter(|t| prepared.post.anomaly_threshold() != Some(*t)) {
+        if let Some(c) = control.anomaly_config(t) {
+            match Postprocessor::new(Some(&c), prepared.model.outputs(), prepared.labels.clone()) {
+                Ok(post) => prepared.post = post,
+                Err(e) => log::warn!("pipeline `{pipeline}`: anomaly threshold {t} not applied: {e}"),
+            }
+        }
+    }
+    prepared.pre.buffer()
+}
+
 /// The model a pipeline runs, as the status page names it.
 fn model_view(p: &Prepared) -> ModelView {
     let info = p.model.info();
@@ -127,6 +171,7 @@ impl Worker {
         let mut buf = prepared.pre.buffer();
         let mut results = Vec::new();
         let mut seq: u64 = 0;
+        let mut on_probation: Option<OnProbation> = None;
         // After shutdown closes the queue, what it still holds is processed (bounded
         // by the drain deadline): inputs already accepted are not silently lost.
         while let Some(input) = queue.pop() {
@@ -134,29 +179,34 @@ impl Worker {
             if control.dirty.load(Relaxed) {
                 let pending = control.take_pending();
                 if let Some(swap) = pending.swap {
-                    for (out, o) in outputs.iter_mut().zip(&swap.prepared.cfg.outputs) {
-                        out.class = o.class.as_deref().and_then(|c| swap.prepared.post.label_index(c));
-                    }
-                    *prepared = swap.prepared;
-                    session = swap.session;
-                    model_name = prepared.model.info().name.as_str().into();
+                    // The old model's median latency is the probation's baseline.
+                    let baseline = metrics.latency.lock().ok().and_then(|l| l.inference.percentiles()).map(|p| p.0);
+                    let old_path = control.model_path.lock().map(|p| p.clone()).unwrap_or_default();
+                    let old = std::mem::replace(prepared, swap.prepared);
+                    let old_session = std::mem::replace(&mut session, swap.session);
+                    let old_name = std::mem::replace(&mut model_name, Arc::from(prepared.model.info().name.as_str()));
                     sha = prepared.model.info().sha256.as_str().into();
-                    buf = prepared.pre.buffer();
-                    if let Some(l) = latest {
-                        l.set_model(model_view(prepared));
-                    }
-                    // A set_threshold taken while the new model was loading must outlive the swap:
-                    // the control holds the current anomaly threshold.
-                    let current = control.anomaly_threshold.lock().ok().and_then(|a| *a);
-                    if let Some(t) = current.filter(|t| prepared.post.anomaly_threshold() != Some(*t)) {
-                        if let Some(c) = control.anomaly_config(t) {
-                            match Postprocessor::new(Some(&c), prepared.model.outputs(), prepared.labels.clone()) {
-                                Ok(post) => prepared.post = post,
-                                Err(e) => log::warn!("pipeline `{pipeline}`: anomaly threshold {t} not applied: {e}"),
-                            }
-                        }
-                    }
+                    buf = follow_model(prepared, outputs, control, latest.as_ref(), &pipeline);
+                    control.now_running(prepared, &swap.path);
                     log::info!("pipeline `{pipeline}`: now running model {model_name}");
+                    if swap.probation.inferences > 0 {
+                        // Swapped again while on probation: the last accepted model stays the fallback.
+                        let previous = match on_probation.take() {
+                            Some(p) => p.previous,
+                            None => Previous { prepared: old, session: old_session, path: old_path },
+                        };
+                        let probation = Probation::new(swap.probation, baseline);
+                        control.set_update(serde_json::json!({
+                            "state": "probation", "model": &*model_name, "previous": previous.prepared.model.info().name,
+                            "inferences": swap.probation.inferences,
+                        }));
+                        on_probation = Some(OnProbation { previous, probation });
+                    } else {
+                        on_probation = None;
+                        control.set_update(
+                            serde_json::json!({"state": "accepted", "model": &*model_name, "previous": &*old_name}),
+                        );
+                    }
                     let _ = swap.done.send(());
                 }
                 for (which, t) in pending.thresholds {
@@ -184,6 +234,9 @@ impl Worker {
             let origin = input.origin().map(str::to_string);
             let mut mark = Instant::now();
             let mut newest: Option<Arc<ResultMsg>> = None;
+            // This input's inferences, for a model on probation: latencies of those that
+            // worked, and how many failed.
+            let (mut worked, mut failed) = (Vec::new(), 0u32);
             let post = &mut prepared.post;
             let fed = prepared.pre.feed(&input, &mut buf, |tensor, geometry| {
                 let pre_ms = mark.elapsed().as_secs_f64() * 1000.0;
@@ -191,20 +244,31 @@ impl Worker {
                 if let Err(e) = session.run_into(std::slice::from_ref(tensor), &mut results) {
                     let n = metrics.errors.fetch_add(1, Relaxed) + 1;
                     warn_limited(n, &pipeline, &format!("inference failed: {e}"));
+                    failed += 1;
                     mark = Instant::now();
                     return;
                 }
                 let infer_ms = t.elapsed().as_secs_f64() * 1000.0;
+                // NaN or infinity in a result would reach subscribers as null or garbage.
+                if let Some(ix) = results.iter().position(|r| !r.data.all_finite()) {
+                    let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                    warn_limited(n, &pipeline, &format!("model output {ix} is not finite (NaN or infinity): skipped"));
+                    failed += 1;
+                    mark = Instant::now();
+                    return;
+                }
                 let t = Instant::now();
                 let processed = match post.apply(&results, Some(tensor), geometry) {
                     Ok(p) => p,
                     Err(e) => {
                         let n = metrics.errors.fetch_add(1, Relaxed) + 1;
                         warn_limited(n, &pipeline, &format!("postprocess failed: {e}"));
+                        failed += 1;
                         mark = Instant::now();
                         return;
                     }
                 };
+                worked.push(infer_ms);
                 let post_ms = t.elapsed().as_secs_f64() * 1000.0;
                 let total_ms =
                     SystemTime::now().duration_since(captured).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
@@ -257,6 +321,42 @@ impl Worker {
                 let n = metrics.errors.fetch_add(1, Relaxed) + 1;
                 let from = origin.as_deref().map(|o| format!(" from {o}")).unwrap_or_default();
                 warn_limited(n, &pipeline, &format!("input{from} skipped: {e}"));
+            }
+            if let Some(mut op) = on_probation.take() {
+                let mut verdict = Verdict::Continue;
+                for outcome in worked.iter().map(Some).chain((0..failed).map(|_| None)) {
+                    verdict = match outcome {
+                        Some(&ms) => op.probation.ok(ms),
+                        None => op.probation.failed(),
+                    };
+                    if verdict != Verdict::Continue {
+                        break;
+                    }
+                }
+                match verdict {
+                    Verdict::Continue => on_probation = Some(op),
+                    Verdict::Accept => {
+                        log::info!("pipeline `{pipeline}`: model {model_name} passed its probation");
+                        control.set_update(serde_json::json!({
+                            "state": "accepted", "model": &*model_name, "previous": op.previous.prepared.model.info().name,
+                        }));
+                    }
+                    Verdict::RollBack(reason) => {
+                        let failed_model = model_name.clone();
+                        let Previous { prepared: back, session: back_session, path } = op.previous;
+                        *prepared = back;
+                        session = back_session;
+                        model_name = prepared.model.info().name.as_str().into();
+                        sha = prepared.model.info().sha256.as_str().into();
+                        buf = follow_model(prepared, outputs, control, latest.as_ref(), &pipeline);
+                        control.now_running(prepared, &path);
+                        control.rollbacks.fetch_add(1, Relaxed);
+                        log::warn!("pipeline `{pipeline}`: model {failed_model} rolled back to {model_name}: {reason}");
+                        control.set_update(serde_json::json!({
+                            "state": "rolled_back", "model": &*failed_model, "previous": &*model_name, "reason": reason,
+                        }));
+                    }
+                }
             }
             if let (Some(l), Some(msg)) = (latest.as_ref(), newest) {
                 // The frame is moved, not copied: the worker would drop it here anyway.

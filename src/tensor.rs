@@ -149,6 +149,15 @@ impl Data {
         }
     }
 
+    /// False when a float element is NaN or infinite (other types are always finite).
+    pub fn all_finite(&self) -> bool {
+        match self {
+            Data::F32(v) => v.iter().all(|x| x.is_finite()),
+            Data::F64(v) => v.iter().all(|x| x.is_finite()),
+            _ => true,
+        }
+    }
+
     /// Every element as f64 (strings become NaN); for scoring and comparison.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {

@@ -143,9 +143,20 @@ pub fn render(src: &Sources, health: &Value) -> String {
         o.per_pipeline(src, "edgeinfer_paused", "gauge", "1 while a remote command holds the pipeline paused.", |ix| {
             from_health(ix, "paused").as_bool().unwrap_or(false) as u8 as f64
         });
-        o.per_pipeline(src, "edgeinfer_model_reloads_total", "counter", "Models swapped in by reload_model.", |ix| {
-            from_health(ix, "model_reloads").as_f64().unwrap_or(0.0)
-        });
+        o.per_pipeline(
+            src,
+            "edgeinfer_model_reloads_total",
+            "counter",
+            "Models swapped in by reload_model or update_model.",
+            |ix| from_health(ix, "model_reloads").as_f64().unwrap_or(0.0),
+        );
+        o.per_pipeline(
+            src,
+            "edgeinfer_model_rollbacks_total",
+            "counter",
+            "Models swapped back out after failing their probation.",
+            |ix| from_health(ix, "model_rollbacks").as_f64().unwrap_or(0.0),
+        );
     }
 
     o.family(

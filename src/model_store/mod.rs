@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 #[cfg(feature = "model-fetch")]
 pub mod fetch;
+pub mod probation;
 pub mod signature;
 
 pub use signature::{PublicKey, Signature};
@@ -31,6 +32,12 @@ pub struct ModelsConfig {
     pub public_keys: Vec<String>,
     /// CA certificates (PEM) for `update_model` downloads; absent: the system's.
     pub ca_file: Option<PathBuf>,
+    /// Inferences a model swapped in at run time is on probation for (0: none).
+    pub probation_inferences: u32,
+    /// Largest share of failed inferences on probation before the old model comes back.
+    pub max_error_rate: f64,
+    /// Largest median inference latency on probation, as a multiple of the old model's.
+    pub max_latency_ratio: f64,
 }
 
 /// Default of `max_bytes`: 256 MiB, more than any model a board runs, far below what
@@ -39,7 +46,15 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        ModelsConfig { dir: None, max_bytes: DEFAULT_MAX_BYTES, public_keys: Vec::new(), ca_file: None }
+        ModelsConfig {
+            dir: None,
+            max_bytes: DEFAULT_MAX_BYTES,
+            public_keys: Vec::new(),
+            ca_file: None,
+            probation_inferences: 50,
+            max_error_rate: 0.2,
+            max_latency_ratio: 3.0,
+        }
     }
 }
 
@@ -50,7 +65,22 @@ impl ModelsConfig {
             return Err(("max_bytes".into(), "must be at least 1".into()));
         }
         self.keys().map_err(|(ix, e)| (format!("public_keys[{ix}]"), e))?;
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return Err(("max_error_rate".into(), "must be 0 to 1".into()));
+        }
+        if !(self.max_latency_ratio >= 1.0 && self.max_latency_ratio.is_finite()) {
+            return Err(("max_latency_ratio".into(), "must be a number >= 1".into()));
+        }
         Ok(())
+    }
+
+    /// The probation bounds of a model swapped in at run time.
+    pub fn probation(&self) -> probation::Bounds {
+        probation::Bounds {
+            inferences: self.probation_inferences,
+            max_error_rate: self.max_error_rate,
+            max_latency_ratio: self.max_latency_ratio,
+        }
     }
 
     /// The trusted keys; the error gives the index of a bad one.

@@ -484,3 +484,60 @@ fn reload_model_reads_only_signed_files_inside_the_models_directory() {
     let r = op.send("reload_model", json!({"pipeline": "digits", "model": configured}));
     assert_eq!((r["ok"].clone(), r["result"]["signed_by"].clone()), (json!(true), Value::Null), "{r}");
 }
+
+#[test]
+fn a_model_that_fails_on_real_inputs_is_rolled_back_after_the_swap() {
+    let broker = Mosquitto::start();
+    let mut op = Operator::new(broker.port, "cmd-rollback");
+    let models = "[models]\nprobation_inferences = 5\nmax_error_rate = 0.2";
+    let daemon = Daemon::start(&config(broker.port, "cmd-rollback", models));
+    assert!(op.wait_results(0, 2, LONG).len() >= 2, "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+    // Finite on the all-zero check input, NaN on every real digit photo.
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": crate::model("unstable_digits.onnx")}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        (r["result"]["checked_on"].as_str(), r["result"]["probation_inferences"].as_u64()),
+        (Some("zeros"), Some(5))
+    );
+    // Two failures of five are above 0.2: the old model is back, and health says why.
+    let deadline = Instant::now() + LONG;
+    let health = loop {
+        let h = op.send("health", json!({}));
+        if h["result"]["pipelines"]["digits"]["model_rollbacks"] == 1 || Instant::now() > deadline {
+            break h;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let p = &health["result"]["pipelines"]["digits"];
+    assert_eq!(p["model_rollbacks"], 1, "{health}\nstderr: {}", daemon.stderr());
+    assert_eq!(p["model"], "digits_cnn_int8", "{p}");
+    let update = &p["model_update"];
+    assert_eq!((update["state"].as_str(), update["model"].as_str()), (Some("rolled_back"), Some("unstable_digits")));
+    assert_eq!(update["previous"], "digits_cnn_int8");
+    assert!(update["reason"].as_str().unwrap().starts_with("2 of its first 2 inferences failed"), "{update}");
+    assert!(p["errors"].as_u64() >= Some(2), "the failed inferences count as errors: {p}");
+    // No NaN reached subscribers; results come again from the old model.
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 3, LONG);
+    assert!(after.len() >= 3 && model_names(&after).iter().all(|n| n == "digits_cnn_int8"), "{after:?}");
+    assert!(!op.results_since(0).iter().any(|r| r["model"]["name"] == "unstable_digits"), "a NaN result was published");
+    assert!(daemon.stderr().contains("model unstable_digits rolled back to digits_cnn_int8"), "{}", daemon.stderr());
+    // A good model passes its probation and stays.
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": crate::model("digits_cnn_f32.onnx")}));
+    assert_eq!(r["ok"], true, "{r}");
+    let deadline = Instant::now() + LONG;
+    loop {
+        let h = op.send("health", json!({}));
+        let u = &h["result"]["pipelines"]["digits"]["model_update"];
+        if u["state"] == "accepted" {
+            assert_eq!(
+                (u["model"].as_str(), u["previous"].as_str()),
+                (Some("digits_cnn_f32"), Some("digits_cnn_int8"))
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never accepted: {h}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
