@@ -227,11 +227,20 @@ pub struct PipelineControl {
     /// A reload is loading a model now (one at a time: a burst must not run a Pi out of memory).
     reloading: AtomicBool,
     cfg: PipelineConfig,
+    /// The model the config file names (resolved), trusted without the models directory's rules.
+    configured: PathBuf,
+    /// Where an accepted update is recorded for the next start.
+    active: Option<Arc<crate::model_store::active::ActiveModels>>,
 }
 
 impl PipelineControl {
     /// The control of a prepared pipeline, with the thresholds it starts with.
-    pub fn new(prep: &Prepared, model_path: PathBuf) -> Arc<Self> {
+    pub fn new(
+        prep: &Prepared,
+        model_path: PathBuf,
+        configured: PathBuf,
+        active: Option<Arc<crate::model_store::active::ActiveModels>>,
+    ) -> Arc<Self> {
         let anomaly = prep.post.anomaly_threshold();
         let thresholds = prep
             .cfg
@@ -255,6 +264,8 @@ impl PipelineControl {
             update: Mutex::new(None),
             reloading: AtomicBool::new(false),
             cfg: prep.cfg.clone(),
+            configured,
+            active,
         })
     }
 
@@ -285,6 +296,31 @@ impl PipelineControl {
         }
         if let Ok(mut m) = self.model_name.lock() {
             *m = prep.model.info().name.clone();
+        }
+    }
+
+    /// Records, for the next start, that the pipeline runs the model at `path` (its
+    /// configured model: the record is removed). Failures are logged: the model runs anyway.
+    pub fn persist(&self, path: &std::path::Path) {
+        let Some(active) = &self.active else { return };
+        let entry = if path == self.configured {
+            None
+        } else {
+            match crate::model_store::sha256_of(path, u64::MAX) {
+                Ok((sha256, _)) => Some(crate::model_store::active::Entry {
+                    path: path.to_path_buf(),
+                    sha256,
+                    configured: self.configured.clone(),
+                    since: crate::payload::rfc3339(std::time::SystemTime::now()),
+                }),
+                Err(e) => {
+                    log::warn!("pipeline `{}`: model state not saved: {e}", self.name);
+                    return;
+                }
+            }
+        };
+        if let Err(e) = active.set(&self.name, entry) {
+            log::warn!("pipeline `{}`: model state not saved ({}): {e}", self.name, active.path().display());
         }
     }
 
@@ -542,7 +578,7 @@ impl Handler {
                 };
                 // The path came in a message: only the configured model (trusted like the config
                 // file) or a file inside the models directory, signed when keys are set.
-                let configured = self.cfg.resolve(&c.cfg.model);
+                let configured = c.configured.clone();
                 let (path, store) = if requested == configured {
                     (requested, None)
                 } else {
@@ -574,8 +610,7 @@ impl Handler {
             }
             Command::UpdateModel { pipeline, url, sha256, name: file } => {
                 let c = self.registry.control(&pipeline)?.clone();
-                let configured = self.cfg.resolve(&c.cfg.model);
-                let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &configured)?;
+                let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &c.configured)?;
                 let ca_file = self.cfg.models.ca_file.as_ref().map(|f| self.cfg.resolve(f));
                 if c.reloading.swap(true, Relaxed) {
                     return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));

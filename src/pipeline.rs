@@ -95,6 +95,68 @@ impl SnapshotOut {
     }
 }
 
+/// Prepares a pipeline with the model a run-time update left it running (the state
+/// file), if that model is still what the update accepted; else, or if it fails to
+/// load, with the configured model. A stale or damaged record never stops the board.
+fn prepare_active(
+    cfg: &Config,
+    p: &crate::config::PipelineConfig,
+    active: Option<&crate::model_store::active::ActiveModels>,
+) -> anyhow::Result<Prepared> {
+    if let Some(active) = active {
+        match updated_model(cfg, p, active) {
+            Ok(Some(path)) => {
+                let mut updated = p.clone();
+                updated.model = path.clone();
+                match prepare(cfg, &updated) {
+                    Ok(prep) => {
+                        log::info!(
+                            "pipeline `{}`: running {} (updated at run time; {})",
+                            p.name,
+                            path.display(),
+                            active.path().display()
+                        );
+                        return Ok(prep);
+                    }
+                    Err(e) => log::error!(
+                        "pipeline `{}`: the updated model {} does not load ({e:#}): running the configured model",
+                        p.name,
+                        path.display()
+                    ),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("pipeline `{}`: {e}: running the configured model", p.name),
+        }
+    }
+    prepare(cfg, p)
+}
+
+/// The updated model the state file names for `p`, checked like a `reload_model` path.
+fn updated_model(
+    cfg: &Config,
+    p: &crate::config::PipelineConfig,
+    active: &crate::model_store::active::ActiveModels,
+) -> Result<Option<PathBuf>, String> {
+    let Some(entry) = active.get(&p.name)? else { return Ok(None) };
+    let configured = cfg.resolve(&p.model);
+    if entry.configured != configured {
+        return Err(format!(
+            "{} names a model that replaced {}, but the config now has {}",
+            active.path().display(),
+            entry.configured.display(),
+            configured.display()
+        ));
+    }
+    let store = cfg.models.store(&|f| cfg.resolve(f), &configured)?;
+    let path = store.confine(&entry.path)?;
+    let provenance = store.check(&path)?;
+    if provenance.sha256 != entry.sha256 {
+        return Err(format!("{} changed since it was accepted (SHA-256 {})", path.display(), provenance.sha256));
+    }
+    Ok(Some(path))
+}
+
 /// The model a worker ran before a run-time swap, kept until the new one passes its probation.
 struct Previous {
     prepared: Prepared,
@@ -206,6 +268,7 @@ impl Worker {
                         control.set_update(
                             serde_json::json!({"state": "accepted", "model": &*model_name, "previous": &*old_name}),
                         );
+                        control.persist(&swap.path);
                     }
                     let _ = swap.done.send(());
                 }
@@ -337,6 +400,9 @@ impl Worker {
                     Verdict::Continue => on_probation = Some(op),
                     Verdict::Accept => {
                         log::info!("pipeline `{pipeline}`: model {model_name} passed its probation");
+                        if let Ok(path) = control.model_path.lock().map(|p| p.clone()) {
+                            control.persist(&path);
+                        }
                         control.set_update(serde_json::json!({
                             "state": "accepted", "model": &*model_name, "previous": op.previous.prepared.model.info().name,
                         }));
@@ -350,6 +416,7 @@ impl Worker {
                         sha = prepared.model.info().sha256.as_str().into();
                         buf = follow_model(prepared, outputs, control, latest.as_ref(), &pipeline);
                         control.now_running(prepared, &path);
+                        control.persist(&path);
                         control.rollbacks.fetch_add(1, Relaxed);
                         log::warn!("pipeline `{pipeline}`: model {failed_model} rolled back to {model_name}: {reason}");
                         control.set_update(serde_json::json!({
@@ -439,7 +506,9 @@ pub enum RunEnd {
 /// source has finished, or until a config reload was asked for; then drains.
 pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
     let device: Arc<str> = cfg.device().into();
-    let prepared: Vec<Prepared> = cfg.pipelines.iter().map(|p| prepare(&cfg, p)).collect::<anyhow::Result<_>>()?;
+    let active = cfg.models.active_models(&|p| cfg.resolve(p)).map(Arc::new);
+    let prepared: Vec<Prepared> =
+        cfg.pipelines.iter().map(|p| prepare_active(&cfg, p, active.as_deref())).collect::<anyhow::Result<_>>()?;
     let password = read_password(&cfg)?;
     let http_credentials = match &cfg.http {
         Some(h) => h.credentials(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?,
@@ -450,7 +519,7 @@ pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
         .enable_all()
         .thread_name("edgeinfer-io")
         .build()?;
-    let result = rt.block_on(run_async(cfg, device, prepared, password, http_credentials));
+    let result = rt.block_on(run_async(cfg, device, prepared, password, http_credentials, active));
     // A blocking read (stdin) may never return; do not wait for it.
     rt.shutdown_timeout(Duration::from_millis(500));
     result
@@ -462,6 +531,7 @@ async fn run_async(
     prepared: Vec<Prepared>,
     password: Option<String>,
     http_credentials: Option<(String, String)>,
+    active: Option<Arc<crate::model_store::active::ActiveModels>>,
 ) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
     // Bound before anything starts: a taken port stops the daemon with a clear error.
@@ -580,7 +650,10 @@ async fn run_async(
             hub: hub.clone(),
             path: sc.path.as_ref().map(|path| cfg.resolve(path)),
         });
-        let control = crate::commands::PipelineControl::new(&prep, cfg.resolve(&p.model));
+        // `p.model` is the updated model when the state file named one; the config's is the fallback.
+        let configured = cfg.pipelines.iter().find(|q| q.name == p.name).map(|q| cfg.resolve(&q.model));
+        let configured = configured.unwrap_or_else(|| cfg.resolve(&p.model));
+        let control = crate::commands::PipelineControl::new(&prep, cfg.resolve(&p.model), configured, active.clone());
         controls.push(control.clone());
         let latest = cfg.http.as_ref().map(|_| Arc::new(Latest::new(model_view(&prep))));
         if let Some(l) = &latest {

@@ -130,7 +130,7 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, max_bytes: u64) -> Resu
         .create_new(true)
         .open(part)
         .map_err(|e| format!("{}: {e}", part.display()))?;
-    let mut body = resp.body_mut().with_config().limit(u64::MAX).reader().take(max_bytes + 1);
+    let mut body = resp.body_mut().with_config().limit(u64::MAX).reader().take(max_bytes.saturating_add(1));
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 << 10];
     let mut n = 0u64;

@@ -11,6 +11,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod active;
 #[cfg(feature = "model-fetch")]
 pub mod fetch;
 pub mod probation;
@@ -32,6 +33,9 @@ pub struct ModelsConfig {
     pub public_keys: Vec<String>,
     /// CA certificates (PEM) for `update_model` downloads; absent: the system's.
     pub ca_file: Option<PathBuf>,
+    /// Where the model each pipeline runs after an update is kept across restarts
+    /// (default: `active.json` in `dir`; without `dir`, not kept).
+    pub state_file: Option<PathBuf>,
     /// Inferences a model swapped in at run time is on probation for (0: none).
     pub probation_inferences: u32,
     /// Largest share of failed inferences on probation before the old model comes back.
@@ -51,6 +55,7 @@ impl Default for ModelsConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             public_keys: Vec::new(),
             ca_file: None,
+            state_file: None,
             probation_inferences: 50,
             max_error_rate: 0.2,
             max_latency_ratio: 3.0,
@@ -72,6 +77,16 @@ impl ModelsConfig {
             return Err(("max_latency_ratio".into(), "must be a number >= 1".into()));
         }
         Ok(())
+    }
+
+    /// The state file of updated models, if there is one (`resolve` makes paths absolute).
+    pub fn active_models(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Option<active::ActiveModels> {
+        let path = match (&self.state_file, &self.dir) {
+            (Some(f), _) => resolve(f),
+            (None, Some(d)) => resolve(d).join("active.json"),
+            (None, None) => return None,
+        };
+        Some(active::ActiveModels::new(path))
     }
 
     /// The probation bounds of a model swapped in at run time.
@@ -185,7 +200,8 @@ pub fn sha256_of(path: &Path, max_bytes: u64) -> Result<(String, u64), String> {
     use sha2::{Digest, Sha256};
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut h = Sha256::new();
-    let n = std::io::copy(&mut f.take(max_bytes + 1), &mut h).map_err(|e| format!("{}: {e}", path.display()))?;
+    let n = std::io::copy(&mut f.take(max_bytes.saturating_add(1)), &mut h)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if n > max_bytes {
         return Err(format!("{}: larger than {max_bytes} bytes", path.display()));
     }
@@ -241,6 +257,7 @@ mod tests {
         let (sha, n) = sha256_of(&f, 3).unwrap();
         assert_eq!((sha.as_str(), n), ("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", 3));
         assert!(sha256_of(&f, 2).unwrap_err().contains("larger than 2 bytes"));
+        assert_eq!(sha256_of(&f, u64::MAX).unwrap().1, 3, "no cap at all");
     }
 
     #[test]

@@ -541,3 +541,54 @@ fn a_model_that_fails_on_real_inputs_is_rolled_back_after_the_swap() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn an_accepted_update_survives_a_restart_and_a_changed_file_falls_back_to_the_config() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("digits_v2.onnx");
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), &v2).unwrap();
+    let models = format!("[models]\ndir = \"{}\"\nprobation_inferences = 3", dir.path().display());
+    let text = config(broker.port, "cmd-state", &models);
+    let mut op = Operator::new(broker.port, "cmd-state");
+    let mut daemon = Daemon::start(&text);
+    assert!(op.wait_results(0, 2, LONG).len() >= 2, "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+    let r = op.send("reload_model", json!({"pipeline": "digits", "model": v2}));
+    assert_eq!(r["ok"], true, "{r}");
+    let state = dir.path().join("active.json");
+    let deadline = Instant::now() + LONG;
+    while !state.exists() {
+        assert!(Instant::now() < deadline, "no state file after the probation; stderr: {}", daemon.stderr());
+        op.pump(Duration::from_millis(200));
+    }
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let entry = &saved["pipelines"]["digits"];
+    assert_eq!(saved["schema"], "edgeinfer/active-models/v1");
+    assert_eq!(entry["path"], v2.canonicalize().unwrap().to_str().unwrap(), "{saved}");
+    assert_eq!(entry["configured"], crate::model("digits_cnn_int8.onnx").to_str().unwrap());
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(LONG), Some(0));
+
+    // Started again with the same config: the update is what runs, from the first result.
+    let mark = op.sub.seen.len();
+    let mut daemon = Daemon::start(&text);
+    let first = op.wait_results(mark, 2, LONG);
+    assert!(
+        !first.is_empty() && model_names(&first).iter().all(|n| n == "digits_v2"),
+        "{first:?}\n{}",
+        daemon.stderr()
+    );
+    assert!(daemon.stderr().contains("updated at run time"), "{}", daemon.stderr());
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(LONG), Some(0));
+
+    // The file changed behind the daemon's back: the configured model runs, with a warning.
+    std::fs::OpenOptions::new().append(true).open(&v2).unwrap().write_all(b"\0").unwrap();
+    let mark = op.sub.seen.len();
+    let daemon = Daemon::start(&text);
+    let first = op.wait_results(mark, 2, LONG);
+    assert!(!first.is_empty() && model_names(&first).iter().all(|n| n == "digits_cnn_int8"), "{first:?}");
+    let err = daemon.stderr();
+    assert!(err.contains("changed since it was accepted") && err.contains("running the configured model"), "{err}");
+}
