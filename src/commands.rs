@@ -438,8 +438,13 @@ pub fn start(
     };
     let secret = cfg.commands.secret(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
     let filter = format!("edgeinfer/{device}/cmd/+");
+    // A fleet group's commands reach every member; each replies on its own topic.
+    let filters: Vec<String> = std::iter::once(filter)
+        .chain(cfg.commands.groups.iter().map(|g| format!("edgeinfer/group/{g}/cmd/+")))
+        .collect();
     log::info!(
-        "commands: listening on `{filter}`{}",
+        "commands: listening on {}{}",
+        filters.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "),
         if secret.is_some() { " (HMAC-signed commands only)" } else { "" }
     );
     let handler = Arc::new(Handler {
@@ -454,7 +459,10 @@ pub fn start(
         reloading_config: AtomicBool::new(false),
     });
     // Retained commands are ignored: they would run again on every reconnect.
-    hub.subscribe_live(&filter, 1, Arc::new(move |m: &Incoming| handler.clone().on_message(m)));
+    for f in &filters {
+        let handler = handler.clone();
+        hub.subscribe_live(f, 1, Arc::new(move |m: &Incoming| handler.clone().on_message(m)));
+    }
     Ok(())
 }
 
@@ -500,11 +508,11 @@ impl Handler {
 
     fn reply(&self, name: &str, to: &ReplyTo, id: Value, outcome: Result<Value, String>) {
         let body = match outcome {
-            Ok(result) => json!({"id": id, "ok": true, "command": name, "result": result}),
+            Ok(result) => json!({"id": id, "ok": true, "command": name, "device": self.device, "result": result}),
             Err(error) => {
                 self.registry.failed.fetch_add(1, Relaxed);
                 log::warn!("commands: `{name}` failed: {error}");
-                json!({"id": id, "ok": false, "command": name, "error": error})
+                json!({"id": id, "ok": false, "command": name, "device": self.device, "error": error})
             }
         };
         // A name with `+`/`#` cannot come from a subscription match, but keep the topic valid anyway.

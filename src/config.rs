@@ -182,11 +182,19 @@ pub struct CommandsConfig {
     pub hmac_secret_file: Option<PathBuf>,
     /// How far a command's `ts` may be from the device clock.
     pub max_skew_s: u64,
+    /// Fleet groups this device is in: it also takes commands on `edgeinfer/group/<name>/cmd/+`.
+    pub groups: Vec<String>,
 }
 
 impl Default for CommandsConfig {
     fn default() -> Self {
-        CommandsConfig { enabled: false, hmac_secret_env: None, hmac_secret_file: None, max_skew_s: 300 }
+        CommandsConfig {
+            enabled: false,
+            hmac_secret_env: None,
+            hmac_secret_file: None,
+            max_skew_s: 300,
+            groups: Vec::new(),
+        }
     }
 }
 
@@ -198,6 +206,11 @@ impl CommandsConfig {
         }
         if self.max_skew_s == 0 {
             return Err(("max_skew_s".into(), "must be at least 1".into()));
+        }
+        for (ix, g) in self.groups.iter().enumerate() {
+            if !is_topic_safe(g) {
+                return Err((format!("groups[{ix}]"), format!("`{g}` must be letters, digits, `-`, `_` or `.`")));
+            }
         }
         Ok(())
     }
@@ -674,6 +687,10 @@ source = { type = "synthetic", signal = "sine" }
         let c =
             CommandsConfig { hmac_secret_env: Some("EDGEINFER_TEST_CMD_SECRET_ABSENT".into()), ..Default::default() };
         assert!(c.secret(&|p| p.to_path_buf()).unwrap_err().contains("EDGEINFER_TEST_CMD_SECRET_ABSENT"));
+        let c = CommandsConfig { groups: vec!["canary".into(), "site/a".into()], ..Default::default() };
+        let (key, why) = c.validate().unwrap_err();
+        assert_eq!(key, "groups[1]");
+        assert!(why.contains("`site/a`"), "{why}");
     }
 
     #[test]

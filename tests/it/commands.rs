@@ -592,3 +592,120 @@ fn an_accepted_update_survives_a_restart_and_a_changed_file_falls_back_to_the_co
     let err = daemon.stderr();
     assert!(err.contains("changed since it was accepted") && err.contains("running the configured model"), "{err}");
 }
+
+#[test]
+fn a_group_command_reaches_only_its_members_so_a_canary_goes_first() {
+    let broker = Mosquitto::start();
+    // Three boards: one canary, two more; all three in the group `kitchen`.
+    let boards = [("fleet-can", "\"canary\", \"kitchen\""), ("fleet-b1", "\"kitchen\""), ("fleet-b2", "\"kitchen\"")];
+    let mut sub = Subscriber::connect(broker.port, "edgeinfer/#");
+    let daemons: Vec<Daemon> = boards
+        .iter()
+        .map(|(device, groups)| Daemon::start(&config(broker.port, device, &format!("groups = [{groups}]"))))
+        .collect();
+    let results_of = |sub: &Subscriber, since: usize, device: &str| -> Vec<String> {
+        let topic = format!("edgeinfer/{device}/digits/result");
+        sub.seen[since..]
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.json()["model"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let wait_all = |sub: &mut Subscriber, since: usize, want: &[(&str, &str)]| {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let done = want.iter().all(|(d, m)| results_of(sub, since, d).last().is_some_and(|n| n == m));
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "want {want:?}; daemons: {:?}",
+                daemons.iter().map(Daemon::stderr).collect::<Vec<_>>()
+            );
+            let have = sub.seen.len();
+            sub.collect(have + 1, Duration::from_millis(200), |_| true);
+        }
+    };
+    let int8 = [("fleet-can", "digits_cnn_int8"), ("fleet-b1", "digits_cnn_int8"), ("fleet-b2", "digits_cnn_int8")];
+    wait_all(&mut sub, 0, &int8);
+    // Every board answers `health` on the group before the rollout starts (its subscription is live).
+    let send = |sub: &mut Subscriber, group: &str, name: &str, id: &str, body: Value, devices: &[&str]| -> Vec<Value> {
+        let mut body = body;
+        body["id"] = json!(id);
+        sub.publish(&format!("edgeinfer/group/{group}/cmd/{name}"), serde_json::to_vec(&body).unwrap());
+        let replies = sub
+            .collect(devices.len(), LONG, |m| m.topic.ends_with(&format!("/cmd/{name}/reply")) && m.json()["id"] == id);
+        let mut got: Vec<Value> = replies.iter().map(Msg::json).collect();
+        got.sort_by_key(|r| r["device"].as_str().unwrap_or("").to_string());
+        let from: Vec<&str> = got.iter().map(|r| r["device"].as_str().unwrap()).collect();
+        let mut want = devices.to_vec();
+        want.sort();
+        assert_eq!(from, want, "{got:?}");
+        for m in &replies {
+            let device = m.json()["device"].as_str().unwrap().to_string();
+            assert_eq!(m.topic, format!("edgeinfer/{device}/cmd/{name}/reply"), "each replies on its own topic");
+        }
+        got
+    };
+    let deadline = Instant::now() + LONG;
+    loop {
+        sub.publish("edgeinfer/group/kitchen/cmd/health", br#"{"id": "probe"}"#.to_vec());
+        let got = sub.collect(3, Duration::from_secs(1), |m| {
+            m.topic.ends_with("/cmd/health/reply") && m.json()["id"] == "probe"
+        });
+        if got.len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every board answers on the group");
+    }
+
+    // 1. The canary gets the new model; the others keep the old one.
+    let model = crate::model("digits_cnn_f32.onnx");
+    let r = send(
+        &mut sub,
+        "canary",
+        "reload_model",
+        "canary-1",
+        json!({"pipeline": "digits", "model": model}),
+        &["fleet-can"],
+    );
+    assert_eq!(r[0]["ok"], true, "{r:?}");
+    let mark = sub.seen.len();
+    wait_all(
+        &mut sub,
+        mark,
+        &[("fleet-can", "digits_cnn_f32"), ("fleet-b1", "digits_cnn_int8"), ("fleet-b2", "digits_cnn_int8")],
+    );
+    assert!(results_of(&sub, mark, "fleet-b1")
+        .iter()
+        .chain(&results_of(&sub, mark, "fleet-b2"))
+        .all(|n| n == "digits_cnn_int8"));
+    // 2. Watch its health until the update is accepted (its probation passed).
+    let deadline = Instant::now() + LONG;
+    loop {
+        let id = format!("watch-{}", sub.seen.len());
+        let h = send(&mut sub, "canary", "health", &id, json!({}), &["fleet-can"]);
+        if h[0]["result"]["pipelines"]["digits"]["model_update"]["state"] == "accepted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the canary never accepted the model: {h:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // 3. The rest of the group.
+    let r = send(
+        &mut sub,
+        "kitchen",
+        "reload_model",
+        "all-1",
+        json!({"pipeline": "digits", "model": model}),
+        &["fleet-b1", "fleet-b2", "fleet-can"],
+    );
+    assert!(r.iter().all(|r| r["ok"] == true), "{r:?}");
+    let mark = sub.seen.len();
+    wait_all(
+        &mut sub,
+        mark,
+        &[("fleet-can", "digits_cnn_f32"), ("fleet-b1", "digits_cnn_f32"), ("fleet-b2", "digits_cnn_f32")],
+    );
+}
