@@ -534,10 +534,17 @@ async fn run_async(
     active: Option<Arc<crate::model_store::active::ActiveModels>>,
 ) -> anyhow::Result<RunEnd> {
     let started = Instant::now();
-    // Bound before anything starts: a taken port stops the daemon with a clear error.
+    // Bound before the pipelines start. A taken port is logged, not fatal: monitoring
+    // must not stop inference (a service would otherwise restart-loop on it).
     #[cfg(feature = "http-server")]
     let http_listener = match &cfg.http {
-        Some(h) => Some(crate::http::bind(h).await.map_err(anyhow::Error::msg)?),
+        Some(h) => match crate::http::bind(h).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::error!("{e}; running without the status page and /metrics");
+                None
+            }
+        },
         None => None,
     };
     // SIGINT and SIGTERM are ours before the MQTT connection announces `online`: a

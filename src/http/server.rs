@@ -71,8 +71,7 @@ impl Drop for Server {
     }
 }
 
-/// Binds `cfg.listen`, before anything else starts, so a taken port stops the
-/// daemon at start-up; the error names `http.listen`.
+/// Binds `cfg.listen`; the error names `http.listen`.
 pub async fn bind(cfg: &HttpConfig) -> Result<tokio::net::TcpListener, String> {
     tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -3,7 +3,7 @@
 //! pipeline (ffmpeg as the camera, the fetched detector on a real photo) with
 //! its boxes and latency plot; `/metrics` through a strict text-format parser,
 //! its counters checked against the health message a real subscriber gets;
-//! basic auth; a taken port.
+//! basic auth; a taken port, which must not stop inference.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -526,15 +526,25 @@ fn the_parser_refuses_what_prometheus_would() {
 }
 
 #[test]
-fn a_taken_port_stops_the_daemon_naming_http_listen() {
+fn a_taken_port_is_logged_and_inference_goes_on_without_the_page() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.csv");
+    std::fs::write(&rows, format!("{}\n", vec!["0.5"; 30].join(","))).unwrap();
     let mut daemon = Daemon::start(&format!(
-        "[http]\nlisten = \"127.0.0.1:{port}\"\n[[pipelines]]\nname = \"p\"\nmodel = \"{{models}}/vibration_int8.onnx\"\n\
-         source = {{ type = \"lines\" }}\n[[pipelines.outputs]]\ntype = \"stdout\"\n"
+        "[http]\nlisten = \"127.0.0.1:{port}\"\n[[pipelines]]\nname = \"p\"\nmodel = \"{{models}}/breast_cancer_mlp_f32.onnx\"\n\
+         source = {{ type = \"lines\", from = \"{}\", format = \"csv\" }}\n[[pipelines.outputs]]\ntype = \"stdout\"\n",
+        rows.display()
     ));
-    let code = daemon.wait(Duration::from_secs(60));
-    assert!(code.is_some_and(|c| c != 0), "exit {code:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.stdout().lines().count() < 1 {
+        assert!(Instant::now() < deadline, "no result; stderr: {}", daemon.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let err = daemon.stderr();
     assert!(err.contains(&format!("http.listen: cannot listen on 127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("running without the status page and /metrics"), "{err}");
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait(Duration::from_secs(20)), Some(0), "stderr: {}", daemon.stderr());
 }
