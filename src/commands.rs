@@ -99,6 +99,20 @@ pub fn verify(
     Ok(())
 }
 
+/// A signed command names who it is for in `target` (covered by the signature): required on
+/// a group topic, so a command signed for the canaries cannot be replayed to the whole group
+/// (each device keeps its own replay cache); checked when present on a device topic.
+fn check_target(obj: &Map<String, Value>, target: &str) -> Result<(), String> {
+    match obj.get("target") {
+        Some(Value::String(t)) if t == target => Ok(()),
+        Some(other) => Err(format!("`target` is {other}, but this command came for `{target}`")),
+        None if target.starts_with("group/") => {
+            Err(format!("`target` is missing: a signed group command must name its group (`\"target\": \"{target}\"`)"))
+        }
+        None => Ok(()),
+    }
+}
+
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -181,6 +195,8 @@ pub struct Swap {
     pub session: Session,
     /// The file it was loaded from.
     pub path: PathBuf,
+    /// That file's SHA-256 as checked before loading (None: the configured model, not checked).
+    pub file_sha256: Option<String>,
     /// Its probation: the worker keeps the old model until it is over.
     pub probation: crate::model_store::probation::Bounds,
     /// Told once the worker has switched.
@@ -210,6 +226,9 @@ pub struct PipelineControl {
     pub pending: Mutex<Pending>,
     /// Model file in use (after the last swap).
     pub model_path: Mutex<PathBuf>,
+    /// Its SHA-256 as checked when it was loaded at run time or from the state file
+    /// (None: the configured model).
+    pub model_sha256: Mutex<Option<String>>,
     /// Model name in use.
     pub model_name: Mutex<String>,
     /// Input of the model in use, and the postprocess kind: a replacement must match them.
@@ -238,6 +257,7 @@ impl PipelineControl {
     pub fn new(
         prep: &Prepared,
         model_path: PathBuf,
+        model_sha256: Option<String>,
         configured: PathBuf,
         active: Option<Arc<crate::model_store::active::ActiveModels>>,
     ) -> Arc<Self> {
@@ -255,6 +275,7 @@ impl PipelineControl {
             dirty: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             model_path: Mutex::new(model_path),
+            model_sha256: Mutex::new(model_sha256),
             model_name: Mutex::new(prep.model.info().name.clone()),
             fit: Mutex::new((prep.model.inputs()[0].clone(), prep.post.kind_name())),
             thresholds: Mutex::new(thresholds),
@@ -285,11 +306,14 @@ impl PipelineControl {
         }
     }
 
-    /// The worker now runs `prep`, loaded from `path` (after a swap or a rollback): the next
-    /// `reload_model` is checked against it.
-    pub fn now_running(&self, prep: &Prepared, path: &std::path::Path) {
+    /// The worker now runs `prep`, loaded from `path` with this checked SHA-256 (after a swap
+    /// or a rollback): the next `reload_model` is checked against it.
+    pub fn now_running(&self, prep: &Prepared, path: &std::path::Path, sha256: Option<String>) {
         if let Ok(mut m) = self.model_path.lock() {
             *m = path.to_path_buf();
+        }
+        if let Ok(mut s) = self.model_sha256.lock() {
+            *s = sha256;
         }
         if let Ok(mut f) = self.fit.lock() {
             *f = (prep.model.inputs()[0].clone(), prep.post.kind_name());
@@ -299,24 +323,25 @@ impl PipelineControl {
         }
     }
 
-    /// Records, for the next start, that the pipeline runs the model at `path` (its
-    /// configured model: the record is removed). Failures are logged: the model runs anyway.
-    pub fn persist(&self, path: &std::path::Path) {
+    /// Records, for the next start, the model the worker now runs (its configured model:
+    /// the record is removed). Runs on the worker between two inputs, once per model change:
+    /// one small atomic write, no hashing (the hash checked at load is recorded). Failures
+    /// are logged: the model runs anyway.
+    pub fn persist(&self) {
         let Some(active) = &self.active else { return };
-        let entry = if path == self.configured {
-            None
-        } else {
-            match crate::model_store::sha256_of(path, u64::MAX) {
-                Ok((sha256, _)) => Some(crate::model_store::active::Entry {
-                    path: path.to_path_buf(),
-                    sha256,
-                    configured: self.configured.clone(),
-                    since: crate::payload::rfc3339(std::time::SystemTime::now()),
-                }),
-                Err(e) => {
-                    log::warn!("pipeline `{}`: model state not saved: {e}", self.name);
-                    return;
-                }
+        let path = self.model_path.lock().map(|p| p.clone()).unwrap_or_default();
+        let sha256 = self.model_sha256.lock().ok().and_then(|s| s.clone());
+        let entry = match sha256 {
+            _ if path == self.configured => None,
+            Some(sha256) => Some(crate::model_store::active::Entry {
+                path,
+                sha256,
+                configured: self.configured.clone(),
+                since: crate::payload::rfc3339(std::time::SystemTime::now()),
+            }),
+            None => {
+                log::warn!("pipeline `{}`: model state not saved: {} has no checked hash", self.name, path.display());
+                return;
             }
         };
         if let Err(e) = active.set(&self.name, entry) {
@@ -486,7 +511,13 @@ impl Handler {
         };
         let to = ReplyTo { topic: to, correlation_data: m.correlation_data.as_ref().map(|c| c.to_vec()) };
         let mut id = Value::Null;
-        let outcome = self.accept(&name, &m.payload, &mut id).and_then(|cmd| self.execute(&name, cmd, &to, id.clone()));
+        // Who the command was sent to: this device, or a group it is in.
+        let target = match m.topic.strip_prefix("edgeinfer/group/").and_then(|t| t.split('/').next()) {
+            Some(group) => format!("group/{group}"),
+            None => self.device.clone(),
+        };
+        let outcome =
+            self.accept(&name, &target, &m.payload, &mut id).and_then(|cmd| self.execute(&name, cmd, &to, id.clone()));
         match outcome {
             Ok(None) => {} // answered later (reload_model, reload_config)
             Ok(Some(result)) => self.reply(&name, &to, id, Ok(result)),
@@ -494,7 +525,7 @@ impl Handler {
         }
     }
 
-    fn accept(&self, name: &str, payload: &[u8], id: &mut Value) -> Result<Command, String> {
+    fn accept(&self, name: &str, target: &str, payload: &[u8], id: &mut Value) -> Result<Command, String> {
         let value: Value = serde_json::from_slice(payload).map_err(|e| format!("malformed JSON: {e}"))?;
         let Value::Object(obj) = value else { return Err("the payload must be a JSON object".into()) };
         *id = obj.get("id").cloned().unwrap_or(Value::Null);
@@ -502,6 +533,7 @@ impl Handler {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
             let mut seen = self.seen.lock().map_err(|_| "internal: replay cache poisoned".to_string())?;
             verify(secret, &obj, now, self.cfg.commands.max_skew_s, &mut seen)?;
+            check_target(&obj, target)?;
         }
         parse(name, &obj)
     }
@@ -523,6 +555,42 @@ impl Handler {
         let mut msg = OutMessage::raw(to.topic.clone(), bytes, 1, false, JSON);
         msg.meta = PublishMeta { correlation_data: to.correlation_data.clone(), ..msg.meta };
         self.hub.enqueue(msg);
+    }
+
+    /// Runs `job` (loading a model for pipeline `c`) on a thread of its own and replies with
+    /// its outcome; one at a time per pipeline (a burst must not run a Pi out of memory).
+    fn spawn_loader(
+        self: &Arc<Self>,
+        c: &Arc<PipelineControl>,
+        name: &str,
+        to: &ReplyTo,
+        id: Value,
+        job: impl FnOnce(&PipelineControl) -> Result<Value, String> + Send + 'static,
+    ) -> Result<Option<Value>, String> {
+        /// Clears the pipeline's loading flag however the job ends, a panic included.
+        struct Loading(Arc<PipelineControl>);
+        impl Drop for Loading {
+            fn drop(&mut self) {
+                self.0.reloading.store(false, Relaxed);
+            }
+        }
+        if c.reloading.swap(true, Relaxed) {
+            return Err(format!("pipeline `{}` is already loading a model; try again when it replied", c.name));
+        }
+        let loading = Loading(c.clone());
+        let (me, name) = (self.clone(), name.to_string());
+        let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
+        let thread = format!("{name}-{}", c.name);
+        std::thread::Builder::new()
+            .name(thread)
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let outcome = job(&loading.0);
+                drop(loading);
+                me.reply(&name, &to, id, outcome);
+            })
+            .map_err(|e| format!("cannot start the loader thread: {e}"))?;
+        Ok(None)
     }
 
     /// Ok(None): the reply comes later from another thread.
@@ -593,53 +661,22 @@ impl Handler {
                     let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &configured)?;
                     (store.confine(&requested).map_err(|e| format!("pipeline `{pipeline}`: {e}"))?, Some(store))
                 };
-                if c.reloading.swap(true, Relaxed) {
-                    return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));
-                }
-                let me = self.clone();
-                let name = name.to_string();
-                let loader = c.clone();
-                let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
-                let spawned = std::thread::Builder::new().name(format!("reload-{pipeline}")).stack_size(8 << 20).spawn(
-                    move || {
-                        let outcome = match store.as_ref().map(|s| s.check(&path)).transpose() {
-                            Ok(provenance) => reload(&me.cfg, &loader, &path, provenance),
-                            Err(e) => Err(format!("pipeline `{}`: {e}", loader.name)),
-                        };
-                        loader.reloading.store(false, Relaxed);
-                        me.reply(&name, &to, id, outcome);
-                    },
-                );
-                if let Err(e) = spawned {
-                    c.reloading.store(false, Relaxed);
-                    return Err(format!("cannot start the loader thread: {e}"));
-                }
-                Ok(None)
+                let cfg = self.cfg.clone();
+                self.spawn_loader(&c, name, to, id, move |loader| {
+                    match store.as_ref().map(|s| s.check(&path)).transpose() {
+                        Ok(provenance) => reload(&cfg, loader, &path, provenance),
+                        Err(e) => Err(format!("pipeline `{}`: {e}", loader.name)),
+                    }
+                })
             }
             Command::UpdateModel { pipeline, url, sha256, name: file } => {
                 let c = self.registry.control(&pipeline)?.clone();
                 let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &c.configured)?;
                 let ca_file = self.cfg.models.ca_file.as_ref().map(|f| self.cfg.resolve(f));
-                if c.reloading.swap(true, Relaxed) {
-                    return Err(format!("pipeline `{pipeline}` is already loading a model; try again when it replied"));
-                }
-                let me = self.clone();
-                let name = name.to_string();
-                let loader = c.clone();
-                let to = ReplyTo { topic: to.topic.clone(), correlation_data: to.correlation_data.clone() };
-                let spawned = std::thread::Builder::new().name(format!("update-{pipeline}")).stack_size(8 << 20).spawn(
-                    move || {
-                        let outcome =
-                            update(&me.cfg, &loader, &store, ca_file.as_deref(), &url, &sha256, file.as_deref());
-                        loader.reloading.store(false, Relaxed);
-                        me.reply(&name, &to, id, outcome);
-                    },
-                );
-                if let Err(e) = spawned {
-                    c.reloading.store(false, Relaxed);
-                    return Err(format!("cannot start the loader thread: {e}"));
-                }
-                Ok(None)
+                let cfg = self.cfg.clone();
+                self.spawn_loader(&c, name, to, id, move |loader| {
+                    update(&cfg, loader, &store, ca_file.as_deref(), &url, &sha256, file.as_deref())
+                })
             }
             Command::ReloadConfig => {
                 if self.reloading_config.swap(true, Relaxed) {
@@ -785,7 +822,8 @@ fn reload(
     let info = prepared.model.info().clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let probation = cfg.models.probation();
-    let swap = Swap { prepared, session, path: path.to_path_buf(), probation, done: tx };
+    let file_sha256 = provenance.as_ref().map(|p| p.sha256.clone());
+    let swap = Swap { prepared, session, path: path.to_path_buf(), file_sha256, probation, done: tx };
     c.push(|pending| pending.swap = Some(swap));
     let swapped = match rx.recv_timeout(Duration::from_secs(10)) {
         Ok(()) => true,
@@ -838,10 +876,13 @@ fn update(
     let provenance = match store.check(&path) {
         Ok(p) => p,
         Err(e) => {
-            // Never trusted: a download whose signature fails does not stay in the directory.
+            // Never trusted: a signature that fails does not stay (the next update fetches it
+            // again), nor does a model just downloaded for it.
+            if store.requires_signatures() {
+                let _ = std::fs::remove_file(crate::model_store::signature::path_for(&path));
+            }
             if !got.reused {
                 let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(crate::model_store::signature::path_for(&path));
             }
             return Err(named(e));
         }
@@ -927,6 +968,17 @@ mod tests {
             o.insert("hmac".into(), bad.into());
             assert!(verify(secret, &o, 1010.0, 300, &mut HashMap::new()).unwrap_err().contains("does not match"));
         }
+    }
+
+    #[test]
+    fn a_signed_group_command_must_name_its_group() {
+        assert!(check_target(&obj("{}"), "group/canary").unwrap_err().contains("`target` is missing"));
+        assert_eq!(check_target(&obj(r#"{"target": "group/canary"}"#), "group/canary"), Ok(()));
+        // Signed for the canaries, republished to everyone: refused.
+        let e = check_target(&obj(r#"{"target": "group/canary"}"#), "group/kitchen").unwrap_err();
+        assert!(e.contains("came for `group/kitchen`"), "{e}");
+        assert_eq!(check_target(&obj("{}"), "cam1"), Ok(()), "device commands may omit it");
+        assert!(check_target(&obj(r#"{"target": "cam2"}"#), "cam1").is_err());
     }
 
     #[test]

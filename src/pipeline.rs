@@ -162,6 +162,7 @@ struct Previous {
     prepared: Prepared,
     session: crate::engine::Session,
     path: PathBuf,
+    file_sha256: Option<String>,
 }
 
 /// A model swapped in at run time, on probation, and what comes back if it fails.
@@ -244,18 +245,21 @@ impl Worker {
                     // The old model's median latency is the probation's baseline.
                     let baseline = metrics.latency.lock().ok().and_then(|l| l.inference.percentiles()).map(|p| p.0);
                     let old_path = control.model_path.lock().map(|p| p.clone()).unwrap_or_default();
+                    let old_sha = control.model_sha256.lock().ok().and_then(|s| s.clone());
                     let old = std::mem::replace(prepared, swap.prepared);
                     let old_session = std::mem::replace(&mut session, swap.session);
                     let old_name = std::mem::replace(&mut model_name, Arc::from(prepared.model.info().name.as_str()));
                     sha = prepared.model.info().sha256.as_str().into();
                     buf = follow_model(prepared, outputs, control, latest.as_ref(), &pipeline);
-                    control.now_running(prepared, &swap.path);
+                    control.now_running(prepared, &swap.path, swap.file_sha256.clone());
                     log::info!("pipeline `{pipeline}`: now running model {model_name}");
                     if swap.probation.inferences > 0 {
                         // Swapped again while on probation: the last accepted model stays the fallback.
                         let previous = match on_probation.take() {
                             Some(p) => p.previous,
-                            None => Previous { prepared: old, session: old_session, path: old_path },
+                            None => {
+                                Previous { prepared: old, session: old_session, path: old_path, file_sha256: old_sha }
+                            }
                         };
                         let probation = Probation::new(swap.probation, baseline);
                         control.set_update(serde_json::json!({
@@ -268,7 +272,7 @@ impl Worker {
                         control.set_update(
                             serde_json::json!({"state": "accepted", "model": &*model_name, "previous": &*old_name}),
                         );
-                        control.persist(&swap.path);
+                        control.persist();
                     }
                     let _ = swap.done.send(());
                 }
@@ -400,23 +404,21 @@ impl Worker {
                     Verdict::Continue => on_probation = Some(op),
                     Verdict::Accept => {
                         log::info!("pipeline `{pipeline}`: model {model_name} passed its probation");
-                        if let Ok(path) = control.model_path.lock().map(|p| p.clone()) {
-                            control.persist(&path);
-                        }
+                        control.persist();
                         control.set_update(serde_json::json!({
                             "state": "accepted", "model": &*model_name, "previous": op.previous.prepared.model.info().name,
                         }));
                     }
                     Verdict::RollBack(reason) => {
                         let failed_model = model_name.clone();
-                        let Previous { prepared: back, session: back_session, path } = op.previous;
+                        let Previous { prepared: back, session: back_session, path, file_sha256 } = op.previous;
                         *prepared = back;
                         session = back_session;
                         model_name = prepared.model.info().name.as_str().into();
                         sha = prepared.model.info().sha256.as_str().into();
                         buf = follow_model(prepared, outputs, control, latest.as_ref(), &pipeline);
-                        control.now_running(prepared, &path);
-                        control.persist(&path);
+                        control.now_running(prepared, &path, file_sha256);
+                        control.persist();
                         control.rollbacks.fetch_add(1, Relaxed);
                         log::warn!("pipeline `{pipeline}`: model {failed_model} rolled back to {model_name}: {reason}");
                         control.set_update(serde_json::json!({
@@ -547,6 +549,11 @@ async fn run_async(
         },
         None => None,
     };
+    // The worker keeps its newest frame only for a page that is served.
+    #[cfg(feature = "http-server")]
+    let serve_page = http_listener.is_some();
+    #[cfg(not(feature = "http-server"))]
+    let serve_page = false;
     // SIGINT and SIGTERM are ours before the MQTT connection announces `online`: a
     // supervisor (or a test) that stops the daemon as soon as it sees it gets a clean
     // shutdown, not the signals' default action while the pipelines are being started.
@@ -660,9 +667,20 @@ async fn run_async(
         // `p.model` is the updated model when the state file named one; the config's is the fallback.
         let configured = cfg.pipelines.iter().find(|q| q.name == p.name).map(|q| cfg.resolve(&q.model));
         let configured = configured.unwrap_or_else(|| cfg.resolve(&p.model));
-        let control = crate::commands::PipelineControl::new(&prep, cfg.resolve(&p.model), configured, active.clone());
+        // Started on an updated model (the state file): its checked hash, for the next record.
+        let started_sha = match &active {
+            Some(a) if cfg.resolve(&p.model) != configured => a.get(&p.name).ok().flatten().map(|e| e.sha256),
+            _ => None,
+        };
+        let control = crate::commands::PipelineControl::new(
+            &prep,
+            cfg.resolve(&p.model),
+            started_sha,
+            configured,
+            active.clone(),
+        );
         controls.push(control.clone());
-        let latest = cfg.http.as_ref().map(|_| Arc::new(Latest::new(model_view(&prep))));
+        let latest = serve_page.then(|| Arc::new(Latest::new(model_view(&prep))));
         if let Some(l) = &latest {
             shown.push((metrics.clone(), l.clone(), p.source.kind()));
         }

@@ -2,8 +2,10 @@
 //! `model-fetch`): HTTPS only, the server's certificate checked against
 //! `[models] ca_file` or the system's CA certificates (rustls with ring), the
 //! size capped while reading, the SHA-256 compared before the file gets its
-//! name. A download is written to `.NAME.part` and renamed only once whole
-//! and checked, so a cut connection never leaves a model that looks complete.
+//! name. A download is written to a temporary file of its own and linked to
+//! its name only once whole and checked (never over an existing file), so a
+//! cut connection or two concurrent downloads never leave a model that looks
+//! complete but is not.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -36,10 +38,11 @@ pub struct Downloaded {
     pub reused: bool,
 }
 
-/// Largest signature file read.
-const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
+use super::signature::MAX_BYTES as MAX_SIGNATURE_BYTES;
 
-/// The file name a model gets: letters, digits, `.`, `-`, `_`, not starting with `.`.
+/// The file name a model gets: letters, digits, `.`, `-`, `_`, not starting with `.`,
+/// ending in a model's extension (so a download can never be named like the state file,
+/// a signature or a temporary file).
 pub fn file_name<'a>(url: &'a str, name: Option<&'a str>) -> Result<&'a str, String> {
     let name = match name {
         Some(n) => n,
@@ -56,6 +59,9 @@ pub fn file_name<'a>(url: &'a str, name: Option<&'a str>) -> Result<&'a str, Str
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if !ok {
         return Err(format!("model file name `{name}`: use letters, digits, `.`, `-` and `_`, not starting with `.`"));
+    }
+    if ![".onnx", ".nnef.tgz", ".nnef.tar"].iter().any(|ext| name.ends_with(ext) && name.len() > ext.len()) {
+        return Err(format!("model file name `{name}`: must end in .onnx, .nnef.tgz or .nnef.tar"));
     }
     Ok(name)
 }
@@ -99,6 +105,9 @@ pub fn agent(ca_file: Option<&Path>) -> Result<ureq::Agent, String> {
         .build();
     let timeout = Some(Duration::from_secs(30));
     Ok(ureq::Agent::config_builder()
+        // A server that trickles bytes must not hold the pipeline's reload slot for hours:
+        // the whole download gets the time of 256 MiB at 100 kB/s.
+        .timeout_global(Some(Duration::from_secs(45 * 60)))
         .https_only(true)
         .http_status_as_error(false)
         .user_agent(format!("edgeinfer/{}", env!("CARGO_PKG_VERSION")))
@@ -115,6 +124,11 @@ fn shown(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
 }
 
+/// A temporary name in `dir` no other download uses (two commands may fetch the same file).
+fn part_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.{:016x}.part", fastrand::u64(..)))
+}
+
 /// Streams `url` into `part` (created fresh), at most `max_bytes`; SHA-256 and size.
 fn download(agent: &ureq::Agent, url: &str, part: &Path, max_bytes: u64) -> Result<(String, u64), String> {
     let mut resp = agent.get(url).call().map_err(|e| format!("GET {}: {e}", shown(url)))?;
@@ -124,7 +138,6 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, max_bytes: u64) -> Resu
     if let Some(len) = resp.body().content_length().filter(|&l| l > max_bytes) {
         return Err(format!("GET {}: {len} bytes, above models.max_bytes ({max_bytes})", shown(url)));
     }
-    let _ = std::fs::remove_file(part);
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -160,59 +173,80 @@ pub fn fetch(agent: &ureq::Agent, req: &Request, dir: &Path, max_bytes: u64) -> 
     let want = check_sha256(req.sha256)?;
     let name = file_name(req.url, req.name)?;
     let dest = dir.join(name);
-    let sig_dest = super::signature::path_for(&dest);
     let sig_url = format!("{}.sig", req.url.split('?').next().unwrap_or(req.url));
-    if dest.exists() {
-        let (have, _) = super::sha256_of(&dest, max_bytes)?;
-        if have != want {
-            return Err(format!(
-                "{name} is already in the models directory with another SHA-256 ({have}); give the update a new name"
-            ));
-        }
-        if req.signature && !sig_dest.exists() {
-            let part = dir.join(format!(".{name}.sig.part"));
-            download(agent, &sig_url, &part, MAX_SIGNATURE_BYTES)?;
-            rename(&part, &sig_dest)?;
-        }
-        return Ok(Downloaded { path: dest, bytes: 0, reused: true });
-    }
-    let part = dir.join(format!(".{name}.part"));
-    let result = download(agent, req.url, &part, max_bytes).and_then(|(got, n)| {
-        if got != want {
-            return Err(format!("{}: SHA-256 {got} ({n} bytes), expected {want}", shown(req.url)));
-        }
-        Ok(n)
-    });
-    let n = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&part);
-            return Err(e);
+    let (bytes, reused) = if dest.exists() {
+        same_file(&dest, &want, max_bytes)?;
+        (0, true)
+    } else {
+        let part = part_path(dir, name);
+        let got = download(agent, req.url, &part, max_bytes).and_then(|(got, n)| {
+            if got != want {
+                return Err(format!("{}: SHA-256 {got} ({n} bytes), expected {want}", shown(req.url)));
+            }
+            Ok(n)
+        });
+        let published = got.and_then(|n| publish(&part, &dest).map(|fresh| (n, fresh)));
+        let _ = std::fs::remove_file(&part);
+        match published? {
+            (n, true) => (n, false),
+            // Another download of the same file got there first: fine if it is the same file.
+            (_, false) => {
+                same_file(&dest, &want, max_bytes)?;
+                (0, true)
+            }
         }
     };
     if req.signature {
-        let sig_part = dir.join(format!(".{name}.sig.part"));
-        if let Err(e) =
-            download(agent, &sig_url, &sig_part, MAX_SIGNATURE_BYTES).and_then(|_| rename(&sig_part, &sig_dest))
-        {
+        // Always fetched again: a stale or bad signature beside a reused file must not stick.
+        let part = part_path(dir, &format!("{name}.sig"));
+        let fetched = download(agent, &sig_url, &part, MAX_SIGNATURE_BYTES)
+            .and_then(|_| rename(&part, &super::signature::path_for(&dest)));
+        if let Err(e) = fetched {
             let _ = std::fs::remove_file(&part);
-            let _ = std::fs::remove_file(&sig_part);
+            if !reused {
+                let _ = std::fs::remove_file(&dest);
+            }
             return Err(format!("{e} (the signature; models must be signed)"));
         }
     }
-    rename(&part, &dest)?;
-    Ok(Downloaded { path: dest, bytes: n, reused: false })
+    Ok(Downloaded { path: dest, bytes, reused })
+}
+
+/// Ok if `path` has SHA-256 `want`; else the error that it is another file.
+fn same_file(path: &Path, want: &str, max_bytes: u64) -> Result<(), String> {
+    let (have, _) = super::sha256_of(path, max_bytes)?;
+    if have != want {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        return Err(format!(
+            "{name} is already in the models directory with another SHA-256 ({have}); give the update a new name"
+        ));
+    }
+    Ok(())
+}
+
+/// Gives `part` the name `dest` unless `dest` exists (a hard link cannot replace a file):
+/// true when it did. The directory is synced so the name survives a power cut.
+fn publish(part: &Path, dest: &Path) -> Result<bool, String> {
+    match std::fs::hard_link(part, dest) {
+        Ok(()) => {
+            sync_dir(dest);
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(format!("{} -> {}: {e}", part.display(), dest.display())),
+    }
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::rename(from, to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
-    // The directory entry too, so the name survives a power cut.
-    if let Some(dir) = to.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    sync_dir(to);
     Ok(())
+}
+
+fn sync_dir(file: &Path) {
+    if let Some(d) = file.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = d.sync_all();
+    }
 }
 
 #[cfg(test)]
@@ -223,8 +257,9 @@ mod tests {
     fn names_and_hashes_are_checked_before_anything_is_fetched() {
         assert_eq!(file_name("https://h/m/digits_v3.onnx?token=x", None).unwrap(), "digits_v3.onnx");
         assert_eq!(file_name("https://h/m/x", Some("d.onnx")).unwrap(), "d.onnx");
+        assert_eq!(file_name("https://h/m/d.nnef.tgz", None).unwrap(), "d.nnef.tgz");
         assert!(file_name("https://h/m/", None).unwrap_err().contains("give `name`"));
-        for bad in [".hidden", "a/b", "a b", ".."] {
+        for bad in [".hidden", "a/b", "a b", "..", "active.json", "m.onnx.sig", "m.onnx.part", ".onnx"] {
             assert!(file_name("https://h/x", Some(bad)).is_err(), "{bad}");
         }
         assert!(check_sha256("abc").unwrap_err().contains("64 hex digits"));
@@ -233,5 +268,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let req = Request { url: "http://h/m.onnx", sha256: &"a".repeat(64), name: None, signature: false };
         assert!(fetch(&agent, &req, dir.path(), 10).unwrap_err().contains("https:// only"));
+    }
+
+    #[test]
+    fn publishing_never_replaces_an_existing_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (part, dest) = (dir.path().join(".m.part"), dir.path().join("m.onnx"));
+        std::fs::write(&part, b"new").unwrap();
+        assert!(publish(&part, &dest).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        // As fetch does: the temporary name goes once the model has its own.
+        std::fs::remove_file(&part).unwrap();
+        std::fs::write(&part, b"other").unwrap();
+        assert!(!publish(&part, &dest).unwrap(), "the name is taken");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_ne!(part_path(dir.path(), "m.onnx"), part_path(dir.path(), "m.onnx"));
     }
 }

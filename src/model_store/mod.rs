@@ -48,6 +48,9 @@ pub struct ModelsConfig {
 /// would exhaust its memory.
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 
+/// Most inferences on probation (their latencies are kept until it ends).
+pub const MAX_PROBATION: u32 = 100_000;
+
 impl Default for ModelsConfig {
     fn default() -> Self {
         ModelsConfig {
@@ -70,6 +73,9 @@ impl ModelsConfig {
             return Err(("max_bytes".into(), "must be at least 1".into()));
         }
         self.keys().map_err(|(ix, e)| (format!("public_keys[{ix}]"), e))?;
+        if self.probation_inferences > MAX_PROBATION {
+            return Err(("probation_inferences".into(), format!("must be 0..={MAX_PROBATION}")));
+        }
         if !(0.0..=1.0).contains(&self.max_error_rate) {
             return Err(("max_error_rate".into(), "must be 0 to 1".into()));
         }
@@ -157,6 +163,10 @@ impl Store {
     /// file inside the directory, within the size cap, after resolving symbolic
     /// links; else an error that names the path and the rule it breaks.
     pub fn confine(&self, path: &Path) -> Result<PathBuf, String> {
+        self.confine_capped(path, self.max_bytes, "models.max_bytes")
+    }
+
+    fn confine_capped(&self, path: &Path, cap: u64, cap_key: &str) -> Result<PathBuf, String> {
         let shown = path.display();
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
             return Err(format!("{shown}: `..` is not allowed in a model path"));
@@ -171,8 +181,8 @@ impl Store {
         if !meta.is_file() {
             return Err(format!("{shown} is not a regular file"));
         }
-        if meta.len() > self.max_bytes {
-            return Err(format!("{shown} is {} bytes, above models.max_bytes ({})", meta.len(), self.max_bytes));
+        if meta.len() > cap {
+            return Err(format!("{shown} is {} bytes, above {cap_key} ({cap})", meta.len()));
         }
         Ok(real)
     }
@@ -184,9 +194,12 @@ impl Store {
         if self.keys.is_empty() {
             return Ok(Provenance { sha256, signed_by: None });
         }
-        let sig_path = signature::path_for(model);
-        let text = std::fs::read_to_string(&sig_path)
-            .map_err(|e| format!("{}: models must be signed (models.public_keys is set): {e}", sig_path.display()))?;
+        // The signature obeys the directory's rules too: a symlink to /dev/zero or a FIFO
+        // beside a model must not hang or exhaust the loader.
+        let sig_path = self
+            .confine_capped(&signature::path_for(model), signature::MAX_BYTES, "the signature size limit")
+            .map_err(|e| format!("{e} (models must be signed: models.public_keys is set)"))?;
+        let text = std::fs::read_to_string(&sig_path).map_err(|e| format!("{}: {e}", sig_path.display()))?;
         let sig = Signature::parse(&text).map_err(|e| format!("{}: {e}", sig_path.display()))?;
         let key = sig
             .verify(&sha256, size, &self.keys)
@@ -268,5 +281,12 @@ mod tests {
         assert!(why.contains("base64"), "{why}");
         let c: ModelsConfig = toml::from_str("max_bytes = 0").unwrap();
         assert_eq!(c.validate().unwrap_err().0, "max_bytes");
+        for (text, key) in [
+            ("probation_inferences = 4000000000", "probation_inferences"),
+            ("max_error_rate = 1.5", "max_error_rate"),
+            ("max_latency_ratio = 0.5", "max_latency_ratio"),
+        ] {
+            assert_eq!(toml::from_str::<ModelsConfig>(text).unwrap().validate().unwrap_err().0, key, "{text}");
+        }
     }
 }

@@ -38,7 +38,7 @@ pub struct Probation {
 impl Probation {
     /// Probation against an old model whose median inference took `baseline_ms`.
     pub fn new(bounds: Bounds, baseline_ms: Option<f64>) -> Self {
-        Probation { bounds, baseline_ms, errors: 0, latencies: Vec::with_capacity(bounds.inferences as usize) }
+        Probation { bounds, baseline_ms, errors: 0, latencies: Vec::new() }
     }
 
     fn seen(&self) -> u32 {

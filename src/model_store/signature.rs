@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+/// Largest signature file read (they are about 400 bytes).
+pub const MAX_BYTES: u64 = 64 << 10;
+
 /// Schema id of signature files, also the first line of the signed message.
 pub const SIGNATURE_SCHEMA: &str = "edgeinfer/model-signature/v1";
 
