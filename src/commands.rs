@@ -113,6 +113,15 @@ fn check_target(obj: &Map<String, Value>, target: &str) -> Result<(), String> {
     }
 }
 
+/// Where `update_model` gets the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// An `https://` URL (and `URL.sig`).
+    Url(String),
+    /// A retained message on an MQTT topic, the model's bytes (and `TOPIC.sig`).
+    Topic(String),
+}
+
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -127,7 +136,7 @@ pub enum Command {
     /// Load a model (None: the current file again) and swap it in.
     ReloadModel { pipeline: String, model: Option<PathBuf> },
     /// Download a model over HTTPS into the models directory, check it and swap it in.
-    UpdateModel { pipeline: String, url: String, sha256: String, name: Option<String> },
+    UpdateModel { pipeline: String, source: ModelSource, sha256: String, name: Option<String> },
     /// Read the config file again, check it, and restart in place with it.
     ReloadConfig,
 }
@@ -175,7 +184,12 @@ pub fn parse(name: &str, obj: &Map<String, Value>) -> Result<Command, String> {
                 None | Some(Value::Null) => None,
                 Some(_) => Some(string("name")?),
             };
-            Command::UpdateModel { pipeline: string("pipeline")?, url: string("url")?, sha256: string("sha256")?, name }
+            let source = match (obj.contains_key("url"), obj.contains_key("topic")) {
+                (true, false) => ModelSource::Url(string("url")?),
+                (false, true) => ModelSource::Topic(string("topic")?),
+                _ => return Err("give `url` (https://...) or `topic` (a retained MQTT message), one of them".into()),
+            };
+            Command::UpdateModel { pipeline: string("pipeline")?, source, sha256: string("sha256")?, name }
         }
         "reload_config" => Command::ReloadConfig,
         other => {
@@ -669,13 +683,12 @@ impl Handler {
                     }
                 })
             }
-            Command::UpdateModel { pipeline, url, sha256, name: file } => {
+            Command::UpdateModel { pipeline, source, sha256, name: file } => {
                 let c = self.registry.control(&pipeline)?.clone();
                 let store = self.cfg.models.store(&|p| self.cfg.resolve(p), &c.configured)?;
-                let ca_file = self.cfg.models.ca_file.as_ref().map(|f| self.cfg.resolve(f));
-                let cfg = self.cfg.clone();
+                let (cfg, hub) = (self.cfg.clone(), self.hub.clone());
                 self.spawn_loader(&c, name, to, id, move |loader| {
-                    update(&cfg, loader, &store, ca_file.as_deref(), &url, &sha256, file.as_deref())
+                    update(&cfg, loader, &store, &hub, &source, &sha256, file.as_deref())
                 })
             }
             Command::ReloadConfig => {
@@ -849,26 +862,32 @@ fn reload(
     }))
 }
 
-/// `update_model`: downloads into the models directory, then checks and swaps like `reload_model`.
-#[cfg(feature = "model-fetch")]
+/// `update_model`: brings the model into the models directory (HTTPS or a retained MQTT
+/// message), then checks and swaps it like `reload_model`.
 fn update(
     cfg: &Config,
     c: &PipelineControl,
     store: &crate::model_store::Store,
-    ca_file: Option<&std::path::Path>,
-    url: &str,
+    hub: &MqttHandle,
+    source: &ModelSource,
     sha256: &str,
     name: Option<&str>,
 ) -> Result<Value, String> {
-    use crate::model_store::fetch;
     let named = |e: String| format!("pipeline `{}`: {e}", c.name);
-    let agent = fetch::agent(ca_file).map_err(named)?;
-    let req = fetch::Request { url, sha256, name, signature: store.requires_signatures() };
-    let got = fetch::fetch(&agent, &req, store.dir(), store.max_bytes()).map_err(named)?;
+    let (got, from) = match source {
+        ModelSource::Url(url) => {
+            let ca_file = cfg.models.ca_file.as_ref().map(|f| cfg.resolve(f));
+            let got = download(store, ca_file.as_deref(), url, sha256, name).map_err(named)?;
+            (got, json!({"url": url.split('?').next().unwrap_or(url)}))
+        }
+        ModelSource::Topic(topic) => {
+            (from_topic(store, hub, topic, sha256, name).map_err(named)?, json!({"topic": topic}))
+        }
+    };
     log::info!(
         "commands: pipeline `{}`: {} {} ({} bytes)",
         c.name,
-        if got.reused { "already have" } else { "downloaded" },
+        if got.reused { "already have" } else { "received" },
         got.path.display(),
         got.bytes
     );
@@ -877,7 +896,7 @@ fn update(
         Ok(p) => p,
         Err(e) => {
             // Never trusted: a signature that fails does not stay (the next update fetches it
-            // again), nor does a model just downloaded for it.
+            // again), nor does a model just received with it.
             if store.requires_signatures() {
                 let _ = std::fs::remove_file(crate::model_store::signature::path_for(&path));
             }
@@ -888,22 +907,70 @@ fn update(
         }
     };
     let mut result = reload(cfg, c, &path, Some(provenance))?;
-    result["downloaded"] =
-        json!({"url": url.split('?').next().unwrap_or(url), "bytes": got.bytes, "reused": got.reused});
+    let mut downloaded = from;
+    downloaded["bytes"] = got.bytes.into();
+    downloaded["reused"] = got.reused.into();
+    result["downloaded"] = downloaded;
     Ok(result)
 }
 
+/// How long `update_model` waits for a retained model (or signature) message.
+const RETAINED_WAIT: Duration = Duration::from_secs(30);
+
+/// The model (and, when models must be signed, its signature) from retained messages on
+/// `topic` and `TOPIC.sig`. Limited by the MQTT packet size (8 MiB).
+fn from_topic(
+    store: &crate::model_store::Store,
+    hub: &MqttHandle,
+    topic: &str,
+    sha256: &str,
+    name: Option<&str>,
+) -> Result<crate::model_store::incoming::Downloaded, String> {
+    use crate::model_store::incoming;
+    let name = incoming::file_name(topic, name)?;
+    let bytes = hub.fetch_retained(topic, RETAINED_WAIT)?;
+    let got =
+        incoming::save(store.dir(), name, sha256, store.max_bytes(), &bytes).map_err(|e| format!("`{topic}`: {e}"))?;
+    if store.requires_signatures() {
+        let sig = hub.fetch_retained(&format!("{topic}.sig"), RETAINED_WAIT).and_then(|sig| {
+            if sig.len() as u64 > crate::model_store::signature::MAX_BYTES {
+                return Err(format!("`{topic}.sig`: {} bytes is not a signature", sig.len()));
+            }
+            incoming::save_signature(&got.path, &sig)
+        });
+        if let Err(e) = sig {
+            if !got.reused {
+                let _ = std::fs::remove_file(&got.path);
+            }
+            return Err(format!("{e} (the signature; models must be signed)"));
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(feature = "model-fetch")]
+fn download(
+    store: &crate::model_store::Store,
+    ca_file: Option<&std::path::Path>,
+    url: &str,
+    sha256: &str,
+    name: Option<&str>,
+) -> Result<crate::model_store::incoming::Downloaded, String> {
+    use crate::model_store::fetch;
+    let agent = fetch::agent(ca_file)?;
+    let req = fetch::Request { url, sha256, name, signature: store.requires_signatures() };
+    fetch::fetch(&agent, &req, store.dir(), store.max_bytes())
+}
+
 #[cfg(not(feature = "model-fetch"))]
-fn update(
-    _: &Config,
-    _: &PipelineControl,
+fn download(
     _: &crate::model_store::Store,
     _: Option<&std::path::Path>,
     _: &str,
     _: &str,
     _: Option<&str>,
-) -> Result<Value, String> {
-    Err(crate::features::not_built("model-fetch", "update_model (downloads over HTTPS)"))
+) -> Result<crate::model_store::incoming::Downloaded, String> {
+    Err(crate::features::not_built("model-fetch", "update_model from a URL (downloads over HTTPS)"))
 }
 
 /// An f32 as the shortest decimal that reads back to it (0.1, not 0.10000000149011612).
@@ -999,6 +1066,21 @@ mod tests {
             parse("reload_model", &obj(r#"{"pipeline": "p"}"#)),
             Ok(Command::ReloadModel { pipeline: "p".into(), model: None })
         );
+        let sha = "a".repeat(64);
+        assert_eq!(
+            parse("update_model", &obj(&format!(r#"{{"pipeline": "p", "topic": "m/x.onnx", "sha256": "{sha}"}}"#))),
+            Ok(Command::UpdateModel {
+                pipeline: "p".into(),
+                source: ModelSource::Topic("m/x.onnx".into()),
+                sha256: sha.clone(),
+                name: None
+            })
+        );
+        let both = format!(r#"{{"pipeline": "p", "topic": "t", "url": "https://h/x.onnx", "sha256": "{sha}"}}"#);
+        assert!(parse("update_model", &obj(&both)).unwrap_err().contains("one of them"));
+        assert!(parse("update_model", &obj(r#"{"pipeline": "p", "url": "https://h/x.onnx"}"#))
+            .unwrap_err()
+            .contains("`sha256` is missing"));
         assert!(parse("pause", &obj("{}")).unwrap_err().contains("`pipeline` is missing"));
         assert!(parse("pause", &obj(r#"{"pipeline": 3}"#)).unwrap_err().contains("`pipeline` must be"));
         assert!(parse("set_threshold", &obj(r#"{"pipeline": "p", "threshold": "high"}"#))

@@ -8,11 +8,14 @@
 //! complete but is not.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+use super::incoming::{check_sha256, part_path, publish, rename, same_file};
+pub use super::incoming::{file_name, Downloaded};
 
 /// Where to download from and what to expect.
 #[derive(Debug, Clone)]
@@ -27,52 +30,7 @@ pub struct Request<'a> {
     pub signature: bool,
 }
 
-/// A model in the models directory, downloaded or already there.
-#[derive(Debug, Clone)]
-pub struct Downloaded {
-    /// Its path.
-    pub path: PathBuf,
-    /// Bytes downloaded (0 when the file was already there with this hash).
-    pub bytes: u64,
-    /// True when a file of that name and hash was already there.
-    pub reused: bool,
-}
-
 use super::signature::MAX_BYTES as MAX_SIGNATURE_BYTES;
-
-/// The file name a model gets: letters, digits, `.`, `-`, `_`, not starting with `.`,
-/// ending in a model's extension (so a download can never be named like the state file,
-/// a signature or a temporary file).
-pub fn file_name<'a>(url: &'a str, name: Option<&'a str>) -> Result<&'a str, String> {
-    let name = match name {
-        Some(n) => n,
-        None => {
-            let path = url.split(['?', '#']).next().unwrap_or("");
-            path.rsplit('/')
-                .next()
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| format!("{url}: the URL has no file name at its end; give `name`"))?
-        }
-    };
-    let ok = !name.starts_with('.')
-        && name.len() <= 200
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if !ok {
-        return Err(format!("model file name `{name}`: use letters, digits, `.`, `-` and `_`, not starting with `.`"));
-    }
-    if ![".onnx", ".nnef.tgz", ".nnef.tar"].iter().any(|ext| name.ends_with(ext) && name.len() > ext.len()) {
-        return Err(format!("model file name `{name}`: must end in .onnx, .nnef.tgz or .nnef.tar"));
-    }
-    Ok(name)
-}
-
-fn check_sha256(sha256: &str) -> Result<String, String> {
-    let s = sha256.trim().to_ascii_lowercase();
-    if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("`sha256` must be 64 hex digits, got `{sha256}`"));
-    }
-    Ok(s)
-}
 
 /// An HTTPS client trusting the CA certificates in `ca_file` (PEM), or the system's.
 pub fn agent(ca_file: Option<&Path>) -> Result<ureq::Agent, String> {
@@ -122,11 +80,6 @@ pub fn agent(ca_file: Option<&Path>) -> Result<ureq::Agent, String> {
 /// The URL as shown in messages: without its query (which may hold a token).
 fn shown(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
-}
-
-/// A temporary name in `dir` no other download uses (two commands may fetch the same file).
-fn part_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.{:016x}.part", fastrand::u64(..)))
 }
 
 /// Streams `url` into `part` (created fresh), at most `max_bytes`; SHA-256 and size.
@@ -212,43 +165,6 @@ pub fn fetch(agent: &ureq::Agent, req: &Request, dir: &Path, max_bytes: u64) -> 
     Ok(Downloaded { path: dest, bytes, reused })
 }
 
-/// Ok if `path` has SHA-256 `want`; else the error that it is another file.
-fn same_file(path: &Path, want: &str, max_bytes: u64) -> Result<(), String> {
-    let (have, _) = super::sha256_of(path, max_bytes)?;
-    if have != want {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        return Err(format!(
-            "{name} is already in the models directory with another SHA-256 ({have}); give the update a new name"
-        ));
-    }
-    Ok(())
-}
-
-/// Gives `part` the name `dest` unless `dest` exists (a hard link cannot replace a file):
-/// true when it did. The directory is synced so the name survives a power cut.
-fn publish(part: &Path, dest: &Path) -> Result<bool, String> {
-    match std::fs::hard_link(part, dest) {
-        Ok(()) => {
-            sync_dir(dest);
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(format!("{} -> {}: {e}", part.display(), dest.display())),
-    }
-}
-
-fn rename(from: &Path, to: &Path) -> Result<(), String> {
-    std::fs::rename(from, to).map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))?;
-    sync_dir(to);
-    Ok(())
-}
-
-fn sync_dir(file: &Path) {
-    if let Some(d) = file.parent().and_then(|d| std::fs::File::open(d).ok()) {
-        let _ = d.sync_all();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,20 +184,5 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let req = Request { url: "http://h/m.onnx", sha256: &"a".repeat(64), name: None, signature: false };
         assert!(fetch(&agent, &req, dir.path(), 10).unwrap_err().contains("https:// only"));
-    }
-
-    #[test]
-    fn publishing_never_replaces_an_existing_model() {
-        let dir = tempfile::tempdir().unwrap();
-        let (part, dest) = (dir.path().join(".m.part"), dir.path().join("m.onnx"));
-        std::fs::write(&part, b"new").unwrap();
-        assert!(publish(&part, &dest).unwrap());
-        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
-        // As fetch does: the temporary name goes once the model has its own.
-        std::fs::remove_file(&part).unwrap();
-        std::fs::write(&part, b"other").unwrap();
-        assert!(!publish(&part, &dest).unwrap(), "the name is taken");
-        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
-        assert_ne!(part_path(dir.path(), "m.onnx"), part_path(dir.path(), "m.onnx"));
     }
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 pub mod active;
 #[cfg(feature = "model-fetch")]
 pub mod fetch;
+pub mod incoming;
 pub mod probation;
 pub mod signature;
 

@@ -186,6 +186,8 @@ pub type MessageHandler = Arc<dyn Fn(&Incoming) + Send + Sync>;
 pub type ConnectHook = Arc<dyn Fn() + Send + Sync>;
 
 struct Subscription {
+    /// Which `subscribe_with` call made it (a one-shot fetch removes only its own).
+    id: u64,
     filter: String,
     qos: u8,
     handler: MessageHandler,
@@ -200,6 +202,8 @@ struct Shared {
     accepting: AtomicBool,
     /// Every registered subscription, re-sent on each ConnAck.
     subscriptions: Mutex<Vec<Subscription>>,
+    /// The id the next subscription gets.
+    next_subscription: AtomicU64,
     /// Called on each ConnAck.
     connect_hooks: Mutex<Vec<ConnectHook>>,
     /// Store-and-forward queue for QoS 1/2 results.
@@ -212,6 +216,7 @@ struct Shared {
 
 enum Command {
     Subscribe { filter: String, qos: u8 },
+    Unsubscribe { filter: String },
     Shutdown { deadline: Duration },
 }
 
@@ -294,25 +299,65 @@ impl MqttHandle {
     /// Subscribes (now and after every reconnect); `handler` gets each message.
     /// An invalid filter is logged and ignored.
     pub fn subscribe(&self, filter: &str, qos: u8, handler: MessageHandler) {
-        self.subscribe_with(filter, qos, handler, true);
+        let _ = self.subscribe_with(filter, qos, handler, true);
     }
 
     /// Like `subscribe`, but retained messages are not handed to `handler`.
     pub fn subscribe_live(&self, filter: &str, qos: u8, handler: MessageHandler) {
-        self.subscribe_with(filter, qos, handler, false);
+        let _ = self.subscribe_with(filter, qos, handler, false);
     }
 
-    fn subscribe_with(&self, filter: &str, qos: u8, handler: MessageHandler, retained: bool) {
+    fn subscribe_with(&self, filter: &str, qos: u8, handler: MessageHandler, retained: bool) -> Option<u64> {
         if !valid_filter(filter) {
             log::warn!("MQTT: invalid topic filter `{filter}`: not subscribed");
-            return;
+            return None;
         }
         let qos = qos.min(2);
+        let id = self.shared.next_subscription.fetch_add(1, Relaxed);
         if let Ok(mut subs) = self.shared.subscriptions.lock() {
-            subs.push(Subscription { filter: filter.to_string(), qos, handler, retained });
+            subs.push(Subscription { id, filter: filter.to_string(), qos, handler, retained });
         }
         // The task is gone only after shutdown; nothing to subscribe then.
         let _ = self.commands.send(Command::Subscribe { filter: filter.to_string(), qos });
+        Some(id)
+    }
+
+    /// Removes subscription `id`; the broker is told only when no other one uses its filter.
+    fn unsubscribe(&self, id: u64) {
+        let Ok(mut subs) = self.shared.subscriptions.lock() else { return };
+        let Some(ix) = subs.iter().position(|s| s.id == id) else { return };
+        let filter = subs.remove(ix).filter;
+        if !subs.iter().any(|s| s.filter == filter) {
+            let _ = self.commands.send(Command::Unsubscribe { filter });
+        }
+    }
+
+    /// The retained message on `topic` (a model or its signature published once with `-r`),
+    /// waiting up to `timeout` for it; then the subscription is dropped again. Blocks:
+    /// call it from a thread of your own, never from a handler.
+    pub fn fetch_retained(&self, topic: &str, timeout: Duration) -> Result<bytes::Bytes, String> {
+        if !valid_topic(topic) {
+            return Err(format!("`{topic}` is not a topic name (no wildcards)"));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(1);
+        let want = topic.to_string();
+        let handler: MessageHandler = Arc::new(move |m: &Incoming| {
+            if m.topic == want {
+                let _ = tx.try_send(m.payload.clone());
+            }
+        });
+        let id =
+            self.subscribe_with(topic, 1, handler, true).ok_or_else(|| format!("cannot subscribe to `{topic}`"))?;
+        let got = rx.recv_timeout(timeout);
+        self.unsubscribe(id);
+        match got {
+            Ok(payload) if payload.is_empty() => Err(format!("`{topic}`: the retained message is empty")),
+            Ok(payload) => Ok(payload),
+            Err(_) => Err(format!(
+                "no retained message on `{topic}` within {} s (publish it with -r, and check the broker's message size limit)",
+                timeout.as_secs()
+            )),
+        }
     }
 
     /// Calls `hook` after every (re)connection, and once now if already connected
@@ -374,6 +419,7 @@ pub fn start(settings: MqttSettings, metrics: Arc<MqttMetrics>) -> (MqttHandle, 
     let shared = Arc::new(Shared {
         accepting: AtomicBool::new(true),
         subscriptions: Mutex::new(Vec::new()),
+        next_subscription: AtomicU64::new(0),
         connect_hooks: Mutex::new(Vec::new()),
         disk: settings.disk_queue.clone(),
         stored: tokio::sync::Notify::new(),
@@ -703,6 +749,17 @@ impl Manager {
                                 Err(e) => {
                                     log::warn!("MQTT: subscribing to `{filter}` failed: {e}; retried on reconnect")
                                 }
+                            }
+                        }
+                    }
+                    Some(Command::Unsubscribe { filter }) => {
+                        // Disconnected: nothing to undo, and the filter is no longer sent on reconnect.
+                        if self.connected {
+                            match self.client.unsubscribe(&filter) {
+                                Ok(()) => {
+                                    self.take_pkid();
+                                }
+                                Err(e) => log::warn!("MQTT: unsubscribing from `{filter}` failed: {e}"),
                             }
                         }
                     }

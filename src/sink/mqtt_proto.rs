@@ -263,6 +263,14 @@ impl Client {
         }
     }
 
+    /// Unsubscribes from a filter.
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
+
     /// Asks for a DISCONNECT.
     pub fn disconnect(&self) -> Result<(), String> {
         match self {

@@ -709,3 +709,58 @@ fn a_group_command_reaches_only_its_members_so_a_canary_goes_first() {
         &[("fleet-can", "digits_cnn_f32"), ("fleet-b1", "digits_cnn_f32"), ("fleet-b2", "digits_cnn_f32")],
     );
 }
+
+#[test]
+fn update_model_takes_a_signed_model_from_a_retained_message() {
+    let broker = Mosquitto::start();
+    let root = tempfile::tempdir().unwrap();
+    let board = root.path().join("models");
+    std::fs::create_dir(&board).unwrap();
+    let key = root.path().join("signer.key");
+    let cli = |args: &[&str]| {
+        let out = crate::support::edgeinfer().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    cli(&["model", "keygen", "--out", key.to_str().unwrap()]);
+    let public = std::fs::read_to_string(root.path().join("signer.key.pub")).unwrap().trim().to_string();
+    let model = root.path().join("digits_v4.onnx");
+    std::fs::copy(crate::model("digits_cnn_f32.onnx"), &model).unwrap();
+    cli(&["model", "sign", model.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    let bytes = std::fs::read(&model).unwrap();
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    // The operator publishes the model and its signature once, retained.
+    let mut op = Operator::new(broker.port, "cmd-topic");
+    op.sub.publish_retained("fleet/models/digits_v4.onnx", bytes.clone());
+    op.sub.publish_retained(
+        "fleet/models/digits_v4.onnx.sig",
+        std::fs::read(root.path().join("digits_v4.onnx.sig")).unwrap(),
+    );
+    let models = format!("[models]\ndir = \"{}\"\npublic_keys = [\"{public}\"]", board.display());
+    let daemon = Daemon::start(&config(broker.port, "cmd-topic", &models));
+    assert!(op.wait_results(0, 2, LONG).len() >= 2, "no results; stderr: {}", daemon.stderr());
+    op.wait_ready();
+
+    let r = op.send(
+        "update_model",
+        json!({"pipeline": "digits", "topic": "fleet/models/digits_v4.onnx", "sha256": "0".repeat(64)}),
+    );
+    assert!(r["error"].as_str().unwrap().contains("expected 0000"), "{r}");
+    let r = op.send(
+        "update_model",
+        json!({"pipeline": "digits", "topic": "fleet/models/digits_v4.onnx", "url": "https://x/m.onnx", "sha256": sha}),
+    );
+    assert!(r["error"].as_str().unwrap().contains("one of them"), "{r}");
+    let r =
+        op.send("update_model", json!({"pipeline": "digits", "topic": "fleet/models/digits_v4.onnx", "sha256": sha}));
+    assert_eq!(r["ok"], true, "{r}; stderr: {}", daemon.stderr());
+    assert_eq!(r["result"]["signed_by"], public.as_str());
+    assert_eq!(r["result"]["downloaded"]["topic"], "fleet/models/digits_v4.onnx");
+    assert_eq!(r["result"]["downloaded"]["bytes"], bytes.len());
+    assert_eq!(std::fs::read(board.join("digits_v4.onnx")).unwrap(), bytes);
+    let mark = op.sub.seen.len();
+    let after = op.wait_results(mark, 2, LONG);
+    assert!(!after.is_empty() && model_names(&after).iter().all(|n| n == "digits_v4"), "{after:?}");
+}
