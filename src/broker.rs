@@ -1,5 +1,5 @@
 //! The embedded MQTT broker (rumqttd), started when no broker URL is
-//! configured: MQTT 3.1.1 on one address, no TLS, no authentication, with
+//! configured: MQTT 3.1.1 on one address, no TLS, optional user name and password, with
 //! retained messages and Last Will. It runs on threads of its own (its
 //! router and a server thread with its own small runtime) for the life of the
 //! process; rumqttd has no way to stop it.
@@ -37,13 +37,14 @@ pub struct BrokerError {
 
 /// The broker's configuration, built in code (values after rumqttd's own
 /// `rumqttd.toml`, sized for an edge device).
-pub fn config(addr: SocketAddr) -> Config {
+pub fn config(addr: SocketAddr, login: Option<(String, String)>) -> Config {
     let connections = ConnectionSettings {
         // Time a new connection has to send its CONNECT.
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PAYLOAD_BYTES,
         max_inflight_count: 100,
-        auth: None,
+        // rumqttd compares the password in constant time and refuses a CONNECT without one.
+        auth: login.map(|(user, password)| HashMap::from([(user, password)])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -67,7 +68,7 @@ pub fn config(addr: SocketAddr) -> Config {
 
 /// Starts the broker on its own threads and returns once it accepts
 /// connections. Blocks for up to about 5 s.
-pub fn start(addr: SocketAddr) -> Result<(), BrokerError> {
+pub fn start(addr: SocketAddr, login: Option<(String, String)>) -> Result<(), BrokerError> {
     let fail = |reason: String| BrokerError { addr, reason };
     if addr.port() == 0 {
         return Err(fail("port 0 is not supported: give the port to listen on".into()));
@@ -78,7 +79,7 @@ pub fn start(addr: SocketAddr) -> Result<(), BrokerError> {
         Err(e) => return Err(fail(bind_reason(&e))),
     }
 
-    let config = config(addr);
+    let config = config(addr, login);
     let thread = std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -176,7 +177,7 @@ mod tests {
     fn a_second_broker_on_the_same_address_says_address_in_use() {
         let held = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = held.local_addr().expect("addr");
-        let err = start(addr).expect_err("must fail");
+        let err = start(addr, None).expect_err("must fail");
         let text = err.to_string();
         assert!(text.contains("address already in use"), "{text}");
         assert!(text.contains(&addr.to_string()), "{text}");
@@ -185,7 +186,7 @@ mod tests {
     #[test]
     fn retained_messages_last_will_and_large_payloads_work() {
         let port = free_port();
-        start(SocketAddr::from(([127, 0, 0, 1], port))).expect("broker starts");
+        start(SocketAddr::from(([127, 0, 0, 1], port)), None).expect("broker starts");
         runtime().block_on(async {
             let will = LastWill::new("t/status", "offline", QoS::AtLeastOnce, true);
             let (dying, _, dying_task) = client("dying", port, Some(will));

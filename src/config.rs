@@ -132,11 +132,25 @@ pub const MAX_THREADS: usize = 256;
 pub struct BrokerConfig {
     /// Address to listen on.
     pub listen: String,
+    /// With it, every client must log in with this user name and the password.
+    pub username: Option<String>,
+    /// Environment variable holding the broker password.
+    pub password_env: Option<String>,
+    /// File holding the broker password (first line).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { listen: "127.0.0.1:1883".into() }
+        BrokerConfig { listen: "127.0.0.1:1883".into(), username: None, password_env: None, password_file: None }
+    }
+}
+
+impl BrokerConfig {
+    /// The login clients must give, if one is configured; `resolve` makes a path absolute.
+    pub fn login(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Option<(String, String)>, String> {
+        let (env, file) = (self.password_env.as_deref(), self.password_file.as_deref());
+        crate::secret::login("broker", self.username.as_deref(), env, file, resolve)
     }
 }
 
@@ -330,6 +344,12 @@ impl Config {
         }
         self.mqtt.validate().map_err(|(k, r)| bad(format!("mqtt.{k}"), r))?;
         self.broker.listen.parse::<std::net::SocketAddr>().map_err(|e| bad("broker.listen".into(), e.to_string()))?;
+        crate::secret::check_login(
+            self.broker.username.as_deref(),
+            self.broker.password_env.is_some(),
+            self.broker.password_file.is_some(),
+        )
+        .map_err(|(k, r)| bad(format!("broker.{k}"), r))?;
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
         self.models.validate().map_err(|(k, r)| bad(format!("models.{k}"), r))?;

@@ -316,6 +316,8 @@ pub struct MqttMetrics {
     pub last_error: Mutex<Option<String>>,
     /// The store-and-forward queue, when `mqtt.queue_dir` is set.
     pub disk_queue: std::sync::OnceLock<std::sync::Arc<dyn HealthSection>>,
+    /// The embedded broker's listen address and whether it asks for a login, when it runs.
+    pub embedded_broker: std::sync::OnceLock<serde_json::Value>,
 }
 
 /// A part that reports its own health section (the disk queue), so the
@@ -340,6 +342,7 @@ impl MqttMetrics {
             "expired": self.expired.load(Relaxed),
             "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
             "disk_queue": self.disk_queue.get().map(|q| q.health()),
+            "embedded_broker": self.embedded_broker.get(),
         })
     }
 }

@@ -844,9 +844,17 @@ async fn connect_mqtt(
     password: Option<String>,
     metrics: Arc<MqttMetrics>,
 ) -> anyhow::Result<(MqttHandle, crate::sink::mqtt::MqttTask)> {
-    let (host, port) = match &cfg.mqtt.url {
-        Some(url) => crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?,
-        None => start_embedded_broker(cfg).await?,
+    let (host, port, login) = match &cfg.mqtt.url {
+        Some(url) => {
+            let (host, port) = crate::config::parse_mqtt_url(url).map_err(|e| anyhow!("mqtt.url: {e}"))?;
+            (host, port, None)
+        }
+        None => start_embedded_broker(cfg, &metrics).await?,
+    };
+    // The daemon logs in to its own broker like any client, unless [mqtt] names a user.
+    let (username, password) = match (&cfg.mqtt.username, login) {
+        (None, Some((user, pw))) => (Some(user), Some(pw)),
+        _ => (cfg.mqtt.username.clone(), password),
     };
     let fill = |t: &str| t.replace("{device}", device);
     let tls = load_tls(cfg)?;
@@ -864,7 +872,7 @@ async fn connect_mqtt(
         port,
         client_id: fill(&cfg.mqtt.client_id),
         keep_alive: Duration::from_secs(cfg.mqtt.keep_alive_s),
-        username: cfg.mqtt.username.clone(),
+        username,
         password,
         buffer: cfg.mqtt.buffer,
         reconnect_min: Duration::from_millis(cfg.mqtt.reconnect_min_ms),
@@ -879,12 +887,30 @@ async fn connect_mqtt(
     Ok(crate::sink::mqtt::start(settings, metrics))
 }
 
-/// Starts the embedded broker on `broker.listen`; the address to connect to.
+/// Starts the embedded broker on `broker.listen`; the address to connect to, and the
+/// login it asks for.
 #[cfg(feature = "broker")]
-async fn start_embedded_broker(cfg: &Config) -> anyhow::Result<(String, u16)> {
+async fn start_embedded_broker(
+    cfg: &Config,
+    metrics: &MqttMetrics,
+) -> anyhow::Result<(String, u16, Option<(String, String)>)> {
     let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
+    let login = cfg.broker.login(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
+    let open = login.is_none() && !addr.ip().is_loopback();
+    if open {
+        log::warn!(
+            "embedded MQTT broker on {addr} without a password: anyone who can reach it can read every result \
+             and publish into mqtt sources and commands (set broker.username and broker.password_file)"
+        );
+    }
+    let _ = metrics.embedded_broker.set(serde_json::json!({
+        "listen": addr.to_string(),
+        "authentication": login.is_some(),
+        "open_to_the_network": open,
+    }));
+    let broker_login = login.clone();
     // Waits for the port: keep it off the async workers.
-    let started = tokio::task::spawn_blocking(move || crate::broker::start(addr)).await?;
+    let started = tokio::task::spawn_blocking(move || crate::broker::start(addr, broker_login)).await?;
     match started {
         Ok(()) => log::info!(
             "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
@@ -898,12 +924,15 @@ async fn start_embedded_broker(cfg: &Config) -> anyhow::Result<(String, u16)> {
         }
         Err(e) => return Err(e.into()),
     }
-    Ok((addr.ip().to_string(), addr.port()))
+    Ok((addr.ip().to_string(), addr.port(), login))
 }
 
 /// Without the `broker` feature config validation already refused a config that needs it.
 #[cfg(not(feature = "broker"))]
-async fn start_embedded_broker(_cfg: &Config) -> anyhow::Result<(String, u16)> {
+async fn start_embedded_broker(
+    _cfg: &Config,
+    _metrics: &MqttMetrics,
+) -> anyhow::Result<(String, u16, Option<(String, String)>)> {
     Err(anyhow!(crate::features::not_built("broker", "a config without mqtt.url (the embedded broker)")))
 }
 

@@ -31,6 +31,40 @@ pub fn read(
     }
 }
 
+/// A user name and its password (from `password_env` or `password_file`), if a user name is
+/// configured; `table` names the config table in errors (`http`, `broker`).
+pub fn login(
+    table: &str,
+    username: Option<&str>,
+    password_env: Option<&str>,
+    password_file: Option<&Path>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<(String, String)>, String> {
+    let Some(user) = username else { return Ok(None) };
+    let keys = (format!("{table}.password_env"), format!("{table}.password_file"));
+    let password = read(password_env, password_file, (&keys.0, &keys.1), resolve)?
+        .ok_or_else(|| format!("{table}.username: needs password_env or password_file"))?;
+    let password = String::from_utf8(password).map_err(|_| format!("{table}: the password is not UTF-8"))?;
+    Ok(Some((user.to_string(), password)))
+}
+
+/// Checks a user name with its password source (`*_env` or `*_file`): a user name
+/// needs exactly one, a password needs the user name. The error names the key.
+pub fn check_login(username: Option<&str>, password_env: bool, password_file: bool) -> Result<(), (String, String)> {
+    if password_env && password_file {
+        return Err(("password_env".into(), "give password_env or password_file, not both".into()));
+    }
+    let has_password = password_env || password_file;
+    match username {
+        Some(u) if u.is_empty() || u.contains(':') => {
+            Err(("username".into(), "must be non-empty and without `:`".into()))
+        }
+        Some(_) if !has_password => Err(("username".into(), "needs password_env or password_file".into())),
+        None if has_password => Err(("username".into(), "a password is set: give the user name too".into())),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +86,15 @@ mod tests {
         let e = read(None, Some(Path::new("empty")), keys, &resolve).unwrap_err();
         assert_eq!(e, "x.secret_file: the secret is empty");
         assert_eq!(read(None, None, keys, &resolve).unwrap(), None);
+    }
+
+    #[test]
+    fn a_login_needs_a_user_and_exactly_one_password_source() {
+        assert_eq!(check_login(None, false, false), Ok(()));
+        assert_eq!(check_login(Some("u"), false, true), Ok(()));
+        assert_eq!(check_login(Some("u"), false, false).unwrap_err().0, "username");
+        assert_eq!(check_login(None, true, false).unwrap_err().0, "username");
+        assert_eq!(check_login(Some("u"), true, true).unwrap_err().0, "password_env");
+        assert_eq!(check_login(Some("a:b"), true, false).unwrap_err().0, "username");
     }
 }

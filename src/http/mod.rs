@@ -57,22 +57,11 @@ impl HttpConfig {
     /// Checks the values; the error names the key (without the `http.` prefix).
     pub fn validate(&self) -> Result<(), (String, String)> {
         crate::features::require("http-server", "the [http] status page").map_err(|r| ("listen".into(), r))?;
-        if self.password_env.is_some() && self.password_file.is_some() {
-            return Err(("password_env".into(), "give password_env or password_file, not both".into()));
-        }
-        let has_password = self.password_env.is_some() || self.password_file.is_some();
-        match &self.username {
-            Some(u) if u.is_empty() || u.contains(':') => {
-                return Err(("username".into(), "must be non-empty and without `:`".into()))
-            }
-            Some(_) if !has_password => {
-                return Err(("username".into(), "needs password_env or password_file".into()));
-            }
-            None if has_password => {
-                return Err(("username".into(), "a password is set: give the user name too".into()));
-            }
-            _ => {}
-        }
+        crate::secret::check_login(
+            self.username.as_deref(),
+            self.password_env.is_some(),
+            self.password_file.is_some(),
+        )?;
         if !(200..=60_000).contains(&self.refresh_ms) {
             return Err(("refresh_ms".into(), "must be 200..=60000".into()));
         }
@@ -82,16 +71,8 @@ impl HttpConfig {
     /// The basic-auth credentials (`user`, `password`), if configured; `resolve`
     /// makes a relative path absolute.
     pub fn credentials(&self, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Option<(String, String)>, String> {
-        let Some(user) = &self.username else { return Ok(None) };
-        let password = crate::secret::read(
-            self.password_env.as_deref(),
-            self.password_file.as_deref(),
-            ("http.password_env", "http.password_file"),
-            resolve,
-        )?
-        .ok_or_else(|| "http.username: needs password_env or password_file".to_string())?;
-        let password = String::from_utf8(password).map_err(|_| "http: the password is not UTF-8".to_string())?;
-        Ok(Some((user.clone(), password)))
+        let (env, file) = (self.password_env.as_deref(), self.password_file.as_deref());
+        crate::secret::login("http", self.username.as_deref(), env, file, resolve)
     }
 }
 

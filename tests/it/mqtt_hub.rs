@@ -60,7 +60,7 @@ fn start_hub(rt: &tokio::runtime::Runtime, settings: MqttSettings) -> (MqttHandl
 
 #[cfg(feature = "broker")]
 fn start_embedded_broker(port: u16) {
-    edgeinfer::broker::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).expect("embedded broker starts");
+    edgeinfer::broker::start(std::net::SocketAddr::from(([127, 0, 0, 1], port)), None).expect("embedded broker starts");
 }
 
 fn result(seq: u64) -> OutMessage {
@@ -469,4 +469,56 @@ fn mixed_qos_results_through_the_disk_queue_are_all_acknowledged_mqtt311() {
 #[test]
 fn mixed_qos_results_through_the_disk_queue_are_all_acknowledged_mqtt5() {
     mixed_qos_through_the_disk_queue(mqtt::Protocol::V5, "mixed5");
+}
+
+/// `mosquitto_sub` for one message within 5 s: (exit ok, what it printed).
+#[cfg(feature = "broker")]
+fn sub_one(port: u16, topic: &str, login: Option<(&str, &str)>) -> (bool, String) {
+    let mut cmd = std::process::Command::new("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "5", "-v"]);
+    if let Some((user, password)) = login {
+        cmd.args(["-u", user, "-P", password]);
+    }
+    let out = cmd.output().expect("mosquitto_sub runs (.ci/test installs mosquitto-clients)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[cfg(feature = "broker")]
+#[test]
+fn the_embedded_broker_with_a_password_refuses_anonymous_and_wrong_logins() {
+    let port = crate::support::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broker.pw"), "open sesame\n").unwrap();
+    let daemon = crate::support::Daemon::start(&format!(
+        r#"
+device = "locked"
+[broker]
+listen = "127.0.0.1:{port}"
+username = "edge"
+password_file = "{pw}"
+[health]
+interval_s = 1
+[[pipelines]]
+name = "digits"
+model = "{{models}}/digits_cnn_int8.onnx"
+source = {{ type = "files", path = "{{models}}/samples/digits/digit_4_1.png", rate_hz = 5, loop = true }}
+"#,
+        pw = dir.path().join("broker.pw").display()
+    ));
+    assert!(crate::support::wait_port(port, Duration::from_secs(60)), "stderr: {}", daemon.stderr());
+    // The daemon itself logs in with the broker's login: its results arrive.
+    let (ok, got) = sub_one(port, "edgeinfer/locked/digits/result", Some(("edge", "open sesame")));
+    assert!(ok && got.starts_with("edgeinfer/locked/digits/result "), "{got}\nstderr: {}", daemon.stderr());
+    let (ok, got) = sub_one(port, "edgeinfer/#", None);
+    assert!(!ok && got.is_empty(), "anonymous: {got}");
+    let (ok, got) = sub_one(port, "edgeinfer/#", Some(("edge", "wrong")));
+    assert!(!ok && got.is_empty(), "wrong password: {got}");
+    // Health says the broker asks for a login.
+    let (ok, got) = sub_one(port, "edgeinfer/locked/health", Some(("edge", "open sesame")));
+    assert!(ok, "{got}");
+    let health: serde_json::Value = serde_json::from_str(got.split_once(' ').unwrap().1).unwrap();
+    let b = &health["mqtt"]["embedded_broker"];
+    assert_eq!(b["authentication"], true, "{health}");
+    assert_eq!(b["open_to_the_network"], false);
+    assert_eq!(b["listen"], format!("127.0.0.1:{port}"));
 }
