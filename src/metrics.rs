@@ -26,13 +26,12 @@ pub struct StageLatency {
     recent: HistoryBuf<f32, LATENCY_SAMPLES>,
     /// Samples per bucket of [`LATENCY_BUCKETS_S`] (not cumulative), and above the last.
     buckets: [u64; LATENCY_BUCKETS_S.len() + 1],
-    count: u64,
     sum_ms: f64,
 }
 
 impl Default for StageLatency {
     fn default() -> Self {
-        StageLatency { recent: HistoryBuf::new(), buckets: [0; LATENCY_BUCKETS_S.len() + 1], count: 0, sum_ms: 0.0 }
+        StageLatency { recent: HistoryBuf::new(), buckets: [0; LATENCY_BUCKETS_S.len() + 1], sum_ms: 0.0 }
     }
 }
 
@@ -43,7 +42,6 @@ impl StageLatency {
         let s = ms / 1000.0;
         let bucket = LATENCY_BUCKETS_S.iter().position(|&le| s <= le).unwrap_or(LATENCY_BUCKETS_S.len());
         self.buckets[bucket] += 1;
-        self.count += 1;
         self.sum_ms += ms;
     }
 
@@ -65,7 +63,7 @@ impl StageLatency {
 
     /// Samples recorded since start.
     pub fn count(&self) -> u64 {
-        self.count
+        self.buckets.iter().sum()
     }
 
     /// Sum of every sample since start, in seconds.

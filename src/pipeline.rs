@@ -98,14 +98,15 @@ impl SnapshotOut {
 /// Prepares a pipeline with the model a run-time update left it running (the state
 /// file), if that model is still what the update accepted; else, or if it fails to
 /// load, with the configured model. A stale or damaged record never stops the board.
+/// With the updated model, also the SHA-256 it was checked with (for the next record).
 fn prepare_active(
     cfg: &Config,
     p: &crate::config::PipelineConfig,
     active: Option<&crate::model_store::active::ActiveModels>,
-) -> anyhow::Result<Prepared> {
+) -> anyhow::Result<(Prepared, Option<String>)> {
     if let Some(active) = active {
         match updated_model(cfg, p, active) {
-            Ok(Some(path)) => {
+            Ok(Some((path, sha256))) => {
                 let mut updated = p.clone();
                 updated.model = path.clone();
                 match prepare(cfg, &updated) {
@@ -116,7 +117,7 @@ fn prepare_active(
                             path.display(),
                             active.path().display()
                         );
-                        return Ok(prep);
+                        return Ok((prep, Some(sha256)));
                     }
                     Err(e) => log::error!(
                         "pipeline `{}`: the updated model {} does not load ({e:#}): running the configured model",
@@ -129,15 +130,16 @@ fn prepare_active(
             Err(e) => log::warn!("pipeline `{}`: {e}: running the configured model", p.name),
         }
     }
-    prepare(cfg, p)
+    Ok((prepare(cfg, p)?, None))
 }
 
-/// The updated model the state file names for `p`, checked like a `reload_model` path.
+/// The updated model the state file names for `p`, checked like a `reload_model` path,
+/// and its SHA-256.
 fn updated_model(
     cfg: &Config,
     p: &crate::config::PipelineConfig,
     active: &crate::model_store::active::ActiveModels,
-) -> Result<Option<PathBuf>, String> {
+) -> Result<Option<(PathBuf, String)>, String> {
     let Some(entry) = active.get(&p.name)? else { return Ok(None) };
     let configured = cfg.resolve(&p.model);
     if entry.configured != configured {
@@ -154,7 +156,7 @@ fn updated_model(
     if provenance.sha256 != entry.sha256 {
         return Err(format!("{} changed since it was accepted (SHA-256 {})", path.display(), provenance.sha256));
     }
-    Ok(Some(path))
+    Ok(Some((path, provenance.sha256)))
 }
 
 /// The model a worker ran before a run-time swap, kept until the new one passes its probation.
@@ -235,6 +237,7 @@ impl Worker {
         let mut results = Vec::new();
         let mut seq: u64 = 0;
         let mut on_probation: Option<OnProbation> = None;
+        let mut worked: Vec<f64> = Vec::new();
         // After shutdown closes the queue, what it still holds is processed (bounded
         // by the drain deadline): inputs already accepted are not silently lost.
         while let Some(input) = queue.pop() {
@@ -302,8 +305,10 @@ impl Worker {
             let mut mark = Instant::now();
             let mut newest: Option<Arc<ResultMsg>> = None;
             // This input's inferences, for a model on probation: latencies of those that
-            // worked, and how many failed.
-            let (mut worked, mut failed) = (Vec::new(), 0u32);
+            // worked (kept only then, in a buffer reused across inputs), and how many failed.
+            let probing = on_probation.is_some();
+            worked.clear();
+            let mut failed = 0u32;
             let post = &mut prepared.post;
             let fed = prepared.pre.feed(&input, &mut buf, |tensor, geometry| {
                 let pre_ms = mark.elapsed().as_secs_f64() * 1000.0;
@@ -335,7 +340,9 @@ impl Worker {
                         return;
                     }
                 };
-                worked.push(infer_ms);
+                if probing {
+                    worked.push(infer_ms);
+                }
                 let post_ms = t.elapsed().as_secs_f64() * 1000.0;
                 let total_ms =
                     SystemTime::now().duration_since(captured).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
@@ -509,7 +516,7 @@ pub enum RunEnd {
 pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
     let device: Arc<str> = cfg.device().into();
     let active = cfg.models.active_models(&|p| cfg.resolve(p)).map(Arc::new);
-    let prepared: Vec<Prepared> =
+    let prepared: Vec<(Prepared, Option<String>)> =
         cfg.pipelines.iter().map(|p| prepare_active(&cfg, p, active.as_deref())).collect::<anyhow::Result<_>>()?;
     let password = read_password(&cfg)?;
     let http_credentials = match &cfg.http {
@@ -530,7 +537,7 @@ pub fn run(cfg: Config) -> anyhow::Result<RunEnd> {
 async fn run_async(
     cfg: Config,
     device: Arc<str>,
-    prepared: Vec<Prepared>,
+    prepared: Vec<(Prepared, Option<String>)>,
     password: Option<String>,
     http_credentials: Option<(String, String)>,
     active: Option<Arc<crate::model_store::active::ActiveModels>>,
@@ -577,7 +584,7 @@ async fn run_async(
     crate::commands::start(&cfg, &device, hub.as_ref(), registry.clone(), health_cell.clone(), restart.clone())?;
     let infos: Vec<crate::homeassistant::PipelineInfo> = prepared
         .iter()
-        .map(|p| crate::homeassistant::PipelineInfo {
+        .map(|(p, _)| crate::homeassistant::PipelineInfo {
             name: &p.cfg.name,
             kind: p.post.kind_name(),
             model: &p.model.info().name,
@@ -596,7 +603,7 @@ async fn run_async(
     let mut controls = Vec::new();
     let mut shown = Vec::new();
     let mut stdout_sink: Option<Arc<crate::sink::stdout::LineSink>> = None;
-    for prep in prepared {
+    for (prep, started_sha) in prepared {
         let p = prep.cfg.clone();
         let info = prep.model.info();
         let metrics =
@@ -667,11 +674,6 @@ async fn run_async(
         // `p.model` is the updated model when the state file named one; the config's is the fallback.
         let configured = cfg.pipelines.iter().find(|q| q.name == p.name).map(|q| cfg.resolve(&q.model));
         let configured = configured.unwrap_or_else(|| cfg.resolve(&p.model));
-        // Started on an updated model (the state file): its checked hash, for the next record.
-        let started_sha = match &active {
-            Some(a) if cfg.resolve(&p.model) != configured => a.get(&p.name).ok().flatten().map(|e| e.sha256),
-            _ => None,
-        };
         let control = crate::commands::PipelineControl::new(
             &prep,
             cfg.resolve(&p.model),

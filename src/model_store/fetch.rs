@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::incoming::{check_sha256, part_path, publish, rename, same_file};
-pub use super::incoming::{file_name, Downloaded};
+use super::incoming::{check_sha256, file_name, part_path, publish, rename, same_file, Downloaded};
 
 /// Where to download from and what to expect.
 #[derive(Debug, Clone)]
