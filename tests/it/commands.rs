@@ -425,16 +425,10 @@ fn reload_model_reads_only_signed_files_inside_the_models_directory() {
     let dir = root.path().join("models");
     std::fs::create_dir(&dir).unwrap();
     // The PC side, as a user runs it: a key, and a signed model copied to the board.
-    let key = root.path().join("signer.key");
-    let run = |args: &[&str]| {
-        let out = crate::support::edgeinfer().args(args).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["model", "keygen", "--out", key.to_str().unwrap()]);
-    let public = std::fs::read_to_string(root.path().join("signer.key.pub")).unwrap().trim().to_string();
+    let (key, public) = crate::support::signing_key(root.path(), "signer.key");
     let good = dir.join("digits_v2.onnx");
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), &good).unwrap();
-    run(&["model", "sign", good.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    crate::support::sign(&good, &key);
     // Refused ones: unsigned; signed but altered since; a signature by a key the board
     // does not trust; outside the directory, through `..`, a symlink out, a device.
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), dir.join("unsigned.onnx")).unwrap();
@@ -442,11 +436,10 @@ fn reload_model_reads_only_signed_files_inside_the_models_directory() {
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), &altered).unwrap();
     std::fs::copy(dir.join("digits_v2.onnx.sig"), dir.join("altered.onnx.sig")).unwrap();
     std::fs::OpenOptions::new().append(true).open(&altered).unwrap().write_all(b"\0").unwrap();
-    let other_key = root.path().join("other.key");
-    run(&["model", "keygen", "--out", other_key.to_str().unwrap()]);
+    let (other_key, _) = crate::support::signing_key(root.path(), "other.key");
     let stranger = dir.join("stranger.onnx");
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), &stranger).unwrap();
-    run(&["model", "sign", stranger.to_str().unwrap(), "--key", other_key.to_str().unwrap()]);
+    crate::support::sign(&stranger, &other_key);
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), root.path().join("outside.onnx")).unwrap();
     std::os::unix::fs::symlink(root.path().join("outside.onnx"), dir.join("link.onnx")).unwrap();
 
@@ -716,21 +709,12 @@ fn update_model_takes_a_signed_model_from_a_retained_message() {
     let root = tempfile::tempdir().unwrap();
     let board = root.path().join("models");
     std::fs::create_dir(&board).unwrap();
-    let key = root.path().join("signer.key");
-    let cli = |args: &[&str]| {
-        let out = crate::support::edgeinfer().args(args).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    cli(&["model", "keygen", "--out", key.to_str().unwrap()]);
-    let public = std::fs::read_to_string(root.path().join("signer.key.pub")).unwrap().trim().to_string();
+    let (key, public) = crate::support::signing_key(root.path(), "signer.key");
     let model = root.path().join("digits_v4.onnx");
     std::fs::copy(crate::model("digits_cnn_f32.onnx"), &model).unwrap();
-    cli(&["model", "sign", model.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    crate::support::sign(&model, &key);
     let bytes = std::fs::read(&model).unwrap();
-    let sha: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
-    };
+    let sha = crate::support::sha256_hex(&bytes);
     // The operator publishes the model and its signature once, retained.
     let mut op = Operator::new(broker.port, "cmd-topic");
     op.sub.publish_retained("fleet/models/digits_v4.onnx", bytes.clone());

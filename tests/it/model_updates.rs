@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{Daemon, Mosquitto, Subscriber};
+use crate::support::{sha256_hex, signing_key, Daemon, Mosquitto, Subscriber};
 use crate::tls::Pki;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -105,21 +105,11 @@ impl HttpsServer {
     }
 }
 
-fn cli(args: &[&str]) {
-    let out = crate::support::edgeinfer().args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Signs a copy of `model` named `name` with `key` in `pc`; its bytes and signature.
 fn signed(pc: &Path, model: &Path, name: &str, key: &Path) -> (Vec<u8>, Vec<u8>) {
     let copy = pc.join(name);
     std::fs::copy(model, &copy).unwrap();
-    cli(&["model", "sign", copy.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+    crate::support::sign(&copy, key);
     (std::fs::read(&copy).unwrap(), std::fs::read(pc.join(format!("{name}.sig"))).unwrap())
 }
 
@@ -159,11 +149,8 @@ fn update_model_downloads_verifies_and_swaps_only_a_good_signed_model() {
     let (pc, board) = (root.path().join("pc"), root.path().join("board-models"));
     std::fs::create_dir_all(&pc).unwrap();
     std::fs::create_dir_all(&board).unwrap();
-    let key = pc.join("signer.key");
-    cli(&["model", "keygen", "--out", key.to_str().unwrap()]);
-    let public = std::fs::read_to_string(pc.join("signer.key.pub")).unwrap().trim().to_string();
-    let stranger_key = pc.join("stranger.key");
-    cli(&["model", "keygen", "--out", stranger_key.to_str().unwrap()]);
+    let (key, public) = signing_key(&pc, "signer.key");
+    let (stranger_key, _) = signing_key(&pc, "stranger.key");
 
     let float = crate::model("digits_cnn_f32.onnx");
     let (good, good_sig) = signed(&pc, &float, "digits_v3.onnx", &key);

@@ -382,3 +382,29 @@ pub fn send_signal(pid: u32, sig: &str) {
     let rc = unsafe { libc::kill(pid as libc::pid_t, signum) };
     assert!(rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH), "kill -{sig} {pid} failed");
 }
+
+/// Runs the `edgeinfer` CLI, failing the test with its stderr unless it succeeds.
+pub fn edgeinfer_ok(args: &[&str]) {
+    let out = edgeinfer().args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A new signing key `dir/name`, made as a user makes it (`edgeinfer model keygen`): its path
+/// and its public key (base64).
+pub fn signing_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    edgeinfer_ok(&["model", "keygen", "--out", key.to_str().unwrap()]);
+    let public = std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap().trim().to_string();
+    (key, public)
+}
+
+/// Signs `model` with `key` (`edgeinfer model sign`): writes `MODEL.sig` beside it.
+pub fn sign(model: &Path, key: &Path) {
+    edgeinfer_ok(&["model", "sign", model.to_str().unwrap(), "--key", key.to_str().unwrap()]);
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
