@@ -174,8 +174,15 @@ source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
     assert!(dom.matches(r#"class="latency""#).count() >= 2, "a plot per pipeline:\n{dom}");
     has(r#"<polyline class="p50" data-stage="inference""#);
     has("detector_yolov8n");
-    // The script did not fail: it stamped the time of its last update.
+    // The script did not fail: it stamped the time of its last update, and it updated the
+    // page in place more than once (every refresh_ms) without a reload.
     has(r#"<span class="fact" id="conn">updated "#);
+    let updates = dom
+        .split(r#"data-updates=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(updates.is_some_and(|n| n >= 2), "updates: {updates:?}\n{dom}");
 
     // The screenshot, kept as a test artefact (target/tmp/artefacts/status-page.png).
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artefacts");
