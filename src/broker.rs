@@ -1,8 +1,8 @@
 //! The embedded MQTT broker (rumqttd), started when no broker URL is
-//! configured: MQTT 3.1.1 on one address, no TLS, optional user name and password, with
-//! retained messages and Last Will. It runs on threads of its own (its
-//! router and a server thread with its own small runtime) for the life of the
-//! process; rumqttd has no way to stop it.
+//! configured: MQTT 3.1.1 on one address (and optionally over TLS on a second),
+//! optional user name and password, with retained messages and Last Will. It
+//! runs on threads of its own (its router and a server thread with its own
+//! small runtime) for the life of the process; rumqttd has no way to stop it.
 //!
 //! rumqttd logs through `tracing`, and with no tracing subscriber installed
 //! its events reach the `log` facade: every packet at info, and per-message
@@ -104,6 +104,70 @@ pub fn start(addr: SocketAddr, login: Option<(String, String)>) -> Result<(), Br
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Most `[broker.tls]` connections at once (the router's own bound); more are closed at once.
+#[cfg(feature = "tls")]
+pub const MAX_TLS_CONNECTIONS: usize = 1000;
+/// Time a TLS client has to finish its handshake before its connection is closed.
+#[cfg(feature = "tls")]
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the `[broker.tls]` listener on `addr` (inside a tokio runtime): TLS ends here and
+/// each connection's MQTT bytes go to the broker's plain listener `broker`, so its login
+/// and limits apply on both ports. rumqttd's own TLS would build a second rustls with
+/// another certificate parser; this keeps the one the client side already uses.
+#[cfg(feature = "tls")]
+pub fn start_tls(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    broker: SocketAddr,
+) -> Result<(), BrokerError> {
+    let fail = |reason: String| BrokerError { addr, reason };
+    if addr.port() == 0 {
+        return Err(fail("port 0 is not supported: give the port to listen on".into()));
+    }
+    let listener =
+        TcpListener::bind(addr).map_err(|e| fail(bind_reason(&e).replace("broker.listen", "broker.tls.listen")))?;
+    listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| fail(e.to_string()))?;
+    let upstream = SocketAddr::new(reachable_ip(broker.ip()), broker.port());
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TLS_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    log::warn!("broker TLS listener {addr}: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                log::warn!("broker TLS listener {addr}: {MAX_TLS_CONNECTIONS} connections open; {peer} refused");
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return log::info!("broker TLS listener: {peer}: handshake failed: {e}"),
+                    Err(_) => return log::info!("broker TLS listener: {peer}: no handshake within 10 s"),
+                };
+                let mut plain = match tokio::net::TcpStream::connect(upstream).await {
+                    Ok(s) => s,
+                    Err(e) => return log::warn!("broker TLS listener: cannot reach the broker at {upstream}: {e}"),
+                };
+                let _ = plain.set_nodelay(true);
+                // Ends when either side closes; errors are a client going away.
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// A bind error in words a user can act on.

@@ -17,7 +17,9 @@ pub use crate::postprocess::config::{
     AnomalyScore, BoxOrder, BoxUnits, DetectConfig, DetectFormat, PostprocessConfig, SnapshotConfig, SnapshotWhen, When,
 };
 pub use crate::preprocess::config::{PreprocessConfig, WindowLayout};
-pub use crate::sink::config::{is_tls_url, parse_mqtt_url, MqttConfig, MqttTlsConfig, OutputConfig, OutputKind};
+pub use crate::sink::config::{
+    is_tls_url, parse_mqtt_url, BrokerTlsConfig, MqttConfig, MqttTlsConfig, OutputConfig, OutputKind,
+};
 pub use crate::source::config::{HttpMode, LineFormat, PayloadFormat, PixelFormat, Signal, SourceConfig, StreamFormat};
 
 /// A configuration that cannot be used.
@@ -138,11 +140,19 @@ pub struct BrokerConfig {
     pub password_env: Option<String>,
     /// File holding the broker password (first line).
     pub password_file: Option<PathBuf>,
+    /// A second listener that speaks MQTT over TLS.
+    pub tls: Option<BrokerTlsConfig>,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { listen: "127.0.0.1:1883".into(), username: None, password_env: None, password_file: None }
+        BrokerConfig {
+            listen: "127.0.0.1:1883".into(),
+            username: None,
+            password_env: None,
+            password_file: None,
+            tls: None,
+        }
     }
 }
 
@@ -350,6 +360,13 @@ impl Config {
             self.broker.password_file.is_some(),
         )
         .map_err(|(k, r)| bad(format!("broker.{k}"), r))?;
+        if let Some(tls) = &self.broker.tls {
+            tls.validate(&self.broker.listen).map_err(|(k, r)| bad(format!("broker.tls.{k}"), r))?;
+            if self.mqtt.url.is_some() {
+                let why = "the embedded broker does not run when mqtt.url is set (remove one of them)";
+                return Err(bad("broker.tls".into(), why.into()));
+            }
+        }
         self.homeassistant.validate().map_err(|(k, r)| bad(format!("homeassistant.{k}"), r))?;
         self.commands.validate().map_err(|(k, r)| bad(format!("commands.{k}"), r))?;
         self.models.validate().map_err(|(k, r)| bad(format!("models.{k}"), r))?;

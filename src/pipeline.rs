@@ -898,15 +898,29 @@ async fn start_embedded_broker(
 ) -> anyhow::Result<(String, u16, Option<(String, String)>)> {
     let addr: std::net::SocketAddr = cfg.broker.listen.parse().map_err(|e| anyhow!("broker.listen: {e}"))?;
     let login = cfg.broker.login(&|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
-    let open = login.is_none() && !addr.ip().is_loopback();
+    #[cfg(feature = "tls")]
+    let tls = match &cfg.broker.tls {
+        Some(t) => {
+            let server = crate::sink::mqtt_tls::server(t, &|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
+            let tls_addr: std::net::SocketAddr = t.listen.parse().map_err(|e| anyhow!("broker.tls.listen: {e}"))?;
+            Some((tls_addr, server))
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "tls"))]
+    let tls: Option<(std::net::SocketAddr, ())> = None;
+    // Either listener reachable from the network without a login lets anyone in.
+    let exposed = !addr.ip().is_loopback() || tls.as_ref().is_some_and(|(a, _)| !a.ip().is_loopback());
+    let open = login.is_none() && exposed;
     if open {
         log::warn!(
-            "embedded MQTT broker on {addr} without a password: anyone who can reach it can read every result \
-             and publish into mqtt sources and commands (set broker.username and broker.password_file)"
+            "embedded MQTT broker open to the network without a password: anyone who can reach it can read \
+             every result and publish into mqtt sources and commands (set broker.username and broker.password_file)"
         );
     }
     let _ = metrics.embedded_broker.set(serde_json::json!({
         "listen": addr.to_string(),
+        "tls_listen": tls.as_ref().map(|(a, _)| a.to_string()),
         "authentication": login.is_some(),
         "open_to_the_network": open,
     }));
@@ -925,6 +939,11 @@ async fn start_embedded_broker(
             log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
         }
         Err(e) => return Err(e.into()),
+    }
+    #[cfg(feature = "tls")]
+    if let Some((tls_addr, server)) = tls {
+        crate::broker::start_tls(tls_addr, server, addr)?;
+        log::info!("embedded MQTT broker: TLS on {tls_addr}");
     }
     Ok((addr.ip().to_string(), addr.port(), login))
 }

@@ -132,7 +132,15 @@ pub fn check(cfg: &Config) -> anyhow::Result<Vec<String>> {
     }
     match &cfg.mqtt.url {
         Some(url) => lines.push(format!("mqtt: {url}")),
-        None if cfg.wants_mqtt() => lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen)),
+        None if cfg.wants_mqtt() => {
+            lines.push(format!("mqtt: embedded broker on {}", cfg.broker.listen));
+            // Reads the certificate and key, and checks that they belong together.
+            #[cfg(feature = "tls")]
+            if let Some(t) = &cfg.broker.tls {
+                crate::sink::mqtt_tls::server(t, &|p| cfg.resolve(p)).map_err(anyhow::Error::msg)?;
+                lines.push(format!("broker tls: {} ({})", t.listen, cfg.resolve(&t.cert_file).display()));
+            }
+        }
         None => lines.push("mqtt: none (no MQTT output, source or commands)".into()),
     }
     // Reads and parses the CA, certificate and key files (no connection).

@@ -55,6 +55,41 @@ pub struct MqttConfig {
     pub user_properties: std::collections::BTreeMap<String, String>,
 }
 
+/// `[broker.tls]`: MQTT over TLS on a listener of its own, in front of the embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTlsConfig {
+    /// Address of the TLS listener (MQTT over TLS is port 8883 by convention).
+    pub listen: String,
+    /// The broker's certificate chain (PEM), leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM file, unencrypted).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the private key as PEM text (instead of key_file).
+    pub key_env: Option<String>,
+}
+
+impl BrokerTlsConfig {
+    /// Checks what can be checked without reading files.
+    pub fn validate(&self, plain: &str) -> Result<(), (String, String)> {
+        crate::features::require("tls", "broker.tls").map_err(|e| ("listen".to_string(), e))?;
+        let addr: std::net::SocketAddr = self.listen.parse().map_err(|e| ("listen".to_string(), format!("{e}")))?;
+        if addr.port() == 0 {
+            return Err(("listen".into(), "port 0 is not supported: give the port to listen on".into()));
+        }
+        if plain.parse::<std::net::SocketAddr>().is_ok_and(|p| p.port() == addr.port()) {
+            return Err(("listen".into(), format!("port {} is already broker.listen's", addr.port())));
+        }
+        match (&self.key_file, &self.key_env) {
+            (Some(_), Some(_)) => Err(("key_env".into(), "give key_file or key_env, not both".into())),
+            (None, None) => {
+                Err(("key_file".into(), "the certificate needs its private key: key_file or key_env".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `[mqtt.tls]`: how to talk TLS to an `mqtts://` broker.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -15,7 +15,10 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use thiserror::Error;
 
 use super::config::MqttTlsConfig;
@@ -74,9 +77,13 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
-/// The client's private key, from a PEM file or an environment variable holding PEM text.
-fn private_key(cfg: &MqttTlsConfig, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let (key, origin, pem) = match (&cfg.key_file, &cfg.key_env) {
+/// A private key, from a PEM file or an environment variable holding PEM text.
+fn private_key(
+    key_file: Option<&PathBuf>,
+    key_env: Option<&String>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let (key, origin, pem) = match (key_file, key_env) {
         (Some(file), _) => {
             let path = resolve(file);
             ("key_file", path.display().to_string(), read("key_file", &path)?)
@@ -169,7 +176,7 @@ pub fn load(cfg: &MqttTlsConfig, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<T
         Some(file) => {
             let path = resolve(file);
             let chain = certificates("cert_file", &path)?;
-            let key = private_key(cfg, resolve)?;
+            let key = private_key(cfg.key_file.as_ref(), cfg.key_env.as_ref(), resolve)?;
             let key_key = if cfg.key_file.is_some() { "key_file" } else { "key_env" };
             summary.push_str(&format!(", client certificate {}", path.display()));
             builder.with_client_auth_cert(chain, key).map_err(|e| match e {
@@ -189,6 +196,35 @@ pub fn load(cfg: &MqttTlsConfig, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<T
         summary.push_str(&format!(", ALPN {}", cfg.alpn.join(",")));
     }
     Ok(Tls { config: Arc::new(config), summary, insecure: cfg.insecure_skip_verify })
+}
+
+/// The TLS server configuration of the embedded broker's `[broker.tls]` listener:
+/// its certificate chain and key, checked to belong together. Errors name the
+/// `broker.tls` key and the file, never the key's text.
+pub fn server(
+    cfg: &super::config::BrokerTlsConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Arc<ServerConfig>, String> {
+    let named = |e: TlsError| format!("broker.tls.{}: {}", e.key, e.reason);
+    let path = resolve(&cfg.cert_file);
+    let chain = certificates("cert_file", &path).map_err(named)?;
+    let key = private_key(cfg.key_file.as_ref(), cfg.key_env.as_ref(), resolve).map_err(named)?;
+    let key_key = if cfg.key_file.is_some() { "key_file" } else { "key_env" };
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("broker.tls: TLS setup failed: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                format!(
+                    "broker.tls.{key_key}: the private key does not belong to the certificate in {}",
+                    path.display()
+                )
+            }
+            e => format!("broker.tls.{key_key}: cannot use the key with {}: {e}", path.display()),
+        })?;
+    Ok(Arc::new(config))
 }
 
 /// Verifies the broker's certificate against a configured name instead of the URL host.

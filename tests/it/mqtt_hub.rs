@@ -474,8 +474,15 @@ fn mixed_qos_results_through_the_disk_queue_are_all_acknowledged_mqtt5() {
 /// `mosquitto_sub` for one message within 5 s: (exit ok, what it printed).
 #[cfg(feature = "broker")]
 fn sub_one(port: u16, topic: &str, login: Option<(&str, &str)>) -> (bool, String) {
+    sub_one_with(port, topic, login, &[])
+}
+
+/// `sub_one` with more `mosquitto_sub` arguments (`--cafile ca.pem` for TLS).
+#[cfg(feature = "broker")]
+pub(crate) fn sub_one_with(port: u16, topic: &str, login: Option<(&str, &str)>, args: &[&str]) -> (bool, String) {
     let mut cmd = std::process::Command::new("mosquitto_sub");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-W", "5", "-v"]);
+    cmd.args(args);
     if let Some((user, password)) = login {
         cmd.args(["-u", user, "-P", password]);
     }

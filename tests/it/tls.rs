@@ -299,3 +299,81 @@ fn an_expired_broker_certificate_is_refused() {
     assert!(wait_stderr(&daemon, "certificate has expired", LONG), "stderr: {}", daemon.stderr());
     assert!(sub.wait_for(QUIET, |m| m.topic.starts_with("edgeinfer/tls7/")).is_none(), "something got through");
 }
+
+/// `[broker.tls]`: the embedded broker over TLS, with its login, checked with `mosquitto_sub --cafile`.
+#[cfg(feature = "broker")]
+#[test]
+fn the_embedded_broker_serves_mqtt_over_tls_and_keeps_its_login() {
+    use crate::mqtt_hub::sub_one_with;
+    let pki = Pki::new(&["localhost", "127.0.0.1"]);
+    std::fs::write(pki.path("broker.pw"), "open sesame\n").unwrap();
+    let (port, tls_port) = (free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        r#"
+device = "tlsbroker"
+[broker]
+listen = "127.0.0.1:{port}"
+username = "edge"
+password_file = "{pw}"
+tls = {{ listen = "127.0.0.1:{tls_port}", cert_file = "{cert}", key_file = "{key}" }}
+[health]
+interval_s = 1
+[[pipelines]]
+name = "vib"
+model = "{{models}}/vibration_int8.onnx"
+source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
+  [[pipelines.outputs]]
+  type = "mqtt"
+"#,
+        pw = pki.path("broker.pw").display(),
+        cert = pki.path("server.pem").display(),
+        key = pki.path("server.key").display(),
+    ));
+    assert!(wait_port(tls_port, LONG), "no TLS listener; stderr: {}", daemon.stderr());
+    let ca = pki.path("ca.pem").display().to_string();
+    let login = Some(("edge", "open sesame"));
+    let topic = "edgeinfer/tlsbroker/vib/result";
+    let (ok, got) = sub_one_with(tls_port, topic, login, &["--cafile", &ca]);
+    assert!(ok && got.starts_with(&format!("{topic} {{")), "over TLS: {got}\nstderr: {}", daemon.stderr());
+    let (ok, got) = sub_one_with(tls_port, topic, None, &["--cafile", &ca]);
+    assert!(!ok && got.is_empty(), "anonymous over TLS: {got}");
+    let (ok, got) = sub_one_with(tls_port, topic, Some(("edge", "wrong")), &["--cafile", &ca]);
+    assert!(!ok && got.is_empty(), "wrong password over TLS: {got}");
+    // A client that trusts another CA does not get through the handshake.
+    let other = pki.path("other-ca.pem").display().to_string();
+    let (ok, got) = sub_one_with(tls_port, topic, login, &["--cafile", &other]);
+    assert!(!ok && got.is_empty(), "untrusted certificate accepted: {got}");
+    // Plain MQTT on the TLS port is not MQTT to it.
+    let (ok, got) = sub_one_with(tls_port, topic, login, &[]);
+    assert!(!ok && got.is_empty(), "plaintext on the TLS port: {got}");
+    let (ok, got) = sub_one_with(tls_port, "edgeinfer/tlsbroker/health", login, &["--cafile", &ca]);
+    assert!(ok, "{got}");
+    let health: serde_json::Value = serde_json::from_str(got.split_once(' ').unwrap().1).unwrap();
+    let b = &health["mqtt"]["embedded_broker"];
+    assert_eq!(b["tls_listen"], format!("127.0.0.1:{tls_port}"), "{health}");
+    assert_eq!(b["authentication"], true);
+    assert_eq!(b["open_to_the_network"], false);
+}
+
+/// A `[broker.tls]` key that does not belong to its certificate stops the daemon with the key named.
+#[cfg(feature = "broker")]
+#[test]
+fn a_broker_tls_key_of_another_certificate_is_refused_by_check() {
+    let pki = Pki::new(&["localhost"]);
+    let cfg = pki.path("edgeinfer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "device = \"d\"\n[broker]\nlisten = \"127.0.0.1:{}\"\ntls = {{ listen = \"127.0.0.1:{}\", cert_file = \"server.pem\", key_file = \"client.key\" }}\n\
+             [[pipelines]]\nname = \"vib\"\nmodel = \"{}/models/vibration_int8.onnx\"\nsource = {{ type = \"synthetic\", signal = \"vibration\" }}\n  [[pipelines.outputs]]\n  type = \"mqtt\"\n",
+            free_port(),
+            free_port(),
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer")).arg("check").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check passed: {err}");
+    assert!(err.contains("broker.tls.key_file") && err.contains("does not belong"), "{err}");
+}
