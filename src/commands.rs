@@ -99,6 +99,22 @@ pub fn verify(
     Ok(())
 }
 
+/// Largest command payload: commands are a few fields; a larger payload is refused before
+/// it is parsed (and, with an HMAC secret, before it is copied and sorted for the check).
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+
+/// Refuses a payload over [`MAX_COMMAND_BYTES`].
+pub fn check_size(payload: &[u8]) -> Result<(), String> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "the payload is {} bytes; commands are at most {} KiB",
+            payload.len(),
+            MAX_COMMAND_BYTES >> 10
+        ));
+    }
+    Ok(())
+}
+
 /// A signed command names who it is for in `target` (covered by the signature): required on
 /// a group topic, so a command signed for the canaries cannot be replayed to the whole group
 /// (each device keeps its own replay cache); checked when present on a device topic.
@@ -540,6 +556,7 @@ impl Handler {
     }
 
     fn accept(&self, name: &str, target: &str, payload: &[u8], id: &mut Value) -> Result<Command, String> {
+        check_size(payload)?;
         let value: Value = serde_json::from_slice(payload).map_err(|e| format!("malformed JSON: {e}"))?;
         let Value::Object(obj) = value else { return Err("the payload must be a JSON object".into()) };
         *id = obj.get("id").cloned().unwrap_or(Value::Null);

@@ -555,6 +555,9 @@ source = { type = "synthetic", signal = "sine" }
         }
         let e = with("[engine]\nthreads = 0", "").unwrap_err().to_string();
         assert!(e.contains("`engine.threads`"), "{e}");
+        let e = with("", &format!("queue = {}", MAX_QUEUE + 1)).unwrap_err().to_string();
+        assert!(e.contains("`pipelines[0].queue`") && e.contains("1..=1000000"), "{e}");
+        assert!(with("", &format!("queue = {MAX_QUEUE}")).is_ok());
         let e = with("", "threads = 1000").unwrap_err().to_string();
         assert!(e.contains("`pipelines[0].threads`"), "{e}");
         let e = with("[engine]\ncache_dir = \"m.onnx\"", "").unwrap_err().to_string();

@@ -180,7 +180,7 @@ pub(super) fn read<R: Read + Seek>(mut src: R) -> Result<Unpacked, String> {
         let buffered = std::io::BufReader::with_capacity(1 << 16, &mut src);
         let stream: Box<dyn Read + '_> =
             if magic == [0x1f, 0x8b] { Box::new(flate2::read::GzDecoder::new(buffered)) } else { Box::new(buffered) };
-        let unpacked = unpack(stream);
+        let unpacked = unpack(stream, MAX_UNPACKED);
         (building.join(), unpacked)
     });
     let nnef = nnef.map_err(|p| format!("building the NNEF reader: {}", super::panic_text(p)))?;
@@ -211,13 +211,13 @@ pub(super) fn read<R: Read + Seek>(mut src: R) -> Result<Unpacked, String> {
 /// from the same archive; `None` for the document when the archive holds an
 /// entry other than `graph.nnef`, `graph.quant` and `.dat` tensors (a
 /// sub-model directory, say), which only tract's reader assembles.
-fn unpack(stream: impl Read) -> Result<(Sidecar, Option<tract_nnef::ast::ProtoModel>), String> {
+fn unpack(stream: impl Read, cap: u64) -> Result<(Sidecar, Option<tract_nnef::ast::ProtoModel>), String> {
     use std::collections::HashMap;
     use std::sync::Arc;
     use tract_nnef::ast::{Identifier, ProtoModel};
     use tract_nnef::resource::{GraphQuantLoader, Resource, ResourceLoader, GRAPH_NNEF_FILENAME, GRAPH_QUANT_FILENAME};
 
-    let mut archive = tar::Archive::new(stream);
+    let mut archive = tar::Archive::new(Capped { inner: stream, left: cap, cap });
     let mut entries = archive.entries().map_err(|e| format!("not a tar archive: {e}"))?;
     let sidecar = match entries.next() {
         Some(entry) => read_sidecar(entry.map_err(|e| format!("not a tar archive: {e}"))?)?,
@@ -261,7 +261,11 @@ fn unpack(stream: impl Read) -> Result<(Sidecar, Option<tract_nnef::ast::ProtoMo
                 entry.read_to_string(&mut text).map_err(|e| what(&e))?;
                 parsing = Some(scope.spawn(move || tract_nnef::ast::parse::parse_document(&text)));
             } else if path.extension().is_some_and(|e| e == "dat") {
-                let tensor = tract_nnef::tensors::read_tensor(&mut entry).map_err(|e| what(&e))?;
+                // Read first, then checked: tract allocates the tensor from its header's shape.
+                let mut raw = Vec::new();
+                entry.read_to_end(&mut raw).map_err(|e| what(&e))?;
+                check_tensor_header(&raw).map_err(|e| what(&e))?;
+                let tensor = tract_nnef::tensors::read_tensor(raw.as_slice()).map_err(|e| what(&e))?;
                 let id = tract_nnef::resource::resource_path_to_id(&path).map_err(|e| what(&e))?;
                 if tensors.insert(Identifier::from(&*id), Arc::new(tensor)).is_some() {
                     return Err(format!("{} is in the archive twice", path.display()));
@@ -288,6 +292,54 @@ fn unpack(stream: impl Read) -> Result<(Sidecar, Option<tract_nnef::ast::ProtoMo
     let proto = ProtoModel { doc, tensors, quantization, resources };
     proto.validate().map_err(tract_err)?;
     Ok((sidecar, Some(proto)))
+}
+
+/// Most bytes a converted model may unpack to (its `graph.nnef` and tensors): a few
+/// kilobytes of gzip can claim gigabytes.
+const MAX_UNPACKED: u64 = 2 << 30;
+
+/// A reader that fails once more than `cap` bytes came through it.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    cap: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            let why = format!("the archive unpacks to more than {} bytes", self.cap);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Checks an NNEF tensor file's header against the bytes that follow it before tract
+/// allocates the tensor from the header's shape: every element takes at least one bit
+/// of data (a string at least its 4-byte length), and the declared data is all there.
+fn check_tensor_header(raw: &[u8]) -> Result<(), String> {
+    const HEADER: usize = 128;
+    let data =
+        raw.len().checked_sub(HEADER).ok_or_else(|| format!("{} bytes is shorter than a tensor header", raw.len()))?;
+    let u32_at = |at: usize| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+    let (declared, rank, bits) = (u32_at(4) as usize, u32_at(8) as usize, u32_at(44));
+    let item_type = u16::from_le_bytes([raw[48], raw[49]]);
+    if rank > 8 {
+        return Err(format!("tensor rank {rank} (at most 8)"));
+    }
+    let elements = (0..rank).try_fold(1usize, |n, i| n.checked_mul(u32_at(12 + 4 * i) as usize));
+    let elements = elements.ok_or("the tensor's shape overflows")?;
+    // Strings (tract's vendor type 0x1000) have a length prefix per element.
+    let per_element_bits = if item_type == 0x1000 { 32 } else { 1 };
+    if declared > data || elements.checked_mul(per_element_bits).is_none_or(|b| b > data.saturating_mul(8)) {
+        return Err(format!(
+            "the header claims {elements} elements ({declared} bytes, {bits} bits each) but {data} bytes follow it"
+        ));
+    }
+    Ok(())
 }
 
 fn read_sidecar<R: Read>(mut first: tar::Entry<'_, R>) -> Result<Sidecar, String> {
@@ -318,6 +370,43 @@ mod tests {
         assert_eq!(loaders(&reader), loaders(&full));
         assert_eq!(reader.allow_extended_identifier_syntax, full.allow_extended_identifier_syntax);
         assert_eq!(reader.extern_all_constants, full.extern_all_constants);
+    }
+
+    #[test]
+    fn an_archive_that_unpacks_past_the_limit_is_refused() {
+        let (_, bytes) = archive(true);
+        let plain = {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(bytes.as_slice()).read_to_end(&mut out).unwrap();
+            out.len() as u64
+        };
+        let gz = flate2::read::GzDecoder::new(bytes.as_slice());
+        let Err(err) = unpack(gz, plain / 2) else { panic!("an archive over the cap was accepted") };
+        assert!(err.contains("unpacks to more than"), "{err}");
+        assert!(unpack(flate2::read::GzDecoder::new(bytes.as_slice()), plain).is_ok());
+    }
+
+    #[test]
+    fn a_tensor_header_claiming_more_than_its_bytes_is_refused_before_allocating() {
+        let mut raw = vec![0u8; 128 + 16];
+        raw[..2].copy_from_slice(&[0x4e, 0xef]);
+        raw[4..8].copy_from_slice(&16u32.to_le_bytes());
+        raw[8..12].copy_from_slice(&2u32.to_le_bytes());
+        raw[44..48].copy_from_slice(&32u32.to_le_bytes());
+        raw[12..16].copy_from_slice(&2u32.to_le_bytes());
+        raw[16..20].copy_from_slice(&2u32.to_le_bytes());
+        check_tensor_header(&raw).expect("2x2 f32 in 16 bytes");
+        assert!(tract_nnef::tensors::read_tensor(raw.as_slice()).is_ok());
+        // 65536 x 65536 strings (tract would build 4G of them) in 16 bytes.
+        raw[12..16].copy_from_slice(&65536u32.to_le_bytes());
+        raw[16..20].copy_from_slice(&65536u32.to_le_bytes());
+        raw[48..50].copy_from_slice(&0x1000u16.to_le_bytes());
+        raw[44..48].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = check_tensor_header(&raw).unwrap_err();
+        assert!(err.contains("4294967296 elements"), "{err}");
+        raw[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert!(check_tensor_header(&raw).unwrap_err().contains("rank 9"));
+        assert!(check_tensor_header(&raw[..100]).unwrap_err().contains("shorter than a tensor header"));
     }
 
     /// x + w, with w a constant big enough to be written as a `.dat` entry.
@@ -354,7 +443,7 @@ mod tests {
     fn the_streaming_reader_builds_what_tracts_reader_builds() {
         let (model, plain) = archive(false);
         let nnef = reader();
-        let (sidecar, ours) = unpack(&plain[..]).unwrap();
+        let (sidecar, ours) = unpack(&plain[..], MAX_UNPACKED).unwrap();
         assert_eq!(sidecar.meta.outputs.len(), 1);
         let ours = ours.expect("a flat archive is read by the streaming reader");
         let tracts = nnef.proto_model_for_read(&mut &plain[..]).unwrap();
@@ -404,7 +493,7 @@ mod tests {
             }
         }
         let bytes = rebuilt.into_inner().unwrap();
-        let (_, proto) = unpack(&bytes[..]).unwrap();
+        let (_, proto) = unpack(&bytes[..], MAX_UNPACKED).unwrap();
         assert!(proto.is_none());
         let read_back = read(std::io::Cursor::new(&bytes)).unwrap().model;
         let tracts = reader().model_for_read(&mut &plain[..]).unwrap();

@@ -43,6 +43,7 @@ mod rewrite;
 pub mod symbolic;
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -447,6 +448,30 @@ pub fn convert(onnx_path: &Path, opts: &LoadOptions, out: &Path) -> Result<Conve
     Ok(Converted { path: out.to_path_buf(), size_bytes, convert_ms, model })
 }
 
+/// Most elements one tensor of a model may have (512 MiB of f32): the largest camera
+/// frames and audio windows are far below it. A file whose shapes ask for more is
+/// refused at load, before the warm-up allocates them.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 27;
+
+/// Refuses a plan with a tensor (input, output or in between) over [`MAX_TENSOR_ELEMENTS`].
+fn check_tensor_sizes(model: &TypedModel) -> Result<(), String> {
+    for node in model.nodes() {
+        for (slot, output) in node.outputs.iter().enumerate() {
+            let Some(shape) = output.fact.shape.as_concrete() else { continue };
+            let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if elements.is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+                let n = elements.map_or("more than 2^64".to_string(), |n| n.to_string());
+                return Err(format!(
+                    "node `{}` output {slot} has shape {shape:?}: {n} elements, over the {MAX_TENSOR_ELEMENTS} \
+                     one tensor may hold",
+                    node.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f`, turning a panic inside tract into an error: a bad model must never crash us.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
@@ -506,8 +531,24 @@ fn executor(_threads: usize) -> Executor {
     Executor::SingleThread
 }
 
+/// Largest ONNX file read: protobuf cannot encode a message over 2 GiB, so a larger
+/// file is not a model, and reading it whole could exhaust a board's memory.
+pub const MAX_ONNX_BYTES: u64 = 2 << 30;
+
 fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
-    std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), reason: e.to_string() })
+    let io = |reason: String| EngineError::Io { path: path.display().to_string(), reason };
+    let file = std::fs::File::open(path).map_err(|e| io(e.to_string()))?;
+    let len = file.metadata().map_err(|e| io(e.to_string()))?.len();
+    if len > MAX_ONNX_BYTES {
+        return Err(io(format!("{len} bytes is over the 2 GiB an ONNX (protobuf) file can hold")));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    // `take`: a file that grows while it is read stops at the bound all the same.
+    (&file).take(MAX_ONNX_BYTES + 1).read_to_end(&mut bytes).map_err(|e| io(e.to_string()))?;
+    if bytes.len() as u64 > MAX_ONNX_BYTES {
+        return Err(io("grew over 2 GiB while it was read".into()));
+    }
+    Ok(bytes)
 }
 
 fn open_file(path: &Path) -> Result<std::fs::File, EngineError> {
@@ -693,6 +734,7 @@ impl Model {
         timings.optimize_ms = ms(t.elapsed());
 
         let model = plan.model();
+        check_tensor_sizes(model).map_err(|reason| EngineError::Load { path: shown.clone(), reason })?;
         let mut inputs = meta.inputs.clone();
         for (ix, spec) in inputs.iter_mut().enumerate() {
             let fact = model.input_fact(ix).map_err(load_err)?;
@@ -1026,6 +1068,25 @@ pub(super) fn declutter(model: &mut TypedModel) -> TractResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_whose_tensors_would_take_gigabytes_is_refused_before_its_warm_up() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/onnx/input-120gb");
+        let Err(err) = Model::load(&path, &LoadOptions::default()) else { panic!("loaded") };
+        let err = err.to_string();
+        assert!(err.contains("30000000000 elements") && err.contains("over the 134217728"), "{err}");
+    }
+
+    #[test]
+    fn an_onnx_file_over_two_gib_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.onnx");
+        // Sparse: no disk space, and nothing would be read before the size check.
+        std::fs::File::create(&path).unwrap().set_len(MAX_ONNX_BYTES + 1).unwrap();
+        let Err(err) = Model::load(&path, &LoadOptions::default()) else { panic!("loaded") };
+        let err = err.to_string();
+        assert!(err.contains("huge.onnx") && err.contains("over the 2 GiB"), "{err}");
+    }
 
     #[test]
     #[cfg(feature = "onnx")]

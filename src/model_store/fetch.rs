@@ -81,14 +81,21 @@ fn shown(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
 }
 
-/// Streams `url` into `part` (created fresh), at most `max_bytes`; SHA-256 and size.
-fn download(agent: &ureq::Agent, url: &str, part: &Path, max_bytes: u64) -> Result<(String, u64), String> {
+/// Streams `url` into `part` (created fresh), at most `max_bytes` (named `cap_key` in errors);
+/// SHA-256 and size.
+fn download(
+    agent: &ureq::Agent,
+    url: &str,
+    part: &Path,
+    max_bytes: u64,
+    cap_key: &str,
+) -> Result<(String, u64), String> {
     let mut resp = agent.get(url).call().map_err(|e| format!("GET {}: {e}", shown(url)))?;
     if resp.status() != 200 {
         return Err(format!("GET {}: HTTP {}", shown(url), resp.status()));
     }
     if let Some(len) = resp.body().content_length().filter(|&l| l > max_bytes) {
-        return Err(format!("GET {}: {len} bytes, above models.max_bytes ({max_bytes})", shown(url)));
+        return Err(format!("GET {}: {len} bytes, above {cap_key} ({max_bytes})", shown(url)));
     }
     let mut out = std::fs::OpenOptions::new()
         .write(true)
@@ -106,7 +113,7 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, max_bytes: u64) -> Resu
         }
         n += got as u64;
         if n > max_bytes {
-            return Err(format!("GET {}: more than models.max_bytes ({max_bytes})", shown(url)));
+            return Err(format!("GET {}: more than {cap_key} ({max_bytes})", shown(url)));
         }
         h.update(&buf[..got]);
         out.write_all(&buf[..got]).map_err(|e| format!("{}: {e}", part.display()))?;
@@ -131,7 +138,7 @@ pub fn fetch(agent: &ureq::Agent, req: &Request, dir: &Path, max_bytes: u64) -> 
         (0, true)
     } else {
         let part = part_path(dir, name);
-        let got = download(agent, req.url, &part, max_bytes).and_then(|(got, n)| {
+        let got = download(agent, req.url, &part, max_bytes, "models.max_bytes").and_then(|(got, n)| {
             if got != want {
                 return Err(format!("{}: SHA-256 {got} ({n} bytes), expected {want}", shown(req.url)));
             }
@@ -151,7 +158,7 @@ pub fn fetch(agent: &ureq::Agent, req: &Request, dir: &Path, max_bytes: u64) -> 
     if req.signature {
         // Always fetched again: a stale or bad signature beside a reused file must not stick.
         let part = part_path(dir, &format!("{name}.sig"));
-        let fetched = download(agent, &sig_url, &part, MAX_SIGNATURE_BYTES)
+        let fetched = download(agent, &sig_url, &part, MAX_SIGNATURE_BYTES, "the signature size limit")
             .and_then(|_| rename(&part, &super::signature::path_for(&dest)));
         if let Err(e) = fetched {
             let _ = std::fs::remove_file(&part);

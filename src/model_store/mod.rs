@@ -264,6 +264,18 @@ mod tests {
     }
 
     #[test]
+    fn a_signature_file_over_64_kib_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 20);
+        let sig = signature::path_for(&dir.path().join("m.onnx"));
+        std::fs::write(&sig, vec![b'a'; signature::MAX_BYTES as usize + 1]).unwrap();
+        let e = s.confine_capped(&sig, signature::MAX_BYTES, "the signature size limit").unwrap_err();
+        assert!(e.contains("above the signature size limit (65536)"), "{e}");
+        std::fs::write(&sig, vec![b'a'; signature::MAX_BYTES as usize]).unwrap();
+        assert!(s.confine_capped(&sig, signature::MAX_BYTES, "the signature size limit").is_ok());
+    }
+
+    #[test]
     fn hashing_stops_at_the_cap() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m");

@@ -299,6 +299,21 @@ pub fn array_to_tensor(given: &Tensor, spec: &TensorSpec) -> Result<Tensor, Prep
 mod tests {
     use super::*;
 
+    #[test]
+    fn images_over_the_side_limit_are_refused_before_decoding() {
+        for (w, h) in [(MAX_IMAGE_SIDE + 1, 1), (1, MAX_IMAGE_SIDE + 1)] {
+            let img = image::GrayImage::new(w, h);
+            let mut png = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+            let err = decode_image(&png).unwrap_err().to_string();
+            assert!(err.contains("limit"), "{w}x{h}: {err}");
+        }
+        let ok = image::GrayImage::new(MAX_IMAGE_SIDE, 1);
+        let mut png = Vec::new();
+        ok.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_image(&png).unwrap().dimensions(), (MAX_IMAGE_SIDE, 1));
+    }
+
     fn spec(shape: &[usize], elem_type: ElemType) -> TensorSpec {
         TensorSpec { name: "x".into(), shape: shape.to_vec(), elem_type, quantization: None }
     }

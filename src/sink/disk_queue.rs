@@ -977,6 +977,30 @@ mod tests {
     }
 
     #[test]
+    fn a_length_field_over_the_record_limit_is_corrupt_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = DiskQueue::open(dir.path(), opts(16 * 1024, FsyncPolicy::Never)).unwrap();
+        for i in 0..3 {
+            q.append(&rec(i)).unwrap();
+        }
+        drop(q);
+        let seg = &segs(dir.path())[0];
+        let one = encode(0, 0, &rec(0)).len();
+        // The third record says it is 4 GiB long, then just past MAX_BODY (the segment
+        // is cut at the bad record when it is opened, so the record is written again).
+        for len in [u32::MAX, MAX_BODY as u32 + 1] {
+            let mut data = fs::read(seg).unwrap();
+            data.resize(3 * one, 0);
+            data[2 * one..2 * one + 4].copy_from_slice(&len.to_le_bytes());
+            fs::write(seg, &data).unwrap();
+            assert!(parse_record(&data[2 * one..]).unwrap_err().contains("bad record length"));
+            let q = DiskQueue::open(dir.path(), opts(16 * 1024, FsyncPolicy::Never)).unwrap();
+            assert_eq!(q.stats().corrupt_records_skipped, 1);
+            assert_eq!(payloads(&q), ["{\"seq\":0}", "{\"seq\":1}"]);
+        }
+    }
+
+    #[test]
     fn the_byte_bound_drops_the_oldest_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let max = 8 * 1024;

@@ -585,3 +585,25 @@ fn check_max_fps(max_fps: Option<f64>) -> Result<(), (String, String)> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<(), (String, String)> {
+        toml::from_str::<SourceConfig>(text).expect("parses").validate()
+    }
+
+    #[test]
+    fn raw_frames_over_8192_pixels_a_side_are_refused_naming_the_key() {
+        let pipe = |w: u32, h: u32| {
+            format!("type = \"pipe\"\nformat = \"rgb24\"\nwidth = {w}\nheight = {h}\ncommand = [\"cat\"]")
+        };
+        for (w, h) in [(8193, 10), (10, 8193), (0, 10)] {
+            let (key, why) = check(&pipe(w, h)).unwrap_err();
+            assert_eq!(key, "width");
+            assert!(why.contains("1..=8192"), "{why}");
+        }
+        check(&pipe(8192, 8192)).expect("8192 x 8192 is allowed");
+    }
+}

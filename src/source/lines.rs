@@ -784,6 +784,21 @@ mod tests {
     }
 
     #[test]
+    fn a_line_over_the_limit_is_skipped_counted_once_and_the_next_line_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = b"[1]\n".to_vec();
+        text.extend(std::iter::repeat_n(b'7', MAX_LINE_BYTES + 10));
+        text.extend_from_slice(b"\n[2]\n");
+        std::fs::write(dir.path().join("long.jsonl"), text).unwrap();
+        let ctx = ctx(dir.path());
+        let handle = start("long.jsonl", LineFormat::Json, &ctx);
+        let got = take(&ctx, 2);
+        stop(&ctx, handle);
+        assert_eq!(got, [1.0, 2.0], "the long line's tail must not become a sample");
+        assert_eq!(ctx.metrics.errors.load(Relaxed), 1);
+    }
+
+    #[test]
     fn a_missing_path_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path());

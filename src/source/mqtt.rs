@@ -29,6 +29,12 @@ use super::{SourceCtx, SourceEnd, SourceError};
 /// anyway), more samples (a burst of sensor messages should survive).
 const FRAME_HANDOFF: usize = 4;
 const VALUES_HANDOFF: usize = 1024;
+/// The payloads waiting for the source thread never hold more than this (beyond one
+/// payload): a burst of large messages drops the oldest instead of growing memory.
+const HANDOFF_MAX_BYTES: usize = 16 << 20;
+/// Largest `json`, `csv` or `f32le` payload: a numeric message is one sample or one
+/// window, far below this; a larger one is refused before it is copied.
+pub const MAX_VALUES_PAYLOAD: usize = 1 << 20;
 
 /// How often the source thread looks at the stop flag while idle.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
@@ -37,6 +43,13 @@ const IDLE_WAIT: Duration = Duration::from_millis(50);
 pub fn parse_payload(format: PayloadFormat, topic: &str, bytes: &[u8], now: SystemTime) -> Result<Input, String> {
     if bytes.is_empty() {
         return Err("empty payload".into());
+    }
+    if format != PayloadFormat::Image && bytes.len() > MAX_VALUES_PAYLOAD {
+        return Err(format!(
+            "{} bytes is over the {} KiB limit for numeric payloads",
+            bytes.len(),
+            MAX_VALUES_PAYLOAD >> 10
+        ));
     }
     let values = |values: Vec<f32>, names: Option<Vec<String>>| {
         Input::Values(Values { values, names, captured: now, origin: Some(topic.to_string()) })
@@ -83,30 +96,48 @@ fn parse_f32le(bytes: &[u8]) -> Result<Vec<f32>, String> {
 
 /// A bounded queue from the connection task to the source thread; drops the oldest when full.
 struct Handoff {
-    items: Mutex<VecDeque<(String, Vec<u8>)>>,
+    items: Mutex<Waiting>,
     ready: Condvar,
     capacity: usize,
     /// Set when the source stops: the (still registered) handler then ignores messages.
     closed: AtomicBool,
 }
 
+/// The payloads in a [`Handoff`] and their total size.
+#[derive(Default)]
+struct Waiting {
+    items: VecDeque<(String, Vec<u8>)>,
+    bytes: usize,
+}
+
 impl Handoff {
-    /// Adds a payload; false when the oldest had to be dropped for it.
+    /// Adds a payload; false when older ones had to be dropped for it (count or bytes bound).
     fn offer(&self, topic: &str, payload: &[u8]) -> bool {
-        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        let dropped = if items.len() >= self.capacity { items.pop_front().is_some() } else { false };
-        items.push_back((topic.to_string(), payload.to_vec()));
+        let mut w = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = false;
+        while !w.items.is_empty() && (w.items.len() >= self.capacity || w.bytes + payload.len() > HANDOFF_MAX_BYTES) {
+            if let Some((_, old)) = w.items.pop_front() {
+                w.bytes -= old.len();
+                dropped = true;
+            }
+        }
+        w.bytes += payload.len();
+        w.items.push_back((topic.to_string(), payload.to_vec()));
         self.ready.notify_one();
         !dropped
     }
 
     /// The next payload, waiting up to `wait`.
     fn take(&self, wait: Duration) -> Option<(String, Vec<u8>)> {
-        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        if items.is_empty() {
-            items = self.ready.wait_timeout(items, wait).unwrap_or_else(|p| p.into_inner()).0;
+        let mut w = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        if w.items.is_empty() {
+            w = self.ready.wait_timeout(w, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
-        items.pop_front()
+        let item = w.items.pop_front();
+        if let Some((_, payload)) = &item {
+            w.bytes -= payload.len();
+        }
+        item
     }
 }
 
@@ -127,7 +158,7 @@ pub fn run(cfg: &SourceConfig, ctx: &SourceCtx, hub: &MqttHandle) -> Result<Sour
     let format = *format;
     let frames = format == PayloadFormat::Image;
     let handoff = Arc::new(Handoff {
-        items: Mutex::new(VecDeque::new()),
+        items: Mutex::new(Waiting::default()),
         ready: Condvar::new(),
         capacity: if frames { FRAME_HANDOFF } else { VALUES_HANDOFF },
         closed: AtomicBool::new(false),
@@ -139,6 +170,20 @@ pub fn run(cfg: &SourceConfig, ctx: &SourceCtx, hub: &MqttHandle) -> Result<Sour
         let metrics = ctx.metrics.clone();
         let pipeline = ctx.pipeline.clone();
         Arc::new(move |m: &Incoming| {
+            if !frames && m.payload.len() > MAX_VALUES_PAYLOAD {
+                // Refused here, before the bytes are copied.
+                let n = metrics.errors.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!(
+                        "pipeline `{pipeline}`: payload on `{}` skipped: {} bytes is over the {} KiB limit for \
+                         numeric payloads ({n} errors so far)",
+                        m.topic,
+                        m.payload.len(),
+                        MAX_VALUES_PAYLOAD >> 10
+                    );
+                }
+                return;
+            }
             if handoff.closed.load(Relaxed) || handoff.offer(&m.topic, &m.payload) {
                 return;
             }
@@ -290,7 +335,7 @@ mod tests {
     #[test]
     fn handoff_drops_the_oldest_when_full() {
         let h = Handoff {
-            items: Mutex::new(VecDeque::new()),
+            items: Mutex::new(Waiting::default()),
             ready: Condvar::new(),
             capacity: 2,
             closed: AtomicBool::new(false),
@@ -301,5 +346,43 @@ mod tests {
         assert_eq!(h.take(IDLE_WAIT).unwrap().1, b"2");
         assert_eq!(h.take(IDLE_WAIT).unwrap().1, b"3");
         assert!(h.take(Duration::from_millis(1)).is_none());
+    }
+
+    #[test]
+    fn handoff_holds_at_most_its_byte_bound() {
+        let h = Handoff {
+            items: Mutex::new(Waiting::default()),
+            ready: Condvar::new(),
+            capacity: VALUES_HANDOFF,
+            closed: AtomicBool::new(false),
+        };
+        let big = vec![b'1'; MAX_VALUES_PAYLOAD];
+        let fits = HANDOFF_MAX_BYTES / big.len();
+        for _ in 0..fits {
+            assert!(h.offer("t", &big));
+        }
+        assert!(!h.offer("t", &big), "the oldest goes when the bytes would pass the bound");
+        assert_eq!(h.items.lock().unwrap().bytes, fits * big.len());
+        let mut n = 0;
+        while h.take(Duration::from_millis(1)).is_some() {
+            n += 1;
+        }
+        assert_eq!((n, h.items.lock().unwrap().bytes), (fits, 0));
+    }
+
+    #[test]
+    fn numeric_payloads_over_the_limit_are_refused_images_are_not() {
+        let mut json = b"[".to_vec();
+        while json.len() <= MAX_VALUES_PAYLOAD {
+            json.extend_from_slice(b"0.5,");
+        }
+        json.extend_from_slice(b"0.5]");
+        for format in [PayloadFormat::Json, PayloadFormat::Csv, PayloadFormat::F32le] {
+            let err = parse(format, &json).unwrap_err();
+            assert!(err.contains("over the 1024 KiB limit"), "{format:?}: {err}");
+        }
+        // An image is bounded by the MQTT packet size and the decoder's limits instead.
+        let err = parse(PayloadFormat::Image, &json).unwrap_err();
+        assert!(err.starts_with("bad image"), "{err}");
     }
 }

@@ -414,6 +414,12 @@ impl JpegSplitter {
                 },
             };
             match self.scan() {
+                Scan::End(end) if end - start > MAX_JPEG_BYTES => {
+                    // Its end came in the same read that passed the bound.
+                    on(Err(format!("a JPEG larger than {} MiB was skipped", MAX_JPEG_BYTES >> 20)));
+                    consumed = end;
+                    self.start = None;
+                }
                 Scan::End(end) => {
                     on(Ok(&self.buf[start..end]));
                     consumed = end;
@@ -539,6 +545,18 @@ mod tests {
             });
         }
         (frames, errors)
+    }
+
+    #[test]
+    fn a_jpeg_over_the_limit_is_skipped_and_the_next_one_is_found() {
+        // SOI, SOS, then entropy data with no marker for more than the limit.
+        let mut stream = vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02];
+        stream.resize(stream.len() + MAX_JPEG_BYTES + (128 << 10), 0x11);
+        let small = jpeg(16, 16, [9, 9, 9]);
+        stream.extend_from_slice(&small);
+        let (frames, errors) = split_all(&stream, 64 << 10);
+        assert!(errors.iter().any(|e| e.contains("larger than 16 MiB")), "{errors:?}");
+        assert_eq!(frames, [small]);
     }
 
     #[test]

@@ -184,6 +184,11 @@ fn every_command_gets_a_reply_and_bad_ones_never_stop_the_daemon() {
     assert!(r["error"].as_str().unwrap().contains("`threshold` must be a number"), "{r}");
     let r = op.send_raw("health", b"[1, 2]".to_vec(), &Value::Null);
     assert!(r["error"].as_str().unwrap().contains("JSON object"), "{r}");
+    // Over the size limit: refused before parsing (so no `id` is echoed).
+    let mut big = vec![b' '; edgeinfer::commands::MAX_COMMAND_BYTES];
+    big.extend_from_slice(b"{}");
+    let r = op.send_raw("resume", big, &Value::Null);
+    assert!(r["error"].as_str().unwrap().contains("commands are at most 64 KiB"), "{r}");
 
     // A corrupt model: error reply, the old model keeps serving.
     let corrupt = crate::model("corrupt.onnx");
@@ -220,10 +225,10 @@ fn every_command_gets_a_reply_and_bad_ones_never_stop_the_daemon() {
     let c = &h["result"]["commands"];
     // Counts include the readiness probe and this health command (a probe sent before the
     // subscription was active never reached the daemon); failures: 2 set_threshold, malformed, unknown command,
-    // unknown pipeline, wrong type, not an object, corrupt model, unfit model.
+    // unknown pipeline, wrong type, not an object, too large, corrupt model, unfit model.
     let probes = op.sub.seen.iter().filter(|m| m.topic.ends_with("/health/reply") && m.json()["id"] == "ready").count();
-    assert_eq!(c["received"], 17 + probes as u64, "{h}");
-    assert_eq!(c["failed"], 9, "{h}");
+    assert_eq!(c["received"], 18 + probes as u64, "{h}");
+    assert_eq!(c["failed"], 10, "{h}");
     assert_eq!(h["result"]["pipelines"]["digits"]["model"], "digits_cnn_f32", "{h}");
     assert_eq!(h["result"]["pipelines"]["digits"]["model_reloads"], 2, "{h}");
 }

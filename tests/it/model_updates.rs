@@ -173,6 +173,14 @@ fn update_model_downloads_verifies_and_swaps_only_a_good_signed_model() {
     std::fs::create_dir_all(&refdir).unwrap();
     let wrong = edgeinfer::tensor::Tensor::zeros(&[1, 3], edgeinfer::tensor::ElemType::F32);
     wrong.write_npy(&refdir.join("in0.npy")).unwrap();
+    // Limits: models.max_bytes just above the real models, one file over it, and a
+    // signature over its 64 KiB limit beside a good model.
+    let max_bytes = [&good, &stranger, &cut, &vib, &badref].iter().map(|b| b.len()).max().unwrap() + 1;
+    let big = vec![7u8; max_bytes + 1];
+    let big_url = server.serve("/m/big.onnx", Served::Whole(big.clone()));
+    let (bigsig, _) = signed(&pc, &float, "bigsig.onnx", &key);
+    let bigsig_url = server.serve("/m/bigsig.onnx", Served::Whole(bigsig.clone()));
+    server.serve("/m/bigsig.onnx.sig", Served::Whole(vec![b'x'; 65 << 10]));
 
     let broker = Mosquitto::start();
     let mut sub = Subscriber::connect(broker.port, "edgeinfer/upd/#");
@@ -189,6 +197,7 @@ enabled = true
 dir = "{board}"
 public_keys = ["{public}"]
 ca_file = "{ca}"
+max_bytes = {max_bytes}
 [[pipelines]]
 name = "digits"
 model = "{{models}}/digits_cnn_int8.onnx"
@@ -225,11 +234,17 @@ postprocess = {{ type = "classify", top_k = 3 }}
         "https:// only",
     );
     refused(&mut sub, "no-hash", json!({"url": good_url}), "`sha256` is missing");
+    let over = format!("{} bytes, above models.max_bytes ({max_bytes})", big.len());
+    refused(&mut sub, "big", json!({"url": big_url, "sha256": sha256_hex(&big)}), &over);
+    let sig_over = "above the signature size limit (65536)";
+    refused(&mut sub, "bigsig", json!({"url": bigsig_url, "sha256": sha256_hex(&bigsig)}), sig_over);
     // Nothing half-written stays behind; refused downloads never got their name.
     let names: Vec<String> =
         std::fs::read_dir(&board).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    let kept =
-        |n: &String| n.ends_with(".part") || ["cut.onnx", "digits_v3.onnx", "stranger.onnx"].contains(&n.as_str());
+    let kept = |n: &String| {
+        n.ends_with(".part")
+            || ["cut.onnx", "digits_v3.onnx", "stranger.onnx", "big.onnx", "bigsig.onnx"].contains(&n.as_str())
+    };
     assert!(!names.iter().any(kept), "{names:?}");
     let still = models_in_results(&mut sub, 2);
     assert!(still.iter().all(|n| n == "digits_cnn_int8") && !still.is_empty(), "{still:?}");

@@ -529,3 +529,58 @@ source = {{ type = "files", path = "{{models}}/samples/digits/digit_4_1.png", ra
     assert_eq!(b["open_to_the_network"], false);
     assert_eq!(b["listen"], format!("127.0.0.1:{port}"));
 }
+
+/// The 8 MiB packet limit, both ways, against mosquitto (which allows more): a result
+/// over it is dropped and counted and the connection stays up; a message over it from
+/// someone else never reaches a handler, and later messages still do.
+#[test]
+fn messages_over_the_packet_limit_are_dropped_both_ways_and_the_rest_flows() {
+    use std::sync::Mutex;
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "test/limit/out/#");
+    let rt = runtime();
+    let (hub, task, metrics) = start_hub(&rt, settings(broker.port, "limit", 10, 1000));
+    let got: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+    let seen = got.clone();
+    hub.subscribe(
+        "test/limit/in/#",
+        0,
+        Arc::new(move |m| seen.lock().unwrap().push((m.topic.clone(), m.payload.len()))),
+    );
+    assert!(wait_until(PATIENCE, || metrics.connected.load(Relaxed)));
+
+    let big = vec![7u8; mqtt::MAX_PACKET_BYTES];
+    let bytes = "application/octet-stream";
+    assert!(hub.enqueue(OutMessage::raw("test/limit/out/big".into(), big.clone(), 1, false, bytes)));
+    assert!(hub.enqueue(OutMessage::raw("test/limit/out/small".into(), b"ok".to_vec(), 1, false, bytes)));
+    let small = sub.wait_for(PATIENCE, |m| m.topic == "test/limit/out/small");
+    assert!(small.is_some(), "the message after the oversized one was not delivered");
+    assert!(!sub.seen.iter().any(|m| m.topic == "test/limit/out/big"));
+    assert_eq!(metrics.dropped.load(Relaxed), 1, "the oversized result is counted in mqtt.dropped");
+    assert_eq!(metrics.reconnects.load(Relaxed), 0, "an oversized result must not cost the connection");
+
+    // Incoming: 9 MiB from another client (QoS 0: a QoS 1 copy would come back on every reconnect).
+    let mut opts = rumqttc::MqttOptions::new("limit-pub", "127.0.0.1", broker.port);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    client.publish("test/limit/in/big", rumqttc::QoS::AtMostOnce, false, vec![1u8; 9 << 20]).unwrap();
+    // Small messages until one arrives: the hub may be reconnecting after refusing the big one.
+    let deadline = Instant::now() + PATIENCE;
+    while !got.lock().unwrap().iter().any(|(t, _)| t == "test/limit/in/small") {
+        assert!(Instant::now() < deadline, "no message arrived after the oversized one");
+        client.publish("test/limit/in/small", rumqttc::QoS::AtMostOnce, false, b"1".to_vec()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        got.lock().unwrap().iter().all(|(_, len)| *len <= mqtt::MAX_PACKET_BYTES),
+        "an oversized message was handled"
+    );
+    println!(
+        "packet limit: outgoing dropped {}, reconnects after the incoming 9 MiB message {}, last error {:?}",
+        metrics.dropped.load(Relaxed),
+        metrics.reconnects.load(Relaxed),
+        metrics.last_error.lock().unwrap()
+    );
+    rt.block_on(task.shutdown(Duration::from_secs(1)));
+}
