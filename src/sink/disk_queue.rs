@@ -48,6 +48,9 @@ const HEADER: usize = 8;
 const BODY_FIXED: usize = 8 + 8 + 1 + 1 + 2;
 /// Bodies above this are corrupt (the MQTT packet limit is far below).
 const MAX_BODY: usize = 64 << 20;
+/// Largest record id a file may hold: ids count records from 1, so a larger one is
+/// corrupt (one near `u64::MAX` would overflow the next id).
+const MAX_ID: u64 = 1 << 62;
 
 /// When appended records are forced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +408,7 @@ impl Inner {
         let mut bad: Option<String> = None;
         while pos < data.len() {
             match parse_record(&data[pos..]) {
-                Ok((len, id, appended_ms, _)) if id > last_id => {
+                Ok((len, id, appended_ms, _)) if id > last_id && id <= MAX_ID => {
                     if id > self.acked {
                         let entry = Entry { id, segment: no, offset: pos as u64, len: len as u32, appended_ms };
                         self.entries.push_back(entry);
@@ -413,6 +416,10 @@ impl Inner {
                     last_id = id;
                     seg_last = id;
                     pos += len;
+                }
+                Ok((_, id, _, _)) if id > MAX_ID => {
+                    bad = Some(format!("record id {id} out of range"));
+                    break;
                 }
                 Ok((_, id, _, _)) => {
                     bad = Some(format!("record id {id} out of order (after {last_id})"));
@@ -714,7 +721,10 @@ fn read_ack(path: &Path) -> u64 {
         if crc32(v).to_le_bytes() == c {
             let mut b = [0u8; 8];
             b.copy_from_slice(v);
-            return u64::from_le_bytes(b);
+            let id = u64::from_le_bytes(b);
+            if id <= MAX_ID {
+                return id;
+            }
         }
     }
     log::warn!("disk queue: {} is corrupt; every stored record will be replayed", path.display());

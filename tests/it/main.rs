@@ -13,6 +13,7 @@ mod daemon;
 mod detect;
 mod features;
 mod fleet;
+mod fuzz_regressions;
 mod homeassistant;
 #[cfg(feature = "http-source")]
 mod http_camera;
