@@ -13,6 +13,8 @@ mod daemon;
 mod detect;
 mod features;
 mod fleet;
+// The fuzz targets cover the HTTP camera too; its module exists with `http-source`.
+#[cfg(feature = "http-source")]
 mod fuzz_regressions;
 mod homeassistant;
 #[cfg(feature = "http-source")]
