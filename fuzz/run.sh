@@ -7,6 +7,8 @@
 #   fuzz/run.sh 600              # 10 minutes per target
 #   fuzz/run.sh 5 config frame   # named targets only (CI runs every target for a few seconds)
 set -euo pipefail
+# Where the CLI is built (for the converted-model seeds), made absolute before the cd.
+target=$(realpath -m "${CARGO_TARGET_DIR:-$(dirname "$0")/../target}")
 cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
@@ -14,8 +16,6 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(config payload command multipart frame disk_queue onnx converted)
 fi
-# The converted-model seeds are made with the CLI, when it is built.
-target=${CARGO_TARGET_DIR:-../target}
 bin=$target/release/edgeinfer
 [ -x "$bin" ] || bin=$target/debug/edgeinfer
 if [ -x "$bin" ]; then python3 seeds.py "$bin"; else python3 seeds.py; fi
@@ -35,8 +35,9 @@ for t in "${targets[@]}"; do
   rc=$?
   set -e
   after=$(find "artifacts/$t" -type f | wc -l)
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | grep -o '[0-9]*$' | tail -n1)
-  cov=$(grep -oE '(DONE|pulse|NEW|REDUCE|INITED) +cov: [0-9]+ ft: [0-9]+' "logs/$t.log" | tail -n1 | grep -oE 'cov: [0-9]+ ft: [0-9]+')
+  # No match (a build that failed, a seed that crashed at once) must not end the script.
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | grep -o '[0-9]*$' | tail -n1 || true)
+  cov=$(grep -oE '(DONE|pulse|NEW|REDUCE|INITED) +cov: [0-9]+ ft: [0-9]+' "logs/$t.log" | tail -n1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || true)
   corpus=$(find "corpus/$t" -type f | wc -l)
   new=$((after - before))
   [ "$rc" -eq 0 ] || status=1

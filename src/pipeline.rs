@@ -927,24 +927,35 @@ async fn start_embedded_broker(
     let broker_login = login.clone();
     // Waits for the port: keep it off the async workers.
     let started = tokio::task::spawn_blocking(move || crate::broker::start(addr, broker_login)).await?;
-    match started {
-        Ok(()) => log::info!(
-            "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
-            addr.ip(),
-            addr.port()
-        ),
+    let ours = match started {
+        Ok(()) => {
+            log::info!(
+                "embedded MQTT broker listening on {addr} (try: mosquitto_sub -h {} -p {} -t 'edgeinfer/#' -v)",
+                addr.ip(),
+                addr.port()
+            );
+            true
+        }
         // Another broker (often a system mosquitto) already serves that address:
         // subscribers there expect our results, so publish to it rather than fail.
         Err(e) if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() => {
-            log::warn!("{e}; another broker already listens on {addr}: publishing to it instead")
+            log::warn!("{e}; another broker already listens on {addr}: publishing to it instead");
+            false
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     #[cfg(feature = "tls")]
     if let Some((tls_addr, server)) = tls {
-        crate::broker::start_tls(tls_addr, server, addr)?;
-        log::info!("embedded MQTT broker: TLS on {tls_addr}");
+        if ours {
+            crate::broker::start_tls(tls_addr, server, addr)?;
+            log::info!("embedded MQTT broker: TLS on {tls_addr}");
+        } else {
+            // Its TLS would open that broker, with its own rules, to the network.
+            log::warn!("broker.tls: not started, since the broker on {addr} is not edgeinfer's");
+        }
     }
+    #[cfg(not(feature = "tls"))]
+    let _ = ours;
     Ok((addr.ip().to_string(), addr.port(), login))
 }
 

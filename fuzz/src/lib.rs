@@ -159,9 +159,13 @@ pub fn disk_queue(data: &[u8]) {
 /// `catch_unwind`): for the loader targets such a panic is handled, not a crash, so the
 /// abort-on-panic hook libFuzzer installs is replaced by a silent one. A panic that
 /// escapes still aborts: libFuzzer's wrapper catches it and aborts.
+/// Only under the fuzzer: the test suite that replays these inputs keeps its own hook.
 fn panics_inside_the_engine_are_handled() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+    #[cfg(fuzzing)]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+    }
 }
 
 /// The ONNX loader: protobuf decode, our graph rewrites, shape pinning, tract's

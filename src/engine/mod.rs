@@ -460,7 +460,7 @@ fn check_tensor_sizes(model: &TypedModel) -> Result<(), String> {
             let Some(shape) = output.fact.shape.as_concrete() else { continue };
             let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
             if elements.is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
-                let n = elements.map_or("more than 2^64".to_string(), |n| n.to_string());
+                let n = elements.map_or(format!("more than {}", usize::MAX), |n| n.to_string());
                 return Err(format!(
                     "node `{}` output {slot} has shape {shape:?}: {n} elements, over the {MAX_TENSOR_ELEMENTS} \
                      one tensor may hold",
@@ -542,7 +542,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
     if len > MAX_ONNX_BYTES {
         return Err(io(format!("{len} bytes is over the 2 GiB an ONNX (protobuf) file can hold")));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    // The length is a hint (the file may change); 2 GiB would not fit a 32-bit capacity.
+    let mut bytes = Vec::with_capacity(len.min(256 << 20) as usize);
     // `take`: a file that grows while it is read stops at the bound all the same.
     (&file).take(MAX_ONNX_BYTES + 1).read_to_end(&mut bytes).map_err(|e| io(e.to_string()))?;
     if bytes.len() as u64 > MAX_ONNX_BYTES {
@@ -1075,6 +1076,11 @@ mod tests {
         let Err(err) = Model::load(&path, &LoadOptions::default()) else { panic!("loaded") };
         let err = err.to_string();
         assert!(err.contains("30000000000 elements") && err.contains("over the 134217728"), "{err}");
+        // A constant of that size, which tract would build while it analyses the graph.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/onnx/constant-of-shape-120gb");
+        let Err(err) = Model::load(&path, &LoadOptions::default()) else { panic!("loaded") };
+        let err = err.to_string();
+        assert!(err.contains("(ConstantOfShape)") && err.contains("[30000, 1000000]"), "{err}");
     }
 
     #[test]

@@ -158,12 +158,38 @@ fn build(
 }
 
 /// Builds tract's typed graph from an ONNX file already read into `bytes`.
+/// Refuses `ConstantOfShape` and `Expand` nodes whose shape is an initializer asking
+/// for more than [`super::MAX_TENSOR_ELEMENTS`] elements.
+fn constant_shapes_fit(graph: &pb::GraphProto) -> Result<(), String> {
+    for node in proto::all_nodes(graph) {
+        let shape_input = match node.op_type.as_str() {
+            "ConstantOfShape" => node.input.first(),
+            "Expand" => node.input.get(1),
+            _ => None,
+        };
+        let Some(dims) = shape_input.and_then(|name| proto::initializer_ints(graph, name)) else { continue };
+        let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d.max(1)).ok()?));
+        if elements.is_none_or(|n| n > super::MAX_TENSOR_ELEMENTS) {
+            return Err(format!(
+                "node `{}` ({}) makes a tensor of shape {dims:?}, over the {} elements one tensor may hold",
+                node.name,
+                node.op_type,
+                super::MAX_TENSOR_ELEMENTS
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn load_typed(path: &Path, bytes: &[u8], sha256: String, opts: &LoadOptions) -> Result<Typed, EngineError> {
     let shown = path.display().to_string();
     let t0 = Instant::now();
     let decoded = decode(path, bytes, opts)?;
     let graph = decoded.graph();
     let (pinned, batch_filled) = pin_inputs(graph, opts, &shown)?;
+    // tract evaluates constant subgraphs while it analyses the model: a constant shape
+    // that asks for gigabytes would be allocated there, before the plan can be checked.
+    constant_shapes_fit(graph).map_err(|reason| EngineError::Load { path: shown.clone(), reason })?;
     let inputs: Vec<TensorSpec> = pinned
         .iter()
         .map(|(name, elem_type, shape)| TensorSpec {

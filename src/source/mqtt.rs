@@ -111,20 +111,20 @@ struct Waiting {
 }
 
 impl Handoff {
-    /// Adds a payload; false when older ones had to be dropped for it (count or bytes bound).
-    fn offer(&self, topic: &str, payload: &[u8]) -> bool {
+    /// Adds a payload; how many older ones had to be dropped for it (count or bytes bound).
+    fn offer(&self, topic: &str, payload: &[u8]) -> u64 {
         let mut w = self.items.lock().unwrap_or_else(|p| p.into_inner());
-        let mut dropped = false;
+        let mut dropped = 0;
         while !w.items.is_empty() && (w.items.len() >= self.capacity || w.bytes + payload.len() > HANDOFF_MAX_BYTES) {
             if let Some((_, old)) = w.items.pop_front() {
                 w.bytes -= old.len();
-                dropped = true;
+                dropped += 1;
             }
         }
         w.bytes += payload.len();
         w.items.push_back((topic.to_string(), payload.to_vec()));
         self.ready.notify_one();
-        !dropped
+        dropped
     }
 
     /// The next payload, waiting up to `wait`.
@@ -184,14 +184,20 @@ pub fn run(cfg: &SourceConfig, ctx: &SourceCtx, hub: &MqttHandle) -> Result<Sour
                 }
                 return;
             }
-            if handoff.closed.load(Relaxed) || handoff.offer(&m.topic, &m.payload) {
+            if handoff.closed.load(Relaxed) {
+                return;
+            }
+            let dropped = handoff.offer(&m.topic, &m.payload);
+            if dropped == 0 {
                 return;
             }
             if frames {
-                metrics.dropped_stale.fetch_add(1, Relaxed);
+                metrics.dropped_stale.fetch_add(dropped, Relaxed);
             } else {
-                let n = metrics.dropped_queue_full.fetch_add(1, Relaxed) + 1;
-                if n.is_power_of_two() {
+                let before = metrics.dropped_queue_full.fetch_add(dropped, Relaxed);
+                let n = before + dropped;
+                // Logged when the count passes a power of two.
+                if (before + 1..=n).any(u64::is_power_of_two) {
                     log::warn!(
                         "pipeline `{pipeline}`: mqtt messages arrive faster than they are parsed, {n} dropped so far"
                     );
@@ -340,9 +346,9 @@ mod tests {
             capacity: 2,
             closed: AtomicBool::new(false),
         };
-        assert!(h.offer("t", b"1"));
-        assert!(h.offer("t", b"2"));
-        assert!(!h.offer("t", b"3"));
+        assert_eq!(h.offer("t", b"1"), 0);
+        assert_eq!(h.offer("t", b"2"), 0);
+        assert_eq!(h.offer("t", b"3"), 1);
         assert_eq!(h.take(IDLE_WAIT).unwrap().1, b"2");
         assert_eq!(h.take(IDLE_WAIT).unwrap().1, b"3");
         assert!(h.take(Duration::from_millis(1)).is_none());
@@ -359,15 +365,18 @@ mod tests {
         let big = vec![b'1'; MAX_VALUES_PAYLOAD];
         let fits = HANDOFF_MAX_BYTES / big.len();
         for _ in 0..fits {
-            assert!(h.offer("t", &big));
+            assert_eq!(h.offer("t", &big), 0);
         }
-        assert!(!h.offer("t", &big), "the oldest goes when the bytes would pass the bound");
+        assert_eq!(h.offer("t", &big), 1, "the oldest goes when the bytes would pass the bound");
         assert_eq!(h.items.lock().unwrap().bytes, fits * big.len());
+        // One payload three times as large evicts three, and says so (each is counted as dropped).
+        assert_eq!(h.offer("t", &vec![b'3'; 3 * MAX_VALUES_PAYLOAD]), 3);
+        assert_eq!(h.items.lock().unwrap().bytes, HANDOFF_MAX_BYTES);
         let mut n = 0;
         while h.take(Duration::from_millis(1)).is_some() {
             n += 1;
         }
-        assert_eq!((n, h.items.lock().unwrap().bytes), (fits, 0));
+        assert_eq!((n, h.items.lock().unwrap().bytes), (fits - 3 + 1, 0));
     }
 
     #[test]

@@ -557,6 +557,13 @@ mod tests {
         let (frames, errors) = split_all(&stream, 64 << 10);
         assert!(errors.iter().any(|e| e.contains("larger than 16 MiB")), "{errors:?}");
         assert_eq!(frames, [small]);
+        // All in one read: the oversized image's end comes in the read that passes the bound.
+        let mut whole = vec![0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02];
+        whole.resize(whole.len() + MAX_JPEG_BYTES, 0x11);
+        whole.extend_from_slice(&[0xFF, 0xD9]);
+        let (frames, errors) = split_all(&whole, whole.len());
+        assert!(frames.is_empty(), "a {} byte image was handed on", frames.first().map_or(0, Vec::len));
+        assert!(errors.iter().any(|e| e.contains("larger than 16 MiB")), "{errors:?}");
     }
 
     #[test]

@@ -19,8 +19,9 @@ fn every_saved_fuzz_crash_is_handled() {
         files.sort();
         for file in files {
             let data = std::fs::read(&file).unwrap();
-            // A panic here names the file: `cargo +nightly fuzz run TARGET FILE` reproduces it.
-            run(&data);
+            // `cargo +nightly fuzz run TARGET FILE` (in fuzz/) reproduces a failure.
+            let outcome = std::panic::catch_unwind(|| run(&data));
+            assert!(outcome.is_ok(), "{target} panicked on {}", file.display());
             replayed.push(format!("{target}/{}", file.file_name().unwrap().to_string_lossy()));
         }
     }

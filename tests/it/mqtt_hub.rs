@@ -576,6 +576,8 @@ fn messages_over_the_packet_limit_are_dropped_both_ways_and_the_rest_flows() {
         got.lock().unwrap().iter().all(|(_, len)| *len <= mqtt::MAX_PACKET_BYTES),
         "an oversized message was handled"
     );
+    // The 9 MiB message did reach the client, which refused it and connected again.
+    assert!(metrics.reconnects.load(Relaxed) >= 1, "the oversized message never reached the hub");
     println!(
         "packet limit: outgoing dropped {}, reconnects after the incoming 9 MiB message {}, last error {:?}",
         metrics.dropped.load(Relaxed),

@@ -355,7 +355,7 @@ source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
     assert_eq!(b["open_to_the_network"], false);
 }
 
-/// A `[broker.tls]` key that does not belong to its certificate stops the daemon with the key named.
+/// A `[broker.tls]` key that does not belong to its certificate fails `check`, naming the key.
 #[cfg(feature = "broker")]
 #[test]
 fn a_broker_tls_key_of_another_certificate_is_refused_by_check() {

@@ -47,6 +47,7 @@ import paho.mqtt.client as mqtt
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "soak"
+PIPELINES = ("cam", "tab", "vib")
 BROKER_PERIOD_S = 240
 BROKER_DOWN_S = 20
 HUP_PERIOD_S = 420
@@ -79,7 +80,11 @@ class Broker:
         self.port = port
         self.dir = Path(workdir) / "mosquitto"
         self.dir.mkdir(exist_ok=True)
-        os.chmod(self.dir, 0o777)  # mosquitto started as root drops to its own user
+        # mosquitto started as root drops to its own user, which must reach and write this
+        # directory: without it no session survives a restart and a subscriber that was away
+        # misses what was published meanwhile.
+        os.chmod(workdir, 0o755)
+        os.chmod(self.dir, 0o777)
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
@@ -102,6 +107,8 @@ class Broker:
             self.proc.send_signal(signal.SIGTERM)  # it saves its sessions first
             self.proc.wait(timeout=20)
             self.proc = None
+            if not (self.dir / "mosquitto.db").exists():
+                raise SystemExit(f"mosquitto saved no sessions in {self.dir}: the soak's delivery check needs them")
 
 
 def config(mqtt_port, http_port, queue_dir, ffmpeg):
@@ -286,10 +293,15 @@ def main():
     ap.add_argument("--hup-every", type=int, default=HUP_PERIOD_S, help="seconds between SIGHUP reloads")
     ap.add_argument("--broker-every", type=int, default=BROKER_PERIOD_S, help="seconds between broker stops")
     ap.add_argument("--report-from", help="write the report again from a finished run's run.json")
+    ap.add_argument("--health-log", help="with --report-from: health messages logged on the side (JSON lines)")
     a = ap.parse_args()
     HUP_PERIOD_S, BROKER_PERIOD_S = a.hup_every, a.broker_every
     if a.report_from:
-        report(a, Path(a.report_from).parent, json.loads(Path(a.report_from).read_text()))
+        run = json.loads(Path(a.report_from).read_text())
+        if a.health_log:
+            logged = [json.loads(line)["health"] for line in Path(a.health_log).read_text().splitlines() if line]
+            run["health"] = run.get("health", []) + logged
+        report(a, Path(a.report_from).parent, run)
     ffmpeg = shutil.which("ffmpeg") or sys.exit("ffmpeg is needed (apt-get install -y ffmpeg)")
     work = Path(tempfile.mkdtemp(prefix="edgeinfer-soak-"))
     mport, hport = free_port(), free_port()
@@ -307,7 +319,7 @@ def main():
     pub = Publisher(mport)
     pub.start()
 
-    samples, run_drops, cur_drops = [], [], None
+    samples, run_drops, cur_drops, hup_times = [], [], None, []
     hups = 0
     seen_index = 0
     start = time.time()
@@ -327,17 +339,21 @@ def main():
             broker_up_at = None
             broker_down_at += BROKER_PERIOD_S
         if now >= next_hup and broker_up_at is None:
-            # The counters of this run, read just before it ends (the broker is up: nothing drops in between).
+            # The counters of this run just before it ends (its final health, which the report
+            # prefers, also counts what dropped during the reload itself).
             st = api_status(hport)
-            if st:
-                run_drops.append(counted_drops(st))
+            run_drops.append(counted_drops(st) if st else cur_drops or {})
             cur_drops = None
             daemon.send_signal(signal.SIGHUP)
+            hup_times.append(round(now - start, 1))
             hups += 1
             next_hup += HUP_PERIOD_S
             wait_port(hport, 60)
         if now >= next_sample:
             next_sample += SAMPLE_S
+            if daemon.poll() is not None:
+                print(f"the daemon exited with {daemon.returncode}: see {work}/daemon.log")
+                break
             rss, fds, threads = proc_stats(daemon.pid)
             st = api_status(hport) or {}
             if st:
@@ -385,8 +401,7 @@ def main():
             break
         time.sleep(1)
     st = api_status(hport)
-    if st:
-        run_drops.append(counted_drops(st))
+    run_drops.append(counted_drops(st) if st else cur_drops or {})
     crashed = daemon.poll() is not None
     daemon.send_signal(signal.SIGTERM)
     daemon.wait(timeout=60)
@@ -399,6 +414,10 @@ def main():
         "results": collector.results,
         "run_drops": run_drops,
         "hups": hups,
+        "hup_times": hup_times,
+        "hup_period": HUP_PERIOD_S,
+        "broker_period": BROKER_PERIOD_S,
+        "health": collector.health,
         "broker_restarts": broker.restarts,
         "published": pub.sent,
         "malformed": pub.malformed,
@@ -408,28 +427,57 @@ def main():
     report(a, work, run)
 
 
+def final_health_per_run(health):
+    """Each daemon run's last health message (the one it publishes at shutdown counts
+    everything): runs are told apart by their start time, `time_ms - uptime_s`."""
+    runs = {}
+    for h in health:
+        started = round(h["time_ms"] / 1000 - h["uptime_s"])
+        key = next((k for k in runs if abs(k - started) <= 2), started)
+        if key not in runs or h["uptime_s"] > runs[key]["uptime_s"]:
+            runs[key] = h
+    return [runs[k] for k in sorted(runs)]
+
+
 def report(a, work, run):
     samples, run_drops, hups, crashed = run["samples"], run["run_drops"], run["hups"], run["crashed"]
+    hup_period = run.get("hup_period", HUP_PERIOD_S)
+    hup_times = run.get("hup_times") or [hup_period * (k + 1) for k in range(hups)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    by_pipe = {}
+    by_pipe = {p: [] for p in PIPELINES}
     for pipe, seq, cap, _arr, _t in run["results"]:
         by_pipe.setdefault(pipe, []).append((seq, cap))
-    missing, received, dups, runs_seen = 0, 0, 0, 0
+    finals = final_health_per_run(run.get("health", []))
+    missing, tails, received, dups, checked_runs = 0, 0, 0, 0, 0
     rows = []
     for pipe, rs in sorted(by_pipe.items()):
-        runs = split_runs(rs)
+        runs = split_runs(rs) if rs else []
+        # Gaps below the highest seq received in each run.
         miss = sum(max(r) - len(r) for r in runs if r)
+        # Results computed after the last one received: each run's final health says how many
+        # there were. Matched from the last run back (the health log may start late).
+        tail = 0
+        for r, h in zip(reversed(runs), reversed(finals)):
+            computed = h["pipelines"].get(pipe, {}).get("inferences", 0)
+            tail += max(0, computed - max(r))
+            checked_runs += 1
         distinct = sum(len(r) for r in runs)
         d = len(rs) - distinct
-        rows.append((pipe, len(runs), distinct, d, miss))
+        rows.append((pipe, len(runs), distinct, d, miss, tail))
         missing += miss
+        tails += tail
         received += distinct
         dups += d
-        runs_seen = max(runs_seen, len(runs))
-    drops = {k: sum(r[k] for r in run_drops) for k in (run_drops[0] if run_drops else {})}
+    # The drop counters: from each run's final health where there is one, else from the
+    # status page read just before the reload.
+    # Runs with a final health count from it (it includes what dropped during the reload);
+    # earlier ones from the status page read just before their reload.
+    k = min(len(finals), len(run_drops))
+    per_run = run_drops[: len(run_drops) - k] + [counted_drops(h) for h in finals[len(finals) - k :]]
+    drops = {k: sum(r.get(k, 0) for r in per_run) for k in ("dropped_full", "dropped_age", "mqtt_dropped", "expired")}
     counted = sum(drops.values())
-    uncounted = max(0, missing - counted)
+    uncounted = max(0, missing + tails - counted)
 
     ts = [s["t"] for s in samples]
     warm = [s for s in samples if s["t"] >= 300] or samples
@@ -438,8 +486,9 @@ def report(a, work, run):
     thr_slope = slope_per_hour([s["t"] for s in warm], [s["threads"] for s in warm])
     # Each reload starts a fresh process image (exec): the slope inside each run, after its first minute.
     run_slopes = []
-    for k in range(hups + 1):
-        lo, hi = k * HUP_PERIOD_S + 60, (k + 1) * HUP_PERIOD_S
+    bounds = [0.0] + list(hup_times) + [float("inf")]
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k] + 60, bounds[k + 1]
         seg = [s for s in samples if lo <= s["t"] < hi]
         if len(seg) >= 10:
             run_slopes.append(slope_per_hour([s["t"] for s in seg], [s["rss_mb"] for s in seg]))
@@ -451,6 +500,7 @@ def report(a, work, run):
         "no result lost uncounted": uncounted == 0,
         "the daemon never crashed": not crashed,
         "every pipeline delivered from every run": all(n == hups + 1 for _, n, *_ in rows),
+        "every run's end checked against its final health": checked_runs == len(PIPELINES) * (hups + 1),
         "RSS flat (slope within 2 MB/h after warm-up)": abs(rss_slope) < 2,
         "fds flat (slope within 1 per hour)": abs(fd_slope) < 1,
         "p99 of capture-to-result stable (second half <= 1.5x first half)": p99_second <= 1.5 * max(p99_first, 1),
@@ -467,15 +517,16 @@ def report(a, work, run):
         f"exits every 100 s, {run['malformed']} malformed messages among {run['published']} published, disk queue "
         f"bound {QUEUE_MAX_BYTES // 1024} KiB.",
         "",
-        "| pipeline | runs | results received (distinct) | duplicates | missing seqs |",
-        "|---|---:|---:|---:|---:|",
+        "| pipeline | runs | results received (distinct) | duplicates | missing seqs | computed after the last received (final health) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| `{p}` | {n} | {dist} | {d} | {m} |" for p, n, dist, d, m in rows]
+    lines += [f"| `{p}` | {n} | {dist} | {d} | {m} | {t} |" for p, n, dist, d, m, t in rows]
     lines += [
         "",
         "| figure | value |",
         "|---|---:|",
         f"| missing seqs, all pipelines | {missing} |",
+        f"| results computed after each run's last received one, all pipelines | {tails} (runs checked against their final health: {checked_runs // len(PIPELINES)} of {hups + 1}) |",
         f"| counted drops (disk queue full / aged, MQTT buffer, expired) | {counted} ({', '.join(f'{k} {v}' for k, v in drops.items())}) |",
         f"| lost without being counted | {uncounted} |",
         f"| RSS first / last / slope after 5 min | {warm[0]['rss_mb']:.1f} MB / {warm[-1]['rss_mb']:.1f} MB / {rss_slope:+.2f} MB/h |"
