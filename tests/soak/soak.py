@@ -449,7 +449,7 @@ def report(a, work, run):
     for pipe, seq, cap, _arr, _t in run["results"]:
         by_pipe.setdefault(pipe, []).append((seq, cap))
     finals = final_health_per_run(run.get("health", []))
-    missing, tails, received, dups, checked_runs = 0, 0, 0, 0, 0
+    missing, tails, checked_runs = 0, 0, 0
     rows = []
     for pipe, rs in sorted(by_pipe.items()):
         runs = split_runs(rs) if rs else []
@@ -467,8 +467,6 @@ def report(a, work, run):
         rows.append((pipe, len(runs), distinct, d, miss, tail))
         missing += miss
         tails += tail
-        received += distinct
-        dups += d
     # The drop counters: from each run's final health where there is one, else from the
     # status page read just before the reload.
     # Runs with a final health count from it (it includes what dropped during the reload);
