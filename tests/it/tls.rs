@@ -377,3 +377,38 @@ fn a_broker_tls_key_of_another_certificate_is_refused_by_check() {
     assert!(!out.status.success(), "check passed: {err}");
     assert!(err.contains("broker.tls.key_file") && err.contains("does not belong"), "{err}");
 }
+
+/// A `[broker.tls]` listener open to the network without a login: the broker
+/// starts, says so in health and warns in the log.
+#[cfg(feature = "broker")]
+#[test]
+fn a_tls_listener_off_loopback_without_a_login_is_flagged_in_health_and_the_log() {
+    use crate::mqtt_hub::sub_one_with;
+    let pki = Pki::new(&["localhost", "127.0.0.1"]);
+    let (port, tls_port) = (free_port(), free_port());
+    let daemon = Daemon::start(&format!(
+        r#"
+device = "opentls"
+[broker]
+listen = "127.0.0.1:{port}"
+tls = {{ listen = "0.0.0.0:{tls_port}", cert_file = "{cert}", key_file = "{key}" }}
+[health]
+interval_s = 1
+[[pipelines]]
+name = "vib"
+model = "{{models}}/vibration_int8.onnx"
+source = {{ type = "synthetic", signal = "vibration", rate_hz = 1000 }}
+  [[pipelines.outputs]]
+  type = "mqtt"
+"#,
+        cert = pki.path("server.pem").display(),
+        key = pki.path("server.key").display(),
+    ));
+    assert!(wait_port(tls_port, LONG), "no TLS listener; stderr: {}", daemon.stderr());
+    let ca = pki.path("ca.pem").display().to_string();
+    let (ok, got) = sub_one_with(tls_port, "edgeinfer/opentls/health", None, &["--cafile", &ca]);
+    assert!(ok, "{got}\nstderr: {}", daemon.stderr());
+    let health: serde_json::Value = serde_json::from_str(got.split_once(' ').unwrap().1).unwrap();
+    assert_eq!(health["mqtt"]["embedded_broker"]["open_to_the_network"], true, "{health}");
+    assert!(daemon.stderr().contains("open to the network without a password"), "{}", daemon.stderr());
+}
